@@ -1,0 +1,3 @@
+from cryptoflow.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""One package per venue; each has the same shape (see `base.py`)."""

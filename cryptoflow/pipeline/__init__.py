@@ -1,0 +1,1 @@
+"""reader -> normalize -> writer: the stages and the records between them."""
