@@ -57,6 +57,7 @@ class VenueSource:
     snapshots: bool = True  # periodic REST snapshot lane
     deltas: bool = True  # WebSocket diff lane
     depth_limit: int = 1000  # REST snapshot depth
+    snapshot_interval: float | None = None  # None = reader.snapshot_interval
     stream_speed: str = "100ms"  # Binance @depth@<speed>; Bybit/OKX/KuCoin use their own
     stream_depth: int = 200  # Bybit orderbook.<depth>
     rest_url: str = ""  # empty = the venue's public default

@@ -1,0 +1,172 @@
+"""Typer commands only: parse arguments, call into the package, map errors to exit codes.
+
+Exit codes: 0 ok, 1 a check found problems (verify) or the run failed, 2 bad config or
+arguments, 130 interrupted. Errors print as one line; `--debug` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cryptoflow.errors import ConfigError, CryptoflowError, UsageError
+
+app = typer.Typer(
+    name="cryptoflow",
+    help="Record crypto futures order books (REST snapshots + WebSocket diffs) as Parquet.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+shards_app = typer.Typer(help="IP shards: which source IP serves which symbols.")
+spool_app = typer.Typer(help="The local spool of files waiting for upload.")
+app.add_typer(shards_app, name="shards")
+app.add_typer(spool_app, name="spool")
+
+_state: dict[str, bool] = {"debug": False}
+
+ConfigOpt = Annotated[
+    Path,
+    typer.Option("--config", "-c", help="config.yml; ip_shards.yml and symbols.yml beside it"),
+]
+DEFAULT_CONFIG = Path("configs/config.yml")
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", "-v", help="Show tracebacks and debug logs.")
+    ] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def _run(fn: Callable[[], Any]) -> None:
+    """Run a command body and turn our errors into one line + exit code."""
+    try:
+        code = fn()
+    except ConfigError as exc:
+        for line in exc.problems:
+            typer.echo(line, err=True)
+        if _state["debug"]:
+            raise
+        raise typer.Exit(2) from None
+    except UsageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        if _state["debug"]:
+            raise
+        raise typer.Exit(2) from None
+    except CryptoflowError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        if _state["debug"]:
+            raise
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    raise typer.Exit(int(code or 0))
+
+
+@app.command("validate-config")
+def validate_config(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    online: Annotated[
+        bool, typer.Option(help="Also check every symbol against the venues' instrument lists.")
+    ] = False,
+) -> None:
+    """Check config.yml, ip_shards.yml, symbols.yml and the environment; print a summary."""
+    from cryptoflow.tools import validate
+
+    _run(lambda: validate.run(config, online=online))
+
+
+@shards_app.command("list")
+def shards_list(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    exchange: Annotated[str | None, typer.Option(help="Only this venue.")] = None,
+    format: Annotated[str, typer.Option(help="table | k8s | compose")] = "table",
+) -> None:
+    """Each shard's symbols and the REST budget it will spend per minute, per venue."""
+    from cryptoflow.tools import shards
+
+    _run(lambda: shards.run(config, exchange=exchange, fmt=format))
+
+
+@app.command()
+def collect(
+    exchange: Annotated[
+        str, typer.Option("--exchange", "-e", help="binance | bybit | okx | kucoin | all")
+    ] = "all",
+    config: ConfigOpt = DEFAULT_CONFIG,
+    output: Annotated[
+        Path | None, typer.Option(help="Local output folder (default: storage.local_path)")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Stop cleanly after this many seconds.")
+    ] = None,
+    simulate: Annotated[
+        bool, typer.Option(help="Start the built-in exchange simulator on 127.0.0.1 and use it.")
+    ] = False,
+    shard: Annotated[
+        list[str] | None, typer.Option(help="Run only these shards (repeatable).")
+    ] = None,
+) -> None:
+    """Record order books until Ctrl-C / SIGTERM (or --duration)."""
+    from cryptoflow import runtime
+
+    _run(
+        lambda: runtime.run_collect(
+            config_path=config,
+            exchange=exchange,
+            output=output,
+            duration=duration,
+            simulate=simulate,
+            shards=shard or [],
+            debug=_state["debug"],
+        )
+    )
+
+
+@app.command()
+def replay(
+    exchange: Annotated[str, typer.Option("--exchange", "-e")],
+    input: Annotated[Path, typer.Option("--input", "-i", help=".jsonl or .jsonl.gz recording")],
+    output: Annotated[Path, typer.Option(help="Output folder")] = Path("./replay-data"),
+) -> None:
+    """Re-normalize a recording through the same parse + book-sync + flatten code."""
+    from cryptoflow.tools import replay as replay_tool
+
+    _run(lambda: replay_tool.run(exchange=exchange, input_path=input, output=output))
+
+
+@spool_app.command("status")
+def spool_status(config: ConfigOpt = DEFAULT_CONFIG) -> None:
+    """Files and bytes waiting in the spool."""
+    from cryptoflow.tools import spool_cmd
+
+    _run(lambda: spool_cmd.status(config))
+
+
+@spool_app.command("flush")
+def spool_flush(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    output: Annotated[Path | None, typer.Option(help="Local output folder")] = None,
+) -> None:
+    """Upload (or move) every spooled file now."""
+    from cryptoflow.tools import spool_cmd
+
+    _run(lambda: spool_cmd.flush(config, output=output))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
