@@ -1,0 +1,116 @@
+"""Per-IP, per-venue request budget.
+
+Every REST request of a shard on one venue goes through one `RateBudget`, so the snapshot
+lane and the delta lane's resync fetches share the same accounting. Three signals govern
+it, strongest first:
+
+1. A ban (Binance 418, Bybit 403) or a throttle (429 + Retry-After): nothing is sent from
+   this IP before the time the venue gave. `acquire` sleeps until then.
+2. The venue's own usage counter (Binance `X-MBX-USED-WEIGHT-1M`): past `safety` x limit
+   we pause until the venue's minute window rolls over, so we slow down *before* a 429.
+3. Our own sliding 60 s window of sent weight, for venues without a usage header and to
+   pace bursts (e.g. 30 symbols polling at once after a start).
+
+Time comes from `trio.current_time()` (so tests run under `MockClock`); the venue's minute
+window is aligned to wall-clock minutes, read through an injectable `wall_clock`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+import attrs
+import trio
+
+WINDOW = 60.0
+
+
+@attrs.define
+class BudgetStats:
+    requests: int = 0
+    weight_sent: int = 0
+    throttles: int = 0
+    bans: int = 0
+    paced_waits: int = 0
+    last_used_header: int | None = None
+
+
+class RateBudget:
+    def __init__(
+        self,
+        limit_per_minute: int,
+        *,
+        safety: float = 0.8,
+        name: str = "",
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if limit_per_minute <= 0:
+            raise ValueError("limit_per_minute must be positive")
+        self.limit = limit_per_minute
+        self.safety = safety
+        self.name = name
+        self._wall_clock = wall_clock
+        self._sent: deque[tuple[float, int]] = deque()
+        self._sent_weight = 0
+        self._blocked_until = 0.0  # trio clock
+        self._lock = trio.Lock()
+        self.stats = BudgetStats()
+
+    # -- signals from responses -------------------------------------------------------
+
+    def observe_used(self, used: int) -> None:
+        """The venue's own count of weight used by this IP in its current minute."""
+        self.stats.last_used_header = used
+        if used >= self.safety * self.limit:
+            wall = self._wall_clock()
+            until_rollover = WINDOW - (wall % WINDOW) + 0.05
+            self._block_for(until_rollover)
+
+    def throttle(self, retry_after: float) -> None:
+        """429: stop sending from this IP for `retry_after` seconds."""
+        self.stats.throttles += 1
+        self._block_for(max(retry_after, 1.0))
+
+    def ban(self, retry_after: float) -> None:
+        """418 / 403 ban: stop sending until the ban ends."""
+        self.stats.bans += 1
+        self._block_for(max(retry_after, 1.0))
+
+    def _block_for(self, seconds: float) -> None:
+        self._blocked_until = max(self._blocked_until, trio.current_time() + seconds)
+
+    # -- sending ----------------------------------------------------------------------
+
+    @property
+    def blocked_for(self) -> float:
+        return max(0.0, self._blocked_until - trio.current_time())
+
+    def used_in_window(self) -> int:
+        self._expire(trio.current_time())
+        return self._sent_weight
+
+    async def acquire(self, weight: int) -> None:
+        """Wait until `weight` may be sent from this IP, then account for it."""
+        async with self._lock:
+            while True:
+                now = trio.current_time()
+                if now < self._blocked_until:
+                    await trio.sleep_until(self._blocked_until)
+                    continue
+                self._expire(now)
+                if self._sent and self._sent_weight + weight > self.safety * self.limit:
+                    self.stats.paced_waits += 1
+                    await trio.sleep_until(self._sent[0][0] + WINDOW)
+                    continue
+                break
+            self._sent.append((now, weight))
+            self._sent_weight += weight
+            self.stats.requests += 1
+            self.stats.weight_sent += weight
+
+    def _expire(self, now: float) -> None:
+        while self._sent and self._sent[0][0] + WINDOW <= now:
+            _, w = self._sent.popleft()
+            self._sent_weight -= w

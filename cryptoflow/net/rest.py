@@ -1,0 +1,107 @@
+"""The REST edge shared by the venues: budget, send, and error mapping in one place.
+
+A venue subclass says how much a request weighs and how its throttle/ban signals look
+(`interpret`); everything else — waiting on the shard's `RateBudget`, mapping httpx
+failures to `cryptoflow.errors`, timing — is the same for every venue.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from cryptoflow.errors import (
+    IPBanned,
+    RateLimited,
+    RequestRejected,
+    ServerError,
+    TransportError,
+)
+from cryptoflow.net.ratelimit import RateBudget
+
+
+def retry_after_seconds(resp: httpx.Response, default: float) -> float:
+    value = resp.headers.get("Retry-After")
+    try:
+        return max(float(value), 0.0) if value is not None else default
+    except ValueError:
+        return default
+
+
+class VenueRest:
+    """Base of each venue's REST client. Subclasses set `exchange` and may override
+    `interpret` for venue-specific signals (usage headers, error bodies)."""
+
+    exchange = ""
+
+    def __init__(self, client: httpx.AsyncClient, budget: RateBudget) -> None:
+        self.client = client
+        self.budget = budget
+
+    async def get(
+        self, path: str, params: dict[str, str | int], *, weight: int, symbol: str = ""
+    ) -> tuple[bytes, int]:
+        """GET within the budget; returns (body, receive time ns) or raises our errors."""
+        await self.budget.acquire(weight)
+        try:
+            resp = await self.client.get(path, params=params)
+        except httpx.TimeoutException as exc:
+            raise TransportError(
+                f"timeout on {path}: {exc!r}", exchange=self.exchange, symbol=symbol
+            ) from exc
+        except httpx.TransportError as exc:
+            raise TransportError(
+                f"{type(exc).__name__} on {path}: {exc}", exchange=self.exchange, symbol=symbol
+            ) from exc
+        receive_ns = time.time_ns()
+        self.interpret(resp, symbol)
+        return resp.content, receive_ns
+
+    async def post(self, path: str, *, weight: int, symbol: str = "") -> tuple[bytes, int]:
+        await self.budget.acquire(weight)
+        try:
+            resp = await self.client.post(path)
+        except httpx.TransportError as exc:
+            raise TransportError(
+                f"{type(exc).__name__} on {path}: {exc}", exchange=self.exchange, symbol=symbol
+            ) from exc
+        receive_ns = time.time_ns()
+        self.interpret(resp, symbol)
+        return resp.content, receive_ns
+
+    def interpret(self, resp: httpx.Response, symbol: str) -> None:
+        """Map the HTTP status to the budget and the error tree (generic rules)."""
+        status = resp.status_code
+        if status == 429:
+            wait = retry_after_seconds(resp, 60.0)
+            self.budget.throttle(wait)
+            raise RateLimited(
+                f"HTTP 429, retry after {wait:g}s",
+                retry_after=wait,
+                exchange=self.exchange,
+                symbol=symbol,
+            )
+        if status == 418:
+            wait = retry_after_seconds(resp, 120.0)
+            self.budget.ban(wait)
+            raise IPBanned(
+                f"HTTP 418 IP banned for {wait:g}s",
+                retry_after=wait,
+                exchange=self.exchange,
+                symbol=symbol,
+            )
+        if status >= 500:
+            raise ServerError(
+                f"HTTP {status} from {resp.request.url.path}",
+                status=status,
+                exchange=self.exchange,
+                symbol=symbol,
+            )
+        if status >= 400:
+            raise RequestRejected(
+                f"HTTP {status} from {resp.request.url.path}: {resp.text[:200]}",
+                status=status,
+                exchange=self.exchange,
+                symbol=symbol,
+            )

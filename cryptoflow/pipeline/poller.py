@@ -1,0 +1,76 @@
+"""The snapshot lane's reader: one task per symbol polling the REST depth snapshot.
+
+Schedule: slot k is at `start + k * interval` plus a little jitter, so polls never drift
+and symbols do not all fire in the same instant. If a poll (or a blocked send: the
+channel is full because the writer is slow) overruns its slot, missed slots are skipped,
+not piled up: back-pressure delays polls, it never queues them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable
+
+import attrs
+import trio
+
+from cryptoflow.errors import ExchangeError, RateLimited
+from cryptoflow.models import DepthSnapshot
+
+log = logging.getLogger("cryptoflow.poller")
+
+
+@attrs.define
+class PollStats:
+    polls: int = 0
+    ok: int = 0
+    failed: int = 0
+    throttled: int = 0
+    skipped_slots: int = 0
+    last_error: str = ""
+
+
+async def poll_snapshots(
+    fetch: Callable[[], Awaitable[DepthSnapshot]],
+    out: trio.MemorySendChannel[DepthSnapshot],
+    *,
+    exchange: str,
+    symbol: str,
+    interval: float,
+    jitter: float = 0.0,
+    rng: random.Random | None = None,
+    stats: PollStats | None = None,
+) -> None:
+    rng = rng or random.Random()
+    stats = stats if stats is not None else PollStats()
+    async with out:
+        start = trio.current_time() + rng.uniform(0, min(jitter, interval))
+        slot = 0
+        while True:
+            offset = rng.uniform(-jitter, jitter) if jitter else 0.0
+            await trio.sleep_until(max(start + slot * interval + offset, start))
+            stats.polls += 1
+            try:
+                snapshot = await fetch()
+            except RateLimited as exc:
+                stats.throttled += 1
+                stats.last_error = str(exc)
+                log.warning("snapshot throttled: %s", _where(exc, exchange, symbol))
+            except ExchangeError as exc:
+                stats.failed += 1
+                stats.last_error = str(exc)
+                log.warning("snapshot failed: %s", _where(exc, exchange, symbol))
+            else:
+                stats.ok += 1
+                await out.send(snapshot)
+            elapsed_slots = math.floor((trio.current_time() - start) / interval)
+            next_slot = max(slot + 1, elapsed_slots + 1)
+            stats.skipped_slots += next_slot - slot - 1
+            slot = next_slot
+
+
+def _where(exc: ExchangeError, exchange: str, symbol: str) -> str:
+    """Our errors already name exchange/symbol when raised with them; add them otherwise."""
+    return str(exc) if exc.symbol else f"{exchange}/{symbol}: {exc}"

@@ -1,0 +1,64 @@
+"""Resync requests from the book-sync machine to the REST fetcher.
+
+The normalizer must never block on asking for a snapshot, and asking twice for the same
+symbol must not fetch twice, so this is a de-duplicating set with a wake-up, not a channel.
+Resync snapshots go through the shard's REST budget like every poll.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from cryptoflow.errors import ExchangeError
+from cryptoflow.models import DepthSnapshot
+
+log = logging.getLogger("cryptoflow.resync")
+
+
+class ResyncQueue:
+    def __init__(self) -> None:
+        self._pending: dict[str, None] = {}  # insertion-ordered set
+        self._wakeup = trio.Event()
+        self.requested = 0
+
+    def request(self, symbol: str) -> None:
+        if symbol not in self._pending:
+            self._pending[symbol] = None
+            self.requested += 1
+            self._wakeup.set()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    async def next(self) -> str:
+        while not self._pending:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+        symbol = next(iter(self._pending))
+        del self._pending[symbol]
+        return symbol
+
+
+async def run_resync_fetcher(
+    queue: ResyncQueue,
+    fetch: Callable[[str], Awaitable[DepthSnapshot]],
+    out: trio.MemorySendChannel,
+    *,
+    exchange: str,
+    retry_delay: float = 2.0,
+) -> None:
+    """Fetch a snapshot for each requested symbol; failed fetches are asked for again."""
+    async with out:
+        while True:
+            symbol = await queue.next()
+            try:
+                snapshot = await fetch(symbol)
+            except ExchangeError as exc:
+                log.warning("%s/%s: resync snapshot failed: %s", exchange, symbol, exc)
+                await trio.sleep(retry_delay)
+                queue.request(symbol)
+                continue
+            await out.send(snapshot)

@@ -1,0 +1,73 @@
+"""Snapshot poller: fixed schedule, failures counted, back-pressure delays (not piles) polls."""
+
+import random
+
+import trio
+
+from cryptoflow.errors import MalformedMessage, ServerError
+from cryptoflow.pipeline.poller import PollStats, poll_snapshots
+
+
+async def test_schedule_does_not_drift_and_errors_keep_polling(autojump_clock):
+    calls = []
+
+    async def fetch():
+        calls.append(trio.current_time())
+        n = len(calls)
+        await trio.sleep(0.3)  # the request takes time: must not shift the schedule
+        if n == 2:
+            raise ServerError("HTTP 503", status=503, exchange="binance", symbol="BTCUSDT")
+        if n == 3:
+            raise MalformedMessage("missing field 'bids'", exchange="binance", symbol="BTCUSDT")
+        return n
+
+    send, recv = trio.open_memory_channel(100)
+    stats = PollStats()
+    with trio.move_on_after(10.5):
+        await poll_snapshots(
+            fetch, send, exchange="binance", symbol="BTCUSDT", interval=1.0, stats=stats
+        )
+    start = calls[0]
+    assert [round(t - start, 6) for t in calls] == [float(i) for i in range(len(calls))]
+    assert stats.failed == 2 and stats.ok == len(calls) - 2
+    received = []
+    while True:
+        try:
+            received.append(recv.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+    assert 2 not in received and 3 not in received
+
+
+async def test_back_pressure_skips_slots_instead_of_piling_up(autojump_clock):
+    calls = []
+
+    async def fetch():
+        calls.append(trio.current_time())
+        return len(calls)
+
+    send, recv = trio.open_memory_channel(1)
+    stats = PollStats()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: poll_snapshots(
+                fetch,
+                send,
+                exchange="binance",
+                symbol="X",
+                interval=1.0,
+                jitter=0.2,
+                rng=random.Random(1),
+                stats=stats,
+            )
+        )
+        await trio.sleep(10)  # nobody reads: the 2nd send blocks
+        assert len(calls) == 2  # polls wait for room; they do not queue up
+        async for _ in recv:  # a slow consumer: one item per 5 s
+            await trio.sleep(5)
+            if trio.current_time() > 40:
+                break
+        nursery.cancel_scope.cancel()
+    assert stats.skipped_slots > 0
+    gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+    assert all(g >= 0.5 for g in gaps)  # never a burst of catch-up polls

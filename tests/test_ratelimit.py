@@ -1,0 +1,58 @@
+"""RateBudget under a MockClock: throttles, bans, usage header and own pacing."""
+
+import trio
+import trio.testing
+
+from cryptoflow.net.ratelimit import RateBudget
+
+
+async def test_paces_own_window_before_the_limit(autojump_clock):
+    budget = RateBudget(100, safety=0.8)
+    sent_at = []
+    for _ in range(6):  # 6 x 20 = 120 > 80 allowed per 60 s
+        await budget.acquire(20)
+        sent_at.append(trio.current_time())
+    assert sent_at[:4] == [sent_at[0]] * 4  # 80 weight goes at once
+    assert sent_at[4] >= sent_at[0] + 60  # the 5th waits for the window to roll
+    assert budget.stats.paced_waits >= 1
+
+
+async def test_never_sends_while_throttled_or_banned(autojump_clock):
+    budget = RateBudget(2400)
+    t0 = trio.current_time()
+    budget.throttle(5)
+    await budget.acquire(1)
+    assert trio.current_time() >= t0 + 5
+    t1 = trio.current_time()
+    budget.ban(120)
+    await budget.acquire(1)
+    assert trio.current_time() >= t1 + 120
+    assert budget.stats.throttles == 1 and budget.stats.bans == 1
+
+
+async def test_usage_header_near_limit_waits_for_minute_rollover(autojump_clock):
+    wall = [1_000_000 * 60 + 42.0]  # 42 s into a wall-clock minute
+    budget = RateBudget(2400, safety=0.8, wall_clock=lambda: wall[0])
+    budget.observe_used(1000)  # below 80 %: no pause
+    t0 = trio.current_time()
+    await budget.acquire(20)
+    assert trio.current_time() == t0
+    budget.observe_used(2000)  # above 80 % of 2400
+    await budget.acquire(20)
+    waited = trio.current_time() - t0
+    assert 18 <= waited <= 19  # until the venue's minute rolls over
+
+
+async def test_concurrent_waiters_are_serialized(autojump_clock):
+    budget = RateBudget(10, safety=1.0)
+    times = []
+
+    async def one():
+        await budget.acquire(10)
+        times.append(trio.current_time())
+
+    async with trio.open_nursery() as n:
+        for _ in range(3):
+            n.start_soon(one)
+    times.sort()
+    assert times[1] - times[0] >= 60 and times[2] - times[1] >= 60
