@@ -142,6 +142,67 @@ def replay(
     _run(lambda: replay_tool.run(exchange=exchange, input_path=input, output=output))
 
 
+PathArg = Annotated[str, typer.Argument(help="Data root: a local folder (s3:// not yet)")]
+
+
+@app.command()
+def inspect(
+    path: PathArg,
+    exchange: Annotated[str | None, typer.Option(help="Only this venue.")] = None,
+    symbol: Annotated[str | None, typer.Option(help="Only this symbol.")] = None,
+    start: Annotated[
+        str | None, typer.Option("--from", help="ISO 8601 UTC or epoch ms (inclusive)")
+    ] = None,
+    end: Annotated[str | None, typer.Option("--to", help="ISO 8601 UTC or epoch ms")] = None,
+) -> None:
+    """Coverage per dataset/exchange/symbol/hour: files, rows, times, gaps, holes."""
+    from cryptoflow.tools import inspect as inspect_tool
+
+    _run(lambda: inspect_tool.run(path, exchange=exchange, symbol=symbol, start=start, end=end))
+
+
+@app.command()
+def verify(
+    path: PathArg,
+    exchange: Annotated[str | None, typer.Option(help="Only this venue.")] = None,
+    symbol: Annotated[str | None, typer.Option(help="Only this symbol.")] = None,
+) -> None:
+    """Re-check stored deltas' continuity and snapshots' order; exit 1 on problems."""
+    from cryptoflow.tools import verify as verify_tool
+
+    _run(lambda: verify_tool.run(path, exchange=exchange, symbol=symbol))
+
+
+@app.command()
+def book(
+    path: PathArg,
+    exchange: Annotated[str, typer.Option("--exchange", "-e")],
+    symbol: Annotated[str, typer.Option("--symbol", "-s")],
+    at: Annotated[str, typer.Option(help="ISO 8601 UTC (2026-01-02T03:04:05.678Z) or epoch ms")],
+    depth: Annotated[int, typer.Option(min=1, help="Levels per side")] = 10,
+    output: Annotated[
+        Path | None, typer.Option(help="Write .parquet or .csv instead of printing")
+    ] = None,
+) -> None:
+    """Rebuild the book at a moment from the nearest snapshot plus deltas."""
+    from cryptoflow.tools import book as book_tool
+
+    _run(lambda: book_tool.run(path, exchange, symbol, at, depth=depth, output=output))
+
+
+@app.command()
+def compact(
+    path: PathArg,
+    before_hour: Annotated[
+        str | None, typer.Option(help="Only hours before this (ISO 8601 or epoch ms)")
+    ] = None,
+) -> None:
+    """Merge the small files of closed hours into one file per partition hour."""
+    from cryptoflow.tools import compact as compact_tool
+
+    _run(lambda: compact_tool.run(path, before_hour=before_hour))
+
+
 @spool_app.command("status")
 def spool_status(config: ConfigOpt = DEFAULT_CONFIG) -> None:
     """Files and bytes waiting in the spool."""

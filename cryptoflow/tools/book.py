@@ -1,0 +1,278 @@
+"""`cryptoflow book`: rebuild the order book at one moment from stored data.
+
+Rule: take the latest snapshot with event time <= AT (ties: highest update id), id L.
+Apply, in update-id order, every stored delta message with last_update_id > L and event
+time <= AT. The first one must straddle the snapshot (first_update_id <= L + 1) and each
+next one must continue the previous (prev_update_id == previous last_update_id). If a
+`gaps` record lies between the snapshot and AT, or the stored ids do not continue, the
+book is refused (DataError): an answer that might be wrong is worse than none.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+from rich.console import Console
+from rich.table import Table
+
+from cryptoflow.errors import DataError, UsageError
+from cryptoflow.models import Dataset
+from cryptoflow.tools.datasets import (
+    FileInfo,
+    collect_per_file,
+    fmt_ms,
+    hour_of,
+    list_files,
+    parse_time,
+    resolve_root,
+)
+from cryptoflow.tools.verify import Break, find_breaks, load_gaps
+
+Side = dict[float, float]
+
+
+def _ms(col: str) -> pl.Expr:
+    return pl.col(col).dt.epoch("ms")
+
+
+def _readable(df: pl.DataFrame, bad: list, what: str) -> pl.DataFrame:
+    if bad:
+        names = ", ".join(str(b.path) for b in bad[:3])
+        raise DataError(f"cannot rebuild the book: unreadable {what} file(s): {names}")
+    return df
+
+
+def find_snapshot(files: list[FileInfo], at_ms: int) -> pl.DataFrame:
+    """Rows of the latest snapshot at or before `at_ms`, scanning hour by hour backwards.
+
+    Snapshots come every few seconds, so the hour of AT almost always answers and older
+    hours are only opened when it does not.
+    """
+    by_hour: dict = {}
+    for f in files:
+        by_hour.setdefault(f.hour, []).append(f)
+    for hour in sorted((h for h in by_hour if h <= hour_of(at_ms)), reverse=True):
+
+        def latest(lf: pl.LazyFrame) -> pl.LazyFrame:
+            return (
+                lf.with_columns(ts=_ms("timestamp"))
+                .filter(pl.col("ts") <= at_ms)
+                .group_by("ts", "last_update_id")
+                .agg()
+            )
+
+        keys, bad = collect_per_file(by_hour[hour], latest, label="snapshots")
+        _readable(keys, bad, "snapshot")
+        if keys.is_empty():
+            continue
+        ts, lid = keys.sort("ts", "last_update_id").row(-1)
+
+        def rows(lf: pl.LazyFrame, ts: int = ts, lid: int = lid) -> pl.LazyFrame:
+            return lf.with_columns(ts=_ms("timestamp")).filter(
+                (pl.col("ts") == ts) & (pl.col("last_update_id") == lid)
+            )
+
+        snap, bad = collect_per_file(by_hour[hour], rows, label="snapshots")
+        return _readable(snap, bad, "snapshot")
+    raise DataError(f"no snapshot at or before {fmt_ms(at_ms)} (--at is before the first one)")
+
+
+def apply_deltas(bids: Side, asks: Side, deltas: pl.DataFrame, snapshot_id: int) -> tuple[int, int]:
+    """Apply `deltas` (rows, any order) to the book in place; (messages, last id applied).
+
+    Raises DataError if the first message does not straddle the snapshot or the ids break.
+    """
+    if deltas.is_empty():
+        return 0, snapshot_id
+    msgs = (
+        deltas.group_by("first_update_id", "last_update_id", "prev_update_id")
+        .agg(ts=pl.col("ts").min())
+        .sort("last_update_id", "first_update_id")
+    )
+    dup = msgs.filter(pl.col("last_update_id").is_duplicated())
+    if not dup.is_empty():
+        raise DataError(
+            f"update {dup['last_update_id'][0]} is stored with conflicting id ranges; "
+            "run `cryptoflow verify`"
+        )
+    first = msgs.row(0, named=True)
+    if first["first_update_id"] > snapshot_id + 1:
+        raise DataError(
+            f"deltas do not continue snapshot {snapshot_id}: the first stored message after it "
+            f"starts at update {first['first_update_id']} ({fmt_ms(first['ts'])})"
+        )
+    breaks = find_breaks(msgs)
+    if breaks:
+        raise DataError(f"continuity break between the snapshot and --at: {_break_text(breaks[0])}")
+    ordered = deltas.sort("last_update_id", maintain_order=True)
+    for side, price, qty in ordered.select("side", "price", "quantity").iter_rows():
+        book = bids if side == "bid" else asks
+        if qty == 0:
+            book.pop(price, None)
+        else:
+            book[price] = qty
+    return msgs.height, int(msgs["last_update_id"][-1])
+
+
+def _break_text(b: Break) -> str:
+    return (
+        f"after update {b.prev_last} ({fmt_ms(b.prev_time)}) the next stored message is "
+        f"{b.first}..{b.last} with prev {b.prev_id} ({fmt_ms(b.time)})"
+    )
+
+
+def rebuild(
+    root: Path,
+    exchange: str,
+    symbol: str,
+    at_ms: int,
+    *,
+    market: str | None = None,
+) -> tuple[pl.DataFrame, dict]:
+    """The full book at `at_ms` as rows (side, level, price, quantity) plus facts about it."""
+    filters = dict(exchange=exchange, market=market, symbol=symbol)
+    snap_files = list_files(root, Dataset.SNAPSHOTS, end_ms=at_ms, **filters)
+    if not snap_files:
+        raise DataError(
+            f"no snapshots for {exchange}/{symbol} at or before {fmt_ms(at_ms)} under {root}"
+        )
+    markets = {f.market for f in snap_files}
+    if len(markets) > 1:
+        raise UsageError(f"{exchange}/{symbol} exists in markets {sorted(markets)}; pass market")
+    snap = find_snapshot(snap_files, at_ms)
+    snap_id = int(snap["last_update_id"][0])
+    snap_ts = int(snap["ts"][0])
+    mkt = str(snap["market"][0])
+
+    gaps = load_gaps(root, exchange=exchange, market=mkt, symbol=symbol)
+    for g in gaps.to_dicts() if not gaps.is_empty() else []:
+        if _gap_between(g, snap_id, snap_ts, at_ms):
+            raise DataError(
+                f"refusing: a {g['kind']} gap (updates {g['last_good_id']}..{g['first_id_after']}, "
+                f"{fmt_ms(g['start'])} .. {fmt_ms(g['end'])}) lies between the snapshot "
+                f"{snap_id} at {fmt_ms(snap_ts)} and {fmt_ms(at_ms)}"
+            )
+
+    delta_files = list_files(
+        root, Dataset.DELTAS, exchange=exchange, market=mkt, symbol=symbol,
+        start_ms=snap_ts, end_ms=at_ms,
+    )  # fmt: skip
+
+    def select(lf: pl.LazyFrame) -> pl.LazyFrame:
+        return lf.with_columns(ts=_ms("timestamp")).filter(
+            (pl.col("last_update_id") > snap_id) & (pl.col("ts") <= at_ms)
+        )
+
+    deltas, bad = collect_per_file(delta_files, select, label="deltas")
+    _readable(deltas, bad, "delta")
+    bids: Side = {}
+    asks: Side = {}
+    for side, price, qty in (
+        snap.sort("side", "level").select("side", "price", "quantity").iter_rows()
+    ):
+        (bids if side == "bid" else asks)[price] = qty
+    n_msgs, last_id = apply_deltas(bids, asks, deltas, snap_id)
+
+    rows = [
+        {"side": "bid", "level": i, "price": p, "quantity": bids[p]}
+        for i, p in enumerate(sorted(bids, reverse=True))
+    ] + [
+        {"side": "ask", "level": i, "price": p, "quantity": asks[p]}
+        for i, p in enumerate(sorted(asks))
+    ]
+    book = pl.DataFrame(
+        rows,
+        schema={"side": pl.String, "level": pl.Int32, "price": pl.Float64, "quantity": pl.Float64},
+    )
+    facts = dict(
+        exchange=exchange, market=mkt, symbol=symbol, at=at_ms, snapshot_id=snap_id,
+        snapshot_time=snap_ts, messages=n_msgs, last_update_id=last_id,
+    )  # fmt: skip
+    return book, facts
+
+
+def _gap_between(g: dict, snap_id: int, snap_ts: int, at_ms: int) -> bool:
+    """Does gap record `g` make the stream between the snapshot and AT untrustworthy?
+
+    With an id after the gap: it matters when that id is above the snapshot's (updates
+    after the snapshot may be missing) and the gap began by AT. A gap healed by the
+    snapshot (first id after <= snapshot id) never matters. Without ids: when its time
+    range [start, end] reaches into [snapshot time, AT].
+    """
+    start = next((g[k] for k in ("start", "end", "ts") if g[k] is not None), None)
+    end = next((g[k] for k in ("end", "start", "ts") if g[k] is not None), None)
+    if start is None or end is None:
+        return False
+    if g["first_id_after"] is not None:
+        return g["first_id_after"] > snap_id and start <= at_ms
+    return start <= at_ms and end >= snap_ts
+
+
+def run(
+    path: str,
+    exchange: str,
+    symbol: str,
+    at: str,
+    depth: int = 10,
+    output: Path | None = None,
+    *,
+    market: str | None = None,
+    console: Console | None = None,
+) -> int:
+    """Rebuild the book at `at`; print `depth` levels per side or write them to `output`.
+
+    `output` ending in .parquet or .csv gets the top `depth` levels of both sides as rows
+    (exchange, market, symbol, at, last_update_id, side, level, price, quantity).
+    """
+    if depth < 1:
+        raise UsageError("--depth must be at least 1")
+    if output is not None and output.suffix.lower() not in (".parquet", ".csv"):
+        raise UsageError(f"{output}: output must end in .parquet or .csv")
+    at_ms = parse_time(at)
+    root = resolve_root(path)
+    book, facts = rebuild(root, exchange, symbol.upper(), at_ms, market=market)
+    top = book.filter(pl.col("level") < depth)
+    console = console or Console()
+    if output is not None:
+        out = top.select(
+            pl.lit(facts["exchange"]).alias("exchange"),
+            pl.lit(facts["market"]).alias("market"),
+            pl.lit(facts["symbol"]).alias("symbol"),
+            pl.lit(at_ms).cast(pl.Datetime("ms")).dt.replace_time_zone("UTC").alias("at"),
+            pl.lit(facts["last_update_id"], pl.Int64).alias("last_update_id"),
+            "side", "level", "price", "quantity",
+        )  # fmt: skip
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if output.suffix.lower() == ".csv":
+            out.write_csv(output)
+        else:
+            out.write_parquet(output)
+        console.print(f"wrote {out.height} level(s) to {output}")
+        return 0
+    console.print(_render(top, facts, depth))
+    return 0
+
+
+def _render(top: pl.DataFrame, facts: dict, depth: int) -> Table:
+    table = Table(
+        title=f"{facts['exchange']} {facts['symbol']} at {fmt_ms(facts['at'])}",
+        caption=(
+            f"snapshot {facts['snapshot_id']} at {fmt_ms(facts['snapshot_time'])} "
+            f"+ {facts['messages']} message(s) -> update {facts['last_update_id']}"
+        ),
+    )
+    for name, style in (("bid qty", "green"), ("bid", "green"), ("ask", "red"), ("ask qty", "red")):
+        table.add_column(name, justify="right", style=style)
+    bids = top.filter(pl.col("side") == "bid").sort("level").rows(named=True)
+    asks = top.filter(pl.col("side") == "ask").sort("level").rows(named=True)
+    for i in range(min(depth, max(len(bids), len(asks)))):
+        b = bids[i] if i < len(bids) else None
+        a = asks[i] if i < len(asks) else None
+        table.add_row(
+            f"{b['quantity']:g}" if b else "",
+            repr(b["price"]) if b else "",
+            repr(a["price"]) if a else "",
+            f"{a['quantity']:g}" if a else "",
+        )
+    return table

@@ -1,0 +1,270 @@
+"""Shared helpers for the data tools: find stored files, read them lazily, survive bad ones.
+
+The tools list files themselves (one directory walk, pruned by the hive keys
+exchange/market/symbol/year/month/day/hour) instead of handing a glob to polars, because
+they need to know *which* file is corrupt: one truncated upload must show up as one line
+in a report, not abort a scan over a month of data. Reading is still lazy and columnar:
+`collect_per_file` runs one `scan_parquet` over every file at once and only falls back to
+file-by-file reads when that fails.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TypeVar
+
+import attrs
+import polars as pl
+
+from cryptoflow.errors import DataError, UsageError
+from cryptoflow.models import Dataset
+
+T = TypeVar("T")
+
+#: Column holding the source file path in frames returned by `collect_per_file`.
+FILE_COL = "__file"
+#: More files than this and a terminal attached: show a progress bar.
+PROGRESS_MIN_FILES = 20
+
+HOUR = timedelta(hours=1)
+
+_PART_RE = re.compile(
+    r"exchange=(?P<exchange>[^/]+)/market=(?P<market>[^/]+)/symbol=(?P<symbol>[^/]+)/"
+    r"year=(?P<year>\d{4})/month=(?P<month>\d{1,2})/day=(?P<day>\d{1,2})/hour=(?P<hour>\d{1,2})$"
+)
+
+
+@attrs.frozen(slots=True)
+class FileInfo:
+    """One stored Parquet file and the partition keys its path names."""
+
+    path: Path
+    dataset: str
+    exchange: str
+    market: str
+    symbol: str
+    hour: datetime  # start of the partition hour, UTC
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def stream(self) -> tuple[str, str, str, str]:
+        """(dataset, exchange, market, symbol): the unit that must be continuous."""
+        return (self.dataset, self.exchange, self.market, self.symbol)
+
+
+@attrs.frozen(slots=True)
+class BadFile:
+    """A file that could not be read, with the reader's one-line reason."""
+
+    path: Path
+    reason: str
+
+
+# --- time ---------------------------------------------------------------------------
+
+
+def parse_time(value: str | int) -> int:
+    """ISO 8601 (UTC; `Z`, an offset, or naive = UTC) or epoch milliseconds -> epoch ms.
+
+    Epoch ms is the unit stored in the data, so no float seconds ever enter a comparison.
+    """
+    if isinstance(value, int):
+        return value
+    text = value.strip()
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"bad time {value!r}: expected ISO 8601 UTC such as 2026-01-02T03:04:05.678Z "
+            "or epoch milliseconds"
+        ) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return _dt_ms(dt)
+
+
+def _dt_ms(dt: datetime) -> int:
+    delta = dt - datetime(1970, 1, 1, tzinfo=UTC)
+    return delta.days * 86_400_000 + delta.seconds * 1000 + delta.microseconds // 1000
+
+
+def ms_to_dt(ms: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+
+
+def fmt_ms(ms: int | None) -> str:
+    """Milliseconds -> `2026-01-02T03:04:05.678Z` (the format `book --at` accepts)."""
+    if ms is None:
+        return "-"
+    return ms_to_dt(ms).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def fmt_dt(dt: datetime | None) -> str:
+    return "-" if dt is None else fmt_ms(_dt_ms(dt))
+
+
+def hour_of(ms: int) -> datetime:
+    return ms_to_dt(ms).replace(minute=0, second=0, microsecond=0)
+
+
+# --- locating files -------------------------------------------------------------------
+
+
+def resolve_root(path: str | Path) -> Path:
+    """The dataset root as a local folder; S3 roots are refused until supported."""
+    text = str(path)
+    if text.startswith("s3://"):
+        raise UsageError("s3:// paths are not supported by this command yet; use a local copy")
+    root = Path(text)
+    if not root.exists():
+        raise DataError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder")
+    return root
+
+
+def list_files(
+    root: Path,
+    dataset: Dataset | str,
+    *,
+    exchange: str | None = None,
+    market: str | None = None,
+    symbol: str | None = None,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+) -> list[FileInfo]:
+    """Every stored `.parquet` file of `dataset` under `root` matching the filters.
+
+    Partition pruning happens on the path: the glob names the exchange/market/symbol, and
+    hours wholly outside [start_ms, end_ms] are skipped before any file is opened. Names
+    starting with "." are writers' temp files and are never listed.
+    """
+    ds = str(dataset)
+    pattern = (
+        f"exchange={exchange.lower() if exchange else '*'}/market={market or '*'}/"
+        f"symbol={symbol.upper() if symbol else '*'}/year=*/month=*/day=*/hour=*/*.parquet"
+    )
+    base = root / ds
+    if not base.is_dir():
+        return []
+    lo = hour_of(start_ms) if start_ms is not None else None
+    hi = hour_of(end_ms) if end_ms is not None else None
+    out: list[FileInfo] = []
+    for p in base.glob(pattern):
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        m = _PART_RE.search(p.parent.relative_to(base).as_posix())
+        if m is None:
+            continue
+        hour = datetime(int(m["year"]), int(m["month"]), int(m["day"]), int(m["hour"]), tzinfo=UTC)
+        if (lo is not None and hour < lo) or (hi is not None and hour > hi):
+            continue
+        out.append(FileInfo(p, ds, m["exchange"], m["market"], m["symbol"], hour))
+    out.sort(key=lambda f: (f.stream, f.hour, f.name))
+    return out
+
+
+# --- reading --------------------------------------------------------------------------
+
+
+def check_footers(files: Sequence[FileInfo], label: str = "checking") -> list[BadFile]:
+    """Files whose Parquet footer cannot be read (truncated uploads, garbage)."""
+    bad: list[BadFile] = []
+    for f in progress(files, label):
+        try:
+            pl.read_parquet_metadata(f.path)
+        except Exception as exc:  # polars raises several classes for a broken file
+            bad.append(BadFile(f.path, _one_line(exc)))
+    return bad
+
+
+def collect_per_file(
+    files: Sequence[FileInfo],
+    build: Callable[[pl.LazyFrame], pl.LazyFrame],
+    *,
+    label: str = "reading",
+) -> tuple[pl.DataFrame, list[BadFile]]:
+    """Run `build` on a lazy scan of `files` and collect, isolating unreadable files.
+
+    `build` must work file by file (filters, projections, per-file group-bys keyed on
+    `FILE_COL`, uniques that the caller repeats): on failure the same plan is run once per
+    file and the results are concatenated, so the answer is the same minus the bad files.
+    """
+    good = list(files)
+    bad = check_footers(good, label=f"{label} (footers)") if good else []
+    bad_paths = {b.path for b in bad}
+    good = [f for f in good if f.path not in bad_paths]
+    if not good:
+        return pl.DataFrame(), bad
+    try:
+        lf = pl.scan_parquet(
+            [f.path for f in good], hive_partitioning=False, include_file_paths=FILE_COL
+        )
+        return build(lf).collect(), bad
+    except Exception:
+        pass
+    parts: list[pl.DataFrame] = []
+    for f in progress(good, label):
+        try:
+            lf = pl.scan_parquet(f.path, hive_partitioning=False, include_file_paths=FILE_COL)
+            parts.append(build(lf).collect())
+        except Exception as exc:
+            bad.append(BadFile(f.path, _one_line(exc)))
+    if not parts:
+        return pl.DataFrame(), bad
+    return pl.concat(parts, how="vertical_relaxed"), bad
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+
+
+# --- progress -------------------------------------------------------------------------
+
+
+def progress(items: Iterable[T], label: str, *, total: int | None = None) -> Iterator[T]:
+    """Iterate with a rich progress bar (count, rate) when stdout is a terminal.
+
+    Quiet otherwise, and for short runs, so logs and test output stay clean.
+    """
+    seq = items if isinstance(items, Sequence) else list(items)
+    n = total if total is not None else len(seq)
+    if n < PROGRESS_MIN_FILES or not sys.stdout.isatty():
+        yield from seq
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+    from rich.text import Text
+
+    class _Rate(ProgressColumn):
+        def render(self, task) -> Text:  # type: ignore[no-untyped-def]
+            return Text(f"{task.speed:,.0f}/s" if task.speed else "")
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _Rate(),
+        TimeElapsedColumn(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=n)
+        for item in seq:
+            yield item
+            bar.advance(task)

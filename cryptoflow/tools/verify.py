@@ -1,0 +1,294 @@
+"""`cryptoflow verify`: re-check what landed, so a study never starts on silently bad data.
+
+Checks, per exchange/market/symbol:
+- deltas: messages (distinct first/last/prev update-id triples) ordered by last_update_id
+  continue each other (`prev_update_id` == previous `last_update_id`; where a venue gives
+  no prev id, `first_update_id` == previous last + 1). A break that a `gaps` record
+  covers is *known* (listed, not a problem); any other break is a problem. The same
+  update id stored with different ranges, and rows stored twice, are problems.
+- snapshots: each snapshot's bids strictly descending and asks strictly ascending by
+  `level`, levels 0..n-1 without holes, prices > 0 and quantities >= 0, and best bid <
+  best ask (a crossed book means the snapshot or its flattening is wrong).
+- unreadable files are problems.
+Exit 0 when clean, 1 with the list of problems.
+"""
+
+from __future__ import annotations
+
+import attrs
+import polars as pl
+from rich.console import Console
+from rich.table import Table
+
+from cryptoflow.models import Dataset
+from cryptoflow.tools.datasets import (
+    FILE_COL,
+    collect_per_file,
+    fmt_ms,
+    list_files,
+    resolve_root,
+)
+
+MSG_KEYS = ["exchange", "market", "symbol", "first_update_id", "last_update_id", "prev_update_id"]
+#: Print at most this many problems of one kind per symbol; the count is always exact.
+MAX_LISTED = 50
+
+
+@attrs.frozen(slots=True)
+class Finding:
+    exchange: str
+    market: str
+    symbol: str
+    kind: str
+    detail: str
+
+
+@attrs.frozen(slots=True)
+class Break:
+    """Two consecutive stored messages that do not continue each other."""
+
+    prev_last: int  # last_update_id of the earlier message
+    prev_time: int  # ms
+    first: int  # first_update_id of the later message
+    prev_id: int | None  # its prev_update_id
+    last: int
+    time: int
+
+
+def _ms(col: str) -> pl.Expr:
+    return pl.col(col).dt.epoch("ms")
+
+
+def load_messages(files: list, label: str = "deltas") -> tuple[pl.DataFrame, list]:
+    """Distinct messages (one row per first/last/prev triple) with their event time."""
+
+    def build(lf: pl.LazyFrame) -> pl.LazyFrame:
+        return lf.group_by(MSG_KEYS).agg(
+            ts=_ms("timestamp").min(), rows=pl.len(), files=pl.col(FILE_COL).n_unique()
+        )
+
+    df, bad = collect_per_file(files, build, label=label)
+    if df.is_empty():
+        return df, bad
+    df = df.group_by(MSG_KEYS).agg(
+        ts=pl.col("ts").min(), rows=pl.col("rows").sum(), files=pl.col("files").sum()
+    )
+    return df.sort("exchange", "market", "symbol", "last_update_id", "first_update_id"), bad
+
+
+def find_breaks(msgs: pl.DataFrame) -> list[Break]:
+    """Breaks in one symbol's messages (already sorted by last_update_id)."""
+    out: list[Break] = []
+    prev: tuple[int, int] | None = None
+    for first, last, pid, ts in msgs.select(
+        "first_update_id", "last_update_id", "prev_update_id", "ts"
+    ).iter_rows():
+        if prev is not None:
+            ok = pid == prev[0] if pid is not None else first == prev[0] + 1
+            if not ok:
+                out.append(Break(prev[0], prev[1], first, pid, last, ts))
+        prev = (last, ts)
+    return out
+
+
+def load_gaps(root, exchange=None, market=None, symbol=None) -> pl.DataFrame:  # type: ignore[no-untyped-def]
+    """Gap records as plain ints (ids, ms), empty frame when there are none."""
+    files = list_files(root, Dataset.GAPS, exchange=exchange, market=market, symbol=symbol)
+
+    def build(lf: pl.LazyFrame) -> pl.LazyFrame:
+        return lf.select(
+            "exchange", "market", "symbol", "kind", "last_good_id", "first_id_after",
+            start=_ms("start_time"), end=_ms("end_time"), ts=_ms("timestamp"),
+        )  # fmt: skip
+
+    df, _ = collect_per_file(files, build, label="gaps")
+    return df
+
+
+def covering_gap(brk: Break, gaps: list[dict]) -> dict | None:
+    """The gap record that explains `brk`, if any.
+
+    Ids when the record has them: its [last_good_id, first_id_after] range must overlap
+    the break's [prev_last, first]. Without ids: its time range must overlap the break's.
+    """
+    for g in gaps:
+        lg, fa = g["last_good_id"], g["first_id_after"]
+        if lg is not None or fa is not None:
+            if (lg is None or lg <= brk.first) and (fa is None or fa >= brk.prev_last):
+                return g
+            continue
+        start = g["start"] if g["start"] is not None else g["ts"]
+        end = g["end"] if g["end"] is not None else g["ts"]
+        if start is not None and end is not None and start <= brk.time and end >= brk.prev_time:
+            return g
+    return None
+
+
+def check_deltas(files: list, gaps: pl.DataFrame) -> tuple[list[Finding], list[Finding], list]:
+    """(problems, known gaps, bad files) for the deltas in `files`."""
+    msgs, bad = load_messages(files)
+    problems: list[Finding] = []
+    known: list[Finding] = []
+    if msgs.is_empty():
+        return problems, known, bad
+    for (ex, mkt, sym), group in msgs.group_by(
+        ["exchange", "market", "symbol"], maintain_order=True
+    ):
+        where = (ex, mkt, sym)
+        dup_ids = group.filter(pl.col("last_update_id").is_duplicated())
+        for row in dup_ids.iter_rows(named=True):
+            problems.append(
+                Finding(*where, "conflicting message",
+                        f"update {row['last_update_id']} stored as "
+                        f"{row['first_update_id']}..{row['last_update_id']} "
+                        f"prev {row['prev_update_id']}")
+            )  # fmt: skip
+        bad_range = group.filter(pl.col("first_update_id") > pl.col("last_update_id"))
+        for row in bad_range.iter_rows(named=True):
+            problems.append(
+                Finding(*where, "bad id range",
+                        f"first {row['first_update_id']} > last {row['last_update_id']}")
+            )  # fmt: skip
+        sym_gaps = (
+            gaps.filter(
+                (pl.col("exchange") == ex) & (pl.col("market") == mkt) & (pl.col("symbol") == sym)
+            ).to_dicts()
+            if not gaps.is_empty()
+            else []
+        )
+        for brk in find_breaks(group.unique("last_update_id", keep="first", maintain_order=True)):
+            expected = f"prev {brk.prev_id}" if brk.prev_id is not None else f"first {brk.first}"
+            text = (
+                f"after update {brk.prev_last} ({fmt_ms(brk.prev_time)}) next message has "
+                f"{expected} ({brk.first}..{brk.last} at {fmt_ms(brk.time)})"
+            )
+            g = covering_gap(brk, sym_gaps)
+            if g is not None:
+                known.append(Finding(*where, f"known gap ({g['kind']})", text))
+            else:
+                problems.append(Finding(*where, "continuity break", text))
+    dup_rows = msgs.filter(pl.col("files") > 1)
+    for row in dup_rows.iter_rows(named=True):
+        problems.append(
+            Finding(row["exchange"], row["market"], row["symbol"], "duplicate rows",
+                    f"message {row['first_update_id']}..{row['last_update_id']} stored in "
+                    f"{row['files']} files")
+        )  # fmt: skip
+    return problems, known, bad
+
+
+def check_snapshots(files: list) -> tuple[list[Finding], list]:
+    """(problems, bad files) for the snapshots in `files`; all checks run in polars."""
+    key = ["exchange", "market", "symbol", "last_update_id", "ts"]
+
+    def build(lf: pl.LazyFrame) -> pl.LazyFrame:
+        lf = lf.with_columns(ts=_ms("timestamp")).sort([*key, "side", "level"])
+        step = pl.col("price").diff().over([*key, "side"])
+        lvl_step = pl.col("level").diff().over([*key, "side"])
+        first_lvl = pl.col("level").min().over([*key, "side"])
+        return (
+            lf.with_columns(
+                unsorted=pl.when(pl.col("side") == "bid").then(step >= 0).otherwise(step <= 0),
+                level_hole=(lvl_step != 1) | (first_lvl != 0),
+                negative=(pl.col("price") <= 0) | (pl.col("quantity") < 0),
+                bad_side=~pl.col("side").is_in(["bid", "ask"]),
+            )
+            .group_by(key)
+            .agg(
+                unsorted=pl.col("unsorted").fill_null(False).sum(),
+                level_hole=pl.col("level_hole").fill_null(False).sum(),
+                negative=pl.col("negative").fill_null(True).sum(),
+                bad_side=pl.col("bad_side").fill_null(True).sum(),
+                best_bid=pl.col("price").filter(pl.col("side") == "bid").max(),
+                best_ask=pl.col("price").filter(pl.col("side") == "ask").min(),
+            )
+        )
+
+    df, bad = collect_per_file(files, build, label="snapshots")
+    problems: list[Finding] = []
+    if df.is_empty():
+        return problems, bad
+    df = df.sort(key)
+    for r in df.iter_rows(named=True):
+        where = (r["exchange"], r["market"], r["symbol"])
+        snap = f"snapshot {r['last_update_id']} at {fmt_ms(r['ts'])}"
+        if r["unsorted"]:
+            problems.append(Finding(*where, "unsorted snapshot", f"{snap}: {r['unsorted']} "
+                                    "level(s) out of price order"))  # fmt: skip
+        if r["level_hole"]:
+            problems.append(Finding(*where, "level numbering", f"{snap}: levels not 0..n-1"))
+        if r["negative"]:
+            problems.append(Finding(*where, "negative value", f"{snap}: {r['negative']} row(s) "
+                                    "with price <= 0 or quantity < 0"))  # fmt: skip
+        if r["bad_side"]:
+            problems.append(Finding(*where, "bad side", f"{snap}: side not bid/ask"))
+        bb, ba = r["best_bid"], r["best_ask"]
+        if bb is not None and ba is not None and bb >= ba:
+            problems.append(Finding(*where, "crossed book", f"{snap}: best bid {bb} >= "
+                                    f"best ask {ba}"))  # fmt: skip
+    return problems, bad
+
+
+def run(
+    path: str,
+    exchange: str | None = None,
+    symbol: str | None = None,
+    *,
+    market: str | None = None,
+    console: Console | None = None,
+) -> int:
+    """Check deltas and snapshots under `path`; print findings; 0 if clean, else 1.
+
+    Raises DataError when `path` is missing or holds no deltas or snapshots at all
+    (nothing verified must not look like "clean").
+    """
+    from cryptoflow.errors import DataError
+
+    root = resolve_root(path)
+    console = console or Console()
+    filters = dict(exchange=exchange, market=market, symbol=symbol)
+    delta_files = list_files(root, Dataset.DELTAS, **filters)
+    snap_files = list_files(root, Dataset.SNAPSHOTS, **filters)
+    if not delta_files and not snap_files:
+        raise DataError(f"{path}: no snapshots or deltas found" + _filter_text(filters))
+    gaps = load_gaps(root, **filters)
+    d_problems, known, d_bad = check_deltas(delta_files, gaps)
+    s_problems, s_bad = check_snapshots(snap_files)
+    problems = d_problems + s_problems
+    for b in d_bad + s_bad:
+        problems.append(Finding("-", "-", "-", "unreadable file", f"{b.path}: {b.reason}"))
+
+    console.print(
+        f"verified {len(delta_files)} delta file(s), {len(snap_files)} snapshot file(s) "
+        f"under {path}"
+    )
+    if known:
+        console.print(_table("Known gaps (recorded, not problems)", known))
+    if problems:
+        console.print(_table(f"{len(problems)} problem(s)", problems))
+        return 1
+    console.print("[green]OK[/green]: no problems found")
+    return 0
+
+
+def _filter_text(filters: dict) -> str:
+    parts = [f"{k}={v}" for k, v in filters.items() if v]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _table(title: str, findings: list[Finding]) -> Table:
+    table = Table(title=title)
+    for col in ("exchange", "market", "symbol", "kind", "detail"):
+        table.add_column(col, overflow="fold")
+    counts: dict[tuple[str, str, str, str], int] = {}
+    hidden = 0
+    for f in findings:
+        k = (f.exchange, f.market, f.symbol, f.kind)
+        counts[k] = counts.get(k, 0) + 1
+        if counts[k] > MAX_LISTED:
+            hidden += 1
+            continue
+        table.add_row(f.exchange, f.market, f.symbol, f.kind, f.detail)
+    if hidden:
+        table.caption = f"{hidden} more not listed"
+    return table

@@ -1,0 +1,249 @@
+"""Write small, realistic stored datasets for the data-tool tests.
+
+The layout, file names and columns are the ones the writer produces
+(`<root>/<dataset>/exchange=/market=/symbol=/year=/month=/day=/hour=/<SYM>-<first_id>-
+<last_id>-<first_ts>-<last_ts>.parquet`, schemas from `cryptoflow.models`), so the tools
+are tested against the contract rather than against themselves. `generate` simulates a
+book that evolves by diff messages with Binance-style ids (first/last/prev), takes a
+snapshot every few seconds and flushes small files, optionally with a recorded gap.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import attrs
+import polars as pl
+
+from cryptoflow.models import DELTA_SCHEMA, GAP_SCHEMA, SNAPSHOT_SCHEMA, Dataset
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def ms(iso: str) -> int:
+    dt = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    return (dt - EPOCH) // timedelta(milliseconds=1)
+
+
+def snapshot_rows(
+    ts: int,
+    last_update_id: int,
+    bids: list[tuple[float, float]],
+    asks: list[tuple[float, float]],
+    *,
+    exchange: str = "binance",
+    market: str = "futures",
+    symbol: str = "BTCUSDT",
+) -> list[dict]:
+    """Rows of one snapshot; `bids`/`asks` in the order given (best first when correct)."""
+    rows = []
+    for side, levels in (("bid", bids), ("ask", asks)):
+        for i, (price, qty) in enumerate(levels):
+            rows.append(
+                dict(
+                    exchange=exchange, market=market, symbol=symbol, timestamp=ts,
+                    transaction_time=ts, receive_time=ts * 1000 + 5000,
+                    last_update_id=last_update_id, side=side, level=i, price=price,
+                    quantity=qty, raw_quantity=qty, source="poll",
+                )
+            )  # fmt: skip
+    return rows
+
+
+def delta_rows(
+    ts: int,
+    first: int,
+    last: int,
+    prev: int | None,
+    changes: list[tuple[str, float, float]],
+    *,
+    exchange: str = "binance",
+    market: str = "futures",
+    symbol: str = "BTCUSDT",
+) -> list[dict]:
+    """Rows of one diff message: `changes` are (side, price, quantity), 0 = remove."""
+    return [
+        dict(
+            exchange=exchange, market=market, symbol=symbol, timestamp=ts, transaction_time=ts,
+            receive_time=ts * 1000 + 3000, first_update_id=first, last_update_id=last,
+            prev_update_id=prev, side=side, price=price, quantity=qty, raw_quantity=qty,
+        )
+        for side, price, qty in changes
+    ]  # fmt: skip
+
+
+def gap_rows(
+    kind: str,
+    last_good_id: int | None,
+    first_id_after: int | None,
+    start_time: int | None,
+    end_time: int | None,
+    *,
+    exchange: str = "binance",
+    market: str = "futures",
+    symbol: str = "BTCUSDT",
+    reason: str = "test",
+) -> list[dict]:
+    ts = end_time if end_time is not None else start_time
+    return [
+        dict(
+            exchange=exchange, market=market, symbol=symbol, timestamp=ts, kind=kind,
+            last_good_id=last_good_id, first_id_after=first_id_after, start_time=start_time,
+            end_time=end_time, reason=reason, detected_at=(ts or 0) * 1000,
+        )
+    ]  # fmt: skip
+
+
+_SCHEMAS = {
+    Dataset.SNAPSHOTS: SNAPSHOT_SCHEMA,
+    Dataset.DELTAS: DELTA_SCHEMA,
+    Dataset.GAPS: GAP_SCHEMA,
+}
+
+
+def frame(dataset: Dataset, rows: list[dict]) -> pl.DataFrame:
+    """Typed frame with exactly the stored schema (int ms/us -> Datetime)."""
+    schema = _SCHEMAS[dataset]
+    raw = pl.DataFrame(rows, infer_schema_length=None)
+    cols = []
+    for name, dtype in schema.items():
+        col = pl.col(name) if name in raw.columns else pl.lit(None)
+        if isinstance(dtype, pl.Datetime):
+            col = col.cast(pl.Int64).cast(pl.Datetime(dtype.time_unit)).dt.replace_time_zone("UTC")
+        cols.append(col.cast(dtype).alias(name))
+    return raw.select(cols)
+
+
+def write(root: Path, dataset: Dataset, rows: list[dict]) -> list[Path]:
+    """Write rows as the writer would: one file per partition hour, deterministic names."""
+    if not rows:
+        return []
+    df = frame(dataset, rows)
+    ts = pl.col("timestamp")
+    df = df.with_columns(__hour=ts.dt.truncate("1h"))
+    if dataset is Dataset.GAPS:
+        first_id = pl.coalesce("last_good_id", "first_id_after", pl.lit(0))
+        last_id = pl.coalesce("first_id_after", "last_good_id", pl.lit(0))
+    elif dataset is Dataset.DELTAS:
+        first_id, last_id = pl.col("first_update_id"), pl.col("last_update_id")
+    else:
+        first_id = last_id = pl.col("last_update_id")
+    paths = []
+    for (ex, mkt, sym, hour), part in df.group_by(
+        ["exchange", "market", "symbol", "__hour"], maintain_order=True
+    ):
+        part = part.drop("__hour")
+        r = part.select(
+            a=first_id.min(), b=last_id.max(), c=ts.dt.epoch("ms").min(), d=ts.dt.epoch("ms").max()
+        ).row(0)
+        folder = (
+            root / dataset.value / f"exchange={ex}" / f"market={mkt}" / f"symbol={sym}"
+            / f"year={hour.year:04d}" / f"month={hour.month:02d}" / f"day={hour.day:02d}"
+            / f"hour={hour.hour:02d}"
+        )  # fmt: skip
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{sym}-{r[0]}-{r[1]}-{r[2]}-{r[3]}.parquet"
+        part.write_parquet(path)
+        paths.append(path)
+    return paths
+
+
+@attrs.define
+class Generated:
+    """What `generate` wrote, for assertions."""
+
+    snapshots: list[tuple[int, int]] = attrs.field(factory=list)  # (ts, last_update_id)
+    messages: int = 0
+    delta_rows: int = 0
+    snapshot_rows: int = 0
+    gap: tuple[int, int, int, int] | None = None  # last_good_id, first_id_after, start, end
+    files: list[Path] = attrs.field(factory=list)
+    #: the true book after each stored message: last_update_id -> (bids, asks) dicts
+    books: dict[int, tuple[dict[float, float], dict[float, float]]] = attrs.field(factory=dict)
+
+
+def generate(
+    root: Path,
+    *,
+    start: str = "2026-01-02T00:30:00Z",
+    minutes: int = 60,
+    exchange: str = "binance",
+    symbol: str = "BTCUSDT",
+    seed: int = 7,
+    levels: int = 10,
+    snapshot_every_s: int = 10,
+    message_every_ms: int = 500,
+    flush_every_s: int = 120,
+    gap_at_s: int | None = None,
+    gap_messages: int = 5,
+) -> Generated:
+    """Simulate `minutes` of one symbol and write snapshots, deltas (and a gap) to `root`.
+
+    The book stays uncrossed (bids below 100.05, asks above). Each message covers 1-3
+    update ids; at `gap_at_s` seconds, `gap_messages` messages are lost (the book still
+    changes) and a `sequence_break` gap record is written, as the normalizer would.
+    """
+    rng = random.Random(seed)
+    kw = dict(exchange=exchange, symbol=symbol)
+    bids = {round(100.0 - 0.1 * i, 1): float(rng.randint(1, 9)) for i in range(levels)}
+    asks = {round(100.1 + 0.1 * i, 1): float(rng.randint(1, 9)) for i in range(levels)}
+    out = Generated()
+    t0 = ms(start)
+    end = t0 + minutes * 60_000
+    last_id = 1000
+    next_snap = t0
+    next_flush = t0 + flush_every_s * 1000
+    snap_buf: list[dict] = []
+    delta_buf: list[dict] = []
+    stored_last, stored_t = last_id, t0
+    lost_left, gap_done, pending_gap = 0, False, False
+    t = t0
+    while t < end:
+        if t >= next_snap:
+            b = sorted(bids.items(), reverse=True)[:levels]
+            a = sorted(asks.items())[:levels]
+            snap_buf += snapshot_rows(t, last_id, b, a, **kw)
+            out.snapshots.append((t, last_id))
+            next_snap += snapshot_every_s * 1000
+        if gap_at_s is not None and not gap_done and t >= t0 + gap_at_s * 1000:
+            gap_done, lost_left = True, gap_messages
+        first, prev = last_id + 1, last_id
+        last_id += rng.randint(1, 3)
+        changes = []
+        for _ in range(rng.randint(1, 3)):
+            side = rng.choice(["bid", "ask"])
+            book = bids if side == "bid" else asks
+            price = (
+                round(100.0 - 0.1 * rng.randint(0, levels + 2), 1)
+                if side == "bid"
+                else round(100.1 + 0.1 * rng.randint(0, levels + 2), 1)
+            )
+            qty = 0.0 if (price in book and rng.random() < 0.3) else float(rng.randint(1, 20))
+            if qty == 0.0:
+                book.pop(price, None)
+            else:
+                book[price] = qty
+            changes.append((side, price, qty))
+        if lost_left:
+            lost_left -= 1
+            pending_gap = lost_left == 0
+        else:
+            if pending_gap:
+                out.gap = (stored_last, first, stored_t, t)
+                out.files += write(root, Dataset.GAPS, gap_rows("sequence_break", *out.gap, **kw))
+                pending_gap = False
+            delta_buf += delta_rows(t, first, last_id, prev, changes, **kw)
+            out.messages += 1
+            stored_last, stored_t = last_id, t
+            out.books[last_id] = (dict(bids), dict(asks))
+        t += message_every_ms
+        if t >= next_flush or t >= end:
+            out.snapshot_rows += len(snap_buf)
+            out.delta_rows += len(delta_buf)
+            out.files += write(root, Dataset.SNAPSHOTS, snap_buf)
+            out.files += write(root, Dataset.DELTAS, delta_buf)
+            snap_buf, delta_buf = [], []
+            next_flush += flush_every_s * 1000
+    return out

@@ -1,0 +1,97 @@
+"""book: hand-computed book, refusal on gaps and breaks, --at before any snapshot, outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from datagen import delta_rows, gap_rows, generate, ms, snapshot_rows, write
+
+from cryptoflow.errors import DataError, UsageError
+from cryptoflow.models import Dataset
+from cryptoflow.tools import book
+
+T = ms("2026-01-02T03:04:00Z")
+
+
+def _hand_data(root: Path) -> None:
+    write(root, Dataset.SNAPSHOTS, snapshot_rows(T, 100, [(10.0, 1.0), (9.0, 2.0)],
+                                                 [(11.0, 3.0), (12.0, 4.0)]))  # fmt: skip
+    write(root, Dataset.DELTAS, delta_rows(T - 50, 95, 99, 94, [("bid", 10.0, 7.0)]))  # old
+    write(root, Dataset.DELTAS, delta_rows(T + 100, 99, 101, 98, [("bid", 10.5, 5.0)]))
+    write(root, Dataset.DELTAS, delta_rows(T + 200, 102, 102, 101, [("ask", 11.0, 0.0),
+                                                                   ("bid", 9.0, 2.5)]))  # fmt: skip
+    write(root, Dataset.DELTAS, delta_rows(T + 300, 103, 104, 102, [("ask", 10.8, 1.0)]))
+
+
+def test_book_equals_hand_computed(tmp_path: Path) -> None:
+    _hand_data(tmp_path)
+    df, facts = book.rebuild(tmp_path, "binance", "BTCUSDT", T + 250)
+    assert facts["snapshot_id"] == 100 and facts["last_update_id"] == 102
+    bids = df.filter(pl.col("side") == "bid").select("price", "quantity").rows()
+    asks = df.filter(pl.col("side") == "ask").select("price", "quantity").rows()
+    assert bids == [(10.5, 5.0), (10.0, 1.0), (9.0, 2.5)]
+    assert asks == [(12.0, 4.0)]
+
+
+def test_book_outputs(tmp_path: Path, capsys) -> None:
+    _hand_data(tmp_path / "d")
+    at = "2026-01-02T03:04:00.400Z"
+    assert book.run(str(tmp_path / "d"), "binance", "btcusdt", at, depth=2) == 0
+    assert "10.8" in capsys.readouterr().out
+    out = tmp_path / "b.parquet"
+    assert book.run(str(tmp_path / "d"), "binance", "BTCUSDT", str(T + 400), 1, out) == 0
+    df = pl.read_parquet(out)
+    assert df.select("side", "price").rows() == [("bid", 10.5), ("ask", 10.8)]
+    csv = tmp_path / "b.csv"
+    assert book.run(str(tmp_path / "d"), "binance", "BTCUSDT", at, 5, csv) == 0
+    assert pl.read_csv(csv).height == 5
+    with pytest.raises(UsageError):
+        book.run(str(tmp_path / "d"), "binance", "BTCUSDT", at, 5, tmp_path / "b.txt")
+    with pytest.raises(UsageError):
+        book.run(str(tmp_path / "d"), "binance", "BTCUSDT", "yesterday")
+
+
+def test_at_before_any_snapshot(tmp_path: Path) -> None:
+    _hand_data(tmp_path)
+    with pytest.raises(DataError, match="before"):
+        book.run(str(tmp_path), "binance", "BTCUSDT", str(T - 1))
+    with pytest.raises(DataError, match="no snapshots"):
+        book.run(str(tmp_path), "binance", "BTCUSDT", str(T - 7_200_000))
+
+
+def test_refuses_gap_between(tmp_path: Path) -> None:
+    g = generate(tmp_path, minutes=10, gap_at_s=125)
+    _, first_after, _start, end = g.gap
+    with pytest.raises(DataError, match="gap"):
+        book.run(str(tmp_path), "binance", "BTCUSDT", str(end + 100))
+    # after the next snapshot the book is trusted again and matches the simulation
+    df, facts = book.rebuild(tmp_path, "binance", "BTCUSDT", end + 10_000)
+    true_bids, true_asks = g.books[facts["last_update_id"]]
+    got = dict(df.filter(pl.col("side") == "bid").select("price", "quantity").rows())
+    assert facts["snapshot_id"] > first_after
+    assert {p: q for p, q in got.items()} == {
+        p: q for p, q in sorted(true_bids.items(), reverse=True)[: len(got)]
+    }
+    assert len(true_asks) > 0
+
+
+def test_generated_book_matches_simulation(tmp_path: Path) -> None:
+    g = generate(tmp_path, minutes=3, levels=30)
+    ts, _ = g.snapshots[3]
+    df, facts = book.rebuild(tmp_path, "binance", "BTCUSDT", ts + 4_700)
+    assert facts["messages"] > 0
+    _true_bids, true_asks = g.books[facts["last_update_id"]]
+    asks = dict(df.filter(pl.col("side") == "ask").select("price", "quantity").rows())
+    assert asks == true_asks
+
+
+def test_refuses_unrecorded_break(tmp_path: Path) -> None:
+    _hand_data(tmp_path)
+    write(tmp_path, Dataset.DELTAS, delta_rows(T + 500, 110, 111, 109, [("bid", 1.0, 1.0)]))
+    with pytest.raises(DataError, match="continuity break"):
+        book.run(str(tmp_path), "binance", "BTCUSDT", str(T + 600))
+    write(tmp_path, Dataset.GAPS, gap_rows("reconnect", 104, 110, T + 300, T + 500))
+    with pytest.raises(DataError, match="refusing: a reconnect gap"):
+        book.run(str(tmp_path), "binance", "BTCUSDT", str(T + 600))
