@@ -1,0 +1,1 @@
+"""Deployment artefacts rendered from config: Kubernetes manifests and Compose services."""
