@@ -1,0 +1,1 @@
+"""Bybit v5 linear (USDT-margined perpetuals): pure parsers and sequence rules."""

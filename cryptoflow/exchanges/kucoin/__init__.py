@@ -1,0 +1,1 @@
+"""KuCoin Futures: pure parsers and sequence rules."""

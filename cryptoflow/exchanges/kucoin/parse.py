@@ -1,0 +1,240 @@
+"""KuCoin Futures: pure parsers, bytes -> records (no I/O).
+
+- `parse_rest_snapshot`: `GET /api/v1/level2/snapshot?symbol=XBTUSDTM` body.
+- `parse_ws_message`: one frame of the futures public WebSocket (welcome, ack, pong,
+  error, `/contractMarket/level2:<symbol>` messages).
+- `parse_instruments`: `GET /api/v1/contracts/active` body.
+
+Prices and sizes come as JSON numbers (REST) or inside "price,side,size" (stream). The
+REST bodies are decoded with the standard library's `json` with ``parse_float=str`` so
+each number's text is kept exactly (orjson would give floats), then every price and size
+is put in `rules.canonical_decimal` form, the same on both lanes. Sizes are lots
+(× multiplier). Ids are normalized as `rules.py` says.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+
+from cryptoflow.errors import MalformedMessage, RateLimited, RequestRejected, ServerError
+from cryptoflow.exchanges.base import Control, Instrument, SymbolMap, WsItem
+from cryptoflow.exchanges.kucoin import rules
+from cryptoflow.models import MARKET_FUTURES, DepthDiff, DepthSnapshot, Level, SnapshotSource
+
+EXCHANGE = rules.EXCHANGE
+
+
+def _malformed(what: str, symbol: str = "") -> MalformedMessage:
+    return MalformedMessage(what, exchange=EXCHANGE, symbol=symbol)
+
+
+def _loads_exact(body: bytes | str, symbol: str = "") -> Any:
+    """JSON with every non-integer number kept as its source text (a str)."""
+    try:
+        return json.loads(body, parse_float=str)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _malformed(f"not JSON: {e}", symbol) from None
+
+
+def _loads(raw: bytes | str, symbol: str = "") -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise _malformed(f"not JSON: {e}", symbol) from None
+
+
+def _num_text(v: Any, field: str, symbol: str) -> str:
+    """A number from `_loads_exact` (int, or float text) or a numeric string -> canonical."""
+    if type(v) is int:
+        return str(v)
+    if type(v) is str:
+        try:
+            return rules.canonical_decimal(v)
+        except ValueError:
+            pass
+    raise _malformed(f"field {field!r} is not a number: {v!r}", symbol)
+
+
+def _levels(raw: Any, field: str, symbol: str) -> list[Level]:
+    if type(raw) is not list:
+        raise _malformed(f"field {field!r} is not a list", symbol)
+    out: list[Level] = []
+    for lv in raw:
+        if type(lv) is not list or len(lv) < 2:
+            raise _malformed(f"field {field!r} has a level that is not [price, size]", symbol)
+        out.append((_num_text(lv[0], field, symbol), _num_text(lv[1], field, symbol)))
+    return out
+
+
+def _int(obj: Any, field: str, symbol: str, *, where: str = "") -> int:
+    try:
+        v = obj[field]
+    except (KeyError, TypeError):
+        raise _malformed(f"missing field {where}{field!r}", symbol) from None
+    if type(v) is int:
+        return v
+    if type(v) is str:
+        try:
+            return int(v)
+        except ValueError:
+            pass
+    raise _malformed(f"field {where}{field!r} is not an integer: {v!r}", symbol)
+
+
+def default_symbol(venue_symbol: str) -> str:
+    """`XBTUSDTM` -> `BTCUSDT`, `ETHUSDCM` -> `ETHUSDC`: drop the trailing M, XBT -> BTC."""
+    s = venue_symbol.removesuffix("M")
+    if s.startswith("XBT"):
+        s = "BTC" + s[3:]
+    return s
+
+
+def check_code(obj: Any, symbol: str = "") -> None:
+    """Raise the error a non-"200000" `code` stands for."""
+    if type(obj) is not dict:
+        raise _malformed("body is not a JSON object", symbol)
+    code = obj.get("code")
+    if code is None:
+        raise _malformed("missing field 'code'", symbol)
+    code = str(code)
+    if code == rules.CODE_OK:
+        return
+    msg = f"code {code}: {obj.get('msg', '')}"
+    if code in rules.RATE_LIMITED_CODES:
+        raise RateLimited(
+            msg, retry_after=rules.RATE_LIMIT_RETRY_AFTER_S, exchange=EXCHANGE, symbol=symbol
+        )
+    if code in rules.SERVER_ERROR_CODES:
+        raise ServerError(msg, status=200, exchange=EXCHANGE, symbol=symbol)
+    raise RequestRejected(msg, status=200, exchange=EXCHANGE, symbol=symbol)
+
+
+def parse_rest_snapshot(
+    body: bytes, symbol: str, receive_ns: int, source: SnapshotSource = SnapshotSource.POLL
+) -> DepthSnapshot:
+    """`/api/v1/level2/snapshot` body -> snapshot at `data.sequence`.
+
+    `symbol` is the normalized name. event_time = `data.ts` (ns on the wire) in ms.
+    """
+    obj = _loads_exact(body, symbol)
+    check_code(obj, symbol)
+    data = obj.get("data")
+    if type(data) is not dict:
+        raise _malformed("missing field 'data'", symbol)
+    return DepthSnapshot(
+        exchange=EXCHANGE,
+        market=MARKET_FUTURES,
+        symbol=symbol,
+        event_time=rules.ns_to_ms(_int(data, "ts", symbol, where="data.")),
+        transaction_time=None,
+        last_update_id=_int(data, "sequence", symbol, where="data."),
+        bids=_levels(data.get("bids"), "data.bids", symbol),
+        asks=_levels(data.get("asks"), "data.asks", symbol),
+        receive_time=receive_ns,
+        source=source,
+    )
+
+
+def _parse_change(change: Any, symbol: str) -> tuple[list[Level], list[Level]]:
+    """ "price,side,size" -> (bids, asks); price 0 -> no level at all."""
+    if type(change) is not str:
+        raise _malformed(f"field 'data.change' is not a string: {change!r}", symbol)
+    parts = change.split(",")
+    if len(parts) != 3:
+        raise _malformed(f"field 'data.change' is not 'price,side,size': {change!r}", symbol)
+    try:
+        price = rules.canonical_decimal(parts[0].strip())
+        size = rules.canonical_decimal(parts[2].strip())
+    except ValueError:
+        raise _malformed(f"field 'data.change' has a bad number: {change!r}", symbol) from None
+    side = parts[1].strip()
+    if side not in ("buy", "sell"):
+        raise _malformed(f"field 'data.change' has side {side!r}, expected buy/sell", symbol)
+    if price == "0":
+        return [], []
+    return ([(price, size)], []) if side == "buy" else ([], [(price, size)])
+
+
+def parse_ws_message(raw: bytes | str, receive_ns: int, symbols: SymbolMap | None = None) -> WsItem:
+    """One WS frame -> `[DepthDiff]` for a level2 message, else a `Control`.
+
+    A price-0 message gives a `DepthDiff` with empty bids/asks: its sequence counts.
+    event_time = `data.timestamp` (ms; ns/µs accepted and converted).
+    """
+    obj = _loads(raw)
+    if type(obj) is not dict:
+        raise _malformed("frame is not a JSON object")
+    kind = obj.get("type")
+    if kind == "welcome":
+        return Control("welcome", detail=str(obj.get("id", "")))
+    if kind == "ack":
+        return Control("ack", detail=str(obj.get("id", "")))
+    if kind == "pong":
+        return Control("pong", detail=str(obj.get("id", "")))
+    if kind == "ping":
+        return Control("ping", detail=str(obj.get("id", "")))
+    if kind == "error":
+        return Control("error", detail=f"{obj.get('code', '')} {obj.get('data', '')}".strip())
+    if kind != "message":
+        return Control("other", detail=str(kind))
+    topic = obj.get("topic")
+    if type(topic) is not str:
+        raise _malformed("missing field 'topic'")
+    if not topic.startswith(rules.LEVEL2_TOPIC_PREFIX):
+        return Control("other", detail=topic)
+    venue_sym = topic[len(rules.LEVEL2_TOPIC_PREFIX) :]
+    symbol = (symbols.get(venue_sym) if symbols is not None else None) or default_symbol(venue_sym)
+    data = obj.get("data")
+    if type(data) is not dict:
+        raise _malformed("missing field 'data'", symbol)
+    seq = _int(data, "sequence", symbol, where="data.")
+    bids, asks = _parse_change(data.get("change"), symbol)
+    first, last, prev = rules.diff_ids(seq)
+    return [
+        DepthDiff(
+            exchange=EXCHANGE,
+            market=MARKET_FUTURES,
+            symbol=symbol,
+            event_time=rules.ns_to_ms(_int(data, "timestamp", symbol, where="data.")),
+            transaction_time=None,
+            first_update_id=first,
+            last_update_id=last,
+            prev_update_id=prev,
+            bids=bids,
+            asks=asks,
+            receive_time=receive_ns,
+        )
+    ]
+
+
+def parse_instruments(body: bytes) -> dict[str, Instrument]:
+    """`/api/v1/contracts/active` body -> symbol -> Instrument.
+
+    multiplier = `multiplier` (base units per lot; its JSON text kept exactly in
+    multiplier_text), status_ok = `status == "Open"`, tick = `tickSize`, step = `lotSize`.
+    """
+    obj = _loads_exact(body)
+    check_code(obj)
+    items = obj.get("data")
+    if type(items) is not list:
+        raise _malformed("field 'data' is not a list")
+    out: dict[str, Instrument] = {}
+    for it in items:
+        if type(it) is not dict or type(it.get("symbol")) is not str:
+            raise _malformed("an entry of 'data' has no 'symbol'")
+        sym = it["symbol"]
+        mult_text = _num_text(it.get("multiplier"), "multiplier", sym)
+        tick = it.get("tickSize")
+        lot = it.get("lotSize")
+        out[sym] = Instrument(
+            venue_symbol=sym,
+            status_ok=it.get("status") == "Open",
+            multiplier=float(mult_text),
+            multiplier_text=mult_text,
+            tick_size=_num_text(tick, "tickSize", sym) if tick is not None else "",
+            step_size=_num_text(lot, "lotSize", sym) if lot is not None else "",
+        )
+    return out

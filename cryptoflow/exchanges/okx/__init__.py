@@ -1,0 +1,1 @@
+"""OKX v5 perpetual swaps: pure parsers, sequence rules and the book checksum."""
