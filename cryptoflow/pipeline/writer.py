@@ -1,0 +1,477 @@
+"""The writer stage: RowBatch buffers -> Parquet files in the spool -> verified uploads.
+
+Flow per buffer key (dataset, exchange, market, symbol):
+- `RowBatch.columns` lists are appended with `list.extend` (no per-row objects).
+- A buffer is flushed when its dataset's interval has elapsed since its first row
+  (`snapshot_flush_interval`, `delta_flush_interval`, `gap_flush_interval`), or when it
+  reaches `max_rows` / about `max_bytes` of memory, or when all buffers together reach
+  `max_buffered_rows` (memory cap).
+- Flush (one thread call behind the CapacityLimiter): build the typed frame, split by
+  event-time hour, encode zstd Parquet, `spool.write` (fsync + atomic rename). The spool
+  entries are then picked up by uploader tasks that call `store.put_file` and delete the
+  spool file only after a verified success. Failed uploads retry with capped exponential
+  back-off + jitter while collection continues (the spool grows on disk, not in RAM).
+- Spool full (or the spool disk failing): the flush is refused, the rows stay buffered and
+  the flush is retried with back-off. Once the buffered rows reach `max_buffered_rows`
+  the writer stops reading its input channel, so the bounded channel fills and the
+  producers are back-pressured. Rows are never dropped silently.
+- End of stream (input channel closed) or cancellation: within `shutdown_timeout` (a
+  shielded cancel scope) every buffer is flushed and every spool file uploaded. Whatever
+  is not uploaded by then stays in the spool (reported in the final log line, uploaded
+  on the next start); rows that could not even be spooled are reported at ERROR.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+import polars as pl
+import trio
+
+from cryptoflow.config_schema import BufferSection
+from cryptoflow.errors import SpoolFull, StorageError, StorageRejected
+from cryptoflow.models import Dataset
+from cryptoflow.pipeline.rows import RowBatch
+from cryptoflow.storage import layout, parquet
+from cryptoflow.storage.base import ObjectStore
+from cryptoflow.storage.spool import Spool, SpoolEntry
+
+log = logging.getLogger(__name__)
+
+FrameBuilder = Callable[[Dataset, str, str, str, dict[str, list], str], pl.DataFrame]
+BufferKey = tuple[Dataset, str, str, str]
+
+#: rough Python-object cost of one buffered cell (list slot + small int/str), for max_bytes
+CELL_BYTES = 40
+
+
+def default_frame_builder(
+    dataset: Dataset, exchange: str, market: str, symbol: str, columns: dict[str, list], mult: str
+) -> pl.DataFrame:
+    from cryptoflow.pipeline.normalize import frame_from_columns
+
+    return frame_from_columns(dataset, exchange, market, symbol, columns, mult)
+
+
+@attrs.define
+class WriterStats:
+    """Counters and gauges for metrics/status. Counters only grow."""
+
+    rows_received: Counter[str] = attrs.field(factory=Counter)  # per dataset
+    rows_spooled: Counter[str] = attrs.field(factory=Counter)  # rows in complete spool files
+    rows_uploaded: Counter[str] = attrs.field(factory=Counter)  # rows verified in storage
+    flushes: int = 0
+    files_spooled: int = 0
+    bytes_spooled: int = 0
+    files_uploaded: int = 0
+    bytes_uploaded: int = 0
+    upload_failures: int = 0
+    flush_failures: int = 0  # spool refused (SpoolFull) or spool disk error
+    spool_full_events: int = 0
+    # gauges
+    buffered_rows: int = 0
+    max_buffered_rows_seen: int = 0
+    spool_files: int = 0
+    spool_bytes: int = 0
+    backpressure: bool = False  # True while the writer refuses to read its input
+
+
+@attrs.define
+class _Buffer:
+    key: BufferKey
+    multiplier: str
+    opened_at: float
+    columns: dict[str, list] = attrs.field(factory=dict)
+    rows: int = 0
+    retry_at: float = float("-inf")
+    failures: int = 0
+
+    def append(self, batch: RowBatch) -> None:
+        cols = self.columns
+        if cols and cols.keys() != batch.columns.keys():
+            for name in cols.keys() - batch.columns.keys():  # keep columns aligned
+                cols[name].extend([None] * batch.rows)
+            for name in batch.columns.keys() - cols.keys():
+                cols[name] = [None] * self.rows
+        for name, values in batch.columns.items():
+            cols.setdefault(name, []).extend(values)
+        self.rows += batch.rows
+
+
+class _Backoff:
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial, self.maximum = initial, maximum
+
+    def delay(self, failures: int) -> float:
+        base = min(self.maximum, self.initial * (2 ** max(0, failures - 1)))
+        return base * (0.5 + random.random() / 2)  # jitter: 50..100 %
+
+
+def _flush_blocking(
+    spool: Spool,
+    builder: FrameBuilder,
+    key: BufferKey,
+    columns: dict[str, list],
+    multiplier: str,
+) -> list[tuple[SpoolEntry, int]]:
+    dataset, exchange, market, symbol = key
+    frame = builder(dataset, exchange, market, symbol, columns, multiplier)
+    parts = [
+        (k, part.height, parquet.encode(part))
+        for k, part in layout.keys_for_frame(dataset, exchange, market, symbol, frame)
+    ]
+    spool.check_capacity(sum(len(d) for _, _, d in parts))
+    # a partial failure is safe to redo: names are deterministic, so rewrites overwrite
+    return [(spool.write(k, data, rows=n), n) for k, n, data in parts]
+
+
+class Writer:
+    def __init__(
+        self,
+        store: ObjectStore,
+        spool: Spool,
+        buffer_cfg: BufferSection,
+        *,
+        limiter: trio.CapacityLimiter,
+        frame_builder: FrameBuilder = default_frame_builder,
+        upload_concurrency: int = 2,
+        max_buffered_rows: int | None = None,
+        retry_initial: float = 1.0,
+        retry_max: float = 60.0,
+        stats: WriterStats | None = None,
+    ) -> None:
+        self.store = store
+        self.spool = spool
+        self.cfg = buffer_cfg
+        self.limiter = limiter
+        self.frame_builder = frame_builder
+        self.upload_concurrency = max(1, upload_concurrency)
+        self.max_buffered_rows = max_buffered_rows or 2 * max(1, buffer_cfg.max_rows)
+        self.backoff = _Backoff(retry_initial, retry_max)
+        self.stats = stats or WriterStats()
+        self._buffers: dict[BufferKey, _Buffer] = {}
+        self._rotated: list[_Buffer] = []  # replaced buffers (multiplier change), flush ASAP
+        self._inflight: set[str] = set()
+        self._new_work = trio.Event()
+
+    # --- buffering -----------------------------------------------------------------
+
+    def _interval(self, dataset: Dataset) -> float:
+        if dataset == Dataset.SNAPSHOTS:
+            return self.cfg.snapshot_flush_interval
+        if dataset == Dataset.DELTAS:
+            return self.cfg.delta_flush_interval
+        return self.cfg.gap_flush_interval
+
+    def _set_buffered(self, delta: int) -> None:
+        s = self.stats
+        s.buffered_rows += delta
+        s.max_buffered_rows_seen = max(s.max_buffered_rows_seen, s.buffered_rows)
+
+    def _append(self, batch: RowBatch) -> None:
+        if batch.rows <= 0:
+            return
+        key: BufferKey = (Dataset(batch.dataset), batch.exchange, batch.market, batch.symbol)
+        buf = self._buffers.get(key)
+        if buf is not None and buf.multiplier != batch.multiplier:
+            # a new contract multiplier: rows of one file share one; flush the old rows first
+            self._rotated.append(self._buffers.pop(key))
+            buf = None
+        if buf is None:
+            buf = _Buffer(key, batch.multiplier, trio.current_time())
+            self._buffers[key] = buf
+        buf.append(batch)
+        self.stats.rows_received[key[0].value] += batch.rows
+        self._set_buffered(batch.rows)
+
+    def _due(self, buf: _Buffer, now: float, force: bool) -> bool:
+        if now < buf.retry_at:
+            return False
+        if force or buf.rows >= self.cfg.max_rows:
+            return True
+        if buf.rows * max(1, len(buf.columns)) * CELL_BYTES >= self.cfg.max_bytes:
+            return True
+        return now >= buf.opened_at + self._interval(buf.key[0])
+
+    def _next_deadline(self) -> float:
+        deadlines = [
+            max(b.retry_at, b.opened_at + self._interval(b.key[0])) for b in self._buffers.values()
+        ]
+        deadlines += [b.retry_at for b in self._rotated]
+        return min(deadlines, default=float("inf"))
+
+    async def _flush_buffer(self, buf: _Buffer) -> bool:
+        try:
+            results = await trio.to_thread.run_sync(
+                _flush_blocking,
+                self.spool,
+                self.frame_builder,
+                buf.key,
+                buf.columns,
+                buf.multiplier,
+                limiter=self.limiter,
+            )
+        except (SpoolFull, OSError) as exc:
+            buf.failures += 1
+            delay = self.backoff.delay(buf.failures)
+            buf.retry_at = trio.current_time() + delay
+            self.stats.flush_failures += 1
+            if isinstance(exc, SpoolFull):
+                self.stats.spool_full_events += 1
+            log.error(
+                "writer: cannot spool %d %s rows of %s/%s (%s); kept in memory, retry in %.1fs",
+                buf.rows,
+                buf.key[0].value,
+                buf.key[1],
+                buf.key[3],
+                exc,
+                delay,
+            )
+            return False
+        self._set_buffered(-buf.rows)
+        s = self.stats
+        s.flushes += 1
+        for entry, rows in results:
+            s.files_spooled += 1
+            s.bytes_spooled += entry.size
+            s.rows_spooled[buf.key[0].value] += rows
+        self._update_spool_gauges()
+        self._wake_uploaders()
+        return True
+
+    async def _flush_due(self, *, force: bool = False) -> None:
+        now = trio.current_time()
+        for buf in list(self._rotated):
+            if now >= buf.retry_at and await self._flush_buffer(buf):
+                self._rotated.remove(buf)
+        for key, buf in list(self._buffers.items()):
+            if self._due(buf, now, force) and await self._flush_buffer(buf):
+                del self._buffers[key]
+
+    async def _collect(self, receive_rows: trio.MemoryReceiveChannel[RowBatch]) -> None:
+        while True:
+            await self._flush_due()
+            while self.stats.buffered_rows >= self.max_buffered_rows:
+                # memory cap: flush everything we can; if the spool refuses, stop reading
+                await self._flush_due(force=True)
+                if self.stats.buffered_rows < self.max_buffered_rows:
+                    break
+                if not self.stats.backpressure:
+                    log.error(
+                        "writer: %d rows buffered (cap %d) and the spool refuses them: "
+                        "input paused (back-pressure) until the spool drains",
+                        self.stats.buffered_rows,
+                        self.max_buffered_rows,
+                    )
+                self.stats.backpressure = True
+                await trio.sleep_until(self._next_deadline())
+            self.stats.backpressure = False
+            with trio.move_on_at(self._next_deadline()):
+                try:
+                    batch = await receive_rows.receive()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    return
+                self._append(batch)
+
+    # --- uploading -----------------------------------------------------------------
+
+    def _update_spool_gauges(self) -> None:
+        self.stats.spool_files = self.spool.files
+        self.stats.spool_bytes = self.spool.bytes
+
+    def _wake_uploaders(self) -> None:
+        self._new_work.set()
+        self._new_work = trio.Event()
+
+    def _claim(self) -> SpoolEntry | None:
+        for entry in self.spool.pending():
+            if entry.key not in self._inflight:
+                self._inflight.add(entry.key)
+                return entry
+        return None
+
+    async def _upload_one(self, entry: SpoolEntry) -> bool:
+        try:
+            await self.store.put_file(entry.key, entry.path)
+        except StorageError as exc:
+            self.stats.upload_failures += 1
+            level = logging.ERROR if isinstance(exc, StorageRejected) else logging.WARNING
+            log.log(level, "upload of %s failed (kept in spool, will retry): %s", entry.key, exc)
+            return False
+        await trio.to_thread.run_sync(self.spool.remove, entry, limiter=self.limiter)
+        s = self.stats
+        s.files_uploaded += 1
+        s.bytes_uploaded += entry.size
+        if entry.rows is not None:
+            s.rows_uploaded[entry.key.split("/", 1)[0]] += entry.rows
+        self._update_spool_gauges()
+        return True
+
+    async def _upload_worker(self) -> None:
+        failures = 0
+        while True:
+            entry = self._claim()
+            if entry is None:
+                await self._new_work.wait()
+                continue
+            try:
+                ok = await self._upload_one(entry)
+            finally:
+                self._inflight.discard(entry.key)
+            if ok:
+                failures = 0
+            else:
+                failures += 1
+                await trio.sleep(self.backoff.delay(failures))
+
+    async def _run_uploaders(self, scope: trio.CancelScope, done: trio.Event) -> None:
+        try:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(self.upload_concurrency):
+                        nursery.start_soon(self._upload_worker)
+        finally:
+            done.set()
+
+    async def _wait_spool_empty(self) -> None:
+        while self.spool.pending() or self._inflight:
+            await trio.sleep(0.05)
+
+    async def _final_drain(self) -> None:
+        async with trio.open_nursery() as nursery:
+            scope, done = trio.CancelScope(), trio.Event()
+            nursery.start_soon(self._run_uploaders, scope, done)
+            while self._buffers or self._rotated:
+                await self._flush_due(force=True)
+                if self._buffers or self._rotated:
+                    await trio.sleep_until(self._next_deadline())
+            await self._wait_spool_empty()
+            scope.cancel()
+
+    # --- the stage -----------------------------------------------------------------
+
+    async def run(
+        self,
+        receive_rows: trio.MemoryReceiveChannel[RowBatch],
+        *,
+        shutdown_timeout: float = 30.0,
+        task_status: trio.TaskStatus[Writer] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        self._update_spool_gauges()
+        async with trio.open_nursery() as nursery:
+            upl_scope, upl_done = trio.CancelScope(), trio.Event()
+            nursery.start_soon(self._run_uploaders, upl_scope, upl_done)
+            task_status.started(self)
+            try:
+                async with receive_rows:
+                    await self._collect(receive_rows)
+            finally:
+                with trio.CancelScope(
+                    deadline=trio.current_time() + shutdown_timeout, shield=True
+                ) as cs:
+                    upl_scope.cancel()
+                    await upl_done.wait()
+                    await self._final_drain()
+                self._log_final(timed_out=cs.cancelled_caught)
+
+    def _log_final(self, *, timed_out: bool) -> None:
+        self._update_spool_gauges()
+        s = self.stats
+        unspooled = s.buffered_rows
+        if unspooled:
+            log.error(
+                "writer: %d rows could not be spooled before the shutdown deadline and are LOST",
+                unspooled,
+            )
+        log.info(
+            "writer stopped%s: uploaded %d files (%d bytes); %d files (%d bytes) left in spool "
+            "%s for the next start",
+            " at the shutdown deadline" if timed_out else "",
+            s.files_uploaded,
+            s.bytes_uploaded,
+            s.spool_files,
+            s.spool_bytes,
+            self.spool.root,
+        )
+
+
+async def run_writer(
+    receive_rows: trio.MemoryReceiveChannel[RowBatch],
+    store: ObjectStore,
+    spool: Spool,
+    buffer_cfg: BufferSection,
+    *,
+    limiter: trio.CapacityLimiter,
+    frame_builder: FrameBuilder = default_frame_builder,
+    upload_concurrency: int = 2,
+    max_buffered_rows: int | None = None,
+    shutdown_timeout: float = 30.0,
+    retry_initial: float = 1.0,
+    retry_max: float = 60.0,
+    stats: WriterStats | None = None,
+    task_status: trio.TaskStatus[Writer] = trio.TASK_STATUS_IGNORED,
+) -> WriterStats:
+    """Run the writer stage until `receive_rows` closes (then flush + upload, bounded by
+    `shutdown_timeout`). `task_status.started` receives the Writer (for its `.stats`)."""
+    writer = Writer(
+        store,
+        spool,
+        buffer_cfg,
+        limiter=limiter,
+        frame_builder=frame_builder,
+        upload_concurrency=upload_concurrency,
+        max_buffered_rows=max_buffered_rows,
+        retry_initial=retry_initial,
+        retry_max=retry_max,
+        stats=stats,
+    )
+    await writer.run(receive_rows, shutdown_timeout=shutdown_timeout, task_status=task_status)
+    return writer.stats
+
+
+@attrs.frozen
+class DrainResult:
+    uploaded: int
+    failed: int
+    bytes: int
+    remaining: int
+
+
+async def drain_spool(spool: Spool, store: ObjectStore, *, concurrency: int = 4) -> DrainResult:
+    """Upload every file now in the spool once (the store retries transient errors);
+    delete each after verified success. Used at startup and by `cryptoflow spool flush`."""
+    entries = spool.pending()
+    uploaded = failed = nbytes = 0
+    limiter = trio.CapacityLimiter(max(1, concurrency))
+
+    async def one(entry: SpoolEntry) -> None:
+        nonlocal uploaded, failed, nbytes
+        async with limiter:
+            try:
+                await store.put_file(entry.key, Path(entry.path))
+            except StorageError as exc:
+                failed += 1
+                log.error("spool drain: %s not uploaded (kept): %s", entry.key, exc)
+                return
+            await trio.to_thread.run_sync(spool.remove, entry)
+            uploaded += 1
+            nbytes += entry.size
+
+    async with trio.open_nursery() as nursery:
+        for entry in entries:
+            nursery.start_soon(one, entry)
+    result = DrainResult(uploaded, failed, nbytes, spool.files)
+    log.info(
+        "spool drain to %s: %d uploaded (%d bytes), %d failed, %d left",
+        store.describe(),
+        uploaded,
+        nbytes,
+        failed,
+        result.remaining,
+    )
+    return result

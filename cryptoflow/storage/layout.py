@@ -1,0 +1,196 @@
+"""Object keys: the hive-partitioned layout every file lands in, and its inverse.
+
+    <prefix>/<dataset>/exchange=<ex>/market=<mkt>/symbol=<SYM>/
+        year=YYYY/month=MM/day=DD/hour=HH/<file>.parquet
+
+- The hour is the data's *event* time (the `timestamp` column, UTC), never the flush time.
+  A frame that spans an hour boundary becomes one file per hour (`split_by_hour`).
+- File names are deterministic from content, so a retried upload of the same rows
+  overwrites the same key instead of adding a duplicate:
+    snapshots / deltas:
+        `<SYMBOL>-<min last_update_id>-<max last_update_id>-<first_ts_ms>-<last_ts_ms>.parquet`
+    gaps:               `<SYMBOL>-<first_ts_ms>-<last_ts_ms>-<hash8>.parquet`
+  (`hash8` = first 8 hex digits of a SHA-256 over the rows; gaps have no id range).
+- Keys built here are *relative* (no prefix) unless a prefix is passed; the S3 store adds
+  its configured prefix itself, the spool and the local store use relative keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import UTC, datetime
+
+import attrs
+import polars as pl
+
+from cryptoflow.models import Dataset
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+_KEY_RE = re.compile(
+    r"^(?:(?P<prefix>.+)/)?(?P<dataset>[a-z_]+)/exchange=(?P<exchange>[^/]+)/"
+    r"market=(?P<market>[^/]+)/symbol=(?P<symbol>[^/]+)/year=(?P<year>\d{4})/"
+    r"month=(?P<month>\d{2})/day=(?P<day>\d{2})/hour=(?P<hour>\d{2})/"
+    r"(?P<filename>[^/]+\.parquet)$"
+)
+_ID_NAME_RE = re.compile(
+    r"^(?P<symbol>.+)-(?P<first_id>-?\d+)-(?P<last_id>-?\d+)-(?P<first_ts>-?\d+)-(?P<last_ts>-?\d+)\.parquet$"
+)
+_GAP_NAME_RE = re.compile(
+    r"^(?P<symbol>.+)-(?P<first_ts>-?\d+)-(?P<last_ts>-?\d+)-(?P<hash>[0-9a-f]{8})\.parquet$"
+)
+
+
+@attrs.frozen
+class KeyParts:
+    """A parsed object key. Gaps have no ids but a `content_hash`; the others the reverse."""
+
+    prefix: str
+    dataset: str
+    exchange: str
+    market: str
+    symbol: str
+    hour: datetime  # UTC, start of the hour
+    filename: str
+    first_id: int | None = None
+    last_id: int | None = None
+    first_ts_ms: int | None = None
+    last_ts_ms: int | None = None
+    content_hash: str | None = None
+
+    @property
+    def relative_key(self) -> str:
+        return self.key[len(self.prefix) + 1 :] if self.prefix else self.key
+
+    @property
+    def key(self) -> str:
+        return join_key(
+            self.prefix,
+            partition_path(self.dataset, self.exchange, self.market, self.symbol, self.hour),
+            self.filename,
+        )
+
+
+def join_key(*parts: str) -> str:
+    """Join key segments with '/', skipping empty ones and stray slashes."""
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+def partition_path(dataset: str, exchange: str, market: str, symbol: str, hour: datetime) -> str:
+    h = hour.astimezone(UTC)
+    return (
+        f"{Dataset(dataset).value}/exchange={exchange}/market={market}/symbol={symbol}/"
+        f"year={h.year:04d}/month={h.month:02d}/day={h.day:02d}/hour={h.hour:02d}"
+    )
+
+
+def _ts_ms(frame: pl.DataFrame) -> tuple[int, int]:
+    ts = frame.get_column("timestamp").cast(pl.Int64, strict=False)
+    lo, hi = ts.min(), ts.max()
+    return (int(lo) if lo is not None else 0, int(hi) if hi is not None else 0)
+
+
+def content_hash(frame: pl.DataFrame) -> str:
+    """8 hex digits over the rows' text form: stable for the same content."""
+    return hashlib.sha256(frame.write_csv().encode()).hexdigest()[:8]
+
+
+def file_name(dataset: Dataset | str, symbol: str, frame: pl.DataFrame) -> str:
+    """The deterministic file name for the rows of one (already hour-split) frame."""
+    ds = Dataset(dataset)
+    first_ts, last_ts = _ts_ms(frame)
+    if ds in (Dataset.SNAPSHOTS, Dataset.DELTAS):
+        ids = frame.get_column("last_update_id")
+        lo, hi = ids.min(), ids.max()
+        return f"{symbol}-{int(lo or 0)}-{int(hi or 0)}-{first_ts}-{last_ts}.parquet"
+    return f"{symbol}-{first_ts}-{last_ts}-{content_hash(frame)}.parquet"
+
+
+def split_by_hour(frame: pl.DataFrame) -> list[tuple[datetime, pl.DataFrame]]:
+    """Split rows by the UTC hour of their `timestamp`, oldest hour first, row order kept.
+
+    Rows with a null timestamp (should not happen: the normalizer fills gap timestamps)
+    go to the 1970-01-01 00h partition rather than being dropped.
+    """
+    if frame.height == 0:
+        return []
+    ms = frame.get_column("timestamp").cast(pl.Int64, strict=False).fill_null(0)
+    hour_idx = (ms // 3_600_000).alias("__hour")
+    tagged = frame.with_columns(hour_idx)
+    out: list[tuple[datetime, pl.DataFrame]] = []
+    for (h,), part in sorted(
+        tagged.partition_by("__hour", as_dict=True, maintain_order=True).items(),
+        key=lambda kv: kv[0][0],
+    ):
+        hour = datetime.fromtimestamp(int(h) * 3600, tz=UTC)
+        out.append((hour, part.drop("__hour")))
+    return out
+
+
+def object_key(
+    dataset: Dataset | str,
+    exchange: str,
+    market: str,
+    symbol: str,
+    hour: datetime,
+    frame: pl.DataFrame,
+    prefix: str = "",
+) -> str:
+    return join_key(
+        prefix,
+        partition_path(dataset, exchange, market, symbol, hour),
+        file_name(dataset, symbol, frame),
+    )
+
+
+def keys_for_frame(
+    dataset: Dataset | str,
+    exchange: str,
+    market: str,
+    symbol: str,
+    frame: pl.DataFrame,
+    prefix: str = "",
+) -> list[tuple[str, pl.DataFrame]]:
+    """(key, rows) per event-time hour of `frame`: what one flush writes."""
+    return [
+        (object_key(dataset, exchange, market, symbol, hour, part, prefix), part)
+        for hour, part in split_by_hour(frame)
+    ]
+
+
+def parse_key(key: str) -> KeyParts:
+    """Inverse of `object_key`. Raises ValueError for a key outside the layout."""
+    m = _KEY_RE.match(key.strip("/"))
+    if m is None or m["dataset"] not in {d.value for d in Dataset}:
+        raise ValueError(f"not a cryptoflow data key: {key!r}")
+    hour = datetime(int(m["year"]), int(m["month"]), int(m["day"]), int(m["hour"]), tzinfo=UTC)
+    fields: dict = {}
+    name = m["filename"]
+    if m["dataset"] == Dataset.GAPS.value:
+        g = _GAP_NAME_RE.match(name)
+        if g:
+            fields = {
+                "first_ts_ms": int(g["first_ts"]),
+                "last_ts_ms": int(g["last_ts"]),
+                "content_hash": g["hash"],
+            }
+    else:
+        g = _ID_NAME_RE.match(name)
+        if g:
+            fields = {
+                "first_id": int(g["first_id"]),
+                "last_id": int(g["last_id"]),
+                "first_ts_ms": int(g["first_ts"]),
+                "last_ts_ms": int(g["last_ts"]),
+            }
+    return KeyParts(
+        prefix=m["prefix"] or "",
+        dataset=m["dataset"],
+        exchange=m["exchange"],
+        market=m["market"],
+        symbol=m["symbol"],
+        hour=hour,
+        filename=name,
+        **fields,
+    )

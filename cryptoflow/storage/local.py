@@ -1,0 +1,69 @@
+"""Local output tree: "upload" = durable atomic move of a spool file into place."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import trio
+
+from cryptoflow.errors import StorageRejected, StorageUnavailable, UploadVerificationFailed
+from cryptoflow.storage.spool import TMP_MARK, fsync_dir, makedirs_durable
+
+
+def _move_verified(src: Path, dest: Path) -> None:
+    size = src.stat().st_size
+    makedirs_durable(dest.parent)
+    try:
+        os.replace(src, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        # Different filesystem: copy to a temp name beside dest, fsync, rename, then drop src.
+        tmp = dest.parent / f".{dest.name}{TMP_MARK}{secrets.token_hex(4)}"
+        try:
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1024 * 1024)
+                fout.flush()
+                os.fsync(fout.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(dest.parent)
+        src.unlink()
+        fsync_dir(src.parent)
+    else:
+        fsync_dir(dest.parent)
+        if src.parent != dest.parent:
+            fsync_dir(src.parent)
+    got = dest.stat().st_size
+    if got != size:
+        raise UploadVerificationFailed(f"{dest}: size {got} != {size}")
+
+
+class LocalStore:
+    def __init__(self, root: Path, limiter: trio.CapacityLimiter | None = None) -> None:
+        self.root = Path(root)
+        self._limiter = limiter or trio.CapacityLimiter(4)
+
+    def describe(self) -> str:
+        return f"local:{self.root.resolve()}"
+
+    async def put_file(self, key: str, path: Path) -> None:
+        dest = self.root / key
+        try:
+            await trio.to_thread.run_sync(_move_verified, Path(path), dest, limiter=self._limiter)
+        except UploadVerificationFailed:
+            raise
+        except FileNotFoundError:
+            if dest.exists() and not Path(path).exists():
+                return  # already moved by an earlier attempt that died before bookkeeping
+            raise StorageRejected(f"{path}: source file missing") from None
+        except PermissionError as exc:
+            raise StorageRejected(f"cannot write {dest}: {exc}") from exc
+        except OSError as exc:  # disk full, I/O error: may clear up
+            raise StorageUnavailable(f"cannot write {dest}: {exc}") from exc

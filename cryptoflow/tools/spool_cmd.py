@@ -1,0 +1,56 @@
+"""`cryptoflow spool status` and `cryptoflow spool flush`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+
+def _load(config_path: Path):
+    from cryptoflow.config import load_settings
+
+    return load_settings(Path(config_path))
+
+
+def status(config_path: Path) -> int:
+    """Print files/bytes waiting per dataset and the quarantined count. Exit 0."""
+    from cryptoflow.storage.factory import build_spool
+
+    settings = _load(config_path)
+    spool = build_spool(settings.app.storage)
+    spool.load()
+    print(f"spool {spool.root.resolve()} (limit {spool.max_bytes} bytes)")
+    by_ds = spool.by_dataset()
+    for ds in sorted(by_ds):
+        files, nbytes = by_ds[ds]
+        print(f"  {ds:<10} {files:>8} files {nbytes:>14} bytes")
+    print(f"  {'total':<10} {spool.files:>8} files {spool.bytes:>14} bytes")
+    print(f"  quarantined: {spool.quarantined()} files (in {spool.quarantine_root})")
+    return 0
+
+
+def flush(config_path: Path, output: Path | None = None) -> int:
+    """Scan the spool (quarantining corrupt files), upload/move everything; 0 if empty after."""
+    from cryptoflow.pipeline.writer import drain_spool
+    from cryptoflow.storage.factory import build_spool, build_store
+
+    settings = _load(config_path)
+    storage = settings.app.storage
+    spool = build_spool(storage)
+    report = spool.scan()
+    if report.files == 0:
+        print(f"spool {spool.root}: nothing to flush ({report.quarantined} quarantined)")
+        return 0
+
+    async def main():
+        store = build_store(storage, settings.env, output)
+        print(f"flushing {report.files} files ({report.bytes} bytes) to {store.describe()}")
+        return await drain_spool(spool, store, concurrency=max(1, storage.s3.max_concurrency))
+
+    result = trio.run(main)
+    print(
+        f"uploaded {result.uploaded} files ({result.bytes} bytes), {result.failed} failed, "
+        f"{result.remaining} left in the spool"
+    )
+    return 0 if result.remaining == 0 else 1

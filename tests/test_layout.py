@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from cryptoflow.models import Dataset
+from cryptoflow.storage import layout
+
+H = 3_600_000
+T0 = int(datetime(2025, 3, 4, 10, 59, 0, tzinfo=UTC).timestamp() * 1000)
+
+
+def snap_cols(ts: list[int], ids: list[int]) -> dict[str, list]:
+    n = len(ts)
+    return {
+        "timestamp": ts,
+        "transaction_time": ts,
+        "receive_time": [t * 1_000_000 for t in ts],
+        "last_update_id": ids,
+        "side": ["bid"] * n,
+        "level": list(range(n)),
+        "price": ["100.5"] * n,
+        "quantity": ["1"] * n,
+        "raw_quantity": ["1"] * n,
+        "source": ["poll"] * n,
+    }
+
+
+def delta_cols(ts: list[int], ids: list[int]) -> dict[str, list]:
+    n = len(ts)
+    return {
+        "timestamp": ts,
+        "transaction_time": ts,
+        "receive_time": [t * 1_000_000 for t in ts],
+        "first_update_id": ids,
+        "last_update_id": ids,
+        "prev_update_id": [i - 1 for i in ids],
+        "side": ["ask"] * n,
+        "price": ["100.5"] * n,
+        "quantity": ["0"] * n,
+        "raw_quantity": ["0"] * n,
+    }
+
+
+def gap_cols(ts: list[int]) -> dict[str, list]:
+    n = len(ts)
+    return {
+        "timestamp": ts,
+        "kind": ["reconnect"] * n,
+        "last_good_id": [1] * n,
+        "first_id_after": [2] * n,
+        "start_time": ts,
+        "end_time": ts,
+        "reason": ["ws closed"] * n,
+        "detected_at": [t * 1_000_000 for t in ts],
+    }
+
+
+@pytest.mark.parametrize(
+    ("dataset", "cols", "name"),
+    [
+        (Dataset.SNAPSHOTS, snap_cols([T0, T0 + 10], [7, 9]), f"BTCUSDT-7-9-{T0}-{T0 + 10}"),
+        (Dataset.DELTAS, delta_cols([T0, T0 + 10], [7, 9]), f"BTCUSDT-7-9-{T0}-{T0 + 10}"),
+    ],
+)
+def test_key_for_each_id_dataset(frame_builder, dataset, cols, name):
+    frame = frame_builder(dataset, "binance", "futures", "BTCUSDT", cols)
+    [(key, part)] = layout.keys_for_frame(dataset, "binance", "futures", "BTCUSDT", frame, "pre")
+    assert key == (
+        f"pre/{dataset.value}/exchange=binance/market=futures/symbol=BTCUSDT/"
+        f"year=2025/month=03/day=04/hour=10/{name}.parquet"
+    )
+    assert part.height == 2
+    parts = layout.parse_key(key)
+    assert (parts.prefix, parts.dataset, parts.symbol) == ("pre", dataset.value, "BTCUSDT")
+    assert (parts.first_id, parts.last_id) == (7, 9)
+    assert parts.hour == datetime(2025, 3, 4, 10, tzinfo=UTC)
+    assert parts.key == key
+    assert parts.relative_key == key.removeprefix("pre/")
+
+
+def test_gap_key_uses_times_and_hash(frame_builder):
+    frame = frame_builder(Dataset.GAPS, "okx", "futures", "ETHUSDT", gap_cols([T0]))
+    [(key, _)] = layout.keys_for_frame(Dataset.GAPS, "okx", "futures", "ETHUSDT", frame)
+    assert key.startswith("gaps/exchange=okx/market=futures/symbol=ETHUSDT/year=2025/")
+    parts = layout.parse_key(key)
+    assert parts.first_ts_ms == T0 and parts.content_hash and len(parts.content_hash) == 8
+    assert parts.prefix == "" and parts.first_id is None
+    other = frame_builder(
+        Dataset.GAPS, "okx", "futures", "ETHUSDT", {**gap_cols([T0]), "reason": ["other"]}
+    )
+    assert layout.file_name(Dataset.GAPS, "ETHUSDT", other) != parts.filename
+
+
+def test_hour_boundary_split(frame_builder):
+    ts = [T0, T0 + 30_000, T0 + 60_000, T0 + 90_000, T0 + H]  # 10:59:00 .. 11:59:00
+    frame = frame_builder(
+        Dataset.DELTAS, "binance", "futures", "BTCUSDT", delta_cols(ts, [1, 2, 3, 4, 5])
+    )
+    out = layout.keys_for_frame(Dataset.DELTAS, "binance", "futures", "BTCUSDT", frame)
+    assert [layout.parse_key(k).hour.hour for k, _ in out] == [10, 11]
+    assert [p.height for _, p in out] == [2, 3]
+    assert sum(p.height for _, p in out) == frame.height
+    assert out[0][0].endswith(f"BTCUSDT-1-2-{T0}-{T0 + 30_000}.parquet")
+    assert out[1][0].endswith(f"BTCUSDT-3-5-{T0 + 60_000}-{T0 + H}.parquet")
+
+
+def test_deterministic_names(frame_builder):
+    a = frame_builder(Dataset.SNAPSHOTS, "bybit", "futures", "SOLUSDT", snap_cols([T0], [3]))
+    b = frame_builder(Dataset.SNAPSHOTS, "bybit", "futures", "SOLUSDT", snap_cols([T0], [3]))
+    ka = layout.keys_for_frame(Dataset.SNAPSHOTS, "bybit", "futures", "SOLUSDT", a)
+    kb = layout.keys_for_frame(Dataset.SNAPSHOTS, "bybit", "futures", "SOLUSDT", b)
+    assert [k for k, _ in ka] == [k for k, _ in kb]
+    g1 = frame_builder(Dataset.GAPS, "bybit", "futures", "SOLUSDT", gap_cols([T0]))
+    g2 = frame_builder(Dataset.GAPS, "bybit", "futures", "SOLUSDT", gap_cols([T0]))
+    assert layout.file_name(Dataset.GAPS, "SOLUSDT", g1) == layout.file_name(
+        Dataset.GAPS, "SOLUSDT", g2
+    )
+
+
+def test_parse_key_rejects_foreign_keys():
+    with pytest.raises(ValueError):
+        layout.parse_key("foo/bar.parquet")

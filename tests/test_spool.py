@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import logging
+import os
+
+import polars as pl
+import pytest
+
+from cryptoflow.errors import CorruptSpoolFile, SpoolFull
+from cryptoflow.storage import parquet
+from cryptoflow.storage.spool import Spool
+
+KEY = (
+    "deltas/exchange=binance/market=futures/symbol=BTCUSDT/"
+    "year=2025/month=03/day=04/hour=10/BTCUSDT-1-2-3-4.parquet"
+)
+
+
+def pq_bytes(n: int = 100) -> bytes:
+    return parquet.encode(pl.DataFrame({"a": list(range(n)), "b": [str(i) for i in range(n)]}))
+
+
+def test_roundtrip_and_accounting(tmp_path):
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    data = pq_bytes()
+    entry = spool.write(KEY, data, rows=100)
+    assert entry.path.read_bytes() == data and entry.rows == 100
+    assert (spool.files, spool.bytes) == (1, len(data))
+    assert spool.by_dataset() == {"deltas": (1, len(data))}
+    assert parquet.decode(entry.path.read_bytes()).height == 100
+    # same key again (a retried flush) replaces, does not double count
+    newer = spool.write(KEY, data)
+    assert (spool.files, spool.bytes) == (1, len(data))
+    assert [e.key for e in spool.pending()] == [KEY]
+    spool.remove(newer)
+    assert (spool.files, spool.bytes) == (0, 0)
+    assert not entry.path.exists()
+
+
+def test_atomic_write_never_shows_partial_file(tmp_path, monkeypatch):
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    final = spool.root / KEY
+
+    def boom(fd):
+        # at fsync time the data lives only under a temp name
+        assert not final.exists()
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError):
+        spool.write(KEY, pq_bytes())
+    monkeypatch.undo()
+    assert not final.exists()
+    assert not [p for p in spool.root.rglob("*") if p.is_file()]  # temp cleaned up
+    assert spool.files == 0
+
+
+def test_startup_removes_temp_and_quarantines_truncated(tmp_path, caplog):
+    root = tmp_path / "spool"
+    spool = Spool(root, max_bytes=10**9)
+    good = spool.write(KEY, pq_bytes())
+    bad_key = KEY.replace("1-2-3-4", "5-6-7-8")
+    data = pq_bytes()
+    (root / bad_key).write_bytes(data[: len(data) // 2])  # truncated
+    tmp = root / KEY.rsplit("/", 1)[0] / ".x.parquet.tmp-abcd"
+    tmp.write_bytes(b"partial")
+
+    caplog.set_level(logging.INFO)
+    spool2 = Spool(root, max_bytes=10**9)
+    report = spool2.scan()
+    assert (report.files, report.temp_removed, report.quarantined) == (1, 1, 1)
+    assert [e.key for e in spool2.pending()] == [good.key]
+    assert not tmp.exists() and not (root / bad_key).exists()
+    assert (root / "quarantine" / bad_key).exists()
+    assert spool2.quarantined() == 1
+    assert "QUARANTINED" in caplog.text and bad_key in caplog.text
+    with pytest.raises(CorruptSpoolFile):
+        parquet.validate_file(root / "quarantine" / bad_key)
+
+
+def test_spool_full_raises_and_logs(tmp_path, caplog):
+    data = pq_bytes()
+    spool = Spool(tmp_path / "spool", max_bytes=int(len(data) * 1.5))
+    spool.write(KEY, data)
+    caplog.set_level(logging.ERROR)
+    with pytest.raises(SpoolFull):
+        spool.write(KEY.replace("1-2-3-4", "9-9-9-9"), data)
+    assert "SPOOL FULL" in caplog.text
+    assert spool.files == 1  # nothing half-written, nothing dropped
+    spool.remove(spool.pending()[0])
+    spool.write(KEY.replace("1-2-3-4", "9-9-9-9"), data)  # accepted again after draining
+
+
+def test_quarantine_entry(tmp_path):
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    e = spool.write(KEY, pq_bytes())
+    dest = spool.quarantine(e, "manual")
+    assert dest.exists() and spool.files == 0
+    assert dest.with_name(dest.name + ".reason").read_text().strip() == "manual"

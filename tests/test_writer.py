@@ -1,0 +1,238 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import trio
+from trio.testing import MockClock
+
+from cryptoflow.config_schema import BufferSection
+from cryptoflow.errors import StorageUnavailable
+from cryptoflow.models import Dataset
+from cryptoflow.pipeline.rows import RowBatch
+from cryptoflow.pipeline.writer import drain_spool, run_writer
+from cryptoflow.storage.local import LocalStore
+from cryptoflow.storage.spool import Spool
+
+T0 = 1_741_082_400_000  # 2025-03-04 10:00 UTC
+
+
+def delta_batch(first_id: int, n: int, ts: int, symbol: str = "BTCUSDT") -> RowBatch:
+    ids = list(range(first_id, first_id + n))
+    return RowBatch(
+        dataset=Dataset.DELTAS,
+        exchange="binance",
+        market="futures",
+        symbol=symbol,
+        columns={
+            "timestamp": [ts] * n,
+            "transaction_time": [ts] * n,
+            "receive_time": [ts * 1_000_000] * n,
+            "first_update_id": ids,
+            "last_update_id": ids,
+            "prev_update_id": [i - 1 for i in ids],
+            "side": ["bid"] * n,
+            "price": ["100.1"] * n,
+            "quantity": ["2"] * n,
+            "raw_quantity": ["2"] * n,
+        },
+        rows=n,
+    )
+
+
+@pytest.fixture
+def clock():
+    """MockClock that jumps only after 20 ms of real idleness: flushes and uploads run in
+    worker threads, which an autojump_threshold=0 clock would treat as idle time (and
+    jump straight past every deadline while a file is being written)."""
+    return MockClock(autojump_threshold=0.02)
+
+
+async def eventually(cond, real_seconds: float = 10.0) -> None:
+    """Wait (in real time: flushes run in threads, which MockClock cannot see) for cond."""
+    for _ in range(int(real_seconds / 0.01)):
+        if cond():
+            return
+        await trio.to_thread.run_sync(time.sleep, 0.01)
+    assert cond()
+
+
+def stored(root: Path) -> pl.DataFrame:
+    files = sorted(root.rglob("*.parquet"))
+    if not files:
+        return pl.DataFrame()
+    return pl.concat([pl.read_parquet(f) for f in files])
+
+
+class SlowStore:
+    def __init__(self, inner, delay: float) -> None:
+        self.inner, self.delay, self.calls = inner, delay, 0
+
+    def describe(self) -> str:
+        return "slow"
+
+    async def put_file(self, key, path):
+        self.calls += 1
+        await trio.sleep(self.delay)
+        await self.inner.put_file(key, path)
+
+
+class FlakyStore(SlowStore):
+    def __init__(self, inner, failures: int) -> None:
+        super().__init__(inner, 0)
+        self.failures = failures
+
+    async def put_file(self, key, path):
+        self.calls += 1
+        if self.failures > 0:
+            self.failures -= 1
+            raise StorageUnavailable("S3 down (test)")
+        await self.inner.put_file(key, path)
+
+
+def setup(tmp_path, **buf):
+    out = tmp_path / "out"
+    store = LocalStore(out)
+    spool = Spool(tmp_path / "spool", max_bytes=buf.pop("spool_max", 10**9))
+    cfg = BufferSection(delta_flush_interval=buf.pop("interval", 1.0), **buf)
+    return out, store, spool, cfg
+
+
+async def test_flush_on_interval_and_final(tmp_path, clock, frame_builder):
+    out, store, spool, cfg = setup(tmp_path, interval=5.0)
+    send, recv = trio.open_memory_channel(10)
+    async with trio.open_nursery() as nursery:
+        writer = await nursery.start(
+            lambda task_status: run_writer(
+                recv,
+                store,
+                spool,
+                cfg,
+                limiter=trio.CapacityLimiter(2),
+                frame_builder=frame_builder,
+                task_status=task_status,
+            )
+        )
+        await send.send(delta_batch(1, 10, T0))
+        await trio.sleep(4.0)
+        assert stored(out).height == 0
+        await trio.sleep(2.0)
+        await eventually(lambda: stored(out).height == 10)  # flushed by the interval
+        await send.send(delta_batch(11, 5, T0 + 1))
+        await send.aclose()  # end of stream: final flush + upload
+    df = stored(out)
+    assert df.height == 15 and sorted(df["last_update_id"]) == list(range(1, 16))
+    assert writer.stats.rows_received["deltas"] == 15
+    assert writer.stats.rows_uploaded["deltas"] == 15
+    assert spool.files == 0
+
+
+async def test_flush_on_max_rows(tmp_path, clock, frame_builder):
+    out, store, spool, cfg = setup(tmp_path, interval=1000.0, max_rows=100)
+    send, recv = trio.open_memory_channel(10)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: run_writer(
+                recv,
+                store,
+                spool,
+                cfg,
+                limiter=trio.CapacityLimiter(2),
+                frame_builder=frame_builder,
+            )
+        )
+        for i in range(3):
+            await send.send(delta_batch(1 + 40 * i, 40, T0))
+        await eventually(lambda: stored(out).height == 120)  # 120 >= 100 rows
+        assert trio.current_time() < 1000.0  # not the interval
+        await send.aclose()
+
+
+async def test_backpressure_slow_store_bounded_memory(tmp_path, clock, frame_builder):
+    out, store, spool, cfg = setup(tmp_path, interval=0.5, max_rows=200, spool_max=20_000)
+    slow = SlowStore(store, delay=2.0)
+    send, recv = trio.open_memory_channel(4)
+    cap = 400
+    depth: list[int] = []
+    async with trio.open_nursery() as nursery:
+        writer = await nursery.start(
+            lambda task_status: run_writer(
+                recv,
+                slow,
+                spool,
+                cfg,
+                limiter=trio.CapacityLimiter(2),
+                frame_builder=frame_builder,
+                max_buffered_rows=cap,
+                upload_concurrency=1,
+                retry_initial=0.5,
+                retry_max=2.0,
+                task_status=task_status,
+            )
+        )
+        sent = 0
+        for i in range(60):
+            with trio.move_on_after(30):
+                await send.send(delta_batch(1 + 50 * i, 50, T0 + i))
+                sent += 50
+            depth.append(send.statistics().current_buffer_used)
+        await send.aclose()
+    assert max(depth) <= 4
+    assert writer.stats.max_buffered_rows_seen <= cap + 50
+    assert writer.stats.spool_full_events > 0  # the small spool did refuse data
+    df = stored(out)
+    assert df.height == sent == 3000
+    assert df["last_update_id"].n_unique() == 3000
+
+
+async def test_failing_then_recovering_store_exactly_once(tmp_path, clock, frame_builder):
+    out, store, spool, cfg = setup(tmp_path, interval=1.0)
+    flaky = FlakyStore(store, failures=7)
+    send, recv = trio.open_memory_channel(10)
+    async with trio.open_nursery() as nursery:
+        writer = await nursery.start(
+            lambda task_status: run_writer(
+                recv,
+                flaky,
+                spool,
+                cfg,
+                limiter=trio.CapacityLimiter(2),
+                frame_builder=frame_builder,
+                task_status=task_status,
+            )
+        )
+        for i in range(20):
+            await send.send(delta_batch(1 + 10 * i, 10, T0 + 1000 * i))
+            await trio.sleep(0.5)
+        await send.aclose()
+    df = stored(out)
+    assert df.height == 200
+    assert sorted(df["last_update_id"]) == list(range(1, 201))
+    assert writer.stats.upload_failures == 7
+    assert spool.files == 0
+
+
+async def test_shutdown_deadline_keeps_spool(tmp_path, clock, frame_builder):
+    out, store, spool, cfg = setup(tmp_path)
+    down = FlakyStore(store, failures=10**9)
+    send, recv = trio.open_memory_channel(10)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: run_writer(
+                recv,
+                down,
+                spool,
+                cfg,
+                limiter=trio.CapacityLimiter(2),
+                frame_builder=frame_builder,
+                shutdown_timeout=5.0,
+            )
+        )
+        await send.send(delta_batch(1, 10, T0))
+        await send.aclose()
+    assert spool.files == 1 and stored(out).height == 0
+    res = await drain_spool(spool, store)  # next start / `cryptoflow spool flush`
+    assert (res.uploaded, res.remaining) == (1, 0)
+    assert stored(out).height == 10
