@@ -1,0 +1,322 @@
+"""Config loading: shipped files validate; every bad input names file, line and key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cryptoflow.cli import app
+from cryptoflow.config import load_settings
+from cryptoflow.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "configs" / "config.yml"
+
+SYMBOLS = """\
+symbols:
+  BTCUSDT: {binance: BTCUSDT, bybit: BTCUSDT, okx: BTC-USDT-SWAP, kucoin: XBTUSDTM}
+  ETHUSDT: {binance: ETHUSDT, bybit: ETHUSDT, okx: ETH-USDT-SWAP, kucoin: ETHUSDTM}
+  BTCUSDC: {binance: BTCUSDC, bybit: BTCPERP, okx: null, kucoin: XBTUSDCM}
+  FTMUSDT: {binance: null, bybit: null, okx: null, kucoin: null, enabled: false}
+"""
+SHARDS = """\
+shards:
+  - name: main
+    source_ip: null
+    symbols:
+      binance: [BTCUSDT, ETHUSDT]
+"""
+CONFIG = """\
+reader:
+  snapshot_interval: 10
+"""
+
+
+def write(folder: Path, config: str = CONFIG, shards: str = SHARDS, symbols: str = SYMBOLS) -> Path:
+    for name, text in (("config.yml", config), ("ip_shards.yml", shards), ("symbols.yml", symbols)):
+        if text is not None:
+            (folder / name).write_text(text)
+    (folder / ".env").touch()  # keep the developer's own .env out of the tests
+    return folder / "config.yml"
+
+
+def problems(path: Path, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env=env or {}, env_file=path.parent / ".env")
+    return info.value.problems
+
+
+def load(path: Path, env: dict[str, str] | None = None):
+    return load_settings(path, env=env or {}, env_file=path.parent / ".env")
+
+
+# --- shipped configs -----------------------------------------------------------------
+
+
+def test_shipped_configs_validate(tmp_path: Path) -> None:
+    (tmp_path / ".env").touch()
+    settings = load_settings(SHIPPED, env={}, env_file=tmp_path / ".env")
+    assert settings.app.source.binance.depth_limit == 1000
+    assert len(settings.symbols) == 34
+    assert [s.name for s in settings.shards] == ["main"]
+
+
+def test_minimal_config_loads_defaults(tmp_path: Path) -> None:
+    settings = load(write(tmp_path))
+    assert settings.app.reader.snapshot_interval == 10.0
+    assert settings.app.writer.buffer.snapshot_flush_interval == 60.0
+    assert settings.shards[0].symbols == {"binance": ["BTCUSDT", "ETHUSDT"]}
+
+
+def test_cli_validate_shipped_config_exit_0() -> None:
+    result = CliRunner().invoke(app, ["validate-config", "--config", str(SHIPPED)])
+    assert result.exit_code == 0, result.output
+    assert "binance: 33 symbols" in result.output
+    assert "storage: local ./data" in result.output
+
+
+# --- one bad input each, with the right line -----------------------------------------
+
+
+def test_unknown_key_did_you_mean(tmp_path: Path) -> None:
+    cfg = write(tmp_path, config="reader:\n  jitter: 0.5\n  snapshot_intervall: 10\n")
+    assert problems(cfg) == [
+        f"{cfg}:3: reader.snapshot_intervall: unknown key 'snapshot_intervall',"
+        " did you mean 'snapshot_interval'?"
+    ]
+
+
+def test_unknown_top_level_section(tmp_path: Path) -> None:
+    cfg = write(tmp_path, config="reader:\n  jitter: 0.5\nstorge:\n  local_path: x\n")
+    assert problems(cfg) == [f"{cfg}:3: storge: unknown key 'storge', did you mean 'storage'?"]
+
+
+def test_wrong_type(tmp_path: Path) -> None:
+    cfg = write(tmp_path, config="reader:\n  jitter: 0.5\n  snapshot_interval: abc\n")
+    assert problems(cfg) == [f"{cfg}:3: reader.snapshot_interval: expected a number, got 'abc'"]
+
+
+def test_wrong_types_bool_and_int(tmp_path: Path) -> None:
+    text = "processor:\n  verify_book: yes please\nchannels:\n  raw_capacity: 2.5\n"
+    cfg = write(tmp_path, config=text)
+    assert problems(cfg) == [
+        f"{cfg}:2: processor.verify_book: expected true or false, got 'yes please'",
+        f"{cfg}:4: channels.raw_capacity: expected a whole number, got 2.5",
+    ]
+
+
+def test_negative_interval_and_zero_capacity(tmp_path: Path) -> None:
+    text = "channels:\n  raw_capacity: 0\n\nwriter:\n  buffer:\n    delta_flush_interval: -1\n"
+    cfg = write(tmp_path, config=text)
+    assert problems(cfg) == [
+        f"{cfg}:2: channels.raw_capacity: 0 is zero, expected a number > 0",
+        f"{cfg}:6: writer.buffer.delta_flush_interval: -1 is negative, expected a number > 0",
+    ]
+
+
+def test_venue_snapshot_interval_negative(tmp_path: Path) -> None:
+    cfg = write(tmp_path, config="source:\n  okx:\n    snapshot_interval: -10\n")
+    assert problems(cfg) == [
+        f"{cfg}:3: source.okx.snapshot_interval: -10 is negative, expected a number > 0"
+    ]
+
+
+def test_literal_choice(tmp_path: Path) -> None:
+    cfg = write(tmp_path, config="logging:\n  level: LOUD\n")
+    assert problems(cfg) == [
+        f"{cfg}:2: logging.level: expected one of DEBUG, INFO, WARNING, ERROR, got 'LOUD'"
+    ]
+
+
+def test_unknown_symbol_in_shard(tmp_path: Path) -> None:
+    shards = SHARDS.replace("[BTCUSDT, ETHUSDT]", "[BTCUSDT, ETHUSDX]")
+    cfg = write(tmp_path, shards=shards)
+    assert problems(cfg) == [
+        f"{tmp_path / 'ip_shards.yml'}:5: shards.main.symbols.binance:"
+        " unknown symbol 'ETHUSDX', did you mean 'ETHUSDT'?"
+    ]
+
+
+def test_unknown_symbol_block_list_line(tmp_path: Path) -> None:
+    shards = (
+        "shards:\n  - name: main\n    symbols:\n      bybit:\n"
+        "        - BTCUSDT\n        - DOGEUSDT\n"
+    )
+    cfg = write(tmp_path, shards=shards)
+    (p,) = problems(cfg)
+    assert p.startswith(
+        f"{tmp_path / 'ip_shards.yml'}:6: shards.main.symbols.bybit: unknown symbol"
+    )
+
+
+def test_symbol_not_listed_and_disabled(tmp_path: Path) -> None:
+    shards = (
+        "shards:\n  - name: main\n    symbols:\n      okx: [BTCUSDT, BTCUSDC]\n"
+        "      binance:\n        - FTMUSDT\n"
+    )
+    cfg = write(tmp_path, shards=shards)
+    f = tmp_path / "ip_shards.yml"
+    assert problems(cfg) == [
+        f"{f}:4: shards.main.symbols.okx: BTCUSDC is not listed on okx (symbols.yml says null),"
+        " expected a symbol listed there",
+        f"{f}:6: shards.main.symbols.binance: FTMUSDT is disabled in symbols.yml,"
+        " expected an enabled symbol",
+    ]
+
+
+def test_symbol_on_two_shards(tmp_path: Path) -> None:
+    shards = SHARDS + (
+        "  - name: second\n    source_ip: 10.0.0.2\n    symbols:\n      binance: [ETHUSDT]\n"
+        "      bybit: [ETHUSDT]\n"
+    )
+    cfg = write(tmp_path, shards=shards)
+    assert problems(cfg) == [
+        f"{tmp_path / 'ip_shards.yml'}:9: shards.second.symbols.binance: ETHUSDT is already on"
+        " shard 'main' (line 5), expected each symbol on one shard per exchange"
+    ]
+
+
+def test_malformed_ip(tmp_path: Path) -> None:
+    cfg = write(tmp_path, shards=SHARDS.replace("source_ip: null", "source_ip: 10.0.0.300"))
+    assert problems(cfg) == [
+        f"{tmp_path / 'ip_shards.yml'}:3: shards.main.source_ip: '10.0.0.300' is not a valid"
+        " IP address, expected e.g. '10.0.0.5' or null"
+    ]
+
+
+def test_duplicate_source_ip(tmp_path: Path) -> None:
+    shards = (
+        "shards:\n  - name: a\n    source_ip: 10.0.0.1\n    symbols: {binance: [BTCUSDT]}\n"
+        "  - name: b\n    source_ip: 10.0.0.1\n    symbols: {binance: [ETHUSDT]}\n"
+    )
+    cfg = write(tmp_path, shards=shards)
+    assert problems(cfg) == [
+        f"{tmp_path / 'ip_shards.yml'}:6: shards.b.source_ip: 10.0.0.1 is already used by"
+        " shards.a (line 3), expected one shard per source IP"
+    ]
+
+
+def test_unknown_exchange_everywhere(tmp_path: Path) -> None:
+    config = "cryptoflow:\n  exchanges: [binance, kraken]\nsource:\n  bitmex:\n    deltas: false\n"
+    shards = SHARDS.replace("binance: [", "binanse: [")
+    cfg = write(tmp_path, config=config, shards=shards)
+    assert problems(cfg) == [
+        f"{cfg}:4: source.bitmex: unknown exchange 'bitmex',"
+        " expected one of binance, bybit, okx, kucoin",
+        f"{cfg}:2: cryptoflow.exchanges: unknown exchange 'kraken',"
+        " expected one of binance, bybit, okx, kucoin",
+        f"{tmp_path / 'ip_shards.yml'}:5: shards.main.symbols.binanse:"
+        " unknown exchange 'binanse', did you mean 'binance'?",
+    ]
+
+
+def test_unknown_exchange_in_symbol_table(tmp_path: Path) -> None:
+    symbols = SYMBOLS.replace("kucoin: XBTUSDTM}", "kucoin: XBTUSDTM, kukoin: X}")
+    cfg = write(tmp_path, symbols=symbols)
+    (p,) = problems(cfg)
+    assert p.startswith(f"{tmp_path / 'symbols.yml'}:2: symbols.BTCUSDT.kukoin: unknown exchange")
+
+
+def test_bad_binance_depth(tmp_path: Path) -> None:
+    cfg = write(tmp_path, config="source:\n  binance:\n    depth_limit: 700\n")
+    (p,) = problems(cfg)
+    assert p.startswith(f"{cfg}:3: source.binance.depth_limit: 700 is not a Binance depth limit")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    cfg = write(tmp_path, symbols=None)
+    assert problems(cfg) == [f"{tmp_path / 'symbols.yml'}: file not found"]
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yml"
+    assert f"{cfg}: file not found" in problems(cfg)
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    cfg = write(tmp_path, config="reader:\n  jitter: 1\n bad: 2\n")
+    (p,) = problems(cfg)
+    assert p.startswith(f"{cfg}:3: invalid YAML: ")
+
+
+def test_multiple_problems_reported_together(tmp_path: Path) -> None:
+    config = "reader:\n  snapshot_interval: -5\n  jiter: 1\n"
+    shards = SHARDS.replace("source_ip: null", "source_ip: nope").replace("ETHUSDT]", "XXXUSDT]")
+    cfg = write(tmp_path, config=config, shards=shards)
+    found = problems(cfg)
+    assert len(found) == 4
+    assert [p.split(": ")[0] for p in found] == [
+        f"{cfg}:2",
+        f"{cfg}:3",
+        f"{tmp_path / 'ip_shards.yml'}:3",
+        f"{tmp_path / 'ip_shards.yml'}:5",
+    ]
+
+
+def test_cli_exit_2_and_problem_lines(tmp_path: Path) -> None:
+    cfg = write(tmp_path, config="reader:\n  snapshot_interval: abc\n")
+    result = CliRunner(env={"TYPER_USE_RICH": "0"}).invoke(
+        app, ["validate-config", "--config", str(cfg)]
+    )
+    assert result.exit_code == 2
+    assert f"{cfg}:2: reader.snapshot_interval: expected a number" in result.output
+
+
+# --- environment ---------------------------------------------------------------------
+
+
+def test_s3_enabled_needs_bucket(tmp_path: Path) -> None:
+    cfg = write(tmp_path, config="storage:\n  s3:\n    prefix: x\n    enabled: true\n")
+    assert problems(cfg) == [
+        f"{cfg}:4: storage.s3.enabled: S3 is enabled but S3_BUCKET is not set,"
+        " expected S3_BUCKET in the environment or .env"
+    ]
+    settings = load(cfg, env={"S3_BUCKET": "bucket"})
+    assert settings.env.s3_bucket == "bucket"
+
+
+def test_environment_overrides_dotenv_and_hides_secrets(tmp_path: Path) -> None:
+    cfg = write(tmp_path)
+    (tmp_path / ".env").write_text(
+        "AWS_SECRET_ACCESS_KEY=topsecret\nS3_BUCKET=from-file\nAWS_REGION=eu-west-1\n"
+    )
+    settings = load(cfg, env={"S3_BUCKET": "from-env", "LOG_LEVEL": "debug"})
+    assert settings.env.s3_bucket == "from-env"
+    assert settings.env.aws_region == "eu-west-1"
+    assert settings.env.aws_secret_access_key == "topsecret"
+    assert settings.env.log_level == "DEBUG"
+    assert "topsecret" not in repr(settings)
+
+
+def test_dotenv_from_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = write(tmp_path)
+    (tmp_path / ".env").write_text("S3_BUCKET=cwd-bucket\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("S3_BUCKET", raising=False)
+    assert load_settings(cfg, env=dict(os.environ)).env.s3_bucket == "cwd-bucket"
+
+
+def test_bad_log_level_env(tmp_path: Path) -> None:
+    cfg = write(tmp_path)
+    assert problems(cfg, env={"LOG_LEVEL": "chatty"}) == [
+        "environment: LOG_LEVEL: 'chatty' is not a log level,"
+        " expected one of DEBUG, INFO, WARNING, ERROR"
+    ]
+
+
+def test_duplicate_within_shard_and_default_route(tmp_path: Path) -> None:
+    shards = (
+        "shards:\n  - name: a\n    symbols: {okx: [BTCUSDT, BTCUSDT]}\n"
+        "  - name: b\n    source_ip: null\n    symbols: {okx: [ETHUSDT]}\n"
+    )
+    cfg = write(tmp_path, shards=shards)
+    f = tmp_path / "ip_shards.yml"
+    assert problems(cfg) == [
+        f"{f}:3: shards.a.symbols.okx: BTCUSDT is already on this shard (line 3),"
+        " expected each symbol on one shard per exchange",
+        f"{f}:5: shards.b.source_ip: the default route (null) is already used by shards.a"
+        " (line 2), expected one shard per source IP",
+    ]
