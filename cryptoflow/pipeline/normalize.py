@@ -1,0 +1,387 @@
+"""Normalizer: venue records -> row batches, gap records and resync requests (pure).
+
+One `Normalizer` per shard. It keeps one `BookSync` per (exchange, symbol) and flattens
+every diff into `deltas` columns (all diffs received, see `book/sync.py`), every REST
+snapshot (POLL, RESYNC, REPLAY) and in-stream snapshot (STREAM) into `snapshots` columns,
+and every gap into `gaps` columns. Columns are plain lists grown with `list.extend`
+(no per-row object); `frame_from_columns` turns a whole buffer into a typed polars frame
+at flush time, with the one cast that makes decimal strings floats.
+
+`feed` handles one item (live); `feed_many` handles a batch and returns one `RowBatch`
+per (dataset, exchange, symbol) for the whole batch (replay, benchmarks). Both run the
+same code per item, so their rows are identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from operator import itemgetter
+
+import attrs
+import polars as pl
+
+from cryptoflow.book.sync import BookSync, Decision, SyncCounters, SyncRules
+from cryptoflow.models import (
+    SCHEMAS,
+    UTC_MS,
+    UTC_US,
+    Dataset,
+    DepthDiff,
+    DepthSnapshot,
+    Gap,
+    SnapshotSource,
+    StreamEvent,
+)
+from cryptoflow.pipeline.rows import RowBatch
+
+_price = itemgetter(0)
+_qty = itemgetter(1)
+
+DELTA_COLUMNS = (
+    "timestamp",
+    "transaction_time",
+    "receive_time",
+    "first_update_id",
+    "last_update_id",
+    "prev_update_id",
+    "side",
+    "price",
+    "raw_quantity",
+)
+SNAPSHOT_COLUMNS = (
+    "timestamp",
+    "transaction_time",
+    "receive_time",
+    "last_update_id",
+    "side",
+    "level",
+    "price",
+    "raw_quantity",
+    "source",
+)
+GAP_COLUMNS = (
+    "timestamp",
+    "kind",
+    "last_good_id",
+    "first_id_after",
+    "start_time",
+    "end_time",
+    "reason",
+    "detected_at",
+)
+_COLUMNS = {
+    Dataset.DELTAS: DELTA_COLUMNS,
+    Dataset.SNAPSHOTS: SNAPSHOT_COLUMNS,
+    Dataset.GAPS: GAP_COLUMNS,
+}
+
+
+@attrs.define(slots=True)
+class NormalizeOutput:
+    batches: list[RowBatch] = attrs.field(factory=list)
+    gaps: list[Gap] = attrs.field(factory=list)
+    #: (exchange, symbol) whose book needs a fresh snapshot (REST fetch or resubscribe)
+    resync_requests: list[tuple[str, str]] = attrs.field(factory=list)
+    #: this call's counts: delta_rows, snapshot_rows, gap_rows, diffs, snapshots, dropped
+    counters: dict[str, int] = attrs.field(factory=dict)
+
+
+class Normalizer:
+    def __init__(self, rules: Mapping[str, SyncRules], *, track_book: bool = False) -> None:
+        self._rules = dict(rules)
+        self._track_book = track_book
+        self._syncs: dict[tuple[str, str], BookSync] = {}
+        self._multipliers: dict[tuple[str, str], str] = {}
+
+    def set_multiplier(self, exchange: str, symbol: str, multiplier: str) -> None:
+        """Venue size unit -> base units as decimal text (OKX ctVal, KuCoin multiplier)."""
+        self._multipliers[(exchange, symbol)] = multiplier
+
+    def multiplier(self, exchange: str, symbol: str) -> str:
+        return self._multipliers.get((exchange, symbol), "1")
+
+    def sync(self, exchange: str, market: str, symbol: str) -> BookSync:
+        key = (exchange, symbol)
+        s = self._syncs.get(key)
+        if s is None:
+            s = BookSync(
+                exchange, market, symbol, self._rules[exchange], track_book=self._track_book
+            )
+            self._syncs[key] = s
+        return s
+
+    def syncs(self) -> dict[tuple[str, str], BookSync]:
+        return dict(self._syncs)
+
+    def totals(self) -> SyncCounters:
+        total = SyncCounters()
+        for s in self._syncs.values():
+            total.add(s.counters)
+        return total
+
+    def feed(self, item: DepthSnapshot | DepthDiff | StreamEvent) -> NormalizeOutput:
+        return self.feed_many((item,))
+
+    def feed_many(
+        self, items: Iterable[DepthSnapshot | DepthDiff | StreamEvent]
+    ) -> NormalizeOutput:
+        out = NormalizeOutput()
+        acc: dict[tuple[Dataset, str, str, str], dict[str, list]] = {}
+        rows: dict[tuple[Dataset, str, str, str], int] = {}
+        counters = {"diffs": 0, "snapshots": 0, "dropped": 0}
+
+        def cols_for(dataset: Dataset, exchange: str, market: str, symbol: str) -> dict[str, list]:
+            key = (dataset, exchange, market, symbol)
+            cols = acc.get(key)
+            if cols is None:
+                cols = acc[key] = {name: [] for name in _COLUMNS[dataset]}
+                rows[key] = 0
+            return cols
+
+        def decided(d: Decision, item: DepthDiff) -> None:
+            if d.gaps:
+                out.gaps.extend(d.gaps)
+                for gap in d.gaps:
+                    _gap_rows(cols_for(Dataset.GAPS, gap.exchange, gap.market, gap.symbol), gap)
+                    rows[(Dataset.GAPS, gap.exchange, gap.market, gap.symbol)] += 1
+            if d.need_snapshot:
+                out.resync_requests.append((item.exchange, item.symbol))
+
+        syncs = self._syncs
+        for item in items:
+            cls = type(item)
+            if cls is DepthDiff:
+                counters["diffs"] += 1
+                s = syncs.get((item.exchange, item.symbol)) or self.sync(
+                    item.exchange, item.market, item.symbol
+                )
+                d = s.on_diff(item)
+                if d.record:
+                    if item.is_snapshot:
+                        cols = cols_for(Dataset.SNAPSHOTS, item.exchange, item.market, item.symbol)
+                        key = (Dataset.SNAPSHOTS, item.exchange, item.market, item.symbol)
+                        rows[key] += _snapshot_rows(
+                            cols, item, item.last_update_id, SnapshotSource.STREAM
+                        )
+                    else:
+                        cols = cols_for(Dataset.DELTAS, item.exchange, item.market, item.symbol)
+                        rows[(Dataset.DELTAS, item.exchange, item.market, item.symbol)] += (
+                            _delta_rows(cols, item)
+                        )
+                else:
+                    counters["dropped"] += 1
+                if d.gaps or d.need_snapshot:
+                    decided(d, item)
+            elif cls is DepthSnapshot:
+                counters["snapshots"] += 1
+                s = self.sync(item.exchange, item.market, item.symbol)
+                cols = cols_for(Dataset.SNAPSHOTS, item.exchange, item.market, item.symbol)
+                key = (Dataset.SNAPSHOTS, item.exchange, item.market, item.symbol)
+                rows[key] += _snapshot_rows(cols, item, item.last_update_id, item.source)
+                decided(s.on_snapshot(item), item)
+            elif cls is StreamEvent:
+                self.sync(item.exchange, item.market, item.symbol).on_event(item)
+            else:
+                raise TypeError(f"cannot normalize {cls.__name__}")
+
+        counters.update(delta_rows=0, snapshot_rows=0, gap_rows=0)
+        for (dataset, exchange, market, symbol), cols in acc.items():
+            n = rows[(dataset, exchange, market, symbol)]
+            counters[f"{dataset.value[:-1]}_rows"] += n
+            if n:
+                out.batches.append(
+                    RowBatch(
+                        dataset=dataset,
+                        exchange=exchange,
+                        market=market,
+                        symbol=symbol,
+                        columns=cols,
+                        rows=n,
+                        multiplier=self._multipliers.get((exchange, symbol), "1"),
+                    )
+                )
+        out.counters = counters
+        return out
+
+
+def _delta_rows(cols: dict[str, list], d: DepthDiff) -> int:
+    b, a = d.bids, d.asks
+    nb = len(b)
+    n = nb + len(a)
+    if not n:
+        return 0
+    cols["timestamp"].extend([d.event_time] * n)
+    cols["transaction_time"].extend([d.transaction_time] * n)
+    cols["receive_time"].extend([d.receive_time] * n)
+    cols["first_update_id"].extend([d.first_update_id] * n)
+    cols["last_update_id"].extend([d.last_update_id] * n)
+    cols["prev_update_id"].extend([d.prev_update_id] * n)
+    side = cols["side"]
+    side.extend(["bid"] * nb)
+    side.extend(["ask"] * (n - nb))
+    price = cols["price"]
+    price.extend(map(_price, b))
+    price.extend(map(_price, a))
+    qty = cols["raw_quantity"]
+    qty.extend(map(_qty, b))
+    qty.extend(map(_qty, a))
+    return n
+
+
+def _snapshot_rows(
+    cols: dict[str, list], s: DepthSnapshot | DepthDiff, update_id: int, source: SnapshotSource
+) -> int:
+    b, a = s.bids, s.asks
+    nb, na = len(b), len(a)
+    n = nb + na
+    cols["timestamp"].extend([s.event_time] * n)
+    cols["transaction_time"].extend([s.transaction_time] * n)
+    cols["receive_time"].extend([s.receive_time] * n)
+    cols["last_update_id"].extend([update_id] * n)
+    cols["side"].extend(["bid"] * nb)
+    cols["side"].extend(["ask"] * na)
+    cols["level"].extend(range(nb))
+    cols["level"].extend(range(na))
+    cols["price"].extend(map(_price, b))
+    cols["price"].extend(map(_price, a))
+    cols["raw_quantity"].extend(map(_qty, b))
+    cols["raw_quantity"].extend(map(_qty, a))
+    cols["source"].extend([source.value] * n)
+    return n
+
+
+def _gap_rows(cols: dict[str, list], g: Gap) -> None:
+    if g.end_time is not None:
+        ts = g.end_time
+    elif g.start_time is not None:
+        ts = g.start_time
+    else:
+        ts = g.detected_at // 1_000_000
+    cols["timestamp"].append(ts)
+    cols["kind"].append(g.kind.value)
+    cols["last_good_id"].append(g.last_good_id)
+    cols["first_id_after"].append(g.first_id_after)
+    cols["start_time"].append(g.start_time)
+    cols["end_time"].append(g.end_time)
+    cols["reason"].append(g.reason)
+    cols["detected_at"].append(g.detected_at)
+
+
+# --- frames ------------------------------------------------------------------------------
+
+_MS_COLUMNS = ("timestamp", "transaction_time", "start_time", "end_time")
+_NS_COLUMNS = ("receive_time", "detected_at")
+_INT_COLUMNS = (
+    "first_update_id",
+    "last_update_id",
+    "prev_update_id",
+    "last_good_id",
+    "first_id_after",
+)
+_MAX_EXACT_DIGITS = 15
+
+
+def _is_unit(multiplier: str) -> bool:
+    try:
+        return float(multiplier) == 1.0
+    except ValueError:
+        return False
+
+
+def _scale_of(expr: pl.Expr) -> pl.Expr:
+    """Digits after the decimal point of a decimal-string column."""
+    return expr.str.extract(r"\.(\d*)$", 1).str.len_chars().fill_null(0)
+
+
+def frame_from_columns(
+    dataset: Dataset,
+    exchange: str,
+    market: str,
+    symbol: str,
+    columns: dict[str, list],
+    multiplier: str = "1",
+) -> pl.DataFrame:
+    """Column lists (wire types, see `pipeline/rows.py`) -> a frame with exactly
+    `models.SCHEMAS[dataset]`.
+
+    Decimal strings are cast to Float64 by polars (correctly rounded, so equal to Python's
+    `float(text)`). `quantity = raw_quantity × multiplier` is computed in Decimal, then
+    cast, so "3" × "0.1" is 0.3 and not 0.30000000000000004.
+    """
+    dataset = Dataset(dataset)
+    schema = SCHEMAS[dataset]
+    n = len(next(iter(columns.values()))) if columns else 0
+    series = []
+    for name, values in columns.items():
+        if name in _MS_COLUMNS or name in _NS_COLUMNS or name in _INT_COLUMNS or name == "level":
+            series.append(pl.Series(name, values, dtype=pl.Int64))
+        else:
+            series.append(pl.Series(name, values, dtype=pl.String))
+    df = pl.DataFrame(series, height=n)
+    exprs: list[pl.Expr] = [
+        pl.lit(exchange, pl.String).alias("exchange"),
+        pl.lit(market, pl.String).alias("market"),
+        pl.lit(symbol, pl.String).alias("symbol"),
+    ]
+    for name in _MS_COLUMNS:
+        if name in df.columns:
+            exprs.append(
+                pl.col(name).cast(pl.Datetime("ms")).dt.replace_time_zone("UTC").alias(name)
+            )
+    for name in _NS_COLUMNS:
+        if name in df.columns:
+            exprs.append(
+                (pl.col(name) // 1000)
+                .cast(pl.Datetime("us"))
+                .dt.replace_time_zone("UTC")
+                .alias(name)
+            )
+    if "price" in df.columns:
+        raw = pl.col("raw_quantity")
+        exprs.append(pl.col("price").cast(pl.Float64))
+        exprs.append(raw.cast(pl.Float64).alias("raw_quantity"))
+        if _is_unit(multiplier):
+            exprs.append(raw.cast(pl.Float64).alias("quantity"))
+        else:
+            exprs.append(_scaled(df, multiplier).alias("quantity"))
+    df = df.with_columns(exprs)
+    out = df.select([pl.col(name).cast(dtype) for name, dtype in schema.items()])
+    assert out.schema == schema, (out.schema, schema)
+    assert out.schema["timestamp"] == UTC_MS
+    assert "receive_time" not in out.schema or out.schema["receive_time"] == UTC_US
+    return out
+
+
+def _scaled(df: pl.DataFrame, multiplier: str) -> pl.Expr:
+    """raw × multiplier in exact decimal arithmetic (scales chosen to fit 38 digits)."""
+    mult_scale = len(multiplier.split(".", 1)[1]) if "." in multiplier else 0
+    raw_scale = int(df.select(_scale_of(pl.col("raw_quantity")).max()).item() or 0)
+    raw_scale = min(raw_scale, 38 - mult_scale)
+    mult = pl.lit(multiplier).str.to_decimal(scale=mult_scale)
+    return (pl.col("raw_quantity").str.to_decimal(scale=raw_scale) * mult).cast(pl.Float64)
+
+
+def excess_digit_count(columns: Mapping[str, list]) -> int:
+    """How many price / raw_quantity values have more than 15 significant digits, i.e.
+    might not survive the float64 round trip (the design's ingest check; log if > 0)."""
+    total = 0
+    for name in ("price", "raw_quantity"):
+        values = columns.get(name)
+        if not values:
+            continue
+        digits = (
+            pl.Series(values, dtype=pl.String)
+            .str.replace(r"[eE].*$", "")
+            .str.replace_all(r"[^0-9]", "")
+            .str.strip_chars_start("0")
+            .str.strip_chars_end("0")
+            .str.len_chars()
+        )
+        total += int((digits > _MAX_EXACT_DIGITS).sum())
+    return total
+
+
+def frame_from_batch(batch: RowBatch) -> pl.DataFrame:
+    return frame_from_columns(
+        batch.dataset, batch.exchange, batch.market, batch.symbol, batch.columns, batch.multiplier
+    )

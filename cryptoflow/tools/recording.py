@@ -1,0 +1,73 @@
+"""Reader for the shared recording format (`../shared/data/recorded/README.md`).
+
+One JSON object a line: `{"recv_ns": int, "kind": "rest_snapshot" | "ws", "channel": str,
+"msg": payload}`, plain `.jsonl` or gzip `.jsonl.gz` (detected by the gzip magic bytes, so
+a misnamed file still reads). Records are streamed one line at a time; a bad line is
+reported (line number + reason) to `on_error` and skipped, or raised when no callback is
+given, because a replay must go on past one damaged line.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import attrs
+import orjson
+
+from cryptoflow.errors import DataError
+
+KINDS = frozenset({"rest_snapshot", "ws"})
+
+
+@attrs.frozen(slots=True)
+class Record:
+    line_no: int  # 1-based line in the (decompressed) file
+    recv_ns: int
+    kind: str  # "rest_snapshot" | "ws"
+    channel: str
+    msg: Any  # the payload as parsed JSON (dict), or text for non-JSON frames
+
+
+def open_text(path: Path) -> IO[bytes]:
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic == b"\x1f\x8b":
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def parse_record(line: bytes, line_no: int) -> Record:
+    """One line -> Record; DataError says what is wrong (never a bare exception)."""
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise DataError(f"line {line_no}: invalid JSON: {exc}") from None
+    if type(obj) is not dict:
+        raise DataError(f"line {line_no}: record is not a JSON object")
+    for field, typ in (("recv_ns", int), ("kind", str), ("channel", str)):
+        if type(obj.get(field)) is not typ:
+            raise DataError(f"line {line_no}: field {field!r} missing or not {typ.__name__}")
+    if obj["kind"] not in KINDS:
+        raise DataError(f"line {line_no}: unknown kind {obj['kind']!r}")
+    if "msg" not in obj:
+        raise DataError(f"line {line_no}: field 'msg' missing")
+    return Record(line_no, obj["recv_ns"], obj["kind"], obj["channel"], obj["msg"])
+
+
+def iter_records(
+    path: Path, on_error: Callable[[int, str], None] | None = None
+) -> Iterator[Record]:
+    """Records of `path` in file order; blank lines are skipped silently."""
+    with open_text(Path(path)) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield parse_record(line, line_no)
+            except DataError as exc:
+                if on_error is None:
+                    raise
+                on_error(line_no, str(exc))

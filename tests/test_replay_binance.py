@@ -1,0 +1,228 @@
+"""`replay` on the real Binance recordings, against an independent checker.
+
+The checker below uses only stdlib json and loops (no project code) to count diffs,
+levels, snapshots and continuity breaks (`pu` != previous `u` of the same symbol), so the
+replay is compared with numbers it did not produce, including on copies of the
+recordings with messages removed on purpose.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from cryptoflow.errors import UsageError
+from cryptoflow.exchanges.binance.rules import RULES
+from cryptoflow.pipeline.normalize import Normalizer
+from cryptoflow.tools.recording import iter_records
+from cryptoflow.tools.replay import VENUES, replay_summary, run
+
+REC = Path("/work/shared/data/recorded/binance")
+SUSHI = REC / "futures_depth_SUSHIUSDT_AKROUSDT_2021-07-22.jsonl"
+BTC = REC / "futures_depth_BTCUSDT_2024-08-08.jsonl.gz"
+
+pytestmark = pytest.mark.skipif(not REC.is_dir(), reason="shared recordings not present")
+
+
+def read_lines(path: Path) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        return [line for line in f if line.strip()]
+
+
+def check(lines: list[str]) -> dict:
+    """Independent expectation: counts and breaks, stdlib only."""
+    out = Counter()
+    last_u: dict[str, int] = {}
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            out["messages"] += 1
+            continue
+        out["messages"] += 1
+        msg = rec["msg"]
+        if rec["kind"] == "rest_snapshot":
+            out["snapshots"] += 1
+            out["snapshot_rows"] += len(msg["bids"]) + len(msg["asks"])
+            continue
+        data = msg["data"]
+        if not all(k in data for k in ("U", "u", "pu", "E", "b", "a")):
+            continue
+        out["diffs"] += 1
+        out["rows"] += len(data["b"]) + len(data["a"])
+        sym = data["s"]
+        if sym in last_u and data["pu"] != last_u[sym]:
+            out["breaks"] += 1
+        last_u[sym] = data["u"]
+    return dict(out)
+
+
+def expected_level_rows(lines: list[str]) -> Counter:
+    rows = Counter()
+    for line in lines:
+        rec = json.loads(line)
+        if rec["kind"] != "ws":
+            continue
+        data = rec["msg"]["data"]
+        for side, key in (("bid", "b"), ("ask", "a")):
+            for price, qty in data[key]:
+                rows[(data["s"], data["u"], side, float(price), float(qty))] += 1
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        (SUSHI, {"diffs": 444, "rows": 4982, "snapshots": 2, "snapshot_rows": 3372}),
+        (BTC, {"diffs": 6551, "rows": 443521, "snapshots": 1, "snapshot_rows": 2000}),
+    ],
+)
+def test_replay_matches_readme_and_checker(path, expected, tmp_path, capsys):
+    lines = read_lines(path)
+    independent = check(lines)
+    # the README's independently checked numbers, and 0 breaks
+    assert {k: independent[k] for k in expected} == expected
+    assert independent.get("breaks", 0) == 0
+    out = tmp_path / "out"
+    assert run("binance", path, out) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == (
+        f"messages={expected['diffs'] + expected['snapshots']} rows={expected['rows']} "
+        f"gaps=0 resyncs=0 snapshot_rows={expected['snapshot_rows']}"
+    )
+
+    deltas = pl.scan_parquet(str(out) + "/deltas/**/*.parquet", hive_partitioning=True).collect()
+    snaps = pl.scan_parquet(str(out) + "/snapshots/**/*.parquet", hive_partitioning=True).collect()
+    assert deltas.height == expected["rows"]
+    assert snaps.height == expected["snapshot_rows"]
+    assert not (out / "gaps").exists()
+    # every level of every diff is a row, price and quantity equal to float(original str)
+    got = Counter(
+        zip(
+            deltas["symbol"],
+            deltas["last_update_id"],
+            deltas["side"],
+            deltas["price"],
+            deltas["quantity"],
+            strict=True,
+        )
+    )
+    assert got == expected_level_rows(lines)
+    assert (deltas["quantity"] == deltas["raw_quantity"]).all()
+    # partitioned by event-time hour
+    hours = deltas.select(
+        (pl.col("timestamp").dt.hour() == pl.col("hour")).all().alias("h"),
+        (pl.col("timestamp").dt.day() == pl.col("day")).all().alias("d"),
+    )
+    assert hours.row(0) == (True, True)
+    # snapshot levels are numbered from the best price per side
+    assert snaps.filter(pl.col("level") == 0).height == 2 * expected["snapshots"]
+
+
+def test_btc_aligns_on_diff_4_received_before_snapshot():
+    lines = read_lines(BTC)
+    recs = [json.loads(x) for x in lines]
+    snap_pos = next(i for i, r in enumerate(recs) if r["kind"] == "rest_snapshot")
+    last_update_id = recs[snap_pos]["msg"]["lastUpdateId"]
+    diffs = [r["msg"]["data"] for r in recs if r["kind"] == "ws"]
+    aligning = next(
+        i for i, d in enumerate(diffs) if d["U"] <= last_update_id + 1 and d["u"] >= last_update_id
+    )
+    assert aligning == 4 and aligning < snap_pos  # independent: received before the snapshot
+
+    normalizer = Normalizer({"binance": RULES}, track_book=True)
+    venue = VENUES["binance"]
+    for rec in iter_records(BTC):
+        if rec.kind == "ws":
+            normalizer.feed_many(venue.parse_ws(rec.msg, rec.recv_ns))
+        else:
+            normalizer.feed(venue.parse_rest(rec))
+    sync = normalizer.syncs()[("binance", "BTCUSDT")]
+    c = sync.counters
+    assert (c.stale_dropped, c.applied, c.breaks, c.resyncs) == (4, 6547, 0, 0)
+    assert sync.book_id == diffs[-1]["u"] and not sync.book.crossed()
+
+
+def write_copy(path: Path, lines: list[str], gz: bool = False) -> Path:
+    if gz:
+        with gzip.open(path, "wt") as f:
+            f.writelines(lines)
+    else:
+        path.write_text("".join(lines))
+    return path
+
+
+def ws_positions(lines: list[str], symbol: str) -> list[int]:
+    return [
+        i
+        for i, line in enumerate(lines)
+        if json.loads(line)["kind"] == "ws" and json.loads(line)["msg"]["data"]["s"] == symbol
+    ]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_removed_diffs_give_exactly_the_checked_breaks(tmp_path, gz):
+    lines = read_lines(SUSHI)
+    sushi = ws_positions(lines, "SUSHIUSDT")
+    akro = ws_positions(lines, "AKROUSDT")
+    # three separate SUSHI diffs (after the book synced) and two adjacent AKRO diffs
+    drop = {sushi[50], sushi[100], sushi[200], akro[30], akro[31]}
+    copy = [line for i, line in enumerate(lines) if i not in drop]
+    independent = check(copy)
+    assert independent["breaks"] == 4
+    path = write_copy(tmp_path / ("cut.jsonl.gz" if gz else "cut.jsonl"), copy, gz)
+    summary = replay_summary("binance", path, tmp_path / "out")
+    assert (summary.messages, summary.rows, summary.gaps, summary.resyncs) == (
+        independent["messages"],
+        independent["rows"],
+        independent["breaks"],
+        0,
+    )
+    gaps = pl.scan_parquet(str(tmp_path / "out") + "/gaps/**/*.parquet", hive_partitioning=True)
+    gaps = gaps.collect()
+    assert gaps.height == 4
+    assert sorted(gaps["symbol"].to_list()) == ["AKROUSDT"] + ["SUSHIUSDT"] * 3
+    assert set(gaps["kind"]) == {"sequence_break"}
+    # each gap names the last good id and the first id after it, as in the file
+    first = json.loads(lines[sushi[50]])["msg"]["data"]
+    before = json.loads(lines[sushi[49]])["msg"]["data"]
+    after = json.loads(lines[sushi[51]])["msg"]["data"]
+    row = gaps.filter(pl.col("last_good_id") == before["u"]).row(0, named=True)
+    assert row["first_id_after"] == after["U"] and first["pu"] == before["u"]
+
+
+def test_duplicate_line_is_dropped_not_a_break(tmp_path):
+    lines = read_lines(SUSHI)
+    pos = ws_positions(lines, "SUSHIUSDT")[20]
+    copy = [*lines[: pos + 1], lines[pos], *lines[pos + 1 :]]
+    summary = replay_summary("binance", write_copy(tmp_path / "dup.jsonl", copy), None)
+    assert (summary.messages, summary.rows, summary.gaps) == (447, 4982, 0)
+    assert summary.dropped_duplicates == 1
+
+
+def test_bad_records_are_counted_and_skipped(tmp_path, caplog):
+    lines = read_lines(SUSHI)
+    pos = ws_positions(lines, "SUSHIUSDT")[10]
+    broken = json.loads(lines[pos])
+    del broken["msg"]["data"]["u"]
+    copy = [*lines[:5], "{not json\n", *lines[5:pos], json.dumps(broken) + "\n", *lines[pos + 1 :]]
+    independent = check(copy)
+    summary = replay_summary("binance", write_copy(tmp_path / "bad.jsonl", copy), None)
+    assert summary.bad_records == 2
+    assert summary.messages == len(copy) == independent["messages"]
+    assert summary.rows == independent["rows"]
+    assert summary.gaps == independent["breaks"] == 1  # the broken diff is missing from the chain
+    assert "bad.jsonl:6" in caplog.text and "'u'" in caplog.text
+
+
+def test_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        run("binance", tmp_path / "nope.jsonl", tmp_path / "out")
+    with pytest.raises(UsageError, match="unknown exchange"):
+        run("nasdaq", SUSHI, tmp_path / "out")
