@@ -1,0 +1,75 @@
+"""The venues the pipeline can run, by name: the only place that lists them.
+
+Adding a venue = a package under `cryptoflow/exchanges/` plus one entry here; the runtime
+and tools look venues up here and never branch on the name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import attrs
+import httpx
+
+from cryptoflow.book.sync import SyncRules
+from cryptoflow.config_schema import VenueSource
+from cryptoflow.errors import UsageError
+from cryptoflow.exchanges.base import Instrument, SymbolMap
+from cryptoflow.models import DepthSnapshot, SnapshotSource
+from cryptoflow.net.ratelimit import RateBudget
+from cryptoflow.pipeline.stream import VenueStream
+
+
+class VenueRestClient(Protocol):
+    async def fetch_snapshot(
+        self,
+        symbol: str,
+        venue_symbol: str,
+        *,
+        depth_limit: int = ...,
+        source: SnapshotSource = ...,
+    ) -> DepthSnapshot: ...
+
+    async def fetch_instruments(self) -> dict[str, Instrument]: ...
+
+
+@attrs.frozen
+class Venue:
+    name: str
+    default_rest_url: str
+    default_ws_url: str
+    weight_limit_per_minute: int
+    rules: SyncRules
+    make_rest: Callable[[httpx.AsyncClient, RateBudget], VenueRestClient]
+    make_stream: Callable[[VenueSource, str, SymbolMap], VenueStream]  # (cfg, ws_url, map)
+
+
+def _binance() -> Venue:
+    from cryptoflow.exchanges.binance import rest, rules, ws
+
+    return Venue(
+        name="binance",
+        default_rest_url=rest.DEFAULT_REST_URL,
+        default_ws_url=ws.DEFAULT_WS_URL,
+        weight_limit_per_minute=rest.WEIGHT_LIMIT_PER_MINUTE,
+        rules=rules.RULES,
+        make_rest=rest.BinanceRest,
+        make_stream=lambda cfg, url, symbols: ws.BinanceStream(url, cfg.stream_speed, symbols),
+    )
+
+
+_FACTORIES: dict[str, Callable[[], Venue]] = {"binance": _binance}
+
+
+def available() -> list[str]:
+    return list(_FACTORIES)
+
+
+def get_venue(name: str) -> Venue:
+    try:
+        return _FACTORIES[name]()
+    except KeyError:
+        raise UsageError(
+            f"exchange {name!r} is not supported yet; available: {', '.join(available())}"
+        ) from None

@@ -1,0 +1,73 @@
+"""Logging: readable lines in a terminal, JSON lines for machines; secrets never printed.
+
+`logging.format: json` gives one JSON object per line (ts, level, logger, msg, exc) for
+log shippers; `console` a short human line. Whatever the format, every known secret value
+(AWS keys) is replaced by `***` before a record is written, in messages and tracebacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterable
+
+import orjson
+
+
+class RedactSecrets(logging.Filter):
+    def __init__(self, secrets: Iterable[str | None]) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s and len(s) >= 4]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            msg = record.getMessage()
+            for secret in self.secrets:
+                msg = msg.replace(secret, "***")
+            record.msg, record.args = msg, None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc).decode()
+
+
+class ConsoleFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+
+
+def setup_logging(
+    *,
+    level: str = "INFO",
+    fmt: str = "console",
+    output: str = "stderr",
+    debug: bool = False,
+    secrets: Iterable[str | None] = (),
+) -> None:
+    if output == "stdout":
+        handler: logging.Handler = logging.StreamHandler(sys.stdout)
+    elif output in ("stderr", ""):
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = logging.FileHandler(output, encoding="utf-8")
+    handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
+    handler.addFilter(RedactSecrets(secrets))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel("DEBUG" if debug else level.upper())
+    for noisy in ("httpx", "httpcore", "botocore", "boto3", "urllib3", "trio-websocket"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,489 @@
+"""Composition root: the one place that wires readers, normalizers and the writer.
+
+```
+root nursery
+├── simulator (only with --simulate)
+├── signal watcher: 1st SIGINT/SIGTERM -> stop readers; 2nd -> cancel everything
+├── writer (one per process: buffers per dataset/exchange/symbol, spool, uploaders)
+└── exchange nursery (one per venue)
+    └── shard nursery (one per source IP)
+        ├── normalizer (book sync + flatten)      raw channel -> rows channel
+        └── readers scope (cancelled on stop)
+            ├── snapshot poller per symbol        -> raw channel (blocking send)
+            ├── WebSocket stream per symbol group -> raw channel (never blocks)
+            └── resync fetcher                    -> raw channel (blocking send)
+```
+
+Shutdown is two-stage (design.md): stop cancels only the readers; each closes its clone
+of the raw channel, so the normalizers drain and close their clones of the rows channel,
+and the writer flushes every buffer to the spool and uploads under `shutdown_timeout`
+(what misses the deadline stays in the spool for the next start). A second signal
+cancels the root scope at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+import trio
+
+from cryptoflow.config_schema import EXCHANGES, Settings, Shard, VenueSource
+from cryptoflow.errors import CryptoflowError, UsageError
+from cryptoflow.exchanges import registry
+from cryptoflow.models import DepthSnapshot, SnapshotSource
+from cryptoflow.net.http import make_http_client
+from cryptoflow.net.ratelimit import RateBudget
+from cryptoflow.pipeline.normalize import Normalizer
+from cryptoflow.pipeline.poller import PollStats, poll_snapshots
+from cryptoflow.pipeline.resync import ResyncQueue, run_resync_fetcher
+from cryptoflow.pipeline.rows import RowBatch
+from cryptoflow.pipeline.stream import StreamStats, run_stream
+from cryptoflow.pipeline.supervise import supervised
+from cryptoflow.pipeline.writer import WriterStats, run_writer
+
+log = logging.getLogger("cryptoflow.runtime")
+
+
+# --- the plan: what runs where ---------------------------------------------------------
+
+
+@attrs.frozen
+class ShardPlan:
+    exchange: str
+    shard: Shard
+    symbols: tuple[tuple[str, str], ...]  # (normalized, venue symbol)
+    source: VenueSource
+    rest_url: str
+    ws_url: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.exchange}/{self.shard.name}"
+
+
+def select_exchanges(settings: Settings, exchange: str) -> list[str]:
+    enabled = list(settings.app.cryptoflow.exchanges)
+    if exchange == "all":
+        chosen = [e for e in enabled if e in registry.available()]
+        skipped = [e for e in enabled if e not in registry.available()]
+        if skipped:
+            log.warning("not supported yet, skipped: %s", ", ".join(skipped))
+        return chosen
+    if exchange not in EXCHANGES:
+        raise UsageError(
+            f"--exchange {exchange!r}: unknown exchange; expected one of "
+            f"{', '.join((*EXCHANGES, 'all'))}"
+        )
+    registry.get_venue(exchange)  # raises UsageError when not supported yet
+    if exchange not in enabled:
+        raise UsageError(
+            f"--exchange {exchange}: not enabled in cryptoflow.exchanges of {settings.config_path}"
+        )
+    return [exchange]
+
+
+def select_shards(settings: Settings, names: Sequence[str]) -> list[Shard]:
+    if not names:
+        return list(settings.shards)
+    known = {s.name: s for s in settings.shards}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UsageError(
+            f"--shard {', '.join(unknown)}: no such shard in ip_shards.yml; "
+            f"known: {', '.join(known) or '(none)'}"
+        )
+    return [known[n] for n in dict.fromkeys(names)]
+
+
+def build_plans(
+    settings: Settings, exchanges: Sequence[str], shards: Sequence[Shard]
+) -> list[ShardPlan]:
+    plans = []
+    for exchange in exchanges:
+        venue = registry.get_venue(exchange)
+        source = settings.app.source.for_exchange(exchange)
+        if not (source.snapshots or source.deltas):
+            log.warning("%s: both lanes are off in source.%s; skipped", exchange, exchange)
+            continue
+        for shard in shards:
+            pairs = []
+            for sym in shard.symbols.get(exchange, []):
+                entry = settings.symbols.get(sym)
+                venue_sym = entry.venue_symbol(exchange) if entry else None
+                if venue_sym:
+                    pairs.append((sym, venue_sym))
+            if pairs:
+                plans.append(
+                    ShardPlan(
+                        exchange=exchange,
+                        shard=shard,
+                        symbols=tuple(pairs),
+                        source=source,
+                        rest_url=source.rest_url or venue.default_rest_url,
+                        ws_url=source.ws_url or venue.default_ws_url,
+                    )
+                )
+    return plans
+
+
+# --- shutdown ------------------------------------------------------------------------
+
+
+class StopControl:
+    """First stop cancels the readers (graceful drain); `force` cancels everything."""
+
+    def __init__(self) -> None:
+        self.readers = trio.CancelScope()
+        self.requested = trio.Event()
+        self.reason = ""
+        self.forced = False
+
+    def stop(self, reason: str) -> None:
+        if not self.requested.is_set():
+            log.info("stopping (%s): readers stop, buffers drain and flush", reason)
+            self.reason = reason
+            self.requested.set()
+            self.readers.cancel()
+
+
+async def _watch_signals(stop: StopControl, root: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if not stop.requested.is_set():
+                stop.stop(name)
+            else:
+                log.warning("second %s: exiting now; unflushed buffers are lost", name)
+                stop.forced = True
+                root.cancel()
+                return
+
+
+async def _stop_after(stop: StopControl, seconds: float) -> None:
+    await trio.sleep(seconds)
+    stop.stop(f"--duration {seconds:g}s reached")
+
+
+# --- one shard -----------------------------------------------------------------------
+
+
+@attrs.define
+class ShardStats:
+    polls: dict[str, PollStats] = attrs.field(factory=dict)
+    streams: list[StreamStats] = attrs.field(factory=list)
+    budget: RateBudget | None = None
+    normalizer: Normalizer | None = None
+    raw_channel: trio.MemorySendChannel | None = None  # for its statistics() (queue depth)
+
+
+async def run_shard(
+    plan: ShardPlan,
+    settings: Settings,
+    rows_send: trio.MemorySendChannel[RowBatch],
+    stop: StopControl,
+    stats: ShardStats,
+) -> None:
+    venue = registry.get_venue(plan.exchange)
+    app = settings.app
+    source = plan.source
+    limit = source.weight_limit_per_minute or venue.weight_limit_per_minute
+    budget = RateBudget(limit, safety=source.weight_safety, name=plan.label)
+    stats.budget = budget
+    source_ip = plan.shard.source_ip
+    venue_of = {sym: venue_sym for sym, venue_sym in plan.symbols}
+    raw_send, raw_recv = trio.open_memory_channel[object](app.channels.raw_capacity)
+    normalizer = Normalizer({plan.exchange: venue.rules}, track_book=app.processor.verify_book)
+    resync = ResyncQueue()
+    stats.normalizer = normalizer
+    stats.raw_channel = raw_send
+
+    async with make_http_client(
+        plan.rest_url, source_ip=source_ip, timeout=app.reader.request_timeout
+    ) as http:
+        rest = venue.make_rest(http, budget)
+        symbols = await _check_instruments(rest, plan, normalizer)
+
+        async def fetch(sym: str, source_kind: SnapshotSource) -> DepthSnapshot:
+            return await rest.fetch_snapshot(
+                sym, venue_of[sym], depth_limit=source.depth_limit, source=source_kind
+            )
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_run_normalizer, raw_recv, rows_send, normalizer, resync)
+            async with raw_send:
+                with stop.readers:
+                    async with trio.open_nursery() as readers:
+                        _start_readers(
+                            readers, plan, settings, symbols, raw_send, resync, fetch, stats
+                        )
+
+
+def _start_readers(readers, plan, settings, symbols, raw_send, resync, fetch, stats) -> None:
+    app = settings.app
+    source = plan.source
+    interval = source.snapshot_interval or app.reader.snapshot_interval
+    rng = random.Random()
+    if source.snapshots:
+        for sym, _venue_sym in symbols:
+            poll_stats = stats.polls.setdefault(sym, PollStats())
+            readers.start_soon(
+                functools.partial(
+                    supervised,
+                    f"{plan.label} poller {sym}",
+                    lambda sym=sym, st=poll_stats: poll_snapshots(
+                        functools.partial(fetch, sym, SnapshotSource.POLL),
+                        raw_send.clone(),
+                        exchange=plan.exchange,
+                        symbol=sym,
+                        interval=interval,
+                        jitter=app.reader.jitter,
+                        rng=rng,
+                        stats=st,
+                    ),
+                )
+            )
+    if source.deltas:
+        venue = registry.get_venue(plan.exchange)
+        symbol_of = {venue_sym: sym for sym, venue_sym in symbols}
+        stream = venue.make_stream(source, plan.ws_url, symbol_of)
+        venue_symbols = [v for _, v in symbols]
+        size = max(1, stream.streams_per_connection)
+        for i in range(0, len(venue_symbols), size):
+            group = venue_symbols[i : i + size]
+            st = StreamStats()
+            stats.streams.append(st)
+            readers.start_soon(
+                functools.partial(
+                    supervised,
+                    f"{plan.label} stream #{i // size}",
+                    lambda group=group, st=st: run_stream(
+                        stream,
+                        group,
+                        symbol_of,
+                        raw_send.clone(),
+                        source_ip=plan.shard.source_ip,
+                        reconnect_after=app.reader.ws_reconnect_after,
+                        backoff_initial=app.reader.backoff_initial,
+                        backoff_max=app.reader.backoff_max,
+                        stats=st,
+                    ),
+                )
+            )
+        readers.start_soon(
+            functools.partial(
+                supervised,
+                f"{plan.label} resync",
+                lambda: run_resync_fetcher(
+                    resync,
+                    functools.partial(_fetch_resync, fetch),
+                    raw_send.clone(),
+                    exchange=plan.exchange,
+                ),
+            )
+        )
+
+
+async def _fetch_resync(fetch, sym: str) -> DepthSnapshot:
+    return await fetch(sym, SnapshotSource.RESYNC)
+
+
+async def _check_instruments(
+    rest: registry.VenueRestClient, plan: ShardPlan, normalizer: Normalizer
+) -> tuple[tuple[str, str], ...]:
+    """Warn about (and skip) symbols the venue does not list; set contract multipliers.
+
+    A failed instruments request is not fatal: the symbols are tried as configured.
+    """
+    try:
+        instruments = await rest.fetch_instruments()
+    except CryptoflowError as exc:
+        log.warning("%s: instruments check skipped: %s", plan.label, exc)
+        return plan.symbols
+    kept = []
+    for sym, venue_sym in plan.symbols:
+        inst = instruments.get(venue_sym)
+        if inst is None or not inst.status_ok:
+            log.warning(
+                "%s: %s (%s) is not listed as trading; not collected",
+                plan.label,
+                sym,
+                venue_sym,
+            )
+            continue
+        normalizer.set_multiplier(plan.exchange, sym, inst.multiplier_text)
+        kept.append((sym, venue_sym))
+    return tuple(kept)
+
+
+async def _run_normalizer(
+    raw_recv: trio.MemoryReceiveChannel,
+    rows_send: trio.MemorySendChannel[RowBatch],
+    normalizer: Normalizer,
+    resync: ResyncQueue,
+) -> None:
+    async with raw_recv, rows_send:
+        async for item in raw_recv:
+            out = normalizer.feed(item)
+            for exchange_symbol in out.resync_requests:
+                resync.request(exchange_symbol[1])
+            for gap in out.gaps:
+                log.warning(
+                    "%s/%s: gap (%s): %s", gap.exchange, gap.symbol, gap.kind.value, gap.reason
+                )
+            for batch in out.batches:
+                await rows_send.send(batch)
+
+
+# --- the whole run -------------------------------------------------------------------
+
+
+@attrs.define
+class RunResult:
+    writer: WriterStats | None = None
+    shards: dict[str, ShardStats] = attrs.field(factory=dict)
+    stop_reason: str = ""
+    forced: bool = False
+
+
+async def collect_main(
+    settings: Settings,
+    plans: list[ShardPlan],
+    *,
+    output: Path | None,
+    duration: float | None,
+    simulate: bool,
+    install_signal_handlers: bool = True,
+    task_status: trio.TaskStatus[StopControl] = trio.TASK_STATUS_IGNORED,
+) -> RunResult:
+    from cryptoflow.storage.factory import build_spool, build_store, describe
+    from cryptoflow.storage.spool import Spool
+
+    app = settings.app
+    result = RunResult()
+    stop = StopControl()
+    limiter = trio.CapacityLimiter(max(1, app.writer.encode_threads))
+    async with trio.open_nursery() as root:
+        if simulate:
+            plans = await _start_simulator(root, plans)
+        if install_signal_handlers:
+            root.start_soon(_watch_signals, stop, root.cancel_scope)
+        store = build_store(app.storage, settings.env, output)
+        spool: Spool = build_spool(app.storage)
+        report = await trio.to_thread.run_sync(spool.scan)
+        log.info(
+            "collecting %s -> %s (spool %s: %d files waiting from earlier runs)",
+            ", ".join(p.label for p in plans) or "nothing",
+            describe(store),
+            spool.root,
+            len(spool.pending()),
+        )
+        del report
+        if duration is not None:
+            root.start_soon(_stop_after, stop, duration)
+        rows_send, rows_recv = trio.open_memory_channel[RowBatch](app.channels.rows_capacity)
+        writer_done = trio.Event()
+
+        async def writer_task() -> None:
+            result.writer = await run_writer(
+                rows_recv,
+                store,
+                spool,
+                app.writer.buffer,
+                limiter=limiter,
+                shutdown_timeout=app.cryptoflow.shutdown_timeout,
+            )
+            writer_done.set()
+
+        root.start_soon(writer_task)
+        task_status.started(stop)
+        async with rows_send, trio.open_nursery() as venues:
+            for plan in plans:
+                st = result.shards.setdefault(plan.label, ShardStats())
+                venues.start_soon(
+                    functools.partial(
+                        supervised,
+                        f"{plan.label} shard",
+                        functools.partial(run_shard, plan, settings, rows_send.clone(), stop, st),
+                    )
+                )
+            if not plans:
+                stop.stop("nothing to collect")
+        await writer_done.wait()
+        root.cancel_scope.cancel()
+    result.stop_reason = stop.reason
+    result.forced = stop.forced
+    return result
+
+
+async def _start_simulator(nursery: trio.Nursery, plans: list[ShardPlan]) -> list[ShardPlan]:
+    from cryptoflow.sim.server import serve_simulator
+
+    venue_symbols = sorted({v for p in plans for _, v in p.symbols})
+    sim = await nursery.start(functools.partial(serve_simulator, symbols=venue_symbols))
+    log.info("simulator: REST %s, WebSocket %s", sim.rest_url, sim.ws_url)
+    return [
+        attrs.evolve(
+            p,
+            rest_url=sim.rest_url,
+            ws_url=sim.ws_url,
+            shard=attrs.evolve(p.shard, source_ip=None),
+        )
+        for p in plans
+    ]
+
+
+def run_collect(
+    *,
+    config_path: Path,
+    exchange: str,
+    output: Path | None,
+    duration: float | None,
+    simulate: bool,
+    shards: Sequence[str],
+    debug: bool,
+) -> int:
+    from cryptoflow.config import load_settings
+    from cryptoflow.ops.logging import setup_logging
+
+    settings = load_settings(config_path)
+    lg = settings.app.logging
+    setup_logging(
+        level=settings.env.log_level or lg.level,
+        fmt=lg.format,
+        output=lg.output,
+        debug=debug,
+        secrets=(settings.env.aws_secret_access_key, settings.env.aws_access_key_id),
+    )
+    if duration is not None and duration <= 0:
+        raise UsageError(f"--duration {duration:g}: must be a positive number of seconds")
+    exchanges = select_exchanges(settings, exchange)
+    plans = build_plans(settings, exchanges, select_shards(settings, shards))
+    if not plans:
+        raise UsageError(f"--exchange {exchange}: no shard lists a symbol for it")
+    result = trio.run(
+        functools.partial(
+            collect_main, settings, plans, output=output, duration=duration, simulate=simulate
+        )
+    )
+    if result.forced:
+        return 130
+    ws = result.writer
+    if ws is not None:
+        log.info(
+            "done (%s): %d files uploaded, %d left in spool",
+            result.stop_reason,
+            ws.files_uploaded,
+            ws.spool_files,
+        )
+    return 130 if result.stop_reason == "SIGINT" else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(0)
