@@ -272,6 +272,7 @@ def _start_readers(readers, plan, settings, symbols, raw_send, resync, fetch, st
                         reconnect_after=app.reader.ws_reconnect_after,
                         backoff_initial=app.reader.backoff_initial,
                         backoff_max=app.reader.backoff_max,
+                        stall_timeout=app.reader.ws_stall_timeout,
                         stats=st,
                     ),
                 )
@@ -476,9 +477,15 @@ def run_collect(
         return 130
     ws = result.writer
     if ws is not None:
+        received = sum(ws.rows_received.values())
+        spooled = sum(ws.rows_spooled.values())
         log.info(
-            "done (%s): %d files uploaded, %d left in spool",
+            "done (%s): rows received=%d spooled=%d uploaded=%d; files uploaded=%d, "
+            "left in spool=%d",
             result.stop_reason,
+            received,
+            spooled,
+            sum(ws.rows_uploaded.values()),
             ws.files_uploaded,
             ws.spool_files,
         )
