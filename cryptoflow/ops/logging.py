@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import orjson
 
@@ -55,15 +56,31 @@ def setup_logging(
     output: str = "stderr",
     debug: bool = False,
     secrets: Iterable[str | None] = (),
+    console: Any = None,
 ) -> None:
+    """Configure the root logger. With `console` (a rich Console showing the live status
+    table) terminal log lines go through it, so they print above the table, not into it."""
+    if console is not None and fmt == "console" and output in ("stderr", "stdout", ""):
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(
+            console=console, show_path=False, rich_tracebacks=False, markup=False
+        )
+        handler.addFilter(RedactSecrets(secrets))
+        _install(handler, level, debug)
+        return
     if output == "stdout":
-        handler: logging.Handler = logging.StreamHandler(sys.stdout)
+        handler = logging.StreamHandler(sys.stdout)
     elif output in ("stderr", ""):
         handler = logging.StreamHandler(sys.stderr)
     else:
         handler = logging.FileHandler(output, encoding="utf-8")
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
     handler.addFilter(RedactSecrets(secrets))
+    _install(handler, level, debug)
+
+
+def _install(handler: logging.Handler, level: str, debug: bool) -> None:
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

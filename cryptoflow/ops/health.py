@@ -1,0 +1,180 @@
+"""The ops HTTP endpoint: `/metrics` (Prometheus text) and `/healthz` (JSON), on trio + h11.
+
+`serve_ops` binds 127.0.0.1:9108 by default (`metrics.host/port` in config.yml). Each
+request is answered on the trio thread (reading the stats is a few dict walks), then the
+connection is closed. `GET` and `HEAD` only.
+
+`/healthz` answers 200 `{"status": "ok"}`, or 503 `{"status": "unhealthy", "reasons": [...]}`
+when any of:
+- `stale`: a symbol lane that has received data at least once has received nothing for
+  more than `stale_after` seconds (lanes that never received anything are not judged;
+  the `snapshots` lane only where a REST poller runs for the symbol, since without one
+  snapshots come only on resync);
+- `spool_over_limit`: the spool holds more than its `max_bytes`;
+- `writer_backpressure`: the writer has paused its input because the spool refuses new
+  files (the spool is full in practice: it refuses writes *before* passing its limit).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import h11
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from cryptoflow.ops.metrics import Freshness, build_registry, iter_symbols, watched_lanes
+
+log = logging.getLogger(__name__)
+
+READ_TIMEOUT = 10.0
+MAX_REQUEST_BYTES = 16 * 1024
+
+
+def check_health(
+    result: Any,
+    *,
+    stale_after: float = 60.0,
+    spool: Any = None,
+    freshness: Freshness | None = None,
+) -> list[dict[str, Any]]:
+    """Reasons the run is unhealthy (empty list = healthy)."""
+    freshness = freshness or Freshness()
+    reasons: list[dict[str, Any]] = []
+    for view in iter_symbols(result):
+        for lane in watched_lanes(view):
+            age = freshness.age(view, lane)
+            if age is not None and age > stale_after:
+                reasons.append(
+                    {
+                        "reason": "stale",
+                        "exchange": view.exchange,
+                        "shard": view.shard,
+                        "symbol": view.symbol,
+                        "lane": lane,
+                        "age_seconds": round(age, 3),
+                        "stale_after": stale_after,
+                    }
+                )
+    spool = spool if spool is not None else getattr(result, "spool", None)
+    if spool is not None:
+        used, limit = int(getattr(spool, "bytes", 0)), getattr(spool, "max_bytes", None)
+        if limit is not None and used > limit:
+            reasons.append({"reason": "spool_over_limit", "bytes": used, "max_bytes": int(limit)})
+    writer = getattr(result, "writer", None) if result is not None else None
+    if writer is not None and getattr(writer, "backpressure", False):
+        reasons.append(
+            {
+                "reason": "writer_backpressure",
+                "buffered_rows": int(getattr(writer, "buffered_rows", 0)),
+                "spool_bytes": int(getattr(writer, "spool_bytes", 0)),
+            }
+        )
+    return reasons
+
+
+class OpsApp:
+    """Routes requests; holds the registry and the freshness tracker shared by both paths."""
+
+    def __init__(
+        self,
+        result_getter: Callable[[], Any],
+        *,
+        stale_after: float = 60.0,
+        spool: Any = None,
+        freshness: Freshness | None = None,
+    ) -> None:
+        self.result_getter = result_getter
+        self.stale_after = stale_after
+        self.spool = spool
+        self.freshness = freshness or Freshness(clock=trio.current_time)
+        self.registry, self.collector = build_registry(
+            result_getter, spool=spool, freshness=self.freshness
+        )
+
+    def handle(self, method: str, target: str) -> tuple[int, str, bytes]:
+        path = target.split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return 405, "text/plain; charset=utf-8", b"method not allowed\n"
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        if path == "/healthz":
+            reasons = check_health(
+                self.result_getter(),
+                stale_after=self.stale_after,
+                spool=self.spool,
+                freshness=self.freshness,
+            )
+            if reasons:
+                body = {"status": "unhealthy", "reasons": reasons}
+                return 503, "application/json", json.dumps(body).encode() + b"\n"
+            return 200, "application/json", b'{"status": "ok"}\n'
+        if path == "/":
+            return 200, "text/plain; charset=utf-8", b"cryptoflow: /metrics /healthz\n"
+        return 404, "text/plain; charset=utf-8", b"not found\n"
+
+    async def serve_connection(self, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+        try:
+            with trio.move_on_after(READ_TIMEOUT):
+                request = await _next_request(conn, stream)
+                if request is None:
+                    return
+                method = request.method.decode("ascii", "replace")
+                status, ctype, body = self.handle(method, request.target.decode("latin-1"))
+                headers = [
+                    ("Content-Type", ctype),
+                    ("Content-Length", str(len(body))),
+                    ("Connection", "close"),
+                ]
+                if status == 405:
+                    headers.append(("Allow", "GET, HEAD"))
+                out = conn.send(h11.Response(status_code=status, headers=headers))
+                if method != "HEAD":
+                    out += conn.send(h11.Data(data=body))
+                out += conn.send(h11.EndOfMessage())
+                await stream.send_all(out)
+        except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:  # one bad request must never take the endpoint down
+            log.exception("ops endpoint: request failed")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+
+async def _next_request(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Request | None:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(4096)
+            conn.receive_data(data)  # b"" = EOF
+            continue
+        if isinstance(event, h11.Request):
+            return event
+        return None  # ConnectionClosed or anything unexpected
+
+
+async def serve_ops(
+    result_getter: Callable[[], Any],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 9108,
+    stale_after: float = 60.0,
+    spool: Any = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `/metrics` and `/healthz` until cancelled; `task_status.started(bound_port)`.
+
+    `result_getter()` returns the live `RunResult` (or None before the run exists);
+    `spool` is the `Spool` (anything with `.bytes` and `.max_bytes`), else `result.spool`.
+    """
+    app = OpsApp(result_getter, stale_after=stale_after, spool=spool)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+    log.info("ops endpoint on http://%s:%d (/metrics, /healthz)", host, bound)
+    async with trio.open_nursery() as nursery:
+        task_status.started(bound)
+        await trio.serve_listeners(app.serve_connection, listeners, handler_nursery=nursery)

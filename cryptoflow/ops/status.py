@@ -1,0 +1,203 @@
+"""Live status: a compact rich table, refreshed about once a second, when stdout is a TTY.
+
+One row per (venue, symbol): messages/s and rows/s over the last refresh, last update
+age, gaps, resyncs, book state. The caption gives the writer's side: buffered rows, spool
+backlog (files/bytes), uploads and upload failures. Rows/s needs the writer's per-symbol
+row counter (`WriterStats.rows_by_symbol`); without it the column shows "-".
+
+`render_table` is pure (tests call it); `run_live_status` is the trio task. It returns at
+once when the console is not a terminal, so `collect` under systemd/docker/k8s or piped
+output prints nothing extra.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from cryptoflow.ops.metrics import Freshness, SymbolView, iter_symbols
+
+
+@attrs.frozen
+class SymbolCounts:
+    messages: int
+    rows: int | None
+
+
+#: (exchange, symbol) -> counts summed over lanes (and over shards, if a symbol is in two)
+Snapshot = dict[tuple[str, str], SymbolCounts]
+
+
+def take_snapshot(result: Any) -> Snapshot:
+    out: dict[tuple[str, str], SymbolCounts] = {}
+    for v in iter_symbols(result):
+        key = (v.exchange, v.symbol)
+        msgs = sum(v.messages.values())
+        rows = None if v.rows is None else sum(v.rows.values())
+        prev = out.get(key)
+        if prev is not None:  # the symbol is in two shards: messages add up, rows do not
+            msgs += prev.messages  # (the writer's row counts are per symbol already)
+            rows = prev.rows if prev.rows is not None else rows
+        out[key] = SymbolCounts(msgs, rows)
+    return out
+
+
+def _rate(now: int | None, before: int | None, dt: float) -> float | None:
+    if now is None or before is None or dt <= 0:
+        return None
+    return max(0, now - before) / dt
+
+
+def _fmt_rate(rate: float | None) -> str:
+    if rate is None:
+        return "-"
+    return f"{rate:,.0f}" if rate >= 10 else f"{rate:.1f}"
+
+
+def _fmt_age(age: float | None) -> str:
+    if age is None:
+        return "-"
+    if age < 60:
+        return f"{age:.1f}s"
+    if age < 3600:
+        return f"{age / 60:.1f}m"
+    return f"{age / 3600:.1f}h"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"  # pragma: no cover
+
+
+def _age(view: SymbolView, freshness: Freshness) -> float | None:
+    ages = [a for lane in view.messages if (a := freshness.age(view, lane)) is not None]
+    return min(ages) if ages else None
+
+
+def render_table(
+    result: Any,
+    previous_snapshot: Snapshot | None,
+    dt: float,
+    *,
+    freshness: Freshness | None = None,
+    stale_after: float = 60.0,
+) -> Table:
+    """The status table for `result`; rates are (now - previous_snapshot) / dt."""
+    freshness = freshness or Freshness()
+    current = take_snapshot(result)
+    table = Table(title="cryptoflow", expand=False, pad_edge=False, show_edge=False)
+    for name, justify in (
+        ("venue", "left"),
+        ("symbol", "left"),
+        ("msg/s", "right"),
+        ("rows/s", "right"),
+        ("age", "right"),
+        ("gaps", "right"),
+        ("resyncs", "right"),
+        ("book", "left"),
+    ):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    seen: dict[tuple[str, str], SymbolView] = {}
+    ages: dict[tuple[str, str], float | None] = {}
+    gaps: dict[tuple[str, str], int] = {}
+    resyncs: dict[tuple[str, str], int] = {}
+    synced: dict[tuple[str, str], bool] = {}
+    for v in iter_symbols(result):
+        key = (v.exchange, v.symbol)
+        seen.setdefault(key, v)
+        a = _age(v, freshness)
+        old = ages.get(key)
+        ages[key] = a if old is None else (old if a is None else min(a, old))
+        gaps[key] = gaps.get(key, 0) + v.gaps
+        resyncs[key] = resyncs.get(key, 0) + v.resyncs
+        synced[key] = synced.get(key, False) or v.synced
+    last_venue = None
+    for key in sorted(seen):
+        exchange, symbol = key
+        now_c = current[key]
+        if previous_snapshot is None:  # first frame: no rates yet
+            msg_rate = row_rate = None
+        else:
+            before = previous_snapshot.get(key, SymbolCounts(0, 0))
+            msg_rate = _rate(now_c.messages, before.messages, dt)
+            row_rate = _rate(now_c.rows, before.rows if before.rows is not None else 0, dt)
+        age = ages.get(key)
+        style = "red" if age is not None and age > stale_after else None
+        if gaps[key]:
+            style = style or "yellow"
+        has_data = now_c.messages > 0
+        book = "synced" if synced[key] else ("waiting" if has_data else "no data")
+        table.add_row(
+            exchange if exchange != last_venue else "",
+            symbol,
+            _fmt_rate(msg_rate),
+            _fmt_rate(row_rate),
+            _fmt_age(age),
+            str(gaps[key]),
+            str(resyncs[key]),
+            book,
+            style=style,
+        )
+        last_venue = exchange
+    table.caption = _caption(result)
+    return table
+
+
+def _caption(result: Any) -> str:
+    ws = getattr(result, "writer", None) if result is not None else None
+    if ws is None:
+        return "writer: starting"
+    parts = [
+        f"buffered {getattr(ws, 'buffered_rows', 0):,} rows",
+        f"spool {getattr(ws, 'spool_files', 0)} files / "
+        f"{_fmt_bytes(getattr(ws, 'spool_bytes', 0))}",
+        f"uploaded {getattr(ws, 'files_uploaded', 0)} files",
+        f"upload failures {getattr(ws, 'upload_failures', 0)}",
+    ]
+    if getattr(ws, "backpressure", False):
+        parts.append("BACK-PRESSURE (spool full)")
+    return " · ".join(parts)
+
+
+def live_status_enabled(console: Console) -> bool:
+    return bool(console.is_terminal) and not console.is_dumb_terminal
+
+
+async def run_live_status(
+    result_getter: Callable[[], Any],
+    *,
+    console: Console | None = None,
+    interval: float = 1.0,
+) -> None:
+    """Show the live table until cancelled; returns at once when not on a terminal."""
+    console = console or Console()
+    if not live_status_enabled(console):
+        return
+    freshness = Freshness(clock=trio.current_time)
+    previous: Snapshot | None = None
+    last = time.monotonic()
+    with Live(
+        render_table(result_getter(), None, 0.0, freshness=freshness),
+        console=console,
+        auto_refresh=False,  # no refresh thread: the trio task below drives it
+        transient=False,
+        redirect_stdout=False,
+        redirect_stderr=False,
+    ) as live:
+        while True:
+            result = result_getter()
+            now = time.monotonic()
+            table = render_table(result, previous, now - last, freshness=freshness)
+            live.update(table, refresh=True)
+            previous, last = take_snapshot(result), now
+            await trio.sleep(interval)
