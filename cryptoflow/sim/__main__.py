@@ -1,10 +1,12 @@
 """Standalone simulator process.
 
     python -m cryptoflow.sim --symbols BTCUSDT,ETHUSDT --port 0 --ws-port 0
+    python -m cryptoflow.sim --venues binance,bybit,okx,kucoin --symbols BTCUSDT,ETHUSDT
 
 Prints one JSON line on stdout once both ports listen:
 ``{"rest_url": "http://127.0.0.1:P", "ws_url": "ws://127.0.0.1:P2", "rest_port": P,
-"ws_port": P2, "symbols": [...], "pid": N}``, then runs until SIGTERM/SIGINT (exit 0).
+"ws_port": P2, "symbols": [...], "venues": {venue: [instrument ids]}, "pid": N}``, then
+runs until SIGTERM/SIGINT (exit 0).
 Faults and stats are driven over HTTP: ``POST /_sim/faults``, ``GET /_sim/stats``.
 """
 
@@ -39,6 +41,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--depth", type=int, default=1000, help="max levels per side")
     ap.add_argument("--connection-lifetime", type=float, default=0, help="0 = unlimited")
     ap.add_argument("--recorded-dir", default=None, help="seed books from recorded snapshots")
+    ap.add_argument("--venues", default="binance", help="comma-separated: binance,bybit,okx,kucoin")
+    for v, ex in (("bybit", "BTCUSDT"), ("okx", "BTC-USDT-SWAP"), ("kucoin", "XBTUSDTM")):
+        ap.add_argument(
+            f"--{v}-symbols",
+            default="",
+            help=f"comma-separated {v} instrument ids (e.g. {ex}); default: --symbols mapped",
+        )
+    ap.add_argument(
+        "--okx-no-snapshot", action="store_true", help="OKX: no in-stream snapshot message"
+    )
     return ap.parse_args(argv)
 
 
@@ -58,6 +70,13 @@ async def _run(args: argparse.Namespace) -> None:
                 depth=args.depth,
                 recorded_dir=args.recorded_dir,
                 connection_lifetime=args.connection_lifetime or None,
+                venues=[v.strip() for v in args.venues.split(",") if v.strip()],
+                venue_symbols={
+                    v: [s.strip() for s in getattr(args, f"{v}_symbols").split(",") if s.strip()]
+                    for v in ("bybit", "okx", "kucoin")
+                    if getattr(args, f"{v}_symbols")
+                },
+                okx_snapshot_in_stream=not args.okx_no_snapshot,
                 host=args.host,
                 port=args.port,
                 ws_port=args.ws_port,
@@ -70,6 +89,7 @@ async def _run(args: argparse.Namespace) -> None:
             "rest_port": sim.rest_port,
             "ws_port": sim.ws_port,
             "symbols": sim.symbols,
+            "venues": {name: list(m.books) for name, m in sim.markets.items()},
             "pid": os.getpid(),
         }
         print(json.dumps(line), flush=True)

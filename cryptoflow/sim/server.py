@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,9 +21,12 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from cryptoflow.sim.binance import BinanceVenue
 from cryptoflow.sim.book import Book, find_recorded_snapshot, spec_for
+from cryptoflow.sim.bybit import BybitVenue
 from cryptoflow.sim.faults import Faults, Stats
 from cryptoflow.sim.http import HttpRequest, HttpResponse, serve_http
+from cryptoflow.sim.kucoin import KucoinVenue
 from cryptoflow.sim.market import Market
+from cryptoflow.sim.okx import OkxVenue
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +52,33 @@ class Venue(Protocol):
     async def handle_ws(self, request: WebSocketRequest) -> None: ...
 
 
-# name -> factory(market, faults, stats, **options). Bybit/OKX/KuCoin register here later;
-# their REST and WS paths do not overlap Binance's, so all can share the two ports.
-VENUES: dict[str, Callable[..., Venue]] = {"binance": BinanceVenue}
+# name -> factory(market, faults, stats, **options). REST paths do not overlap (/fapi/,
+# /v5/, /api/v5/, /api/v1/); OKX's WS path /ws/v5/public sits under Binance's /ws/ prefix,
+# so Binance is asked last. Each venue has its own books (own ids) and its own Stats.
+VENUES: dict[str, Callable[..., Venue]] = {
+    "binance": BinanceVenue,
+    "bybit": BybitVenue,
+    "okx": OkxVenue,
+    "kucoin": KucoinVenue,
+}
 
 
 class Simulator:
     """Handle returned by :func:`open_simulator` / ``nursery.start(serve_simulator, ...)``."""
 
-    def __init__(self, market: Market, faults: Faults, stats: Stats, venues: list[Venue]) -> None:
-        self.market = market
+    def __init__(
+        self,
+        market: Market,
+        faults: Faults,
+        stats: Stats,
+        venues: list[Venue],
+        markets: dict[str, Market] | None = None,
+    ) -> None:
+        self.market = market  # Binance's (or the first venue's) market
         self.faults = faults
-        self.stats = stats
+        self.stats = stats  # Binance's stats (top level of stats_json)
         self.venues = venues
+        self.markets = markets if markets is not None else {v.name: market for v in venues}
         self.rest_url = ""
         self.ws_url = ""
         self.rest_port = 0
@@ -71,21 +88,36 @@ class Simulator:
     def symbols(self) -> list[str]:
         return list(self.market.books)
 
-    def book(self, symbol: str) -> dict[str, Any]:
-        """Full current book: ``{"symbol", "lastUpdateId", "bids": {price: qty}, "asks"}``."""
-        return self.market.books[symbol.upper()].snapshot()
+    def venue(self, name: str) -> Venue:
+        return next(v for v in self.venues if v.name == name)
+
+    def venue_symbols(self, venue: str = "binance") -> list[str]:
+        return list(self.markets[venue].books)
+
+    def book(self, symbol: str, venue: str | None = None) -> dict[str, Any]:
+        """Full current book: ``{"symbol", "lastUpdateId", "bids": {price: qty}, "asks"}``.
+
+        ``venue`` (default Binance): the venue's id (Bybit ``u``, OKX ``seqId``, KuCoin
+        ``sequence``) and sizes in the venue's units as served (OKX contracts, KuCoin lots;
+        KuCoin prices/sizes in the canonical text the project's parser yields)."""
+        if venue is None or venue == "binance":
+            return self.markets.get("binance", self.market).books[symbol.upper()].snapshot()
+        return self.venue(venue).book_view(symbol)  # type: ignore[attr-defined]
 
     def pause(self) -> None:
-        """Stop the clock loop from ticking the books (streams then go quiet)."""
-        self.market.paused = True
+        """Stop the clock loops from ticking the books (streams then go quiet)."""
+        for m in {id(m): m for m in (self.market, *self.markets.values())}.values():
+            m.paused = True
 
     def resume(self) -> None:
-        self.market.paused = False
+        for m in {id(m): m for m in (self.market, *self.markets.values())}.values():
+            m.paused = False
 
     def step(self, n: int = 1) -> None:
-        """Tick every book ``n`` times now (works while paused)."""
+        """Tick every book of every venue ``n`` times now (works while paused)."""
         for _ in range(n):
-            self.market.step()
+            for m in {id(m): m for m in (self.market, *self.markets.values())}.values():
+                m.step()
 
     def stats_json(self) -> dict[str, Any]:
         out = self.stats.to_json()
@@ -94,6 +126,13 @@ class Simulator:
             c.to_json() for v in self.venues for c in getattr(v, "connections", [])
         ]
         out["paused"] = self.market.paused
+        venues: dict[str, Any] = {}
+        for v in self.venues:
+            vs: Stats = getattr(v, "stats", self.stats)
+            d = vs.to_json()
+            d["ws"]["connection_list"] = [c.to_json() for c in getattr(v, "connections", [])]
+            venues[v.name] = d
+        out["venues"] = venues
         return out
 
     # --- dispatch -----------------------------------------------------------------------
@@ -143,10 +182,12 @@ class Simulator:
                     return HttpResponse.json({"ok": False, "error": str(e)}, status=400)
                 return HttpResponse.json({"ok": True, "queued": queued})
         if p == "/_sim/book" and m == "GET":
-            sym = req.query.get("symbol", "").upper()
-            if sym not in self.market.books:
+            venue = req.query.get("venue", "binance")
+            sym = req.query.get("symbol", "")
+            sym = sym.upper() if venue == "binance" else sym
+            if venue not in self.markets or sym not in self.markets[venue].books:
                 return HttpResponse.json({"ok": False, "error": "unknown symbol"}, status=404)
-            return HttpResponse.json(self.book(sym))
+            return HttpResponse.json(self.book(sym, venue))
         if p == "/_sim/pause" and m == "POST":
             self.pause()
             return HttpResponse.json({"ok": True})
@@ -188,7 +229,10 @@ async def serve_simulator(
     depth: int = 1000,
     recorded_dir: str | Path | None = None,
     connection_lifetime: float | None = None,
-    venues: Sequence[str] = ("binance",),
+    venues: Sequence[str] | None = None,
+    venue_symbols: Mapping[str, Sequence[str]] | None = None,
+    okx_snapshot_in_stream: bool = True,
+    venue_options: Mapping[str, Mapping[str, Any]] | None = None,
     host: str = "127.0.0.1",
     port: int = 0,
     ws_port: int = 0,
@@ -207,29 +251,66 @@ async def serve_simulator(
     recorded_dir (e.g. ``../shared/data/recorded``): seed a symbol's book from a recorded
     Binance REST snapshot under ``<recorded_dir>/binance/`` when one exists.
     connection_lifetime: close each WS connection after this many seconds (the 24 h cut).
-    venues: venue modules to plug in (keys of ``VENUES``).
+    venues: venue modules to plug in (keys of ``VENUES``); default: the keys of
+    ``venue_symbols`` when given, else ("binance",).
+    venue_symbols: venue -> that venue's instrument ids (``{"okx": ["BTC-USDT-SWAP"],
+    "kucoin": ["XBTUSDTM"], ...}``); a venue not in it gets ``symbols`` mapped to its
+    names (BTCUSDT -> BTCUSDT / BTC-USDT-SWAP / XBTUSDTM). Binance uses ``symbols`` unless
+    ``venue_symbols["binance"]`` is given. Each venue has its own books and ids.
+    okx_snapshot_in_stream: False = OKX sends no in-stream snapshot (anchor on REST seqId).
+    venue_options: venue -> extra keyword options of that venue class (e.g.
+    ``{"bybit": {"rate_limit": 600, "rate_window": 5, "ban_seconds": 600,
+    "idle_timeout": 600}, "okx": {"idle_timeout": 30, "books_limit": 40,
+    "heartbeat_every": 50}, "kucoin": {"ping_interval_ms": 18000, "ping_timeout_ms":
+    10000, "rate_limit": 2000}}``; see each module's class).
     """
-    stats = Stats()
     faults = Faults()
-    market = Market(build_books(symbols, seed, depth, recorded_dir), stats)
+    if venues is None:
+        venues = list(venue_symbols) if venue_symbols else ["binance"]
     unknown = [v for v in venues if v not in VENUES]
     if unknown:
         raise ValueError(f"unknown simulator venue(s) {unknown}; known: {sorted(VENUES)}")
-    plugged = [
-        VENUES[v](
-            market,
-            faults,
-            stats,
-            weight_limit=weight_limit,
-            weight_window=weight_window,
-            ban_seconds=ban_seconds,
-            ping_interval=ping_interval,
-            pong_timeout=pong_timeout,
-            connection_lifetime=connection_lifetime,
+    vsyms = dict(venue_symbols or {})
+    opts = {k: dict(v) for k, v in (venue_options or {}).items()}
+    opts.setdefault("okx", {}).setdefault("snapshot_in_stream", okx_snapshot_in_stream)
+    markets: dict[str, Market] = {}
+    plugged = []
+    for v in venues:
+        factory: Any = VENUES[v]
+        vstats = Stats()
+        if hasattr(factory, "make_books"):
+            names = (
+                vsyms[v] if v in vsyms else [factory.from_normalized(s.upper()) for s in symbols]
+            )
+            books = factory.make_books(list(names), seed, depth)
+        else:
+            books = build_books(vsyms.get(v, symbols), seed, depth, recorded_dir)
+        markets[v] = Market(books, vstats)
+        plugged.append(
+            factory(
+                markets[v],
+                faults,
+                vstats,
+                weight_limit=weight_limit,
+                weight_window=weight_window,
+                ban_seconds=ban_seconds,
+                ping_interval=ping_interval,
+                pong_timeout=pong_timeout,
+                connection_lifetime=connection_lifetime,
+            )
+            if v == "binance"
+            else factory(
+                markets[v],
+                faults,
+                vstats,
+                connection_lifetime=connection_lifetime,
+                **opts.get(v, {}),
+            )
         )
-        for v in venues
-    ]
-    sim = Simulator(market, faults, stats, plugged)
+    main = markets.get("binance") or next(iter(markets.values()), None) or Market({}, Stats())
+    stats = main.stats
+    plugged.sort(key=lambda x: x.name == "binance")  # Binance's /ws/ prefix is asked last
+    sim = Simulator(main, faults, stats, plugged, markets)
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(serve_http, sim.handle_http, host, port)
         sim.rest_port = listeners[0].socket.getsockname()[1]
@@ -239,7 +320,11 @@ async def serve_simulator(
         sim.ws_port = ws_server.port
         sim.rest_url = f"http://{host}:{sim.rest_port}"
         sim.ws_url = f"ws://{host}:{sim.ws_port}"
-        nursery.start_soon(market.run, tick_interval)
+        for v in plugged:
+            if hasattr(v, "ws_url"):
+                v.ws_url = sim.ws_url  # KuCoin's bullet endpoint points here
+        for m in markets.values():
+            nursery.start_soon(m.run, tick_interval)
         task_status.started(sim)
 
 
