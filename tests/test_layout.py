@@ -67,12 +67,14 @@ def gap_cols(ts: list[int]) -> dict[str, list]:
 def test_key_for_each_id_dataset(frame_builder, dataset, cols, name):
     frame = frame_builder(dataset, "binance", "futures", "BTCUSDT", cols)
     [(key, part)] = layout.keys_for_frame(dataset, "binance", "futures", "BTCUSDT", frame, "pre")
+    digest = layout.content_hash(part)
     assert key == (
         f"pre/{dataset.value}/exchange=binance/market=futures/symbol=BTCUSDT/"
-        f"year=2025/month=03/day=04/hour=10/{name}.parquet"
+        f"year=2025/month=03/day=04/hour=10/{name}-{digest}.parquet"
     )
     assert part.height == 2
     parts = layout.parse_key(key)
+    assert parts.content_hash == digest
     assert (parts.prefix, parts.dataset, parts.symbol) == ("pre", dataset.value, "BTCUSDT")
     assert (parts.first_id, parts.last_id) == (7, 9)
     assert parts.hour == datetime(2025, 3, 4, 10, tzinfo=UTC)
@@ -102,8 +104,8 @@ def test_hour_boundary_split(frame_builder):
     assert [layout.parse_key(k).hour.hour for k, _ in out] == [10, 11]
     assert [p.height for _, p in out] == [2, 3]
     assert sum(p.height for _, p in out) == frame.height
-    assert out[0][0].endswith(f"BTCUSDT-1-2-{T0}-{T0 + 30_000}.parquet")
-    assert out[1][0].endswith(f"BTCUSDT-3-5-{T0 + 60_000}-{T0 + H}.parquet")
+    assert f"/BTCUSDT-1-2-{T0}-{T0 + 30_000}-" in out[0][0]
+    assert f"/BTCUSDT-3-5-{T0 + 60_000}-{T0 + H}-" in out[1][0]
 
 
 def test_deterministic_names(frame_builder):
@@ -117,6 +119,41 @@ def test_deterministic_names(frame_builder):
     assert layout.file_name(Dataset.GAPS, "SOLUSDT", g1) == layout.file_name(
         Dataset.GAPS, "SOLUSDT", g2
     )
+
+
+def test_same_range_different_content_gets_different_names(frame_builder):
+    """Two flushes with the same id and time range but different rows never overwrite
+    each other: the content hash tells them apart."""
+    a = frame_builder(Dataset.DELTAS, "binance", "futures", "BTCUSDT", delta_cols([T0], [5]))
+    cols = delta_cols([T0], [5])
+    cols["quantity"] = ["2"]
+    b = frame_builder(Dataset.DELTAS, "binance", "futures", "BTCUSDT", cols)
+    [(ka, _)] = layout.keys_for_frame(Dataset.DELTAS, "binance", "futures", "BTCUSDT", a)
+    [(kb, _)] = layout.keys_for_frame(Dataset.DELTAS, "binance", "futures", "BTCUSDT", b)
+    assert ka != kb
+    pa, pb = layout.parse_key(ka), layout.parse_key(kb)
+    assert (pa.first_id, pa.last_id, pa.first_ts_ms) == (pb.first_id, pb.last_id, pb.first_ts_ms)
+    # the hash is over the exact file bytes that are stored
+    [(kc, _, data)] = layout.files_for_frame(Dataset.DELTAS, "binance", "futures", "BTCUSDT", a)
+    assert kc == ka and layout.parse_key(kc).content_hash == layout.content_hash(data)
+
+
+def test_old_names_without_hash_still_parse():
+    key = (
+        "deltas/exchange=binance/market=futures/symbol=BTCUSDT/year=2025/month=03/day=04/"
+        "hour=10/BTCUSDT-7-9-100-200.parquet"
+    )
+    parts = layout.parse_key(key)
+    assert (parts.first_id, parts.last_id, parts.content_hash) == (7, 9, None)
+
+
+def test_raw_key_roundtrip():
+    ns = T0 * 1_000_000
+    key = layout.raw_key("binance", "futures", "BTCUSDT", ns, ns + 5_000_000, b"abc")
+    assert key.startswith("raw/exchange=binance/market=futures/symbol=BTCUSDT/year=2025/")
+    assert key.endswith(f"/BTCUSDT-{T0}-{T0 + 5}-{layout.content_hash(b'abc')}.jsonl.zst")
+    parts = layout.parse_key(key)
+    assert parts.dataset == "raw" and parts.first_ts_ms == T0 and parts.content_hash
 
 
 def test_parse_key_rejects_foreign_keys():

@@ -3,7 +3,8 @@
 Flow per buffer key (dataset, exchange, market, symbol):
 - `RowBatch.columns` lists are appended with `list.extend` (no per-row objects).
 - A buffer is flushed when its dataset's interval has elapsed since its first row
-  (`snapshot_flush_interval`, `delta_flush_interval`, `gap_flush_interval`), or when it
+  (`snapshot_flush_interval`, `delta_flush_interval`, `gap_flush_interval`; delta and gap
+  intervals are capped by `storage.spool.max_age`, the durability bound), or when it
   reaches `max_rows` / about `max_bytes` of memory, or when all buffers together reach
   `max_buffered_rows` (memory cap).
 - Flush (one thread call behind the CapacityLimiter): build the typed frame, split by
@@ -19,6 +20,10 @@ Flow per buffer key (dataset, exchange, market, symbol):
   shielded cancel scope) every buffer is flushed and every spool file uploaded. Whatever
   is not uploaded by then stays in the spool (reported in the final log line, uploaded
   on the next start); rows that could not even be spooled are reported at ERROR.
+- Start: the uploaders begin with whatever `spool.pending()` holds (files left by an
+  earlier run), before and while new data arrives, even if none ever does.
+- Optional raw capture (`RawCapture`): its buffers are flushed here too, at the delta
+  interval, as `.jsonl.zst` files through the same spool and uploaders.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from cryptoflow.config_schema import BufferSection
 from cryptoflow.errors import SpoolFull, StorageError, StorageRejected
 from cryptoflow.models import Dataset
 from cryptoflow.pipeline.rows import RowBatch
-from cryptoflow.storage import layout, parquet
+from cryptoflow.storage import layout, rawfile
 from cryptoflow.storage.base import ObjectStore
 from cryptoflow.storage.spool import Spool, SpoolEntry
 
@@ -65,6 +70,11 @@ class WriterStats:
     rows_received: Counter[str] = attrs.field(factory=Counter)  # per dataset
     rows_spooled: Counter[str] = attrs.field(factory=Counter)  # rows in complete spool files
     rows_uploaded: Counter[str] = attrs.field(factory=Counter)  # rows verified in storage
+    #: rows received per (dataset, exchange, symbol), for per-symbol metrics and rows/s
+    rows_by_symbol: Counter[tuple[str, str, str]] = attrs.field(factory=Counter)
+    upload_seconds_sum: float = 0.0
+    upload_seconds_count: int = 0
+    upload_seconds_max: float = 0.0
     flushes: int = 0
     files_spooled: int = 0
     bytes_spooled: int = 0
@@ -72,7 +82,12 @@ class WriterStats:
     bytes_uploaded: int = 0
     upload_failures: int = 0
     flush_failures: int = 0  # spool refused (SpoolFull) or spool disk error
-    spool_full_events: int = 0
+    spool_full_events: int = 0  # flushes refused because the spool is at max_bytes
+    spool_warnings: int = 0  # "spool filling" (past 80 % of max_bytes) warnings issued
+    raw_files: int = 0  # raw-capture files spooled
+    raw_lines_uploaded: int = 0  # raw-capture lines verified in storage
+    raw_dropped_lines: int = 0  # raw lines dropped (spool full for too long), logged ERROR
+    startup_spool_files: int = 0  # files found in the spool at start (earlier runs)
     # gauges
     buffered_rows: int = 0
     max_buffered_rows_seen: int = 0
@@ -122,12 +137,19 @@ def _flush_blocking(
     dataset, exchange, market, symbol = key
     frame = builder(dataset, exchange, market, symbol, columns, multiplier)
     parts = [
-        (k, part.height, parquet.encode(part))
-        for k, part in layout.keys_for_frame(dataset, exchange, market, symbol, frame)
+        (k, part.height, data)
+        for k, part, data in layout.files_for_frame(dataset, exchange, market, symbol, frame)
     ]
     spool.check_capacity(sum(len(d) for _, _, d in parts))
     # a partial failure is safe to redo: names are deterministic, so rewrites overwrite
     return [(spool.write(k, data, rows=n), n) for k, n, data in parts]
+
+
+def _flush_raw_blocking(spool: Spool, buf) -> SpoolEntry:
+    data = rawfile.encode(buf.lines)
+    exchange, market, symbol = buf.key
+    key = layout.raw_key(exchange, market, symbol, buf.first_ns, buf.last_ns, data)
+    return spool.write(key, data, rows=len(buf.lines))
 
 
 class Writer:
@@ -144,6 +166,8 @@ class Writer:
         retry_initial: float = 1.0,
         retry_max: float = 60.0,
         stats: WriterStats | None = None,
+        max_age: float | None = None,
+        raw=None,
     ) -> None:
         self.store = store
         self.spool = spool
@@ -154,6 +178,9 @@ class Writer:
         self.max_buffered_rows = max_buffered_rows or 2 * max(1, buffer_cfg.max_rows)
         self.backoff = _Backoff(retry_initial, retry_max)
         self.stats = stats or WriterStats()
+        #: cap on the age of buffered delta/gap rows (storage.spool.max_age): loss bound
+        self.max_age = max_age
+        self.raw = raw  # cryptoflow.pipeline.raw.RawCapture or None
         self._buffers: dict[BufferKey, _Buffer] = {}
         self._rotated: list[_Buffer] = []  # replaced buffers (multiplier change), flush ASAP
         self._inflight: set[str] = set()
@@ -165,8 +192,10 @@ class Writer:
         if dataset == Dataset.SNAPSHOTS:
             return self.cfg.snapshot_flush_interval
         if dataset == Dataset.DELTAS:
-            return self.cfg.delta_flush_interval
-        return self.cfg.gap_flush_interval
+            interval = self.cfg.delta_flush_interval
+        else:
+            interval = self.cfg.gap_flush_interval
+        return min(interval, self.max_age) if self.max_age else interval
 
     def _set_buffered(self, delta: int) -> None:
         s = self.stats
@@ -187,6 +216,7 @@ class Writer:
             self._buffers[key] = buf
         buf.append(batch)
         self.stats.rows_received[key[0].value] += batch.rows
+        self.stats.rows_by_symbol[(key[0].value, key[1], key[3])] += batch.rows
         self._set_buffered(batch.rows)
 
     def _due(self, buf: _Buffer, now: float, force: bool) -> bool:
@@ -203,6 +233,8 @@ class Writer:
             max(b.retry_at, b.opened_at + self._interval(b.key[0])) for b in self._buffers.values()
         ]
         deadlines += [b.retry_at for b in self._rotated]
+        if self.raw is not None:
+            deadlines.append(self.raw.next_deadline(self._interval(Dataset.DELTAS)))
         return min(deadlines, default=float("inf"))
 
     async def _flush_buffer(self, buf: _Buffer) -> bool:
@@ -244,8 +276,40 @@ class Writer:
         self._wake_uploaders()
         return True
 
+    async def _flush_raw(self, now: float, force: bool) -> None:
+        for buf in self.raw.take_due(now, self._interval(Dataset.DELTAS), force=force):
+            try:
+                entry = await trio.to_thread.run_sync(
+                    _flush_raw_blocking, self.spool, buf, limiter=self.limiter
+                )
+            except (SpoolFull, OSError) as exc:
+                buf.failures += 1
+                delay = self.backoff.delay(buf.failures)
+                buf.retry_at = trio.current_time() + delay
+                self.stats.flush_failures += 1
+                if isinstance(exc, SpoolFull):
+                    self.stats.spool_full_events += 1
+                log.error(
+                    "writer: cannot spool %d raw lines of %s/%s (%s); kept, retry in %.1fs",
+                    len(buf.lines),
+                    buf.key[0],
+                    buf.key[2],
+                    exc,
+                    delay,
+                )
+                self.raw.put_back(buf)
+                self.stats.raw_dropped_lines = self.raw.stats.dropped_lines
+                continue
+            self.stats.raw_files += 1
+            self.stats.files_spooled += 1
+            self.stats.bytes_spooled += entry.size
+            self._update_spool_gauges()
+            self._wake_uploaders()
+
     async def _flush_due(self, *, force: bool = False) -> None:
         now = trio.current_time()
+        if self.raw is not None and self.raw.pending:
+            await self._flush_raw(now, force)
         for buf in list(self._rotated):
             if now >= buf.retry_at and await self._flush_buffer(buf):
                 self._rotated.remove(buf)
@@ -283,6 +347,7 @@ class Writer:
     def _update_spool_gauges(self) -> None:
         self.stats.spool_files = self.spool.files
         self.stats.spool_bytes = self.spool.bytes
+        self.stats.spool_warnings = self.spool.warnings
 
     def _wake_uploaders(self) -> None:
         self._new_work.set()
@@ -296,6 +361,7 @@ class Writer:
         return None
 
     async def _upload_one(self, entry: SpoolEntry) -> bool:
+        started = trio.current_time()
         try:
             await self.store.put_file(entry.key, entry.path)
         except StorageError as exc:
@@ -303,12 +369,20 @@ class Writer:
             level = logging.ERROR if isinstance(exc, StorageRejected) else logging.WARNING
             log.log(level, "upload of %s failed (kept in spool, will retry): %s", entry.key, exc)
             return False
+        took = trio.current_time() - started
         await trio.to_thread.run_sync(self.spool.remove, entry, limiter=self.limiter)
         s = self.stats
+        s.upload_seconds_sum += took
+        s.upload_seconds_count += 1
+        s.upload_seconds_max = max(s.upload_seconds_max, took)
         s.files_uploaded += 1
         s.bytes_uploaded += entry.size
         if entry.rows is not None:
-            s.rows_uploaded[entry.key.split("/", 1)[0]] += entry.rows
+            dataset = entry.key.split("/", 1)[0]
+            if dataset == Dataset.RAW.value:
+                s.raw_lines_uploaded += entry.rows  # raw capture lines, not table rows
+            else:
+                s.rows_uploaded[dataset] += entry.rows
         self._update_spool_gauges()
         return True
 
@@ -346,9 +420,9 @@ class Writer:
         async with trio.open_nursery() as nursery:
             scope, done = trio.CancelScope(), trio.Event()
             nursery.start_soon(self._run_uploaders, scope, done)
-            while self._buffers or self._rotated:
+            while self._buffers or self._rotated or (self.raw is not None and self.raw.pending):
                 await self._flush_due(force=True)
-                if self._buffers or self._rotated:
+                if self._buffers or self._rotated or (self.raw is not None and self.raw.pending):
                     await trio.sleep_until(self._next_deadline())
             await self._wait_spool_empty()
             scope.cancel()
@@ -363,6 +437,15 @@ class Writer:
         task_status: trio.TaskStatus[Writer] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         self._update_spool_gauges()
+        waiting = self.spool.pending()
+        self.stats.startup_spool_files = len(waiting)
+        if waiting:
+            log.info(
+                "writer: uploading %d spool files (%d bytes) left by an earlier run to %s",
+                len(waiting),
+                sum(e.size for e in waiting),
+                self.store.describe(),
+            )
         async with trio.open_nursery() as nursery:
             upl_scope, upl_done = trio.CancelScope(), trio.Event()
             nursery.start_soon(self._run_uploaders, upl_scope, upl_done)
@@ -389,9 +472,12 @@ class Writer:
                 unspooled,
             )
         log.info(
-            "writer stopped%s: uploaded %d files (%d bytes); %d files (%d bytes) left in spool "
-            "%s for the next start",
+            "writer stopped%s: rows received=%d spooled=%d uploaded=%d; uploaded %d files "
+            "(%d bytes); %d files (%d bytes) left in spool %s for the next start",
             " at the shutdown deadline" if timed_out else "",
+            sum(s.rows_received.values()),
+            sum(s.rows_spooled.values()),
+            sum(s.rows_uploaded.values()),
             s.files_uploaded,
             s.bytes_uploaded,
             s.spool_files,
@@ -414,6 +500,8 @@ async def run_writer(
     retry_initial: float = 1.0,
     retry_max: float = 60.0,
     stats: WriterStats | None = None,
+    max_age: float | None = None,
+    raw=None,
     task_status: trio.TaskStatus[Writer] = trio.TASK_STATUS_IGNORED,
 ) -> WriterStats:
     """Run the writer stage until `receive_rows` closes (then flush + upload, bounded by
@@ -429,6 +517,8 @@ async def run_writer(
         retry_initial=retry_initial,
         retry_max=retry_max,
         stats=stats,
+        max_age=max_age,
+        raw=raw,
     )
     await writer.run(receive_rows, shutdown_timeout=shutdown_timeout, task_status=task_status)
     return writer.stats

@@ -6,11 +6,17 @@
 - The hour is the data's *event* time (the `timestamp` column, UTC), never the flush time.
   A frame that spans an hour boundary becomes one file per hour (`split_by_hour`).
 - File names are deterministic from content, so a retried upload of the same rows
-  overwrites the same key instead of adding a duplicate:
-    snapshots / deltas:
-        `<SYMBOL>-<min last_update_id>-<max last_update_id>-<first_ts_ms>-<last_ts_ms>.parquet`
+  overwrites the same key instead of adding a duplicate, and two *different* files can
+  never share a name (the short content hash tells apart two flushes that happen to
+  cover the same id and time range):
+    snapshots / deltas: `<SYMBOL>-<min last_update_id>-<max last_update_id>-
+                         <first_ts_ms>-<last_ts_ms>-<hash8>.parquet` (one line)
     gaps:               `<SYMBOL>-<first_ts_ms>-<last_ts_ms>-<hash8>.parquet`
-  (`hash8` = first 8 hex digits of a SHA-256 over the rows; gaps have no id range).
+    raw:                `<SYMBOL>-<first_recv_ms>-<last_recv_ms>-<hash8>.jsonl.zst`
+  `hash8` = the first 8 hex digits of the SHA-256 of the file's bytes (the zstd Parquet
+  encoding is deterministic for the same rows, so a re-encode gets the same name). Raw
+  capture files are partitioned by local receive time (a raw payload has no parsed
+  event time). Names without `-<hash8>` (written before the hash was added) still parse.
 - Keys built here are *relative* (no prefix) unless a prefix is passed; the S3 store adds
   its configured prefix itself, the spool and the local store use relative keys.
 """
@@ -25,6 +31,7 @@ import attrs
 import polars as pl
 
 from cryptoflow.models import Dataset
+from cryptoflow.storage import parquet
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -32,19 +39,22 @@ _KEY_RE = re.compile(
     r"^(?:(?P<prefix>.+)/)?(?P<dataset>[a-z_]+)/exchange=(?P<exchange>[^/]+)/"
     r"market=(?P<market>[^/]+)/symbol=(?P<symbol>[^/]+)/year=(?P<year>\d{4})/"
     r"month=(?P<month>\d{2})/day=(?P<day>\d{2})/hour=(?P<hour>\d{2})/"
-    r"(?P<filename>[^/]+\.parquet)$"
+    r"(?P<filename>[^/]+\.(?:parquet|jsonl\.zst))$"
 )
 _ID_NAME_RE = re.compile(
-    r"^(?P<symbol>.+)-(?P<first_id>-?\d+)-(?P<last_id>-?\d+)-(?P<first_ts>-?\d+)-(?P<last_ts>-?\d+)\.parquet$"
+    r"^(?P<symbol>.+?)-(?P<first_id>-?\d+)-(?P<last_id>-?\d+)-(?P<first_ts>-?\d+)"
+    r"-(?P<last_ts>-?\d+)(?:-(?P<hash>[0-9a-f]{8}))?\.parquet$"
 )
 _GAP_NAME_RE = re.compile(
-    r"^(?P<symbol>.+)-(?P<first_ts>-?\d+)-(?P<last_ts>-?\d+)-(?P<hash>[0-9a-f]{8})\.parquet$"
+    r"^(?P<symbol>.+)-(?P<first_ts>-?\d+)-(?P<last_ts>-?\d+)-(?P<hash>[0-9a-f]{8})"
+    r"\.(?:parquet|jsonl\.zst)$"
 )
+RAW_SUFFIX = ".jsonl.zst"
 
 
 @attrs.frozen
 class KeyParts:
-    """A parsed object key. Gaps have no ids but a `content_hash`; the others the reverse."""
+    """A parsed object key. Gaps and raw files have no ids; every new name has a hash."""
 
     prefix: str
     dataset: str
@@ -91,20 +101,38 @@ def _ts_ms(frame: pl.DataFrame) -> tuple[int, int]:
     return (int(lo) if lo is not None else 0, int(hi) if hi is not None else 0)
 
 
-def content_hash(frame: pl.DataFrame) -> str:
-    """8 hex digits over the rows' text form: stable for the same content."""
-    return hashlib.sha256(frame.write_csv().encode()).hexdigest()[:8]
+def content_hash(data: bytes | pl.DataFrame) -> str:
+    """8 hex digits of the SHA-256 of a file's bytes (a frame: of its Parquet encoding)."""
+    if isinstance(data, pl.DataFrame):
+        data = parquet.encode(data)
+    return hashlib.sha256(data).hexdigest()[:8]
 
 
-def file_name(dataset: Dataset | str, symbol: str, frame: pl.DataFrame) -> str:
-    """The deterministic file name for the rows of one (already hour-split) frame."""
+def file_name(
+    dataset: Dataset | str, symbol: str, frame: pl.DataFrame, digest: str | None = None
+) -> str:
+    """The deterministic file name for the rows of one (already hour-split) frame.
+
+    `digest` is `content_hash` of the encoded file; computed here when not given."""
     ds = Dataset(dataset)
     first_ts, last_ts = _ts_ms(frame)
+    digest = digest or content_hash(frame)
     if ds in (Dataset.SNAPSHOTS, Dataset.DELTAS):
         ids = frame.get_column("last_update_id")
         lo, hi = ids.min(), ids.max()
-        return f"{symbol}-{int(lo or 0)}-{int(hi or 0)}-{first_ts}-{last_ts}.parquet"
-    return f"{symbol}-{first_ts}-{last_ts}-{content_hash(frame)}.parquet"
+        return f"{symbol}-{int(lo or 0)}-{int(hi or 0)}-{first_ts}-{last_ts}-{digest}.parquet"
+    return f"{symbol}-{first_ts}-{last_ts}-{digest}.parquet"
+
+
+def raw_key(
+    exchange: str, market: str, symbol: str, first_ns: int, last_ns: int, data: bytes
+) -> str:
+    """Relative key of one raw-capture file (receive-time hour partition)."""
+    hour = datetime.fromtimestamp((first_ns // 3_600_000_000_000) * 3600, tz=UTC)
+    name = (
+        f"{symbol}-{first_ns // 1_000_000}-{last_ns // 1_000_000}-{content_hash(data)}{RAW_SUFFIX}"
+    )
+    return join_key(partition_path(Dataset.RAW, exchange, market, symbol, hour), name)
 
 
 def split_by_hour(frame: pl.DataFrame) -> list[tuple[datetime, pl.DataFrame]]:
@@ -136,12 +164,31 @@ def object_key(
     hour: datetime,
     frame: pl.DataFrame,
     prefix: str = "",
+    digest: str | None = None,
 ) -> str:
     return join_key(
         prefix,
         partition_path(dataset, exchange, market, symbol, hour),
-        file_name(dataset, symbol, frame),
+        file_name(dataset, symbol, frame, digest),
     )
+
+
+def files_for_frame(
+    dataset: Dataset | str,
+    exchange: str,
+    market: str,
+    symbol: str,
+    frame: pl.DataFrame,
+    prefix: str = "",
+) -> list[tuple[str, pl.DataFrame, bytes]]:
+    """(key, rows, zstd Parquet bytes) per event-time hour of `frame`: what one flush
+    writes. The key's hash is over exactly those bytes."""
+    out = []
+    for hour, part in split_by_hour(frame):
+        data = parquet.encode(part)
+        key = object_key(dataset, exchange, market, symbol, hour, part, prefix, content_hash(data))
+        out.append((key, part, data))
+    return out
 
 
 def keys_for_frame(
@@ -154,8 +201,8 @@ def keys_for_frame(
 ) -> list[tuple[str, pl.DataFrame]]:
     """(key, rows) per event-time hour of `frame`: what one flush writes."""
     return [
-        (object_key(dataset, exchange, market, symbol, hour, part, prefix), part)
-        for hour, part in split_by_hour(frame)
+        (key, part)
+        for key, part, _ in files_for_frame(dataset, exchange, market, symbol, frame, prefix)
     ]
 
 
@@ -167,7 +214,7 @@ def parse_key(key: str) -> KeyParts:
     hour = datetime(int(m["year"]), int(m["month"]), int(m["day"]), int(m["hour"]), tzinfo=UTC)
     fields: dict = {}
     name = m["filename"]
-    if m["dataset"] == Dataset.GAPS.value:
+    if m["dataset"] in (Dataset.GAPS.value, Dataset.RAW.value):
         g = _GAP_NAME_RE.match(name)
         if g:
             fields = {
@@ -183,6 +230,7 @@ def parse_key(key: str) -> KeyParts:
                 "last_id": int(g["last_id"]),
                 "first_ts_ms": int(g["first_ts"]),
                 "last_ts_ms": int(g["last_ts"]),
+                "content_hash": g["hash"],
             }
     return KeyParts(
         prefix=m["prefix"] or "",

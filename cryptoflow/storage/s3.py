@@ -11,7 +11,8 @@
   `attempts` configurable. botocore's own retries are disabled. Tests can make waits
   zero with `stamina.set_testing(True)` or pass `wait_initial=0, wait_jitter=0`; under a
   Trio MockClock the waits are virtual anyway.
-- Blocking boto3 calls run in `trio.to_thread.run_sync` behind the CapacityLimiter.
+- Blocking boto3 calls run in `trio.to_thread.run_sync` behind the CapacityLimiter, and
+  are abandoned on cancellation (shutdown deadline) rather than waited for.
 """
 
 from __future__ import annotations
@@ -116,6 +117,12 @@ def make_client(
     return session.client("s3", endpoint_url=endpoint, config=cfg)
 
 
+def content_type(key: str) -> str:
+    if key.endswith(".jsonl.zst"):
+        return "application/zstd"
+    return "application/vnd.apache.parquet"
+
+
 class S3Store:
     def __init__(
         self,
@@ -163,7 +170,7 @@ class S3Store:
                 Body=data,
                 ContentMD5=base64.b64encode(digest.digest()).decode(),
                 ContentLength=len(data),
-                ContentType="application/vnd.apache.parquet",
+                ContentType=content_type(key),
             )
             head = self.client.head_object(Bucket=self.bucket, Key=full)
         except Exception as exc:
@@ -189,6 +196,13 @@ class S3Store:
             wait_jitter=self.wait_jitter,
         ):
             with attempt:
+                # abandon_on_cancel: a shutdown deadline must not wait for a hung socket
+                # (up to read_timeout). An abandoned put is harmless: the spool file stays,
+                # and the next attempt overwrites the same content-named key.
                 await trio.to_thread.run_sync(
-                    self._put_blocking, key, Path(path), limiter=self._limiter
+                    self._put_blocking,
+                    key,
+                    Path(path),
+                    limiter=self._limiter,
+                    abandon_on_cancel=True,
                 )

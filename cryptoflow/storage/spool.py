@@ -28,6 +28,7 @@ One process owns a spool directory at a time. All methods are blocking and threa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -38,12 +39,83 @@ from pathlib import Path
 import attrs
 
 from cryptoflow.errors import CorruptSpoolFile, SpoolFull
-from cryptoflow.storage import parquet
+from cryptoflow.storage import parquet, rawfile
 
 log = logging.getLogger(__name__)
 
 QUARANTINE_DIR = "quarantine"
 TMP_MARK = ".tmp-"
+DATA_SUFFIXES = (".parquet", rawfile.SUFFIX)
+#: below this much free space on the spool's filesystem, collect refuses to start
+MIN_FREE_BYTES = 64 * 1024**2
+
+
+def is_data_file(name: str) -> bool:
+    return name.endswith(DATA_SUFFIXES)
+
+
+def validate_file(path: Path) -> int:
+    """Fully read one spool file (Parquet or raw capture); rows/lines or CorruptSpoolFile."""
+    if path.name.endswith(rawfile.SUFFIX):
+        return rawfile.validate_file(path)
+    return parquet.validate_file(path)
+
+
+def check_spool_dir(
+    path: Path, max_bytes: int, *, create: bool = True
+) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about using `path` as the spool: creatable, writable (a probe
+    file is written, fsynced and removed), and enough free space. Used at `collect`
+    start (create=True) and by `cryptoflow validate-config` (create=False: a missing
+    directory is checked through its nearest existing parent, nothing is created)."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    path = Path(path)
+    where = f"storage.spool.path {str(path)!r}"
+    if not create and not path.exists():
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            return [f"{where}: cannot be created: {parent} is not a directory"], []
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return [f"{where}: cannot be created: {parent} is not writable"], []
+        path = parent
+    try:
+        makedirs_durable(path)
+    except OSError as exc:
+        return [f"{where}: cannot create the directory: {exc}"], []
+    if not path.is_dir():
+        return [f"{where}: exists but is not a directory"], []
+    probe = path / f".probe{TMP_MARK}{secrets.token_hex(4)}"
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(b"cryptoflow spool probe\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        errors.append(f"{where}: not writable: {exc}")
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+    try:
+        st = os.statvfs(path)
+    except OSError as exc:
+        errors.append(f"{where}: cannot read free space: {exc}")
+        return errors, warnings
+    free = st.f_bavail * st.f_frsize
+    if free < MIN_FREE_BYTES:
+        errors.append(
+            f"{where}: only {free} bytes free on its filesystem; "
+            f"at least {MIN_FREE_BYTES} needed (disk full?)"
+        )
+    elif free < max_bytes:
+        warnings.append(
+            f"{where}: {free} bytes free, less than "
+            f"storage.spool.max_bytes {max_bytes}: during a long outage the disk fills "
+            "before the spool limit (writes then fail and input is back-pressured)"
+        )
+    return errors, warnings
 
 
 @attrs.frozen
@@ -113,6 +185,8 @@ class Spool:
         self._entries: dict[str, SpoolEntry] = {}
         self._bytes = 0
         self._warned = False
+        self.warnings = 0  # "spool filling" warnings issued (counter)
+        self.refusals = 0  # writes refused because of max_bytes (counter)
         makedirs_durable(self.root)
 
     # --- accounting ----------------------------------------------------------------
@@ -144,7 +218,9 @@ class Spool:
     def quarantined(self) -> int:
         if not self.quarantine_root.exists():
             return 0
-        return sum(1 for p in self.quarantine_root.rglob("*.parquet") if p.is_file())
+        return sum(
+            1 for p in self.quarantine_root.rglob("*") if p.is_file() and is_data_file(p.name)
+        )
 
     def _walk(self) -> Iterator[Path]:
         for dirpath, dirnames, filenames in os.walk(self.root):
@@ -184,13 +260,13 @@ class Spool:
                     path.unlink(missing_ok=True)
                     temp_removed += 1
                 continue
-            if not path.name.endswith(".parquet"):
+            if not is_data_file(path.name):
                 continue
             st = path.stat()
             entry = SpoolEntry(self._key_of(path), path, st.st_size, st.st_mtime_ns)
             if validate:
                 try:
-                    rows = parquet.validate_file(path)
+                    rows = validate_file(path)
                 except CorruptSpoolFile as exc:
                     self._quarantine_path(entry, str(exc))
                     quarantined += 1
@@ -225,6 +301,8 @@ class Spool:
         with self._lock:
             used = self._bytes
         if used + nbytes > self.max_bytes:
+            with self._lock:
+                self.refusals += 1
             log.error(
                 "SPOOL FULL: %s holds %d bytes in %d files, limit %d; refusing %d new bytes "
                 "(data kept in memory, input back-pressured; nothing dropped)",
@@ -253,6 +331,7 @@ class Spool:
         if used > self.warn_ratio * self.max_bytes:
             if not self._warned:
                 self._warned = True
+                self.warnings += 1
                 log.warning(
                     "spool filling: %s holds %d bytes (%.0f%% of max_bytes %d)",
                     self.root,

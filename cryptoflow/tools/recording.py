@@ -1,10 +1,11 @@
 """Reader for the shared recording format (`../shared/data/recorded/README.md`).
 
 One JSON object a line: `{"recv_ns": int, "kind": "rest_snapshot" | "ws", "channel": str,
-"msg": payload}`, plain `.jsonl` or gzip `.jsonl.gz` (detected by the gzip magic bytes, so
-a misnamed file still reads). Records are streamed one line at a time; a bad line is
-reported (line number + reason) to `on_error` and skipped, or raised when no callback is
-given, because a replay must go on past one damaged line.
+"msg": payload}`, plain `.jsonl`, gzip `.jsonl.gz` or zstd `.jsonl.zst` (the collector's
+raw capture; detected by the magic bytes, so a misnamed file still reads). Records are
+streamed one line at a time; a bad line is reported (line number + reason) to `on_error`
+and skipped, or raised when no callback is given, because a replay must go on past one
+damaged line.
 """
 
 from __future__ import annotations
@@ -33,9 +34,16 @@ class Record:
 
 def open_text(path: Path) -> IO[bytes]:
     with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic == b"\x1f\x8b":
+        magic = f.read(4)
+    if magic[:2] == b"\x1f\x8b":
         return gzip.open(path, "rb")
+    if magic == b"\x28\xb5\x2f\xfd":  # zstd: raw capture files (`*.jsonl.zst`)
+        import io
+
+        import zstandard
+
+        # BufferedReader: the zstd reader itself cannot iterate lines
+        return io.BufferedReader(zstandard.open(path, "rb"))
     return open(path, "rb")
 
 

@@ -1,0 +1,241 @@
+"""Optional raw capture (`storage.raw_capture: true`): the exchange payloads as received.
+
+Every WebSocket frame that carried book data and every successful REST depth snapshot is
+kept, next to the normalized datasets, as the `raw` dataset: JSON lines in the shared
+recording format (`{"recv_ns", "kind", "channel", "msg"}`, `msg` = the payload text
+embedded byte for byte; line breaks between JSON tokens become spaces), zstd-compressed,
+one file per (exchange, symbol) and flush, partitioned by receive-time hour:
+
+    raw/exchange=<ex>/market=<mkt>/symbol=<SYM>/year=/month=/day=/hour=/
+        <SYM>-<first recv ms>-<last recv ms>-<hash8>.jsonl.zst
+
+`cryptoflow replay` reads these files back (`.jsonl.zst`), so the data can be
+re-normalized later; `recv_ns` is the same receive time the live pipeline used, so a
+replay gives the same delta rows.
+
+Hooks (zero cost when off: the readers get `None` and skip one `is not None` test):
+- WS: `run_stream(..., raw_sink=capture.ws_sink(exchange))` calls it with (symbol, frame,
+  recv_ns) for each frame that parsed to diffs.
+- REST: `install_rest_hook(http_client)` adds an httpx response hook that, only inside a
+  `capture.rest_slot()` block (the snapshot fetch), keeps the response path+query and
+  body; `capture.rest(...)` then records it with the snapshot's own receive time.
+
+Buffers are flushed by the writer (it calls `due`/`take` like its row buffers) at the
+same interval as delta rows, so the SIGKILL loss bound is the same. If the spool refuses
+raw files (full) they stay buffered up to `max_buffer_bytes`; beyond that the OLDEST raw
+lines are dropped with an ERROR log and counted in `stats.dropped_lines` (the normalized
+rows are never dropped: they back-pressure instead). Raw capture is a second copy, so
+this is the documented policy for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+from collections.abc import Callable, Iterator
+
+import attrs
+import httpx
+import orjson
+import trio
+
+from cryptoflow.models import MARKET_FUTURES
+
+log = logging.getLogger(__name__)
+
+RawKey = tuple[str, str, str]  # exchange, market, symbol
+
+
+@attrs.define
+class RawStats:
+    lines: int = 0
+    bytes_in: int = 0
+    files: int = 0
+    dropped_lines: int = 0
+    buffered_bytes: int = 0
+
+
+@attrs.define
+class RawBuffer:
+    key: RawKey
+    opened_at: float
+    first_ns: int
+    last_ns: int = 0
+    lines: list[bytes] = attrs.field(factory=list)
+    nbytes: int = 0
+    retry_at: float = float("-inf")
+    failures: int = 0
+
+
+@attrs.define
+class _RestSlot:
+    channel: str = ""
+    body: bytes | None = None
+
+
+_REST_SLOT: contextvars.ContextVar[_RestSlot | None] = contextvars.ContextVar(
+    "cryptoflow_raw_rest_slot", default=None
+)
+
+
+def _json_payload(payload: str | bytes) -> bytes:
+    data = payload.encode() if isinstance(payload, str) else bytes(payload)
+    stripped = data.strip()
+    if not stripped or stripped[:1] not in (b"{", b"["):
+        return orjson.dumps(data.decode("utf-8", "replace"))  # non-JSON frame: as a string
+    if b"\n" in stripped or b"\r" in stripped:
+        # raw line breaks in valid JSON are whitespace between tokens: same value
+        stripped = stripped.replace(b"\r", b" ").replace(b"\n", b" ")
+    return stripped
+
+
+def ws_channel(frame: str | bytes) -> str:
+    """The stream/topic name of a venue frame (Binance `stream`, Bybit/KuCoin `topic`,
+    OKX `arg.channel:arg.instId`); empty if none."""
+    try:
+        obj = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return ""
+    if not isinstance(obj, dict):
+        return ""
+    for name in ("stream", "topic"):
+        if isinstance(obj.get(name), str):
+            return obj[name]
+    arg = obj.get("arg")
+    if isinstance(arg, dict):
+        return f"{arg.get('channel', '')}:{arg.get('instId', '')}"
+    return ""
+
+
+def record_line(recv_ns: int, kind: str, channel: str, payload: str | bytes) -> bytes:
+    return b'{"recv_ns":%d,"kind":"%s","channel":%s,"msg":%s}\n' % (
+        recv_ns,
+        kind.encode(),
+        orjson.dumps(channel),
+        _json_payload(payload),
+    )
+
+
+class RawCapture:
+    def __init__(
+        self,
+        *,
+        market: str = MARKET_FUTURES,
+        max_buffer_bytes: int = 64 * 1024**2,
+    ) -> None:
+        self.market = market
+        self.max_buffer_bytes = max_buffer_bytes
+        self.stats = RawStats()
+        self._buffers: dict[RawKey, RawBuffer] = {}
+
+    # --- hooks (called by readers; synchronous, never block) ----------------------------
+
+    def add(self, exchange: str, symbol: str, kind: str, channel: str, payload, recv_ns: int):
+        line = record_line(recv_ns, kind, channel, payload)
+        key = (exchange, self.market, symbol)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = RawBuffer(key, trio.current_time(), recv_ns)
+            self._buffers[key] = buf
+        buf.lines.append(line)
+        buf.nbytes += len(line)
+        buf.first_ns = min(buf.first_ns, recv_ns)
+        buf.last_ns = max(buf.last_ns, recv_ns)
+        s = self.stats
+        s.lines += 1
+        s.bytes_in += len(line)
+        s.buffered_bytes += len(line)
+        if s.buffered_bytes > self.max_buffer_bytes:
+            self._drop_oldest()
+
+    def ws_sink(self, exchange: str) -> Callable[[str, str | bytes, int], None]:
+        def sink(symbol: str, frame: str | bytes, recv_ns: int) -> None:
+            self.add(exchange, symbol, "ws", ws_channel(frame), frame, recv_ns)
+
+        return sink
+
+    @contextlib.contextmanager
+    def rest_slot(self) -> Iterator[_RestSlot]:
+        slot = _RestSlot()
+        token = _REST_SLOT.set(slot)
+        try:
+            yield slot
+        finally:
+            _REST_SLOT.reset(token)
+
+    def rest(self, exchange: str, symbol: str, slot: _RestSlot, recv_ns: int) -> None:
+        if slot.body is not None:
+            self.add(exchange, symbol, "rest_snapshot", slot.channel, slot.body, recv_ns)
+
+    # --- for the writer -------------------------------------------------------------
+
+    def _drop_oldest(self) -> None:
+        s = self.stats
+        while s.buffered_bytes > self.max_buffer_bytes and self._buffers:
+            buf = min(self._buffers.values(), key=lambda b: b.opened_at)
+            del self._buffers[buf.key]
+            s.buffered_bytes -= buf.nbytes
+            s.dropped_lines += len(buf.lines)
+            log.error(
+                "raw capture: spool not accepting and %d bytes buffered (cap %d): DROPPED "
+                "%d raw lines of %s/%s (normalized rows are kept; %d raw lines dropped so far)",
+                s.buffered_bytes + buf.nbytes,
+                self.max_buffer_bytes,
+                len(buf.lines),
+                buf.key[0],
+                buf.key[2],
+                s.dropped_lines,
+            )
+
+    def next_deadline(self, interval: float) -> float:
+        return min(
+            (max(b.retry_at, b.opened_at + interval) for b in self._buffers.values()),
+            default=float("inf"),
+        )
+
+    def take_due(self, now: float, interval: float, *, force: bool) -> list[RawBuffer]:
+        out = []
+        for key, buf in list(self._buffers.items()):
+            if now < buf.retry_at and not force:
+                continue
+            if force or now >= buf.opened_at + interval:
+                del self._buffers[key]
+                self.stats.buffered_bytes -= buf.nbytes
+                out.append(buf)
+        return out
+
+    def put_back(self, buf: RawBuffer) -> None:
+        """A flush failed: merge the lines back in front of anything newer."""
+        cur = self._buffers.get(buf.key)
+        if cur is not None:
+            buf.lines.extend(cur.lines)
+            buf.nbytes += cur.nbytes
+            buf.last_ns = max(buf.last_ns, cur.last_ns)
+            buf.first_ns = min(buf.first_ns, cur.first_ns)
+            self.stats.buffered_bytes -= cur.nbytes
+        self._buffers[buf.key] = buf
+        self.stats.buffered_bytes += buf.nbytes
+        if self.stats.buffered_bytes > self.max_buffer_bytes:
+            self._drop_oldest()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._buffers)
+
+
+def install_rest_hook(client: httpx.AsyncClient) -> None:
+    """Keep path+query and body of responses inside a `RawCapture.rest_slot()` block."""
+
+    async def hook(response: httpx.Response) -> None:
+        slot = _REST_SLOT.get()
+        if slot is None or response.status_code != 200:
+            return
+        await response.aread()
+        slot.channel = response.request.url.raw_path.decode("ascii", "replace")
+        slot.body = response.content
+
+    client.event_hooks = {
+        **client.event_hooks,
+        "response": [*client.event_hooks.get("response", []), hook],
+    }

@@ -1,0 +1,510 @@
+"""Durability (issue 6) against a real S3 API (moto server mode) and real processes.
+
+Every process test is bounded (durations, `wait(timeout)`) and kills its children in
+`finally`. The collector reads a standalone simulator shared by all its runs, so update
+ids keep rising across restarts and "exactly once" can be checked by row keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import trio
+from storage_support import (
+    DELTA_KEY,
+    SNAPSHOT_KEY,
+    Collector,
+    Simulator,
+    chain_loss,
+    check_exactly_once,
+    duplicates,
+    list_keys,
+    read_s3_dataset,
+    s3_client,
+    s3_env,
+    spool_files,
+    wait_until,
+    write_config,
+    writer_totals,
+)
+from typer.testing import CliRunner
+
+from cryptoflow.cli import app as cli_app
+from cryptoflow.config_schema import BufferSection
+from cryptoflow.models import Dataset
+from cryptoflow.pipeline.rows import RowBatch
+from cryptoflow.pipeline.writer import Writer
+from cryptoflow.storage import layout, parquet
+from cryptoflow.storage import spool as spool_mod
+from cryptoflow.storage.local import LocalStore
+from cryptoflow.storage.spool import Spool, check_spool_dir
+
+SYMBOLS = ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
+#: documented SIGKILL loss bound for deltas = storage.spool.max_age (+ one flush's
+#: encode/fsync and the in-memory channel hop); tests allow this much slack on top
+LOSS_SLACK_S = 0.75
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RestartableMoto:
+    """moto's server on a fixed port; stop() = outage (connection refused), state kept."""
+
+    def __init__(self) -> None:
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = None
+        self.start()
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+@pytest.fixture
+def clock():
+    """Jumps only after 20 ms of real idleness (flushes run in threads)."""
+    from trio.testing import MockClock
+
+    return MockClock(autojump_threshold=0.02)
+
+
+@pytest.fixture
+def moto_restartable():
+    m = RestartableMoto()
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+def _bucket(client) -> str:
+    name = f"dur-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    return name
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+# --- outage ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_s3_outage_then_recovery_every_row_exactly_once(tmp_path, moto_restartable):
+    moto = moto_restartable
+    client = s3_client(moto.endpoint)
+    bucket = _bucket(client)
+    sim = Simulator(SYMBOLS)
+    spool = tmp_path / "spool"
+    cfg = write_config(tmp_path / "cfg", sim=sim, spool=spool, s3=True, shutdown_timeout=20)
+    col = Collector(cfg, tmp_path / "c.log", env=s3_env(moto.endpoint, bucket))
+    try:
+        col.wait_for(r"connected", 20)
+        wait_until(lambda: len(list_keys(client, bucket)) > 0, 15, "first uploads")
+        moto.stop()  # outage: connection refused
+        outage_start = time.time()
+        rss0 = _rss_kb(col.proc.pid)
+        wait_until(lambda: len(spool_files(spool)) >= 10, 20, "spool to grow")
+        time.sleep(max(0.0, 6 - (time.time() - outage_start)))
+        assert col.proc.poll() is None, "collector must keep running during the outage"
+        grown = len(spool_files(spool))
+        rss1 = _rss_kb(col.proc.pid)
+        assert grown >= 10
+        # data waits on disk, not in RAM (generous bound: interpreter noise, not buffers)
+        assert rss1 - rss0 < 40_000, (rss0, rss1)
+        moto.start()
+        wait_until(lambda: not spool_files(spool), 60, "spool to drain after recovery")
+        col.signal(signal.SIGTERM)
+        assert col.wait(30) == 0
+        text = col.text()
+        assert "upload of" in text and "failed (kept in spool, will retry)" in text
+        totals = writer_totals(text)
+        counts = check_exactly_once(client, bucket, sim, totals["received"])
+        assert counts["deltas"] > 0 and counts["snapshots"] > 0
+    finally:
+        col.kill()
+        sim.kill()
+
+
+# --- SIGKILL ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_no_duplicates_and_bounded_loss(tmp_path, s3_bucket):
+    client = s3_bucket.client()
+    sim = Simulator(SYMBOLS)
+    spool = tmp_path / "spool"
+    max_age = 1.0
+    cfg = write_config(tmp_path / "cfg", sim=sim, spool=spool, s3=True, max_age=max_age)
+    env = s3_env(s3_bucket.endpoint_url, s3_bucket.name)
+    first = Collector(cfg, tmp_path / "c1.log", env=env)
+    second = None
+    try:
+        first.wait_for(r"connected", 20)
+        time.sleep(5)
+        kill_ns = time.time_ns()
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+        leftover = spool_files(spool)
+        second = Collector(cfg, tmp_path / "c2.log", env=env, duration=4)
+        assert second.wait(40) == 0, second.text()
+        if leftover:
+            assert "left by an earlier run" in second.text()
+        assert not spool_files(spool)
+        keys = list_keys(client, s3_bucket.name, "cf/")
+        for k in keys:
+            layout.parse_key(k)
+        deltas = read_s3_dataset(client, s3_bucket.name, "cf/deltas/")  # all complete
+        snaps = read_s3_dataset(client, s3_bucket.name, "cf/snapshots/")
+        assert duplicates(deltas, DELTA_KEY) == 0
+        assert duplicates(snaps, SNAPSHOT_KEY) == 0
+        losses = {sym: chain_loss(deltas, sym, kill_ns) for sym in SYMBOLS}
+        # rows accepted more than max_age (+ slack) before the kill are all present
+        assert max(losses.values()) <= max_age + LOSS_SLACK_S, losses
+        print(f"measured SIGKILL loss window per symbol (s): {losses}")
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+        sim.kill()
+
+
+# --- SIGTERM with S3 down ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_with_s3_down_exits_in_time_keeps_spool_next_start_uploads(
+    tmp_path, moto_restartable
+):
+    moto = moto_restartable
+    client = s3_client(moto.endpoint)
+    bucket = _bucket(client)
+    sim = Simulator(SYMBOLS)
+    spool = tmp_path / "spool"
+    shutdown_timeout = 4.0
+    cfg = write_config(
+        tmp_path / "cfg", sim=sim, spool=spool, s3=True, shutdown_timeout=shutdown_timeout
+    )
+    env = s3_env(moto.endpoint, bucket)
+    first = Collector(cfg, tmp_path / "c1.log", env=env)
+    second = None
+    try:
+        first.wait_for(r"connected", 20)
+        time.sleep(2)
+        moto.stop()
+        time.sleep(3)
+        t0 = time.time()
+        first.signal(signal.SIGTERM)
+        assert first.wait(shutdown_timeout + 6) == 0
+        took = time.time() - t0
+        assert took <= shutdown_timeout + 3, took
+        text1 = first.text()
+        last_line = text1.strip().splitlines()[-1]
+        assert "left in spool=" in last_line and "left in spool=0" not in last_line, last_line
+        assert "LOST" not in text1
+        kept = spool_files(spool)
+        assert kept
+        totals1 = writer_totals(text1)
+        assert totals1["spooled"] == totals1["received"]
+
+        moto.start()
+        second = Collector(cfg, tmp_path / "c2.log", env=env, duration=3)
+        assert second.wait(40) == 0, second.text()
+        text2 = second.text()
+        assert f"uploading {len(kept)} spool files" in text2
+        assert not spool_files(spool)
+        totals2 = writer_totals(text2)
+        check_exactly_once(client, bucket, sim, totals1["received"] + totals2["received"])
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+        sim.kill()
+
+
+# --- unwritable / full spool ------------------------------------------------------------
+
+
+def test_unwritable_spool_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    cfg = write_config(tmp_path / "cfg", sim=None, spool=blocker / "spool")
+    res = CliRunner().invoke(cli_app, ["validate-config", "--config", str(cfg)])
+    assert res.exit_code == 1
+    assert "storage.spool.path" in res.output and "not a directory" in res.output
+    res = CliRunner().invoke(
+        cli_app, ["collect", "--config", str(cfg), "--exchange", "binance", "--simulate"]
+    )
+    assert res.exit_code == 1
+    assert "storage.spool.path" in res.output and "cannot create" in res.output
+
+
+def test_full_disk_is_a_clear_error(tmp_path, monkeypatch):
+    real = os.statvfs
+
+    class Tiny:
+        def __init__(self, st):
+            self.f_frsize = st.f_frsize
+            self.f_bavail = 10
+
+    monkeypatch.setattr(spool_mod.os, "statvfs", lambda p: Tiny(real(p)))
+    errors, _ = check_spool_dir(tmp_path / "spool", 10**9)
+    assert errors and "disk full?" in errors[0]
+    monkeypatch.setattr(spool_mod.os, "statvfs", real)
+    errors, warnings = check_spool_dir(tmp_path / "spool", 10**18)
+    assert not errors and "less than storage.spool.max_bytes" in warnings[0]
+
+
+def test_spool_disk_error_at_runtime_is_an_alarm_and_keeps_rows(tmp_path, monkeypatch, caplog):
+    """A disk that fails while running: ERROR log, rows stay buffered, nothing
+    half-written reaches the store, and once the disk recovers everything goes up."""
+
+    async def main():
+        spool = Spool(tmp_path / "spool", max_bytes=10**9)
+        store = LocalStore(tmp_path / "out")
+        from conftest import tiny_frame_from_columns
+
+        w = Writer(
+            store,
+            spool,
+            BufferSection(delta_flush_interval=0.2),
+            limiter=trio.CapacityLimiter(1),
+            frame_builder=tiny_frame_from_columns,
+            retry_initial=0.05,
+            retry_max=0.1,
+        )
+        calls = {"n": 0}
+        real_write = spool_mod.write_atomic
+
+        def failing(path, data):
+            calls["n"] += 1
+            if calls["n"] <= 3:
+                raise OSError(28, "No space left on device")
+            real_write(path, data)
+
+        monkeypatch.setattr(spool_mod, "write_atomic", failing)
+        send, recv = trio.open_memory_channel(10)
+        async with trio.open_nursery() as n:
+            n.start_soon(w.run, recv)
+            await send.send(_delta_batch(0, 50))
+            await trio.sleep(1.0)
+            await send.aclose()
+        return w.stats
+
+    stats = trio.run(main)
+    assert stats.flush_failures >= 1
+    assert "No space left on device" in caplog.text
+    assert sum(stats.rows_uploaded.values()) == 50
+    assert not list((tmp_path / "spool").rglob("*.tmp-*"))
+
+
+def _delta_batch(start: int, n: int, symbol: str = "BTCUSDT") -> RowBatch:
+    ids = list(range(start, start + n))
+    ts = [1_741_082_400_000 + i for i in ids]
+    return RowBatch(
+        Dataset.DELTAS,
+        "binance",
+        "futures",
+        symbol,
+        {
+            "timestamp": ts,
+            "receive_time": [t * 1_000_000 for t in ts],
+            "first_update_id": ids,
+            "last_update_id": ids,
+            "prev_update_id": [i - 1 for i in ids],
+            "side": ["bid"] * n,
+            "price": [str(100 + i) for i in ids],
+            "quantity": ["1"] * n,
+            "raw_quantity": ["1"] * n,
+        },
+        n,
+        "1",
+    )
+
+
+# --- spool full policy ----------------------------------------------------------------
+
+
+async def test_spool_full_warns_counts_backpressures_never_drops(tmp_path, clock):
+    from conftest import tiny_frame_from_columns
+
+    one = parquet.encode(
+        tiny_frame_from_columns(
+            Dataset.DELTAS, "binance", "futures", "BTCUSDT", _delta_batch(0, 10).columns
+        )
+    )
+    spool = Spool(tmp_path / "spool", max_bytes=int(len(one) * 2.2))
+
+    class DownStore:
+        def __init__(self):
+            self.up = False
+            self.inner = LocalStore(tmp_path / "out")
+
+        def describe(self):
+            return "down"
+
+        async def put_file(self, key, path):
+            from cryptoflow.errors import StorageUnavailable
+
+            if not self.up:
+                raise StorageUnavailable("connection refused")
+            await self.inner.put_file(key, path)
+
+    store = DownStore()
+    w = Writer(
+        store,
+        spool,
+        BufferSection(delta_flush_interval=1.0, max_rows=10),
+        limiter=trio.CapacityLimiter(1),
+        frame_builder=tiny_frame_from_columns,
+        max_buffered_rows=30,
+        retry_initial=0.5,
+        retry_max=2.0,
+    )
+    send, recv = trio.open_memory_channel(1)
+    sent = 0
+    async with trio.open_nursery() as n:
+        n.start_soon(w.run, recv)
+        for i in range(12):
+            with trio.move_on_after(5) as cs:
+                await send.send(_delta_batch(i * 10, 10))
+            if cs.cancelled_caught:
+                break  # back-pressure: the writer stopped reading
+            sent += 10
+            await trio.sleep(0.5)
+        assert w.stats.spool_full_events > 0 and w.stats.spool_warnings >= 1
+        assert w.stats.backpressure
+        assert spool.bytes <= spool.max_bytes
+        store.up = True  # S3 back: the spool drains, writes are accepted again
+        for i in range(12, 14):
+            await send.send(_delta_batch(i * 10, 10))
+            sent += 10
+        await send.aclose()
+    assert sum(w.stats.rows_uploaded.values()) == sent
+    assert spool.files == 0
+
+
+async def test_max_age_caps_delta_buffer_age(tmp_path, clock):
+    from conftest import tiny_frame_from_columns
+
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    w = Writer(
+        LocalStore(tmp_path / "out"),
+        spool,
+        BufferSection(delta_flush_interval=30.0),
+        limiter=trio.CapacityLimiter(1),
+        frame_builder=tiny_frame_from_columns,
+        max_age=1.0,
+    )
+    send, recv = trio.open_memory_channel(10)
+    async with trio.open_nursery() as n:
+        n.start_soon(w.run, recv)
+        t0 = trio.current_time()
+        await send.send(_delta_batch(0, 5))
+        while w.stats.rows_spooled["deltas"] == 0:
+            await trio.sleep(0.05)
+        assert trio.current_time() - t0 <= 1.3  # max_age 1 s (+ polling), not 30 s
+        await send.aclose()
+
+
+# --- corrupt spool file at start (through collect) ----------------------------------------
+
+
+@pytest.mark.slow
+def test_corrupt_spool_file_quarantined_at_collect_start(tmp_path, s3_bucket):
+    from conftest import tiny_frame_from_columns
+
+    spool = tmp_path / "spool"
+    good = tiny_frame_from_columns(
+        Dataset.DELTAS, "binance", "futures", "XRPUSDT", _delta_batch(0, 7, "XRPUSDT").columns
+    )
+    [(good_key, _, good_bytes)] = layout.files_for_frame(
+        Dataset.DELTAS, "binance", "futures", "XRPUSDT", good
+    )
+    bad = tiny_frame_from_columns(
+        Dataset.DELTAS, "binance", "futures", "XRPUSDT", _delta_batch(100, 7, "XRPUSDT").columns
+    )
+    [(bad_key, _, bad_bytes)] = layout.files_for_frame(
+        Dataset.DELTAS, "binance", "futures", "XRPUSDT", bad
+    )
+    s = Spool(spool, max_bytes=10**9)
+    s.write(good_key, good_bytes)
+    (spool / bad_key).write_bytes(bad_bytes[: len(bad_bytes) // 2])  # truncated
+    cfg = write_config(tmp_path / "cfg", sim=None, spool=spool, s3=True)
+    col = Collector(
+        cfg,
+        tmp_path / "c.log",
+        env=s3_env(s3_bucket.endpoint_url, s3_bucket.name),
+        duration=3,
+        simulate=True,
+    )
+    try:
+        assert col.wait(40) == 0, col.text()
+    finally:
+        col.kill()
+    text = col.text()
+    assert "QUARANTINED" in text and bad_key in text
+    keys = s3_bucket.keys("cf/")
+    assert f"cf/{good_key}" in keys
+    assert f"cf/{bad_key}" not in keys
+    assert (spool / "quarantine" / bad_key).exists()
+    assert (spool / "quarantine" / (bad_key + ".reason")).read_text().strip()
+    assert any("/snapshots/" in k for k in keys)  # and the service kept collecting
+
+
+# --- operator commands ------------------------------------------------------------------
+
+
+def test_spool_status_and_flush_commands(tmp_path, s3_bucket, monkeypatch):
+    from conftest import tiny_frame_from_columns
+
+    spool = tmp_path / "spool"
+    s = Spool(spool, max_bytes=10**9)
+    written = []
+    for i in range(3):
+        frame = tiny_frame_from_columns(
+            Dataset.DELTAS, "binance", "futures", "BTCUSDT", _delta_batch(i * 10, 10).columns
+        )
+        [(key, _, data)] = layout.files_for_frame(
+            Dataset.DELTAS, "binance", "futures", "BTCUSDT", frame
+        )
+        s.write(key, data)
+        written.append(key)
+    cfg = write_config(tmp_path / "cfg", sim=None, spool=spool, s3=True)
+    for k, v in s3_env(s3_bucket.endpoint_url, s3_bucket.name).items():
+        if k.startswith(("AWS_", "S3_")):
+            monkeypatch.setenv(k, v)
+    runner = CliRunner()
+    res = runner.invoke(cli_app, ["spool", "status", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "deltas" in res.output and "3 files" in res.output
+    res = runner.invoke(cli_app, ["spool", "flush", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "uploaded 3 files" in res.output
+    assert sorted(s3_bucket.keys("cf/")) == sorted(f"cf/{k}" for k in written)
+    res = runner.invoke(cli_app, ["spool", "status", "--config", str(cfg)])
+    assert "0 files" in res.output
