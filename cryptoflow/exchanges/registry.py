@@ -42,7 +42,8 @@ class Venue:
     weight_limit_per_minute: int
     rules: SyncRules
     make_rest: Callable[[httpx.AsyncClient, RateBudget], VenueRestClient]
-    make_stream: Callable[[VenueSource, str, SymbolMap], VenueStream]  # (cfg, ws_url, map)
+    #: (cfg, ws_url, venue symbol -> normalized, the shard's REST client of this venue)
+    make_stream: Callable[[VenueSource, str, SymbolMap, VenueRestClient], VenueStream]
 
 
 def _binance() -> Venue:
@@ -55,11 +56,61 @@ def _binance() -> Venue:
         weight_limit_per_minute=rest.WEIGHT_LIMIT_PER_MINUTE,
         rules=rules.RULES,
         make_rest=rest.BinanceRest,
-        make_stream=lambda cfg, url, symbols: ws.BinanceStream(url, cfg.stream_speed, symbols),
+        make_stream=lambda cfg, url, symbols, _rest: ws.BinanceStream(
+            url, cfg.stream_speed, symbols
+        ),
     )
 
 
-_FACTORIES: dict[str, Callable[[], Venue]] = {"binance": _binance}
+def _bybit() -> Venue:
+    from cryptoflow.exchanges.bybit import rest, rules, ws
+
+    return Venue(
+        name="bybit",
+        default_rest_url=rest.DEFAULT_REST_URL,
+        default_ws_url=ws.DEFAULT_WS_URL,
+        weight_limit_per_minute=rest.WEIGHT_LIMIT_PER_MINUTE,
+        rules=rules.RULES,
+        make_rest=rest.BybitRest,
+        make_stream=lambda cfg, url, symbols, _rest: ws.BybitStream(url, cfg.stream_depth, symbols),
+    )
+
+
+def _okx() -> Venue:
+    from cryptoflow.exchanges.okx import rest, rules, ws
+
+    return Venue(
+        name="okx",
+        default_rest_url=rest.DEFAULT_REST_URL,
+        default_ws_url=ws.DEFAULT_WS_URL,
+        weight_limit_per_minute=rest.WEIGHT_LIMIT_PER_MINUTE,
+        rules=rules.RULES,
+        make_rest=rest.OkxRest,
+        make_stream=lambda cfg, url, symbols, _rest: ws.OkxStream(url, symbols),
+    )
+
+
+def _kucoin() -> Venue:
+    from cryptoflow.exchanges.kucoin import rest, rules, ws
+
+    return Venue(
+        name="kucoin",
+        default_rest_url=rest.DEFAULT_REST_URL,
+        default_ws_url=ws.DEFAULT_WS_URL,
+        weight_limit_per_minute=rest.WEIGHT_LIMIT_PER_MINUTE,
+        rules=rules.RULES,
+        make_rest=rest.KucoinRest,
+        # the WS endpoint comes from bullet-public on the venue's REST host
+        make_stream=lambda cfg, url, symbols, rest_client: ws.KucoinStream(rest_client, symbols),
+    )
+
+
+_FACTORIES: dict[str, Callable[[], Venue]] = {
+    "binance": _binance,
+    "bybit": _bybit,
+    "okx": _okx,
+    "kucoin": _kucoin,
+}
 
 
 def available() -> list[str]:

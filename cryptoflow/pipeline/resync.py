@@ -62,3 +62,29 @@ async def run_resync_fetcher(
                 queue.request(symbol)
                 continue
             await out.send(snapshot)
+
+
+class ResyncRouter:
+    """Routes the normalizer's resync requests by the venue's rule (`SyncRules.resync_by`).
+
+    "rest" venues (and any symbol without a resubscribing connection): the shard's REST
+    fetcher queue. "resubscribe" venues: the queue of the WebSocket connection serving the
+    symbol, which unsubscribes + subscribes it for a fresh in-stream snapshot.
+    """
+
+    def __init__(self, rest: ResyncQueue) -> None:
+        self.rest = rest
+        self._by_symbol: dict[str, ResyncQueue] = {}
+
+    def route(self, symbols: list[str], queue: ResyncQueue) -> None:
+        """Send requests for these (normalized) symbols to a connection's queue."""
+        for sym in symbols:
+            self._by_symbol[sym] = queue
+
+    def request(self, symbol: str) -> None:
+        queue = self._by_symbol.get(symbol)  # (an empty queue is falsy: no `or`)
+        (self.rest if queue is None else queue).request(symbol)
+
+    def request_rest(self, symbol: str) -> None:
+        """Fallback when no in-stream snapshot came: a REST snapshot."""
+        self.rest.request(symbol)

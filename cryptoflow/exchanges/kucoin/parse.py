@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
 import orjson
 
 from cryptoflow.errors import MalformedMessage, RateLimited, RequestRejected, ServerError
@@ -238,3 +239,46 @@ def parse_instruments(body: bytes) -> dict[str, Instrument]:
             step_size=_num_text(lot, "lotSize", sym) if lot is not None else "",
         )
     return out
+
+
+@attrs.frozen(slots=True)
+class Bullet:
+    """What `POST /api/v1/bullet-public` grants: a token for one WebSocket connection."""
+
+    token: str
+    endpoint: str  # e.g. wss://ws-api-futures.kucoin.com/
+    ping_interval_s: float
+    ping_timeout_s: float
+
+    def url(self, connect_id: str) -> str:
+        sep = "&" if "?" in self.endpoint else "?"
+        return f"{self.endpoint}{sep}token={self.token}&connectId={connect_id}"
+
+
+def parse_bullet(body: bytes) -> Bullet:
+    """`/api/v1/bullet-public` body -> token, first instance server, ping timing (s)."""
+    obj = _loads(body)
+    check_code(obj)
+    data = obj.get("data")
+    if type(data) is not dict or type(data.get("token")) is not str:
+        raise _malformed("missing field 'data.token'")
+    servers = data.get("instanceServers")
+    if type(servers) is not list or not servers or type(servers[0]) is not dict:
+        raise _malformed("field 'data.instanceServers' is not a non-empty list")
+    server = servers[0]
+    endpoint = server.get("endpoint")
+    if type(endpoint) is not str or not endpoint:
+        raise _malformed("missing field 'data.instanceServers[0].endpoint'")
+
+    def seconds(field: str, default: float) -> float:
+        v = server.get(field)
+        if type(v) in (int, float) and v > 0:
+            return float(v) / 1000.0
+        return default
+
+    return Bullet(
+        token=data["token"],
+        endpoint=endpoint,
+        ping_interval_s=seconds("pingInterval", rules.DEFAULT_PING_INTERVAL_S),
+        ping_timeout_s=seconds("pingTimeout", rules.DEFAULT_PING_TIMEOUT_S),
+    )

@@ -38,6 +38,7 @@ from typing import Final
 import attrs
 
 from cryptoflow.book.sync import SyncRules
+from cryptoflow.exchanges.okx.checksum import book_checksum
 
 EXCHANGE: Final = "okx"
 
@@ -66,7 +67,8 @@ NO_SEQ_ID: Final = -1
 LEGACY_ID: Final = 0
 
 #: for the shared book-sync machine: a break is healed by unsubscribe + resubscribe
-RULES: Final = SyncRules(venue=EXCHANGE, resync_by="resubscribe")
+#: the book is kept so a non-zero `checksum` (captures before 23 Jun 2026) is validated
+RULES: Final = SyncRules(venue=EXCHANGE, resync_by="resubscribe", checksum=book_checksum)
 
 
 def diff_ids(seq_id: int, prev_seq_id: int, is_snapshot: bool) -> tuple[int, int, int | None]:

@@ -1,0 +1,70 @@
+"""OKX v5 REST: swap order-book snapshots (`books` <= 400 levels, `books-full` deeper) and
+the SWAP instruments list (ctVal = base units per contract).
+
+Throttle signals: HTTP 429 and body code 50011/50061 (limits are per 2 s windows).
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from cryptoflow.errors import RateLimited
+from cryptoflow.exchanges.base import Instrument
+from cryptoflow.exchanges.limits import OKX_BOOKS_FULL_MAX, OKX_BOOKS_MAX, VENUE_LIMITS
+from cryptoflow.exchanges.okx import parse, rules
+from cryptoflow.models import DepthSnapshot, SnapshotSource
+from cryptoflow.net.rest import VenueRest, retry_after_seconds
+
+DEFAULT_REST_URL = rules.REST_BASE
+WEIGHT_LIMIT_PER_MINUTE = VENUE_LIMITS["okx"].limit_per_minute
+#: one books-full request costs this much of the shared `books` budget (10 vs 40 per 2 s)
+BOOKS_FULL_WEIGHT = 4
+
+
+def depth_request(depth_limit: int) -> tuple[str, int, int]:
+    """(path, sz, weight) for a snapshot of `depth_limit` levels."""
+    if depth_limit > OKX_BOOKS_MAX:
+        return rules.REST_BOOKS_FULL_PATH, min(depth_limit, OKX_BOOKS_FULL_MAX), BOOKS_FULL_WEIGHT
+    return rules.REST_BOOKS_PATH, max(1, depth_limit), 1
+
+
+class OkxRest(VenueRest):
+    exchange = rules.EXCHANGE
+
+    def interpret(self, resp: httpx.Response, symbol: str) -> None:
+        if resp.status_code == 429:
+            wait = retry_after_seconds(resp, rules.RATE_LIMIT_RETRY_AFTER_S)
+            self.budget.throttle(wait)
+            raise RateLimited(
+                f"HTTP 429 {resp.text[:120]}",
+                retry_after=wait,
+                exchange=self.exchange,
+                symbol=symbol,
+            )
+        super().interpret(resp, symbol)
+
+    async def fetch_snapshot(
+        self,
+        symbol: str,
+        venue_symbol: str,
+        *,
+        depth_limit: int = OKX_BOOKS_MAX,
+        source: SnapshotSource = SnapshotSource.POLL,
+    ) -> DepthSnapshot:
+        path, sz, weight = depth_request(depth_limit)
+        body, receive_ns = await self.get(
+            path, {"instId": venue_symbol, "sz": sz}, weight=weight, symbol=symbol
+        )
+        try:
+            return parse.parse_rest_snapshot(body, symbol, receive_ns, source=source)
+        except RateLimited as exc:
+            self.budget.throttle(exc.retry_after)
+            raise
+
+    async def fetch_instruments(self) -> dict[str, Instrument]:
+        body, _ = await self.get(rules.REST_INSTRUMENTS_PATH, {"instType": "SWAP"}, weight=1)
+        try:
+            return parse.parse_instruments(body)
+        except RateLimited as exc:
+            self.budget.throttle(exc.retry_after)
+            raise

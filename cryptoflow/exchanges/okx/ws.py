@@ -1,0 +1,69 @@
+"""OKX v5 public order-book stream: channel `books` per instId on one socket.
+
+Subscribe after connecting, send the text `ping` every 20 s (OKX closes sockets idle for
+30 s; the answer is the text `pong`). A notice 64008 (service upgrade) makes the parser
+return `Control(reconnect=True)` and the runner reconnects. A break is healed by
+`resubscribe` (unsubscribe + subscribe -> fresh `action: snapshot`); OKX announced
+dropping the in-stream snapshot, so when none comes within `snapshot_timeout` the runner
+falls back to a REST `books` snapshot (anchored on its `seqId`).
+Frames without seqId/prevSeqId (old captures, or a venue that drops them) get synthetic
+ids from one `LegacySequencer` per stream, and only the checksum can check them.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import orjson
+import trio_websocket
+
+from cryptoflow.exchanges.base import SymbolMap, WsItem
+from cryptoflow.exchanges.bybit.ws import ws_url_with_path
+from cryptoflow.exchanges.okx import parse, rules
+
+DEFAULT_WS_URL = rules.WS_URL
+WS_PATH = urlsplit(rules.WS_URL).path  # /ws/v5/public
+STREAMS_PER_CONNECTION = 100
+ARGS_PER_SUBSCRIBE = 20
+CHANNEL = "books"
+PING_INTERVAL_S = 20.0
+
+
+class OkxStream:
+    exchange = rules.EXCHANGE
+    keepalive_interval: float | None = PING_INTERVAL_S
+    streams_per_connection = STREAMS_PER_CONNECTION
+    snapshot_timeout = 5.0
+
+    def __init__(self, ws_url: str, symbols: SymbolMap, channel: str = CHANNEL) -> None:
+        self.ws_url = ws_url_with_path(ws_url, DEFAULT_WS_URL)
+        self.symbols = symbols
+        self.channel = channel
+        self.legacy = rules.LegacySequencer()
+
+    async def url(self, venue_symbols: list[str]) -> str:
+        return self.ws_url
+
+    def _request(self, op: str, inst_ids: list[str]) -> str:
+        args = [{"channel": self.channel, "instId": i} for i in inst_ids]
+        return orjson.dumps({"op": op, "args": args}).decode()
+
+    async def on_open(
+        self, ws: trio_websocket.WebSocketConnection, venue_symbols: list[str]
+    ) -> None:
+        for inst_id in venue_symbols:  # a new connection restarts every legacy chain
+            self.legacy.last.pop(inst_id, None)
+        for i in range(0, len(venue_symbols), ARGS_PER_SUBSCRIBE):
+            await ws.send_message(
+                self._request("subscribe", venue_symbols[i : i + ARGS_PER_SUBSCRIBE])
+            )
+
+    async def resubscribe(self, ws: trio_websocket.WebSocketConnection, venue_symbol: str) -> None:
+        await ws.send_message(self._request("unsubscribe", [venue_symbol]))
+        await ws.send_message(self._request("subscribe", [venue_symbol]))
+
+    async def keepalive(self, ws: trio_websocket.WebSocketConnection) -> None:
+        await ws.send_message("ping")
+
+    def parse(self, raw: str | bytes, receive_ns: int) -> WsItem:
+        return parse.parse_ws_message(raw, receive_ns, self.symbols, self.legacy)

@@ -1,0 +1,200 @@
+"""OKX REST client (books vs books-full, throttle mapping, ctVal), WS stream (text ping,
+notice 64008 -> reconnect), the checksum hook and anchoring on a REST seqId."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import orjson
+import pytest
+import trio
+from wsfake import start_fake, wait_for
+
+from cryptoflow.book.sync import BookState, BookSync
+from cryptoflow.errors import RateLimited
+from cryptoflow.exchanges.binance.rules import RULES as BINANCE_RULES
+from cryptoflow.exchanges.okx import parse
+from cryptoflow.exchanges.okx.checksum import okx_checksum
+from cryptoflow.exchanges.okx.rest import OkxRest
+from cryptoflow.exchanges.okx.rules import RULES
+from cryptoflow.exchanges.okx.ws import OkxStream
+from cryptoflow.models import MARKET_FUTURES, DepthDiff, GapKind, StreamEvent
+from cryptoflow.net.ratelimit import RateBudget
+from cryptoflow.pipeline.stream import StreamStats, run_stream
+
+
+def book_body(seq: int | None = 123) -> dict:
+    d = {"asks": [["41006.8", "0.6", "0", "1"]], "bids": [["41006.3", "0.3", "0", "2"]]}
+    d["ts"] = "1629966436396"
+    if seq is not None:
+        d["seqId"] = seq
+    return {"code": "0", "msg": "", "data": [d]}
+
+
+def client(handler) -> tuple[OkxRest, RateBudget]:
+    budget = RateBudget(1200)
+    http = httpx.AsyncClient(base_url="http://okx.test", transport=httpx.MockTransport(handler))
+    return OkxRest(http, budget), budget
+
+
+@pytest.mark.parametrize(
+    ("depth", "path", "sz"),
+    [(1000, "/api/v5/market/books-full", "1000"), (400, "/api/v5/market/books", "400")],
+)
+async def test_depth_picks_the_endpoint(depth, path, sz):
+    seen = []
+
+    def handler(req):
+        seen.append(req.url)
+        return httpx.Response(200, json=book_body())
+
+    rest, budget = client(handler)
+    snap = await rest.fetch_snapshot("BTCUSDT", "BTC-USDT-SWAP", depth_limit=depth)
+    assert seen[0].path == path and seen[0].params["sz"] == sz
+    assert seen[0].params["instId"] == "BTC-USDT-SWAP"
+    assert snap.last_update_id == 123 and snap.symbol == "BTCUSDT"
+    assert budget.stats.requests == 1
+
+
+async def test_http_429_and_code_50011_throttle():
+    rest, budget = client(lambda req: httpx.Response(429, json={"code": "50011", "msg": "x"}))
+    with pytest.raises(RateLimited):
+        await rest.fetch_snapshot("BTCUSDT", "BTC-USDT-SWAP")
+    assert budget.stats.throttles == 1
+    rest, budget = client(lambda req: httpx.Response(200, json={"code": "50011", "msg": "x"}))
+    with pytest.raises(RateLimited):
+        await rest.fetch_snapshot("BTCUSDT", "BTC-USDT-SWAP")
+    assert budget.stats.throttles == 1 and budget.blocked_for > 0
+
+
+async def test_instruments_give_ctval_as_multiplier():
+    def handler(req):
+        assert req.url.path == "/api/v5/public/instruments"
+        assert req.url.params["instType"] == "SWAP"
+        data = [
+            {"instId": "BTC-USDT-SWAP", "ctVal": "0.01", "state": "live", "tickSz": "0.1"},
+            {"instId": "OLD-USDT-SWAP", "ctVal": "10", "state": "suspend"},
+        ]
+        return httpx.Response(200, json={"code": "0", "msg": "", "data": data})
+
+    rest, _ = client(handler)
+    inst = await rest.fetch_instruments()
+    assert inst["BTC-USDT-SWAP"].multiplier_text == "0.01" and inst["BTC-USDT-SWAP"].status_ok
+    assert not inst["OLD-USDT-SWAP"].status_ok
+
+
+def frame(action: str, seq: int, prev: int, bids=(), asks=(), checksum: int = 0) -> str:
+    return json.dumps(
+        {
+            "arg": {"channel": "books", "instId": "BTC-USDT-SWAP"},
+            "action": action,
+            "data": [
+                {
+                    "asks": [[p, q, "0", "1"] for p, q in asks],
+                    "bids": [[p, q, "0", "1"] for p, q in bids],
+                    "ts": "1597026383085",
+                    "checksum": checksum,
+                    "prevSeqId": prev,
+                    "seqId": seq,
+                }
+            ],
+        }
+    )
+
+
+async def test_stream_text_ping_and_notice_reconnect():
+    async def script(ws, conn, fake):
+        msg = orjson.loads(await fake.recv(ws, conn))
+        assert msg == {"op": "subscribe", "args": [{"channel": "books", "instId": "BTC-USDT-SWAP"}]}
+        await ws.send_message(frame("snapshot", 10, -1, bids=[("1", "1")]))
+        await ws.send_message(frame("update", 12, 10, bids=[("1", "2")]))
+        if conn == 1:
+            while "ping" not in fake.texts(conn):
+                await fake.recv(ws, conn)
+            await ws.send_message("pong")
+            await ws.send_message(json.dumps({"event": "notice", "code": "64008", "msg": "x"}))
+        await fake.drain(ws, conn)
+
+    async with trio.open_nursery() as nursery:
+        fake = await start_fake(nursery, script)
+        stream = OkxStream(fake.url, {"BTC-USDT-SWAP": "BTCUSDT"})
+        stream.keepalive_interval = 0.05
+        send, recv = trio.open_memory_channel(100)
+        stats = StreamStats()
+        nursery.start_soon(
+            lambda: run_stream(
+                stream,
+                ["BTC-USDT-SWAP"],
+                {"BTC-USDT-SWAP": "BTCUSDT"},
+                send,
+                stats=stats,
+                backoff_initial=0.01,
+                backoff_max=0.02,
+            )
+        )
+        await wait_for(lambda: stats.connects == 2)
+        nursery.cancel_scope.cancel()
+    assert fake.paths == ["/ws/v5/public", "/ws/v5/public"]
+    items = []
+    while True:
+        try:
+            items.append(recv.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+    kinds = [type(i).__name__ for i in items]
+    assert kinds[:2] == ["DepthDiff", "DepthDiff"] and "StreamEvent" in kinds
+    assert "64008" in stats.last_error or "notice" in stats.last_error
+
+
+def diff_of(raw: str) -> DepthDiff:
+    out = parse.parse_ws_message(raw, 1, {"BTC-USDT-SWAP": "BTCUSDT"})
+    assert isinstance(out, list)
+    return out[0]
+
+
+def test_checksum_hook_validates_nonzero_only_and_resyncs():
+    sync = BookSync("okx", MARKET_FUTURES, "BTCUSDT", RULES)
+    assert sync.book is not None  # forced by the checksum rule
+    bids, asks = [("100", "1"), ("99", "2")], [("101", "3")]
+    good = okx_checksum(bids, asks)
+    assert sync.on_diff(diff_of(frame("snapshot", 1, -1, bids, asks, good))).gaps == ()
+    after = okx_checksum([("100", "5"), ("99", "2")], asks)
+    assert sync.on_diff(diff_of(frame("update", 2, 1, [("100", "5")], [], after))).gaps == ()
+    assert sync.on_diff(diff_of(frame("update", 3, 2, [("98", "1")], [], 0))).gaps == ()  # 0
+    d = sync.on_diff(diff_of(frame("update", 4, 3, [("97", "1")], [], 12345)))
+    assert [g.kind for g in d.gaps] == [GapKind.CHECKSUM] and d.need_snapshot
+    assert d.gaps[0].last_good_id == 3 and sync.state is BookState.WAITING
+    d = sync.on_diff(diff_of(frame("snapshot", 9, -1, bids, asks, good)))
+    assert [g.kind for g in d.gaps] == [GapKind.RESYNC] and sync.state is BookState.SYNCED
+
+
+def test_binance_rules_keep_no_book():
+    assert BookSync("binance", MARKET_FUTURES, "BTCUSDT", BINANCE_RULES).book is None
+    assert "on_diff" not in vars(BookSync("binance", MARKET_FUTURES, "BTCUSDT", BINANCE_RULES))
+
+
+def test_rest_seq_id_anchors_without_in_stream_snapshot():
+    """OKX without in-stream snapshot: prevSeqId <= seqId_REST < seqId is the first update."""
+    sync = BookSync("okx", MARKET_FUTURES, "BTCUSDT", RULES)
+    d1 = sync.on_diff(diff_of(frame("update", 105, 100, [("1", "1")])))
+    assert d1.need_snapshot
+    sync.on_diff(diff_of(frame("update", 110, 105, [("1", "2")])))
+    sync.on_diff(diff_of(frame("update", 110, 110)))  # heartbeat
+    rest = parse.parse_rest_snapshot(orjson.dumps(book_body(seq=107)), "BTCUSDT", 1)
+    d = sync.on_snapshot(rest)
+    assert d.gaps == () and sync.state is BookState.SYNCED and sync.book_id == 110
+    assert sync.counters.stale_dropped == 1  # seqId 105 < 107: already in the snapshot
+
+
+def test_reconnect_then_snapshot_at_a_new_id_is_a_gap_and_a_resync():
+    sync = BookSync("okx", MARKET_FUTURES, "BTCUSDT", RULES)
+    sync.on_diff(diff_of(frame("snapshot", 10, -1, [("1", "1")])))
+    sync.on_diff(diff_of(frame("update", 12, 10, [("1", "2")])))
+    ev = StreamEvent("okx", MARKET_FUTURES, "BTCUSDT", GapKind.RECONNECT, 0, reason="drop")
+    sync.on_event(ev)
+    d = sync.on_diff(diff_of(frame("snapshot", 12, -1, [("1", "2")])))  # nothing missed
+    assert d.gaps == ()
+    sync.on_event(ev)
+    d = sync.on_diff(diff_of(frame("snapshot", 20, -1, [("1", "3")])))
+    assert [g.kind for g in d.gaps] == [GapKind.RECONNECT, GapKind.RESYNC]
