@@ -113,6 +113,12 @@ def collect(
     shard: Annotated[
         list[str] | None, typer.Option(help="Run only these shards (repeatable).")
     ] = None,
+    status: Annotated[
+        bool | None,
+        typer.Option(
+            "--status/--no-status", help="Live status table (default: on when stdout is a TTY)."
+        ),
+    ] = None,
 ) -> None:
     """Record order books until Ctrl-C / SIGTERM (or --duration)."""
     from cryptoflow import runtime
@@ -126,6 +132,7 @@ def collect(
             simulate=simulate,
             shards=shard or [],
             debug=_state["debug"],
+            status=status,
         )
     )
 

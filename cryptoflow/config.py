@@ -294,7 +294,8 @@ def _range_problem(leaf: str, value: float) -> str | None:
     if leaf == "weight_safety":
         return None if 0 < value <= 1 else f"{value} is out of range, expected 0 < share <= 1"
     if leaf == "port":
-        return None if 1 <= value <= 65535 else f"{value} is not a port, expected 1..65535"
+        ok = 0 <= value <= 65535
+        return None if ok else f"{value} is not a port, expected 1..65535 (0 = any free port)"
     if leaf in _NON_NEGATIVE:
         return None if value >= 0 else f"{value} is negative, expected a number >= 0"
     if value <= 0:

@@ -41,6 +41,7 @@ class ReaderSection:
     ws_reconnect_after: float = 23 * 3600.0  # planned reconnect before the venues' 24 h cut
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
+    ws_stall_timeout: float = 30.0  # no WebSocket frame for this long -> reconnect
 
 
 @attrs.frozen
@@ -97,7 +98,7 @@ class SpoolSection:
 
     path: str = "./spool"
     max_bytes: int = 10 * 1024**3  # past this: loud alarm, then refuse new data
-    max_age: float = 1.0  # flush delta buffers to the spool at least this often (loss bound)
+    max_age: float = 1.0  # max age of buffered delta/gap rows before spooling (loss bound)
 
 
 @attrs.frozen
@@ -107,6 +108,7 @@ class StorageSection:
     local_path: str = "./data"
     spool: SpoolSection = attrs.field(factory=SpoolSection)
     s3: S3Section = attrs.field(factory=S3Section)
+    raw_capture: bool = False  # also store exchange payloads as received (`raw` dataset)
 
 
 @attrs.frozen
@@ -134,10 +136,25 @@ class LoggingSection:
 
 
 @attrs.frozen
+class CloudWatchSection:
+    """`metrics.cloudwatch:` — optional publishing of key metrics to CloudWatch."""
+
+    enabled: bool = False
+    interval: float = 60.0
+    namespace: str = "Cryptoflow"
+    region: str = ""  # empty = AWS_REGION
+    endpoint_url: str = ""  # empty = AWS
+
+
+@attrs.frozen
 class MetricsSection:
+    """`metrics:` — Prometheus /metrics and /healthz on host:port."""
+
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = 9108
+    stale_after: float = 60.0  # /healthz unhealthy when a symbol is silent this long
+    cloudwatch: CloudWatchSection = attrs.field(factory=CloudWatchSection)
 
 
 @attrs.frozen

@@ -30,25 +30,31 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
 
 from cryptoflow.config_schema import EXCHANGES, Settings, Shard, VenueSource
-from cryptoflow.errors import CryptoflowError, UsageError
+from cryptoflow.errors import CryptoflowError, StorageError, UsageError
 from cryptoflow.exchanges import registry
 from cryptoflow.models import DepthSnapshot, SnapshotSource
 from cryptoflow.net.http import make_http_client
 from cryptoflow.net.ratelimit import RateBudget
 from cryptoflow.pipeline.normalize import Normalizer
 from cryptoflow.pipeline.poller import PollStats, poll_snapshots
-from cryptoflow.pipeline.resync import ResyncQueue, run_resync_fetcher
+from cryptoflow.pipeline.raw import RawCapture, install_rest_hook
+from cryptoflow.pipeline.resync import ResyncQueue, ResyncRouter, run_resync_fetcher
 from cryptoflow.pipeline.rows import RowBatch
-from cryptoflow.pipeline.stream import StreamStats, run_stream
+from cryptoflow.pipeline.stream import StreamStats, can_resubscribe, run_stream
 from cryptoflow.pipeline.supervise import supervised
 from cryptoflow.pipeline.writer import WriterStats, run_writer
+from cryptoflow.storage.spool import Spool
 
 log = logging.getLogger("cryptoflow.runtime")
+
+#: at most this many queued raw items are normalized in one `feed_many` call
+NORMALIZE_BATCH = 1024
 
 
 # --- the plan: what runs where ---------------------------------------------------------
@@ -141,9 +147,18 @@ class StopControl:
 
     def __init__(self) -> None:
         self.readers = trio.CancelScope()
+        self._scopes: list[trio.CancelScope] = []  # one per shard: a scope is entered once
         self.requested = trio.Event()
         self.reason = ""
         self.forced = False
+
+    def reader_scope(self) -> trio.CancelScope:
+        """A new cancel scope for one shard's readers, cancelled by `stop`."""
+        scope = trio.CancelScope()
+        if self.requested.is_set():
+            scope.cancel()
+        self._scopes.append(scope)
+        return scope
 
     def stop(self, reason: str) -> None:
         if not self.requested.is_set():
@@ -151,6 +166,8 @@ class StopControl:
             self.reason = reason
             self.requested.set()
             self.readers.cancel()
+            for scope in self._scopes:
+                scope.cancel()
 
 
 async def _watch_signals(stop: StopControl, root: trio.CancelScope) -> None:
@@ -189,6 +206,7 @@ async def run_shard(
     rows_send: trio.MemorySendChannel[RowBatch],
     stop: StopControl,
     stats: ShardStats,
+    raw: RawCapture | None = None,
 ) -> None:
     venue = registry.get_venue(plan.exchange)
     app = settings.app
@@ -200,7 +218,7 @@ async def run_shard(
     venue_of = {sym: venue_sym for sym, venue_sym in plan.symbols}
     raw_send, raw_recv = trio.open_memory_channel[object](app.channels.raw_capacity)
     normalizer = Normalizer({plan.exchange: venue.rules}, track_book=app.processor.verify_book)
-    resync = ResyncQueue()
+    resync = ResyncRouter(ResyncQueue())  # REST fetcher queue + per-connection queues
     stats.normalizer = normalizer
     stats.raw_channel = raw_send
 
@@ -209,23 +227,43 @@ async def run_shard(
     ) as http:
         rest = venue.make_rest(http, budget)
         symbols = await _check_instruments(rest, plan, normalizer)
+        if raw is not None:
+            install_rest_hook(http)
 
         async def fetch(sym: str, source_kind: SnapshotSource) -> DepthSnapshot:
-            return await rest.fetch_snapshot(
-                sym, venue_of[sym], depth_limit=source.depth_limit, source=source_kind
-            )
+            if raw is None:
+                return await rest.fetch_snapshot(
+                    sym, venue_of[sym], depth_limit=source.depth_limit, source=source_kind
+                )
+            with raw.rest_slot() as slot:  # raw capture: keep the response body as received
+                snapshot = await rest.fetch_snapshot(
+                    sym, venue_of[sym], depth_limit=source.depth_limit, source=source_kind
+                )
+            raw.rest(plan.exchange, sym, slot, snapshot.receive_time)
+            return snapshot
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_run_normalizer, raw_recv, rows_send, normalizer, resync)
             async with raw_send:
-                with stop.readers:
+                with stop.reader_scope():
                     async with trio.open_nursery() as readers:
                         _start_readers(
-                            readers, plan, settings, symbols, raw_send, resync, fetch, stats
+                            readers,
+                            plan,
+                            settings,
+                            symbols,
+                            raw_send,
+                            resync,
+                            fetch,
+                            stats,
+                            rest,
+                            raw_sink=raw.ws_sink(plan.exchange) if raw is not None else None,
                         )
 
 
-def _start_readers(readers, plan, settings, symbols, raw_send, resync, fetch, stats) -> None:
+def _start_readers(
+    readers, plan, settings, symbols, raw_send, resync, fetch, stats, rest=None, raw_sink=None
+) -> None:
     app = settings.app
     source = plan.source
     interval = source.snapshot_interval or app.reader.snapshot_interval
@@ -252,18 +290,22 @@ def _start_readers(readers, plan, settings, symbols, raw_send, resync, fetch, st
     if source.deltas:
         venue = registry.get_venue(plan.exchange)
         symbol_of = {venue_sym: sym for sym, venue_sym in symbols}
-        stream = venue.make_stream(source, plan.ws_url, symbol_of)
+        stream = venue.make_stream(source, plan.ws_url, symbol_of, rest)
         venue_symbols = [v for _, v in symbols]
         size = max(1, stream.streams_per_connection)
         for i in range(0, len(venue_symbols), size):
             group = venue_symbols[i : i + size]
             st = StreamStats()
             stats.streams.append(st)
+            conn_queue = None  # resubscribe venues: this connection serves their resyncs
+            if venue.rules.resync_by == "resubscribe" and can_resubscribe(stream):
+                conn_queue = ResyncQueue()
+                resync.route([symbol_of[v] for v in group], conn_queue)
             readers.start_soon(
                 functools.partial(
                     supervised,
                     f"{plan.label} stream #{i // size}",
-                    lambda group=group, st=st: run_stream(
+                    lambda group=group, st=st, conn_queue=conn_queue: run_stream(
                         stream,
                         group,
                         symbol_of,
@@ -274,6 +316,9 @@ def _start_readers(readers, plan, settings, symbols, raw_send, resync, fetch, st
                         backoff_max=app.reader.backoff_max,
                         stall_timeout=app.reader.ws_stall_timeout,
                         stats=st,
+                        resync=conn_queue,
+                        fallback=resync.request_rest,
+                        raw_sink=raw_sink,
                     ),
                 )
             )
@@ -282,7 +327,7 @@ def _start_readers(readers, plan, settings, symbols, raw_send, resync, fetch, st
                 supervised,
                 f"{plan.label} resync",
                 lambda: run_resync_fetcher(
-                    resync,
+                    resync.rest,
                     functools.partial(_fetch_resync, fetch),
                     raw_send.clone(),
                     exchange=plan.exchange,
@@ -327,11 +372,19 @@ async def _run_normalizer(
     raw_recv: trio.MemoryReceiveChannel,
     rows_send: trio.MemorySendChannel[RowBatch],
     normalizer: Normalizer,
-    resync: ResyncQueue,
+    resync: ResyncQueue | ResyncRouter,
 ) -> None:
     async with raw_recv, rows_send:
         async for item in raw_recv:
-            out = normalizer.feed(item)
+            # take what is already queued too: one feed_many per burst keeps one-change
+            # messages (KuCoin) from costing a batch each (same rows as item by item)
+            items = [item]
+            while len(items) < NORMALIZE_BATCH:
+                try:
+                    items.append(raw_recv.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            out = normalizer.feed_many(items)
             for exchange_symbol in out.resync_requests:
                 resync.request(exchange_symbol[1])
             for gap in out.gaps:
@@ -347,10 +400,15 @@ async def _run_normalizer(
 
 @attrs.define
 class RunResult:
+    """Live view of a run: filled as stages start, read by metrics/status at scrape time."""
+
     writer: WriterStats | None = None
     shards: dict[str, ShardStats] = attrs.field(factory=dict)
     stop_reason: str = ""
     forced: bool = False
+    spool: Spool | None = None
+    rows_channel: trio.MemorySendChannel | None = None
+    ops_port: int | None = None  # bound /metrics + /healthz port, when enabled
 
 
 async def collect_main(
@@ -361,15 +419,20 @@ async def collect_main(
     duration: float | None,
     simulate: bool,
     install_signal_handlers: bool = True,
+    live_status: bool = False,
+    status_console: Any = None,
+    result: RunResult | None = None,
     task_status: trio.TaskStatus[StopControl] = trio.TASK_STATUS_IGNORED,
 ) -> RunResult:
+    """Run the whole collector until stopped. Pass `result` to watch it while it runs."""
     from cryptoflow.storage.factory import build_spool, build_store, describe
-    from cryptoflow.storage.spool import Spool
 
     app = settings.app
-    result = RunResult()
+    result = result if result is not None else RunResult()
+    result.writer = WriterStats()
     stop = StopControl()
     limiter = trio.CapacityLimiter(max(1, app.writer.encode_threads))
+    _check_spool_or_raise(app.storage)  # before any task: a plain, clear error
     async with trio.open_nursery() as root:
         if simulate:
             plans = await _start_simulator(root, plans)
@@ -377,7 +440,10 @@ async def collect_main(
             root.start_soon(_watch_signals, stop, root.cancel_scope)
         store = build_store(app.storage, settings.env, output)
         spool: Spool = build_spool(app.storage)
+        result.spool = spool
         report = await trio.to_thread.run_sync(spool.scan)
+        raw = RawCapture() if app.storage.raw_capture else None
+        await _start_ops(root, settings, result, live_status=live_status, console=status_console)
         log.info(
             "collecting %s -> %s (spool %s: %d files waiting from earlier runs)",
             ", ".join(p.label for p in plans) or "nothing",
@@ -389,6 +455,7 @@ async def collect_main(
         if duration is not None:
             root.start_soon(_stop_after, stop, duration)
         rows_send, rows_recv = trio.open_memory_channel[RowBatch](app.channels.rows_capacity)
+        result.rows_channel = rows_send
         writer_done = trio.Event()
 
         async def writer_task() -> None:
@@ -399,6 +466,9 @@ async def collect_main(
                 app.writer.buffer,
                 limiter=limiter,
                 shutdown_timeout=app.cryptoflow.shutdown_timeout,
+                stats=result.writer,
+                max_age=app.storage.spool.max_age,
+                raw=raw,
             )
             writer_done.set()
 
@@ -411,7 +481,9 @@ async def collect_main(
                     functools.partial(
                         supervised,
                         f"{plan.label} shard",
-                        functools.partial(run_shard, plan, settings, rows_send.clone(), stop, st),
+                        functools.partial(
+                            run_shard, plan, settings, rows_send.clone(), stop, st, raw=raw
+                        ),
                     )
                 )
             if not plans:
@@ -423,11 +495,85 @@ async def collect_main(
     return result
 
 
+async def _start_ops(
+    nursery: trio.Nursery,
+    settings: Settings,
+    result: RunResult,
+    *,
+    live_status: bool,
+    console: Any = None,
+) -> None:
+    """Metrics + /healthz, the live terminal table, CloudWatch: each only when asked for.
+
+    They read the run's stats objects when scraped or ticked, never on the hot path.
+    """
+    metrics = settings.app.metrics
+    if metrics.enabled:
+        from cryptoflow.ops.health import serve_ops
+
+        result.ops_port = await nursery.start(
+            functools.partial(
+                serve_ops,
+                lambda: result,
+                host=metrics.host,
+                port=metrics.port,
+                stale_after=metrics.stale_after,
+                spool=result.spool,
+            )
+        )
+        log.info("metrics: http://%s:%d/metrics and /healthz", metrics.host, result.ops_port)
+    if live_status:
+        from cryptoflow.ops.status import run_live_status
+
+        nursery.start_soon(functools.partial(run_live_status, lambda: result, console=console))
+    cw = metrics.cloudwatch
+    if cw.enabled:
+        from cryptoflow.ops.cloudwatch import publish_cloudwatch
+
+        env = settings.env
+        nursery.start_soon(
+            functools.partial(
+                publish_cloudwatch,
+                lambda: result,
+                interval=cw.interval,
+                namespace=cw.namespace,
+                service=settings.app.cryptoflow.name,
+                client_kwargs={
+                    "region": cw.region or env.aws_region,
+                    "endpoint_url": cw.endpoint_url or None,
+                    "aws_access_key_id": env.aws_access_key_id,
+                    "aws_secret_access_key": env.aws_secret_access_key,
+                },
+            )
+        )
+
+
+def _check_spool_or_raise(storage) -> None:
+    """Spool dir creatable + writable + free space, or a clear error before collecting."""
+    from cryptoflow.storage.spool import check_spool_dir
+
+    errors, warnings = check_spool_dir(Path(storage.spool.path), storage.spool.max_bytes)
+    for line in warnings:
+        log.warning("%s", line)
+    if errors:
+        raise StorageError("; ".join(errors))
+
+
 async def _start_simulator(nursery: trio.Nursery, plans: list[ShardPlan]) -> list[ShardPlan]:
     from cryptoflow.sim.server import serve_simulator
 
-    venue_symbols = sorted({v for p in plans for _, v in p.symbols})
-    sim = await nursery.start(functools.partial(serve_simulator, symbols=venue_symbols))
+    by_venue: dict[str, set[str]] = {}
+    for p in plans:
+        by_venue.setdefault(p.exchange, set()).update(v for _, v in p.symbols)
+    venue_symbols = {ex: sorted(syms) for ex, syms in by_venue.items()}
+    sim = await nursery.start(
+        functools.partial(
+            serve_simulator,
+            symbols=venue_symbols.get("binance", []),
+            venue_symbols=venue_symbols,
+            venues=list(venue_symbols),
+        )
+    )
     log.info("simulator: REST %s, WebSocket %s", sim.rest_url, sim.ws_url)
     return [
         attrs.evolve(
@@ -449,18 +595,26 @@ def run_collect(
     simulate: bool,
     shards: Sequence[str],
     debug: bool,
+    status: bool | None = None,
 ) -> int:
     from cryptoflow.config import load_settings
     from cryptoflow.ops.logging import setup_logging
 
     settings = load_settings(config_path)
     lg = settings.app.logging
+    live = sys.stdout.isatty() if status is None else status
+    console = None
+    if live:
+        from rich.console import Console
+
+        console = Console()
     setup_logging(
         level=settings.env.log_level or lg.level,
         fmt=lg.format,
         output=lg.output,
         debug=debug,
         secrets=(settings.env.aws_secret_access_key, settings.env.aws_access_key_id),
+        console=console,
     )
     if duration is not None and duration <= 0:
         raise UsageError(f"--duration {duration:g}: must be a positive number of seconds")
@@ -470,7 +624,14 @@ def run_collect(
         raise UsageError(f"--exchange {exchange}: no shard lists a symbol for it")
     result = trio.run(
         functools.partial(
-            collect_main, settings, plans, output=output, duration=duration, simulate=simulate
+            collect_main,
+            settings,
+            plans,
+            output=output,
+            duration=duration,
+            simulate=simulate,
+            live_status=live,
+            status_console=console,
         )
     )
     if result.forced:

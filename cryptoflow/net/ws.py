@@ -7,6 +7,7 @@ one we open the TCP stream ourselves (`local_address=`), add TLS for wss, and wr
 
 from __future__ import annotations
 
+import math
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -60,7 +61,11 @@ async def open_ws(
         try:
             yield ws
         finally:
-            with trio.move_on_after(2) as cleanup:
+            # When we are being cancelled (shutdown), the connection's reader task in
+            # `nursery` is cancelled too, so the server's close reply is never read:
+            # send our close frame, but do not wait the full 2 s for the handshake.
+            cancelled = trio.current_effective_deadline() == -math.inf
+            with trio.move_on_after(0.1 if cancelled else 2) as cleanup:
                 cleanup.shield = True
                 await ws.aclose()
             nursery.cancel_scope.cancel()

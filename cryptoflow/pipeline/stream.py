@@ -11,14 +11,23 @@ becomes a gap only if the stream did not continue across the reconnect.
 Reconnects: on any connection failure or stall (no frame for `stall_timeout`) the runner
 reconnects with capped exponential back-off and jitter; a healthy connection is
 replaced after `reconnect_after` (before the venues' 24 h cut).
+
+Resync by resubscribe (Bybit, OKX: the venue sends a fresh in-stream snapshot after a
+subscribe): a venue stream with a `resubscribe(ws, venue_symbol)` method gets a
+per-connection `ResyncQueue` of normalized symbols; the runner serves it inside the live
+connection (unsubscribe + subscribe). A request right after a (re)subscribe whose
+snapshot has not come yet does not subscribe again. When no snapshot arrives within the
+venue's `snapshot_timeout` (OKX announced dropping the in-stream snapshot), `fallback`
+asks for a REST snapshot instead.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import attrs
@@ -29,6 +38,7 @@ from cryptoflow.errors import ExchangeError, MalformedMessage
 from cryptoflow.exchanges.base import Control, WsItem
 from cryptoflow.models import MARKET_FUTURES, GapKind, StreamEvent
 from cryptoflow.net.ws import open_ws
+from cryptoflow.pipeline.resync import ResyncQueue
 from cryptoflow.pipeline.supervise import backoff_delay
 
 log = logging.getLogger("cryptoflow.stream")
@@ -48,6 +58,25 @@ class VenueStream(Protocol):
     async def keepalive(self, ws: trio_websocket.WebSocketConnection) -> None: ...
 
     def parse(self, raw: str | bytes, receive_ns: int) -> WsItem: ...
+
+
+#: how long to wait for an in-stream snapshot after a subscribe before falling back to a
+#: REST snapshot, when the venue stream does not say (`snapshot_timeout`)
+DEFAULT_SNAPSHOT_TIMEOUT = 5.0
+
+
+def can_resubscribe(venue: object) -> bool:
+    """Whether this venue stream heals a broken book by resubscribing (optional method)."""
+    return callable(getattr(venue, "resubscribe", None))
+
+
+@attrs.define
+class _ConnState:
+    """Per-connection bookkeeping for resubscribe requests (trio clock times)."""
+
+    subscribed_at: dict[str, float] = attrs.field(factory=dict)  # normalized symbol
+    snapshot_at: dict[str, float] = attrs.field(factory=dict)
+    watching: set[str] = attrs.field(factory=set)
 
 
 @attrs.define
@@ -117,8 +146,17 @@ async def run_stream(
     backoff_max: float = 60.0,
     stats: StreamStats | None = None,
     rng: random.Random | None = None,
+    resync: ResyncQueue | None = None,
+    fallback: Callable[[str], None] | None = None,
+    raw_sink: Callable[[str, str | bytes, int], None] | None = None,
 ) -> None:
-    """Keep one connection for `venue_symbols` alive forever, feeding `out`."""
+    """Keep one connection for `venue_symbols` alive forever, feeding `out`.
+
+    `raw_sink(symbol, frame, recv_ns)` (raw capture, off = None) gets every frame that
+    parsed to diffs, with the receive time the diffs carry.
+
+    `resync` (normalized symbols) is served by `venue.resubscribe` on the live
+    connection; `fallback(symbol)` asks for a REST snapshot when none came in-stream."""
     stats = stats if stats is not None else StreamStats()
     rng = rng or random.Random()
     emitter = _Emitter(out, venue.exchange, stats)
@@ -130,6 +168,8 @@ async def run_stream(
                 url = await venue.url(list(venue_symbols))
                 async with open_ws(url, source_ip=source_ip) as ws:
                     await venue.on_open(ws, list(venue_symbols))
+                    opened = trio.current_time()
+                    conn = _ConnState(subscribed_at=dict.fromkeys(symbols, opened))
                     stats.connects += 1
                     if stats.connects > 1:
                         for sym in symbols:
@@ -151,18 +191,32 @@ async def run_stream(
                         f" from {source_ip}" if source_ip else "",
                     )
                     with trio.move_on_after(reconnect_after):
-                        await _pump(ws, venue, emitter, stats, stall_timeout)
+                        await _pump(
+                            ws,
+                            venue,
+                            emitter,
+                            stats,
+                            stall_timeout,
+                            conn=conn,
+                            resync=resync,
+                            fallback=fallback,
+                            venue_of={s: v for v, s in zip(venue_symbols, symbols, strict=True)},
+                            raw_sink=raw_sink,
+                        )
                     stats.last_error = "planned reconnect"
                     failures = 0
                     continue
-            except (
+            except* (
                 trio_websocket.ConnectionClosed,
                 trio_websocket.HandshakeError,
                 OSError,
                 trio.TooSlowError,
                 ExchangeError,
                 _Reconnect,
-            ) as exc:
+            ) as group:
+                # except*: these arrive wrapped in the ExceptionGroups of the nurseries
+                # in open_ws and _pump (a plain except never saw them)
+                exc = _first_leaf(group)
                 stats.disconnects += 1
                 stats.last_error = f"{type(exc).__name__}: {exc}"
                 failures += 1
@@ -175,7 +229,13 @@ async def run_stream(
                     stats.last_error,
                     delay,
                 )
-                await trio.sleep(delay)
+            await trio.sleep(delay)  # reached only through the handler above
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def _pump(
@@ -184,10 +244,21 @@ async def _pump(
     emitter: _Emitter,
     stats: StreamStats,
     stall_timeout: float,
+    *,
+    conn: _ConnState | None = None,
+    resync: ResyncQueue | None = None,
+    fallback: Callable[[str], None] | None = None,
+    venue_of: dict[str, str] | None = None,
+    raw_sink: Callable[[str, str | bytes, int], None] | None = None,
 ) -> None:
+    conn = conn if conn is not None else _ConnState()
     async with trio.open_nursery() as nursery:
         if venue.keepalive_interval:
             nursery.start_soon(_keepalive, ws, venue)
+        if resync is not None and can_resubscribe(venue):
+            nursery.start_soon(
+                _serve_resubscribe, ws, venue, resync, conn, venue_of or {}, fallback, nursery
+            )
         while True:
             try:
                 with trio.fail_after(stall_timeout):
@@ -195,8 +266,9 @@ async def _pump(
             except trio.TooSlowError:
                 raise trio.TooSlowError(f"no frame for {stall_timeout:g}s (stalled)") from None
             stats.frames += 1
+            recv_ns = time.time_ns()
             try:
-                item = venue.parse(raw, time.time_ns())
+                item = venue.parse(raw, recv_ns)
             except MalformedMessage as exc:
                 stats.malformed += 1
                 log.warning("%s: malformed frame skipped: %s", venue.exchange, exc)
@@ -207,9 +279,64 @@ async def _pump(
                 if item.reconnect:
                     raise _Reconnect(item.detail or item.kind)
                 continue
+            if raw_sink is not None and item:
+                raw_sink(item[0].symbol, raw, recv_ns)
             for diff in item:
                 stats.diffs += 1
+                if diff.is_snapshot:
+                    conn.snapshot_at[diff.symbol] = trio.current_time()
                 emitter.emit(diff.symbol, diff)
+
+
+async def _serve_resubscribe(
+    ws: trio_websocket.WebSocketConnection,
+    venue: VenueStream,
+    queue: ResyncQueue,
+    conn: _ConnState,
+    venue_of: dict[str, str],
+    fallback: Callable[[str], None] | None,
+    nursery: trio.Nursery,
+) -> None:
+    """Serve resync requests on this connection: resubscribe, then watch for the snapshot."""
+    timeout = getattr(venue, "snapshot_timeout", None) or DEFAULT_SNAPSHOT_TIMEOUT
+    while True:
+        symbol = await queue.next()
+        venue_symbol = venue_of.get(symbol)
+        if venue_symbol is None:
+            log.warning("%s/%s: resync for a symbol not on this socket", venue.exchange, symbol)
+            continue
+        now = trio.current_time()
+        since = conn.subscribed_at.get(symbol, -math.inf)
+        waiting_fresh = now - since < timeout and conn.snapshot_at.get(symbol, -math.inf) < since
+        if not waiting_fresh:  # else: a snapshot is already on its way
+            log.info("%s/%s: resubscribing for a fresh snapshot", venue.exchange, symbol)
+            await venue.resubscribe(ws, venue_symbol)  # type: ignore[attr-defined]
+            conn.subscribed_at[symbol] = trio.current_time()
+        if fallback is not None and symbol not in conn.watching:
+            conn.watching.add(symbol)
+            nursery.start_soon(_watch_snapshot, venue, symbol, conn, timeout, fallback)
+
+
+async def _watch_snapshot(
+    venue: VenueStream,
+    symbol: str,
+    conn: _ConnState,
+    timeout: float,
+    fallback: Callable[[str], None],
+) -> None:
+    try:
+        since = conn.subscribed_at.get(symbol, trio.current_time())
+        await trio.sleep_until(since + timeout)
+        if conn.snapshot_at.get(symbol, -math.inf) < since:
+            log.warning(
+                "%s/%s: no in-stream snapshot %.0fs after subscribing; using a REST snapshot",
+                venue.exchange,
+                symbol,
+                timeout,
+            )
+            fallback(symbol)
+    finally:
+        conn.watching.discard(symbol)
 
 
 async def _keepalive(ws: trio_websocket.WebSocketConnection, venue: VenueStream) -> None:

@@ -9,14 +9,22 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import trio
+
 from cryptoflow.config import load_settings
 from cryptoflow.config_schema import Settings
+from cryptoflow.errors import CryptoflowError
+from cryptoflow.exchanges import registry
+from cryptoflow.net.http import make_http_client
+from cryptoflow.net.ratelimit import RateBudget
 from cryptoflow.symbols import listed_on
 
 
 def run(config_path: Path, online: bool = False) -> int:
     settings = load_settings(config_path)
     print("\n".join(summary(settings)))
+    if not _check_spool(settings):
+        return 1
     if online:
         try:
             problems = check_online(settings)
@@ -25,16 +33,78 @@ def run(config_path: Path, online: bool = False) -> int:
             return 0
         for line in problems:
             print(line, file=sys.stderr)
-        return 1 if problems else 0
+        if not problems:
+            print("online instrument check: every configured symbol is listed")
+        return 2 if problems else 0
     return 0
+
+
+def _check_spool(settings: Settings) -> bool:
+    """Spool directory creatable/writable with free space (errors -> stderr, exit 1)."""
+    from cryptoflow.storage.spool import check_spool_dir
+
+    spool = settings.app.storage.spool
+    errors, warnings = check_spool_dir(Path(spool.path), spool.max_bytes, create=False)
+    for line in [*warnings, *errors]:
+        print(("error: " if line in errors else "warning: ") + line, file=sys.stderr)
+    return not errors
 
 
 def check_online(settings: Settings) -> list[str]:
     """Hook for `--online`: each configured symbol against the venues' instrument lists.
 
-    Returns one problem line per symbol a venue does not list (or not as trading).
+    Returns one problem line per symbol a venue does not list (or not as trading), and
+    one per venue whose instruments endpoint could not be read. Uses the venues' real REST
+    clients (`source.<venue>.rest_url`, default the public API), one request each.
     """
-    raise NotImplementedError
+    return trio.run(_check_online, settings)
+
+
+def _configured(settings: Settings, exchange: str) -> list[tuple[str, str]]:
+    """(normalized, venue symbol) served by any shard on this exchange, in table order."""
+    served = {sym for shard in settings.shards for sym in shard.symbols.get(exchange) or []}
+    out = []
+    for sym in served:
+        entry = settings.symbols.get(sym)
+        venue_sym = entry.venue_symbol(exchange) if entry else None
+        if venue_sym:
+            out.append((sym, venue_sym))
+    return sorted(out)
+
+
+async def _check_online(settings: Settings) -> list[str]:
+    problems: list[str] = []
+    app = settings.app
+    for exchange in app.cryptoflow.exchanges:
+        if exchange not in registry.available():
+            continue
+        pairs = _configured(settings, exchange)
+        if not pairs:
+            continue
+        venue = registry.get_venue(exchange)
+        source = app.source.for_exchange(exchange)
+        base = source.rest_url or venue.default_rest_url
+        budget = RateBudget(source.weight_limit_per_minute or venue.weight_limit_per_minute)
+        async with make_http_client(
+            base, source_ip=None, timeout=app.reader.request_timeout
+        ) as http:
+            try:
+                instruments = await venue.make_rest(http, budget).fetch_instruments()
+            except CryptoflowError as exc:
+                problems.append(f"{exchange}: cannot read the instruments list from {base}: {exc}")
+                continue
+        for sym, venue_sym in pairs:
+            inst = instruments.get(venue_sym)
+            if inst is None:
+                problems.append(
+                    f"{exchange}: {sym} -> {venue_sym!r} is not listed by {exchange} "
+                    f"(symbols.yml maps it; fix the name or set it to null)"
+                )
+            elif not inst.status_ok:
+                problems.append(
+                    f"{exchange}: {sym} -> {venue_sym!r} is listed but not trading on {exchange}"
+                )
+    return problems
 
 
 def summary(settings: Settings) -> list[str]:
