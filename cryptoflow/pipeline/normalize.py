@@ -10,11 +10,18 @@ at flush time, with the one cast that makes decimal strings floats.
 `feed` handles one item (live); `feed_many` handles a batch and returns one `RowBatch`
 per (dataset, exchange, symbol) for the whole batch (replay, benchmarks). Both run the
 same code per item, so their rows are identical.
+
+`feed_frames` / `feed_snapshot_bodies` are the batch fast path (`pipeline/batch.py`):
+raw frames / REST bodies are parsed in polars, only the per-message header goes through
+the same `BookSync` (via `feed_many`), and the rows come out as one wire-typed polars
+frame per symbol (`NormalizeOutput.frames`) instead of column lists. They return None
+when the batch must take the simple path (book tracking on, a venue without a batch
+parser, or anything unusual in the batch); the output is then identical.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from operator import itemgetter
 
 import attrs
@@ -32,6 +39,7 @@ from cryptoflow.models import (
     SnapshotSource,
     StreamEvent,
 )
+from cryptoflow.pipeline import batch as fast
 from cryptoflow.pipeline.rows import RowBatch
 
 _price = itemgetter(0)
@@ -84,6 +92,30 @@ class NormalizeOutput:
     resync_requests: list[tuple[str, str]] = attrs.field(factory=list)
     #: this call's counts: delta_rows, snapshot_rows, gap_rows, diffs, snapshots, dropped
     counters: dict[str, int] = attrs.field(factory=dict)
+    #: fast path only: wire-typed frames (the same columns as `batches`' lists)
+    frames: list[FrameBatch] = attrs.field(factory=list)
+
+
+@attrs.define(slots=True)
+class FrameBatch:
+    """Rows of one (dataset, exchange, market, symbol) as a wire-typed polars frame
+    (the columns and types `RowBatch.columns` would hold), from the fast path."""
+
+    dataset: Dataset
+    exchange: str
+    market: str
+    symbol: str
+    frame: pl.DataFrame
+    multiplier: str = "1"
+
+    @property
+    def rows(self) -> int:
+        return self.frame.height
+
+
+#: venues whose raw frames `pipeline/batch.py` can read (Binance USD-M today)
+FAST_VENUES = frozenset({"binance"})
+_NO_LEVELS: list = []
 
 
 class Normalizer:
@@ -123,8 +155,12 @@ class Normalizer:
         return self.feed_many((item,))
 
     def feed_many(
-        self, items: Iterable[DepthSnapshot | DepthDiff | StreamEvent]
+        self,
+        items: Iterable[DepthSnapshot | DepthDiff | StreamEvent],
+        *,
+        recorded: list[bool] | None = None,
     ) -> NormalizeOutput:
+        """`recorded`, when given, receives `Decision.record` of every diff in order."""
         out = NormalizeOutput()
         acc: dict[tuple[Dataset, str, str, str], dict[str, list]] = {}
         rows: dict[tuple[Dataset, str, str, str], int] = {}
@@ -156,6 +192,8 @@ class Normalizer:
                     item.exchange, item.market, item.symbol
                 )
                 d = s.on_diff(item)
+                if recorded is not None:
+                    recorded.append(d.record)
                 if d.record:
                     if item.is_snapshot:
                         cols = cols_for(Dataset.SNAPSHOTS, item.exchange, item.market, item.symbol)
@@ -201,6 +239,144 @@ class Normalizer:
                     )
                 )
         out.counters = counters
+        return out
+
+    # --- batch fast path ---------------------------------------------------------------
+
+    def _fast_ok(self, exchange: str) -> bool:
+        """The fast path feeds header-only records (no levels): only where no book is
+        kept (no `track_book`, no venue checksum) and the venue has a batch reader."""
+        rules = self._rules.get(exchange)
+        return (
+            not self._track_book
+            and exchange in FAST_VENUES
+            and rules is not None
+            and getattr(rules, "checksum", None) is None
+        )
+
+    def feed_frames(
+        self,
+        exchange: str,
+        market: str,
+        frames: Sequence[bytes],
+        receive_ns: Sequence[int],
+        symbols: Mapping[str, str] | None = None,
+    ) -> NormalizeOutput | None:
+        """Raw WebSocket frames (with their receive times) -> rows, parsed as one batch.
+
+        Same book sync, counters and gaps as parsing each frame and calling `feed_many`;
+        delta rows come back as `out.frames`. None: use the simple path for this batch
+        (nothing was fed).
+        """
+        if not self._fast_ok(exchange):
+            return None
+        parsed = fast.read_diff_frames(frames)
+        if parsed is None:
+            return None
+        heads = parsed.heads
+        if symbols:
+            heads = heads.with_columns(pl.col("s").replace(dict(symbols)))
+        sym, e, t, first, last, prev = (
+            heads.get_column(c).to_list() for c in ("s", "E", "T", "U", "u", "pu")
+        )
+        diffs = [
+            DepthDiff(exchange, market, s, ev, tt, u0, u1, pu, _NO_LEVELS, _NO_LEVELS, recv)
+            for s, ev, tt, u0, u1, pu, recv in zip(
+                sym, e, t, first, last, prev, receive_ns, strict=True
+            )
+        ]
+        recorded: list[bool] = []
+        out = self.feed_many(diffs, recorded=recorded)
+        rows = parsed.rows
+        per_frame = pl.DataFrame(
+            {
+                "_s": pl.Series(sym, dtype=pl.String),
+                "receive_time": pl.Series(receive_ns, dtype=pl.Int64),
+                "_keep": pl.Series(recorded, dtype=pl.Boolean),
+            }
+        )
+        idx = pl.col("_i")
+        rows = rows.with_columns(
+            pl.lit(per_frame.get_column(c)).gather(idx).alias(c) for c in per_frame.columns
+        )
+        if not all(recorded):  # dropped exact duplicates
+            rows = rows.filter("_keep")
+        if len(set(sym)) == 1:
+            parts = {sym[0]: rows}
+        else:
+            parts = {
+                k[0]: v
+                for k, v in rows.partition_by("_s", as_dict=True, maintain_order=True).items()
+            }
+        for symbol, part in parts.items():
+            if part.height:
+                out.counters["delta_rows"] += part.height
+                out.frames.append(
+                    FrameBatch(
+                        Dataset.DELTAS,
+                        exchange,
+                        market,
+                        symbol,
+                        part.select(DELTA_COLUMNS),
+                        self._multipliers.get((exchange, symbol), "1"),
+                    )
+                )
+        return out
+
+    def feed_snapshot_bodies(
+        self,
+        exchange: str,
+        market: str,
+        symbols: Sequence[str],
+        bodies: Sequence[bytes],
+        receive_ns: Sequence[int],
+        source: SnapshotSource = SnapshotSource.POLL,
+    ) -> NormalizeOutput | None:
+        """Raw REST snapshot bodies (of `symbols[i]`) -> snapshot rows as frames, and each
+        snapshot through its book sync, as `parse_rest_snapshot` + `feed_many` would.
+        None: use the simple path for this batch (nothing was fed)."""
+        if not self._fast_ok(exchange):
+            return None
+        parsed = fast.read_snapshot_bodies(bodies, receive_ns, source.value)
+        if parsed is None:
+            return None
+        ids, times, ttimes = (
+            parsed.heads.get_column(c).to_list() for c in ("lastUpdateId", "event_time", "T")
+        )
+        out = self.feed_many(
+            [
+                DepthSnapshot(
+                    exchange, market, s, ev, tt, lid, _NO_LEVELS, _NO_LEVELS, recv, source
+                )
+                for s, ev, tt, lid, recv in zip(
+                    symbols, times, ttimes, ids, receive_ns, strict=True
+                )
+            ]
+        )
+        rows = parsed.rows
+        if len(set(symbols)) == 1:
+            parts = {symbols[0]: rows}
+        else:
+            rows = rows.with_columns(
+                pl.lit(pl.Series(list(symbols), dtype=pl.String)).gather("_i").alias("_s")
+            )
+            parts = {
+                k[0]: v
+                for k, v in rows.partition_by("_s", as_dict=True, maintain_order=True).items()
+            }
+        for symbol, part in parts.items():
+            if part.height:
+                out.counters["snapshot_rows"] += part.height
+                out.frames.append(
+                    FrameBatch(
+                        Dataset.SNAPSHOTS,
+                        exchange,
+                        market,
+                        symbol,
+                        part.select(SNAPSHOT_COLUMNS),
+                        self._multipliers.get((exchange, symbol), "1"),
+                    )
+                )
         return out
 
 
@@ -308,8 +484,12 @@ def frame_from_columns(
     `float(text)`). `quantity = raw_quantity × multiplier` is computed in Decimal, then
     cast, so "3" × "0.1" is 0.3 and not 0.30000000000000004.
     """
-    dataset = Dataset(dataset)
-    schema = SCHEMAS[dataset]
+    return frame_from_wire(dataset, exchange, market, symbol, wire_frame(columns), multiplier)
+
+
+def wire_frame(columns: Mapping[str, list]) -> pl.DataFrame:
+    """Column lists -> the same columns as a polars frame with their wire types (ints
+    Int64, text String): what the fast path's `FrameBatch.frame` holds."""
     n = len(next(iter(columns.values()))) if columns else 0
     series = []
     for name, values in columns.items():
@@ -317,7 +497,21 @@ def frame_from_columns(
             series.append(pl.Series(name, values, dtype=pl.Int64))
         else:
             series.append(pl.Series(name, values, dtype=pl.String))
-    df = pl.DataFrame(series, height=n)
+    return pl.DataFrame(series, height=n)
+
+
+def frame_from_wire(
+    dataset: Dataset,
+    exchange: str,
+    market: str,
+    symbol: str,
+    df: pl.DataFrame,
+    multiplier: str = "1",
+) -> pl.DataFrame:
+    """A wire-typed frame (the columns of `frame_from_columns`, ints as Int64, text as
+    String) -> the stored schema. Both the simple and the fast path end here."""
+    dataset = Dataset(dataset)
+    schema = SCHEMAS[dataset]
     exprs: list[pl.Expr] = [
         pl.lit(exchange, pl.String).alias("exchange"),
         pl.lit(market, pl.String).alias("market"),
@@ -357,17 +551,23 @@ def _scaled(df: pl.DataFrame, multiplier: str) -> pl.Expr:
     mult_scale = len(multiplier.split(".", 1)[1]) if "." in multiplier else 0
     raw_scale = int(df.select(_scale_of(pl.col("raw_quantity")).max()).item() or 0)
     raw_scale = min(raw_scale, 38 - mult_scale)
-    mult = pl.lit(multiplier).str.to_decimal(scale=mult_scale)
+    # polars gives a product the larger of the two scales, not their sum: give the
+    # multiplier the product's scale so nothing is cut ("45.02" x "0.01" = 0.4502, not 0.45)
+    mult = pl.lit(multiplier).str.to_decimal(scale=raw_scale + mult_scale)
     return (pl.col("raw_quantity").str.to_decimal(scale=raw_scale) * mult).cast(pl.Float64)
 
 
-def excess_digit_count(columns: Mapping[str, list]) -> int:
+def excess_digit_count(columns: Mapping[str, list] | pl.DataFrame) -> int:
     """How many price / raw_quantity values have more than 15 significant digits, i.e.
-    might not survive the float64 round trip (the design's ingest check; log if > 0)."""
+    might not survive the float64 round trip (the design's ingest check; log if > 0).
+    Takes column lists or a wire frame."""
     total = 0
     for name in ("price", "raw_quantity"):
-        values = columns.get(name)
-        if not values:
+        if isinstance(columns, pl.DataFrame):
+            values = columns.get_column(name) if name in columns.columns else None
+        else:
+            values = columns.get(name)
+        if values is None or not len(values):
             continue
         digits = (
             pl.Series(values, dtype=pl.String)
@@ -381,7 +581,11 @@ def excess_digit_count(columns: Mapping[str, list]) -> int:
     return total
 
 
-def frame_from_batch(batch: RowBatch) -> pl.DataFrame:
+def frame_from_batch(batch: RowBatch | FrameBatch) -> pl.DataFrame:
+    if isinstance(batch, FrameBatch):
+        return frame_from_wire(
+            batch.dataset, batch.exchange, batch.market, batch.symbol, batch.frame, batch.multiplier
+        )
     return frame_from_columns(
         batch.dataset, batch.exchange, batch.market, batch.symbol, batch.columns, batch.multiplier
     )

@@ -2,39 +2,67 @@
 
 Feeds the records of a file in the shared recording format through the venue's pure
 parser and the shard `Normalizer` (book sync + flatten), exactly the code the live
-pipeline runs, and writes `snapshots`, `deltas` and `gaps` Parquet in the design's key
-layout. Venues plug in through `VENUES` (parser + sync rules), nothing else branches on
-the venue. Records are fed in chunks through `Normalizer.feed_many`; the summary is the
-one line users (and the recorded README) compare:
+pipeline runs, and writes `snapshots`, `deltas` and `gaps` Parquet exactly as a collector
+flush does (`storage.layout.files_for_frame` keys and zstd encoding, atomic writes via
+`storage.spool.write_atomic`). Venues plug in through `VENUES` (parser + sync rules),
+nothing else branches on the venue. Records are fed in chunks through
+`Normalizer.feed_many`, or for Binance ws records through the batch fast path
+`Normalizer.feed_frames` (same output; `fast=False` forces the simple path); the summary
+is the one line users (and the recorded README) compare:
 `messages=N rows=N gaps=N resyncs=N snapshot_rows=N`.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-import os
-from collections.abc import Callable, Iterable
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
+import orjson
 import polars as pl
 
 from cryptoflow.book.sync import BREAK_KINDS, SyncRules
-from cryptoflow.errors import MalformedMessage, UsageError
+from cryptoflow.errors import DataError, MalformedMessage, UsageError
 from cryptoflow.exchanges.base import Control
 from cryptoflow.exchanges.binance import parse as binance_parse
 from cryptoflow.exchanges.binance.rules import RULES as BINANCE_RULES
-from cryptoflow.models import Dataset, DepthDiff, DepthSnapshot, GapKind, SnapshotSource
+from cryptoflow.models import (
+    MARKET_FUTURES,
+    Dataset,
+    DepthDiff,
+    DepthSnapshot,
+    GapKind,
+    SnapshotSource,
+)
 from cryptoflow.pipeline.normalize import (
+    FAST_VENUES,
+    FrameBatch,
+    NormalizeOutput,
     Normalizer,
     excess_digit_count,
-    frame_from_columns,
+    frame_from_wire,
+    wire_frame,
 )
-from cryptoflow.tools.recording import Record, iter_records
+from cryptoflow.pipeline.rows import RowBatch
+from cryptoflow.storage import layout
+from cryptoflow.storage.spool import write_atomic
+from cryptoflow.tools.recording import Record, open_text, parse_record
 
 log = logging.getLogger(__name__)
+
+#: a ws record in the recorder's compact shape: `msg` last and an object. Such a line is
+#: valid JSON exactly when its payload is; the fast path checks the payload in full and
+#: hands back any chunk it cannot take, which is then parsed record by record.
+_FAST_WS_LINE = re.compile(
+    rb'\{"recv_ns":(0|[1-9][0-9]{0,18}),"kind":"ws","channel":"[^"\\\x00-\x1f]*",'
+    rb'"msg":(\{.*\})\}\r?\n?\Z',
+    re.S,
+)
 
 CHUNK_RECORDS = 2_000  # records per feed_many call
 FLUSH_ROWS = 2_000_000  # rows buffered per (dataset, symbol) before a file is written
@@ -47,6 +75,8 @@ class ReplayVenue:
     parse_ws: Callable[[Any, int], list[DepthDiff] | Control]
     #: a rest_snapshot record -> DepthSnapshot
     parse_rest: Callable[[Record], DepthSnapshot]
+    #: per-replay ws parser with state (OKX legacy id sequencer); None = `parse_ws`
+    new_parse_ws: Callable[[], Callable[[Any, int], list[DepthDiff] | Control]] | None = None
 
 
 def _binance_rest(rec: Record) -> DepthSnapshot:
@@ -56,8 +86,50 @@ def _binance_rest(rec: Record) -> DepthSnapshot:
     return binance_parse.parse_rest_snapshot(rec.msg, symbol, rec.recv_ns, SnapshotSource.REPLAY)
 
 
+def _raw(msg: Any) -> bytes | str:
+    """Recorded payloads are parsed JSON (or text); the venue parsers take frames."""
+    return msg if isinstance(msg, (str, bytes)) else orjson.dumps(msg)
+
+
+def _rest_of(exchange: str, query_key: str) -> Callable[[Record], DepthSnapshot]:
+    """REST record parser for a venue whose channel is `<path>?...<query_key>=<venue sym>`."""
+    mod = importlib.import_module(f"cryptoflow.exchanges.{exchange}.parse")
+
+    def parse_rest(rec: Record) -> DepthSnapshot:
+        venue_symbol = parse_qs(urlsplit(rec.channel).query).get(query_key, [""])[0]
+        if not venue_symbol:
+            raise MalformedMessage(f"no {query_key} in channel {rec.channel!r}", exchange=exchange)
+        symbol = mod.default_symbol(venue_symbol)
+        return mod.parse_rest_snapshot(_raw(rec.msg), symbol, rec.recv_ns, SnapshotSource.REPLAY)
+
+    return parse_rest
+
+
+def _ws_of(exchange: str) -> Callable[[Any, int], list[DepthDiff] | Control]:
+    mod = importlib.import_module(f"cryptoflow.exchanges.{exchange}.parse")
+    return lambda msg, recv_ns: mod.parse_ws_message(_raw(msg), recv_ns)
+
+
+def _okx_ws() -> Callable[[Any, int], list[DepthDiff] | Control]:
+    """OKX captures before seqId existed: one legacy id sequencer per replay."""
+    from cryptoflow.exchanges.okx import parse as okx_parse
+    from cryptoflow.exchanges.okx.rules import LegacySequencer
+
+    legacy = LegacySequencer()
+    return lambda msg, recv_ns: okx_parse.parse_ws_message(_raw(msg), recv_ns, None, legacy)
+
+
+def _venue_rules(exchange: str) -> SyncRules:
+    return importlib.import_module(f"cryptoflow.exchanges.{exchange}.rules").RULES
+
+
 VENUES: dict[str, ReplayVenue] = {
     "binance": ReplayVenue(BINANCE_RULES, binance_parse.parse_ws_message, _binance_rest),
+    "bybit": ReplayVenue(_venue_rules("bybit"), _ws_of("bybit"), _rest_of("bybit", "symbol")),
+    "okx": ReplayVenue(
+        _venue_rules("okx"), _ws_of("okx"), _rest_of("okx", "instId"), new_parse_ws=_okx_ws
+    ),
+    "kucoin": ReplayVenue(_venue_rules("kucoin"), _ws_of("kucoin"), _rest_of("kucoin", "symbol")),
 }
 
 
@@ -90,17 +162,26 @@ def replay_summary(
     *,
     chunk_records: int = CHUNK_RECORDS,
     flush_rows: int = FLUSH_ROWS,
+    fast: bool = True,
 ) -> ReplaySummary:
-    """Replay `input_path`; write Parquet under `output` (nothing written when None)."""
+    """Replay `input_path`; write Parquet under `output` (nothing written when None).
+
+    With `fast` (the default) runs of ws records go through `Normalizer.feed_frames` (the
+    batch fast path, `pipeline/batch.py`) for venues that have one; any chunk it does not
+    take, and every other record, takes the simple path. Output is the same either way
+    (`tests/test_fastpath.py`)."""
     venue = VENUES.get(exchange)
     if venue is None:
         raise UsageError(f"replay: unknown exchange {exchange!r} (known: {', '.join(VENUES)})")
+    parse_ws = venue.new_parse_ws() if venue.new_parse_ws is not None else venue.parse_ws
     input_path = Path(input_path)
     if not input_path.is_file():
         raise UsageError(f"replay: input file {str(input_path)!r} does not exist")
     summary = ReplaySummary()
     normalizer = Normalizer({exchange: venue.rules})
-    buffers: dict[tuple[Dataset, str, str, str], tuple[dict[str, list], str]] = {}
+    fast = fast and exchange in FAST_VENUES and venue.new_parse_ws is None
+    #: per (dataset, exchange, market, symbol): wire frames, multiplier, rows
+    buffers: dict[tuple[Dataset, str, str, str], tuple[list[pl.DataFrame], str, int]] = {}
 
     def bad(line_no: int, reason: str) -> None:
         summary.messages += 1
@@ -108,15 +189,23 @@ def replay_summary(
         log.warning("%s:%d: skipped: %s", input_path, line_no, reason)
 
     def flush(key: tuple[Dataset, str, str, str]) -> None:
-        cols, multiplier = buffers.pop(key)
-        summary.excess_digits += excess_digit_count(cols)
-        frame = frame_from_columns(*key, cols, multiplier)
+        parts, multiplier, _ = buffers.pop(key)
+        wire = pl.concat(parts, rechunk=False) if len(parts) > 1 else parts[0]
+        summary.excess_digits += excess_digit_count(wire)
+        frame = frame_from_wire(*key, wire, multiplier)
         if output is not None:
-            summary.files.extend(_write_local([(key, frame)], Path(output)))
+            summary.files.extend(_write(key, frame, Path(output)))
 
-    def process(items: list) -> None:
-        out = normalizer.feed_many(items)
-        items.clear()
+    def hold(batch: RowBatch | FrameBatch) -> None:
+        key = (batch.dataset, batch.exchange, batch.market, batch.symbol)
+        wire = batch.frame if isinstance(batch, FrameBatch) else wire_frame(batch.columns)
+        parts, multiplier, rows = buffers.get(key, ([], batch.multiplier, 0))
+        parts.append(wire)
+        buffers[key] = (parts, multiplier, rows + wire.height)
+        if rows + wire.height >= flush_rows:
+            flush(key)
+
+    def account(out: NormalizeOutput) -> None:
         summary.rows += out.counters["delta_rows"]
         summary.snapshot_rows += out.counters["snapshot_rows"]
         summary.dropped_duplicates += out.counters["dropped"]
@@ -125,26 +214,24 @@ def replay_summary(
                 summary.resyncs += 1
             elif gap.kind in BREAK_KINDS:
                 summary.gaps += 1
-        for batch in out.batches:
-            key = (batch.dataset, batch.exchange, batch.market, batch.symbol)
-            held = buffers.get(key)
-            if held is None:
-                buffers[key] = (batch.columns, batch.multiplier)
-            else:
-                for name, values in batch.columns.items():
-                    held[0][name].extend(values)
-            if len(buffers[key][0]["timestamp"]) >= flush_rows:
-                flush(key)
+        for batch in [*out.batches, *out.frames]:
+            hold(batch)
 
     items: list = []
-    for rec in iter_records(input_path, on_error=bad):
+
+    def process() -> None:
+        if items:
+            account(normalizer.feed_many(items))
+            items.clear()
+
+    def simple(rec: Record) -> None:
         summary.messages += 1
         try:
             if rec.kind == "ws":
-                parsed = venue.parse_ws(rec.msg, rec.recv_ns)
+                parsed = parse_ws(rec.msg, rec.recv_ns)
                 if isinstance(parsed, Control):
                     summary.controls += 1
-                    continue
+                    return
                 summary.diffs += len(parsed)
                 items.extend(parsed)
             else:
@@ -153,11 +240,52 @@ def replay_summary(
         except MalformedMessage as exc:
             summary.bad_records += 1
             log.warning("%s:%d: skipped: %s", input_path, rec.line_no, exc)
-            continue
+            return
         if len(items) >= chunk_records:
-            process(items)
-    if items:
-        process(items)
+            process()
+
+    # fast path: (line number, line, recv_ns, frame) of ws records in the exact shape
+    pending: list[tuple[int, bytes, int, bytes]] = []
+
+    def drain() -> None:
+        if not pending:
+            return
+        out = normalizer.feed_frames(
+            exchange, MARKET_FUTURES, [p[3] for p in pending], [p[2] for p in pending]
+        )
+        if out is None:  # not this chunk: every record through the simple path
+            for line_no, line, _, _ in pending:
+                try:
+                    simple(parse_record(line, line_no))
+                except DataError as exc:
+                    bad(line_no, str(exc))
+            process()
+        else:
+            summary.messages += len(pending)
+            summary.diffs += len(pending)
+            account(out)
+        pending.clear()
+
+    with open_text(input_path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            m = _FAST_WS_LINE.match(line) if fast else None
+            if m is not None and int(m[1]) < 2**63:
+                process()  # keep arrival order
+                pending.append((line_no, line, int(m[1]), m[2]))
+                if len(pending) >= chunk_records:
+                    drain()
+                continue
+            drain()
+            try:
+                rec = parse_record(line, line_no)
+            except DataError as exc:
+                bad(line_no, str(exc))
+                continue
+            simple(rec)
+    drain()
+    process()
     for key in list(buffers):
         flush(key)
     if summary.excess_digits:
@@ -174,42 +302,13 @@ def run(exchange: str, input_path: Path, output: Path) -> int:
     return 0
 
 
-# TODO(lead): switch to cryptoflow.storage when it lands
-def _write_local(
-    frames: Iterable[tuple[tuple[Dataset, str, str, str], pl.DataFrame]], output: Path
-) -> list[Path]:
-    """Write each frame as zstd Parquet, one file per event-time hour, in the key layout
-    `<output>/<dataset>/exchange=/market=/symbol=/year=/month=/day=/hour=/<file>.parquet`.
-    The file name comes from the content range (`<SYM>-<first id>-<last id>-<first ts ms>-
-    <last ts ms>`, as the writer names them), so writing
-    the same rows again overwrites the same file instead of duplicating it."""
+def _write(key: tuple[Dataset, str, str, str], frame: pl.DataFrame, output: Path) -> list[Path]:
+    """Write a frame exactly as a collector flush does (`storage.layout.files_for_frame`:
+    one zstd Parquet file per event-time hour, deterministic content-hashed key), each
+    file atomically (temp + fsync + rename) under `output`."""
     written: list[Path] = []
-    for (dataset, exchange, market, symbol), frame in frames:
-        if frame.height == 0:
-            continue
-        hours = frame.with_columns(_hour=pl.col("timestamp").dt.truncate("1h"))
-        for part in hours.partition_by("_hour", maintain_order=True):
-            hour = part["_hour"][0]
-            part = part.drop("_hour")
-            ts = part["timestamp"].dt.epoch("ms")
-            directory = (
-                Path(output)
-                / Dataset(dataset).value
-                / f"exchange={exchange}"
-                / f"market={market}"
-                / f"symbol={symbol}"
-                / f"year={hour.year:04d}"
-                / f"month={hour.month:02d}"
-                / f"day={hour.day:02d}"
-                / f"hour={hour.hour:02d}"
-            )
-            directory.mkdir(parents=True, exist_ok=True)
-            id_col = "last_good_id" if dataset == Dataset.GAPS else "last_update_id"
-            ids = part[id_col].fill_null(0)
-            name = f"{symbol}-{ids.min()}-{ids.max()}-{ts.min()}-{ts.max()}.parquet"
-            path = directory / name
-            tmp = path.with_suffix(".parquet.tmp")
-            part.write_parquet(tmp, compression="zstd")
-            os.replace(tmp, path)
-            written.append(path)
+    for rel_key, _, data in layout.files_for_frame(*key, frame):
+        path = output / rel_key
+        write_atomic(path, data)
+        written.append(path)
     return written

@@ -1,0 +1,344 @@
+"""Soak: the full seed symbol table against the simulator, collector cost sampled from /proc.
+
+Starts, as separate processes (only 127.0.0.x is ever contacted):
+1. the simulator, `python -m cryptoflow.sim --venues <all it supports> ...`, serving every
+   venue/symbol of `configs/symbols.yml` that it can (Binance today; venues it does not
+   know yet are skipped and listed in the result);
+2. the collector, `cryptoflow collect --duration D`, with a generated config pointing at
+   the simulator: 1000-level REST snapshots every 10 s (Bybit: its maximum, 500) and
+   100 ms diff streams, shards on source IPs 127.0.0.1, 127.0.0.2, ... so every shard
+   stays inside the venue's per-IP request budget (checked with `cryptoflow shards list`).
+
+Every second it samples both processes' CPU time (utime + stime, all threads) and RSS
+from /proc/<pid>/stat and /proc/<pid>/status, and at the end reports for each: average
+CPU % of one core, max RSS, and the RSS trend (least-squares slope after a warm-up, MB
+per minute). Latency "exchange event time -> on disk" is measured per Parquet file the
+collector wrote (local store, after the spool): file mtime minus the newest and the
+oldest event time in the file, both taken from the deterministic file name
+(`<SYM>-<first id>-<last id>-<first ts ms>-<last ts ms>-<hash>.parquet`).
+
+    /work/venv/bin/python scripts/soak.py --duration 600      # the issue's 10-minute run
+    /work/venv/bin/python scripts/soak.py --duration 3600     # optional 1-hour soak
+
+Prints one final line `rows/s=… cpu_pct=… rss_mb=… rss_slope_mb_per_min=… latency_p99_s=…`
+and writes `bench-results/soak.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ruamel.yaml import YAML
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+VENUES = ("binance", "bybit", "okx", "kucoin")
+#: symbols per shard (source IP) so 1000-level snapshots every 10 s fit the per-IP budget:
+#: Binance 20 weight x 6/min = 120 weight/min/symbol, 2400/min x 0.8 safety -> 16; use 11
+PER_SHARD = {"binance": 11, "bybit": 40, "okx": 9, "kucoin": 40}  # OKX: 10 req / 2 s per IP
+DEPTH = {"binance": 1000, "bybit": 500, "okx": 1000, "kucoin": 1000}
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def proc_sample(pid: int) -> tuple[float, float] | None:
+    """(CPU seconds so far, RSS MB) of a process, or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        statm = Path(f"/proc/{pid}/statm").read_text().split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / TICK, int(statm[1]) * PAGE / 2**20
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (t, y), per minute."""
+    if len(points) < 3:
+        return 0.0
+    ts, ys = [p[0] for p in points], [p[1] for p in points]
+    mt, my = statistics.fmean(ts), statistics.fmean(ys)
+    var = sum((t - mt) ** 2 for t in ts)
+    return 60 * sum((t - mt) * (y - my) for t, y in zip(ts, ys, strict=True)) / var if var else 0.0
+
+
+def summarize(samples: list[tuple[float, float, float]], warmup: float) -> dict:
+    """samples: (t, cpu seconds, rss MB) -> average CPU %, max RSS, RSS slope."""
+    if len(samples) < 2:
+        return {}
+    (t0, c0, _), (t1, c1, _) = samples[0], samples[-1]
+    steady = [(t, r) for t, _, r in samples if t - t0 >= warmup] or [(t, r) for t, _, r in samples]
+    return {
+        "cpu_pct_avg": 100 * (c1 - c0) / (t1 - t0),
+        "cpu_s": c1 - c0,
+        "rss_mb_max": max(r for _, _, r in samples),
+        "rss_mb_last": samples[-1][2],
+        "rss_mb_after_warmup_first": steady[0][1],
+        "rss_slope_mb_per_min": slope(steady),
+        "samples": len(samples),
+    }
+
+
+def symbol_table() -> dict[str, dict[str, str]]:
+    """normalized -> {venue: venue symbol} for enabled rows of configs/symbols.yml."""
+    table = YAML(typ="safe").load((ROOT / "configs/symbols.yml").read_text())["symbols"]
+    return {
+        name: {v: row[v] for v in VENUES if row.get(v)}
+        for name, row in table.items()
+        if row.get("enabled", True)
+    }
+
+
+def start_sim(table: dict, venues: list[str], log: Path) -> tuple[subprocess.Popen, dict]:
+    args = [
+        str(VENV_BIN / "python"),
+        "-m",
+        "cryptoflow.sim",
+        "--host",
+        "127.0.0.1",
+        "--venues",
+        ",".join(venues),
+        "--symbols",
+        ",".join(sorted({row["binance"] for row in table.values() if "binance" in row})),
+        "--depth",
+        "1000",
+        "--tick-interval",
+        "0.1",
+    ]
+    for v in venues:
+        if v != "binance":
+            args += [f"--{v}-symbols", ",".join(sorted(r[v] for r in table.values() if v in r))]
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=log.open("wb"), cwd=ROOT, text=True
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(10)
+        raise RuntimeError(f"simulator did not start (see {log})")
+    return proc, json.loads(line)
+
+
+def write_config(workdir: Path, sim: dict, table: dict, venues: list[str]) -> Path:
+    yaml = YAML()
+    cfg = yaml.load((ROOT / "configs/config.yml").read_text())
+    cfg["cryptoflow"]["exchanges"] = venues
+    cfg["reader"]["snapshot_interval"] = 10.0
+    for v in VENUES:
+        src = cfg["source"][v]
+        src.update(
+            snapshot_interval=None,
+            depth_limit=DEPTH[v],
+            stream_speed="100ms",
+            rest_url=sim["rest_url"],
+            ws_url=sim["ws_url"],
+        )
+    cfg["storage"]["local_path"] = str(workdir / "data")
+    cfg["storage"]["spool"]["path"] = str(workdir / "spool")
+    cfg["storage"]["s3"]["enabled"] = False
+    cfg["logging"]["output"] = str(workdir / "collector.log")
+    if "metrics" in cfg:
+        cfg["metrics"]["enabled"] = False
+    with (workdir / "config.yml").open("w") as f:
+        yaml.dump(cfg, f)
+    shards: list[dict] = []
+    for v in venues:
+        names = sorted(n for n, row in table.items() if v in row)
+        chunks = [names[i : i + PER_SHARD[v]] for i in range(0, len(names), PER_SHARD[v])]
+        for i, chunk in enumerate(chunks):
+            while len(shards) <= i:
+                shards.append(
+                    {
+                        "name": f"ip{len(shards) + 1}",
+                        "source_ip": f"127.0.0.{len(shards) + 1}",
+                        "symbols": {},
+                    }
+                )
+            shards[i]["symbols"][v] = chunk
+    with (workdir / "ip_shards.yml").open("w") as f:
+        yaml.dump({"shards": shards}, f)
+    (workdir / "symbols.yml").write_text((ROOT / "configs/symbols.yml").read_text())
+    return workdir / "config.yml"
+
+
+def file_latencies(data: Path) -> dict[str, list[float]]:
+    """Per delta/snapshot file: (mtime - newest event) and (mtime - oldest event), s."""
+    newest: list[float] = []
+    oldest: list[float] = []
+    for path in data.rglob("*.parquet"):
+        if "/deltas/" not in str(path):
+            continue
+        parts = path.name[: -len(".parquet")].split("-")
+        # <SYM>-<first id>-<last id>-<first ts>-<last ts>[-<hash>]; SYM may hold '-'
+        nums = [p for p in parts if p.isdigit()]
+        if len(nums) < 4:
+            continue
+        first_ts, last_ts = int(nums[2]), int(nums[3])
+        mtime = path.stat().st_mtime
+        newest.append(mtime - last_ts / 1000)
+        oldest.append(mtime - first_ts / 1000)
+    return {"newest_row": newest, "oldest_row": oldest}
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--duration", type=float, default=600.0, help="collector run, seconds")
+    ap.add_argument("--warmup", type=float, default=30.0, help="excluded from the RSS trend")
+    ap.add_argument("--venues", default=",".join(VENUES), help="venues to try on the simulator")
+    ap.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
+    ap.add_argument("--out", type=Path, default=Path("bench-results/soak.json"))
+    ap.add_argument(
+        "--gc",
+        choices=("default", "freeze"),
+        default="default",
+        help="freeze: the collector calls gc.freeze() after its imports (an experiment)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="run the collector under cProfile (main thread; slower) -> <workdir>/collector.prof",
+    )
+    args = ap.parse_args(argv)
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cryptoflow-soak-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    table = symbol_table()
+    wanted = [v for v in args.venues.split(",") if v]
+    sim_proc, sim = None, {}
+    for attempt in (wanted, ["binance"]):  # venues the simulator does not know yet: skip
+        try:
+            sim_proc, sim = start_sim(table, attempt, workdir / "sim.log")
+            break
+        except (RuntimeError, json.JSONDecodeError) as exc:
+            print(f"simulator with {attempt}: {exc}", file=sys.stderr)
+    if sim_proc is None:
+        return 1
+    venues = [v for v in wanted if v in sim.get("venues", {"binance": []})]
+    skipped = [v for v in wanted if v not in venues]
+    cfg = write_config(workdir, sim, table, venues)
+    shards = subprocess.run(
+        [str(VENV_BIN / "cryptoflow"), "shards", "list", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    print(shards.stdout + shards.stderr, file=sys.stderr)
+    entry = [str(VENV_BIN / "cryptoflow")]
+    if args.gc == "freeze":
+        code = (
+            "import gc, cryptoflow.runtime, cryptoflow.cli, polars, httpx, trio_websocket; "
+            "gc.freeze(); cryptoflow.cli.main()"
+        )
+        entry = [str(VENV_BIN / "python"), "-c", code]
+    if args.profile:
+        entry = [str(VENV_BIN / "python"), "-m", "cProfile", "-o", str(workdir / "collector.prof")]
+        entry += ["-m", "cryptoflow"]
+    collector = subprocess.Popen(
+        [
+            *entry,
+            "collect",
+            "-c",
+            str(cfg),
+            "--duration",
+            str(args.duration),
+            "--output",
+            str(workdir / "data"),
+        ],
+        cwd=ROOT,
+        stdout=(workdir / "collector.out").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    coll_samples: list[tuple[float, float, float]] = []
+    sim_samples: list[tuple[float, float, float]] = []
+    t_start = time.monotonic()
+    try:
+        while collector.poll() is None:
+            now = time.monotonic() - t_start
+            for pid, into in ((collector.pid, coll_samples), (sim_proc.pid, sim_samples)):
+                s = proc_sample(pid)
+                if s is not None:
+                    into.append((now, *s))
+            if now > args.duration + 120:  # the collector should have stopped by now
+                collector.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+    finally:
+        if collector.poll() is None:
+            collector.send_signal(signal.SIGTERM)
+            collector.wait(60)
+        sim_proc.send_signal(signal.SIGTERM)
+        try:
+            sim_proc.wait(20)
+        except subprocess.TimeoutExpired:
+            sim_proc.kill()
+    # the collector's own cost while collecting: drop start-up (imports, first snapshots)
+    steady = [s for s in coll_samples if s[0] >= args.warmup] or coll_samples
+    lat = file_latencies(workdir / "data")
+    rows = {}
+    try:
+        import polars as pl
+
+        for ds in ("deltas", "snapshots", "gaps"):
+            files = list((workdir / "data" / ds).rglob("*.parquet"))
+            rows[ds] = pl.scan_parquet(files).select(pl.len()).collect().item() if files else 0
+    except Exception as exc:  # reporting only
+        rows["error"] = str(exc)
+    elapsed = coll_samples[-1][0] - coll_samples[0][0] if coll_samples else 0.0
+    result = {
+        "benchmark": "soak",
+        "duration_s": args.duration,
+        "gc": args.gc,
+        "elapsed_s": elapsed,
+        "venues": venues,
+        "venues_skipped": skipped,
+        "symbols": {v: sum(1 for r in table.values() if v in r) for v in venues},
+        "collector_exit": collector.returncode,
+        "collector": summarize(steady, args.warmup),
+        "collector_with_startup": summarize(coll_samples, args.warmup),
+        "simulator": summarize(sim_samples, args.warmup),
+        "rows": rows,
+        "rows_per_s": sum(v for v in rows.values() if isinstance(v, int)) / elapsed
+        if elapsed
+        else None,
+        "latency_s": {
+            k: {"p50": pct(v, 0.5), "p99": pct(v, 0.99), "max": pct(v, 1.0), "files": len(v)}
+            for k, v in lat.items()
+        },
+        "workdir": str(workdir),
+        "cpus": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+        "shards": shards.stdout,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    c = result["collector"]
+    print(json.dumps({k: result[k] for k in ("venues", "venues_skipped", "rows", "latency_s")}))
+    print(f"simulator: {json.dumps(result['simulator'])}")
+    print(
+        f"rows/s={result['rows_per_s'] or 0:.0f} cpu_pct={c.get('cpu_pct_avg', 0):.1f} "
+        f"rss_mb={c.get('rss_mb_max', 0):.0f} "
+        f"rss_slope_mb_per_min={c.get('rss_slope_mb_per_min', 0):.2f} "
+        f"latency_p99_s={result['latency_s']['oldest_row']['p99'] or 0:.2f} "
+        f"sim_cpu_pct={result['simulator'].get('cpu_pct_avg', 0):.1f}"
+    )
+    return 0 if collector.returncode == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

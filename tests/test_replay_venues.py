@@ -1,0 +1,242 @@
+"""`replay` on the Bybit and OKX recordings (and KuCoin example payloads), compared with
+an independent checker (stdlib json/zlib, no project code), also on copies with messages
+removed on purpose so the gap count is not always zero."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from cryptoflow.tools.replay import replay_summary
+
+REC = Path("/work/shared/data/recorded")
+BYBIT1 = REC / "bybit/linear_orderbook1_BAND_RAD_SNT_AIOZ_2025-06-13.jsonl"
+BYBIT500 = REC / "bybit/linear_orderbook500_XRPUSDT_2024-12-01.jsonl"
+OKX_XMR = REC / "okx/swap_books-l2-tbt_XMR-USDT-SWAP_2021-07-22.jsonl"
+OKX_UNI = REC / "okx/swap_books_UNI-USD-SWAP_2022-05-13.jsonl"
+
+pytestmark = pytest.mark.skipif(not REC.is_dir(), reason="shared recordings not present")
+
+
+def lines_of(path: Path) -> list[str]:
+    return [ln for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def write(tmp_path: Path, name: str, lines: list[str]) -> Path:
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def bybit_expect(lines: list[str]) -> dict:
+    """Bybit: snapshots' levels -> snapshot_rows, deltas' levels -> rows; a delta whose u is
+    not previous u + 1 is a gap (each break in the chain, as for Binance); a snapshot after
+    a gap is a resync."""
+    out = dict(messages=0, rows=0, gaps=0, resyncs=0, snapshot_rows=0)
+    last: dict[str, int] = {}
+    broken: set[str] = set()
+    for ln in lines:
+        out["messages"] += 1
+        msg = json.loads(ln)["msg"]
+        d, sym = msg["data"], msg["data"]["s"]
+        n = len(d["b"]) + len(d["a"])
+        if msg["type"] == "snapshot" or d["u"] == 1:
+            out["snapshot_rows"] += n
+            if sym in broken:
+                out["resyncs"] += 1
+                broken.discard(sym)
+        else:
+            out["rows"] += n
+            if sym in last and d["u"] != last[sym] + 1:
+                out["gaps"] += 1
+                broken.add(sym)
+        last[sym] = d["u"]
+    return out
+
+
+def okx_crc(bids: dict, asks: dict) -> int:
+    b = sorted(bids, key=Decimal, reverse=True)[:25]
+    a = sorted(asks, key=Decimal)[:25]
+    parts = []
+    for i in range(max(len(b), len(a))):
+        if i < len(b):
+            parts += [b[i], bids[b[i]]]
+        if i < len(a):
+            parts += [a[i], asks[a[i]]]
+    c = zlib.crc32(":".join(parts).encode())
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+def okx_expect(lines: list[str]) -> dict:
+    """OKX legacy (no seqId): the checksum is the only check; after the first mismatch the
+    book is broken until the next snapshot (a resync)."""
+    out = dict(messages=0, rows=0, gaps=0, resyncs=0, snapshot_rows=0)
+    bids: dict = {}
+    asks: dict = {}
+    broken = False
+    for ln in lines:
+        out["messages"] += 1
+        msg = json.loads(ln)["msg"]
+        for d in msg["data"]:
+            n = len(d["bids"]) + len(d["asks"])
+            if msg["action"] == "snapshot":
+                out["snapshot_rows"] += n
+                bids = {p: q for p, q, *_ in d["bids"] if Decimal(q)}
+                asks = {p: q for p, q, *_ in d["asks"] if Decimal(q)}
+                if broken:
+                    out["resyncs"] += 1
+                broken = False
+            else:
+                out["rows"] += n
+                for side, levels in ((bids, d["bids"]), (asks, d["asks"])):
+                    for p, q, *_ in levels:
+                        if Decimal(q):
+                            side[p] = q
+                        else:
+                            side.pop(p, None)
+            if not broken and d.get("checksum") and okx_crc(bids, asks) != d["checksum"]:
+                out["gaps"] += 1
+                broken = True
+    return out
+
+
+def summary_dict(exchange: str, path: Path, out: Path | None = None) -> dict:
+    s = replay_summary(exchange, path, out)
+    return dict(
+        messages=s.messages,
+        rows=s.rows,
+        gaps=s.gaps,
+        resyncs=s.resyncs,
+        snapshot_rows=s.snapshot_rows,
+    )
+
+
+@pytest.mark.parametrize("path", [BYBIT1, BYBIT500], ids=["ob1", "ob500"])
+def test_bybit_recordings(path):
+    lines = lines_of(path)
+    expect = bybit_expect(lines)
+    assert summary_dict("bybit", path) == expect
+    assert expect["gaps"] == 0 and expect["messages"] == len(lines)
+
+
+def test_bybit_known_counts():
+    assert summary_dict("bybit", BYBIT500) == dict(
+        messages=50, rows=2966, gaps=0, resyncs=0, snapshot_rows=1000
+    )
+
+
+@pytest.mark.parametrize("drop", [[5], [5, 6, 30]])
+def test_bybit_removed_deltas_are_gaps(tmp_path, drop):
+    lines = [ln for i, ln in enumerate(lines_of(BYBIT500)) if i not in drop]
+    # plus a fresh snapshot at the end (copy of the first one): the book resyncs on it
+    lines.append(lines_of(BYBIT500)[0])
+    path = write(tmp_path, "cut.jsonl", lines)
+    expect = bybit_expect(lines)
+    assert expect["gaps"] >= 1 and expect["resyncs"] == 1
+    assert summary_dict("bybit", path) == expect
+
+
+def test_bybit_repeated_identical_snapshot_is_not_a_gap(tmp_path):
+    first = lines_of(BYBIT500)[0]
+    path = write(tmp_path, "rep.jsonl", [first, first, first])
+    assert summary_dict("bybit", path) == dict(
+        messages=3, rows=0, gaps=0, resyncs=0, snapshot_rows=3000
+    )
+
+
+@pytest.mark.parametrize("path", [OKX_XMR, OKX_UNI], ids=["xmr", "uni"])
+def test_okx_recordings_checksums_all_match(path):
+    lines = lines_of(path)
+    expect = okx_expect(lines)
+    assert expect["gaps"] == 0
+    assert summary_dict("okx", path) == expect
+
+
+@pytest.mark.parametrize("path", [OKX_XMR, OKX_UNI], ids=["xmr", "uni"])
+def test_okx_removed_update_is_a_checksum_gap(tmp_path, path):
+    lines = lines_of(path)
+    # drop an update that changes the top of the book, then append the snapshot again
+    victim = next(
+        i
+        for i, ln in enumerate(lines)
+        if i > 3
+        and json.loads(ln)["msg"]["action"] == "update"
+        and json.loads(ln)["msg"]["data"][0]["bids"]
+    )
+    cut = [ln for i, ln in enumerate(lines) if i != victim] + [lines[0]]
+    expect = okx_expect(cut)
+    assert expect["gaps"] == 1 and expect["resyncs"] == 1
+    got = summary_dict("okx", write(tmp_path, "cut.jsonl", cut))
+    assert got == expect
+
+
+def test_okx_writes_contract_rows_under_the_layout(tmp_path):
+    summary_dict("okx", OKX_XMR, tmp_path)
+    files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.parquet"))
+    assert files and all(
+        str(f).startswith(
+            (
+                "deltas/exchange=okx/market=futures/symbol=XMRUSDT/year=2021/",
+                "snapshots/exchange=okx/market=futures/symbol=XMRUSDT/year=2021/",
+            )
+        )
+        for f in files
+    )
+
+
+def kucoin_lines() -> list[str]:
+    """Documented example payloads (exchanges.md), as a recording: REST snapshot at 100,
+    then diffs 99..104 (99 and 100 are already in it)."""
+    rest = {
+        "code": "200000",
+        "data": {
+            "symbol": "XBTUSDTM",
+            "sequence": 100,
+            "asks": [[5000.0, 1000], [6000.0, 1983]],
+            "bids": [[3200.0, 800], [3100.0, 100]],
+            "ts": 1604643655040584408,
+        },
+    }
+    recs = []
+
+    def ws(seq, change):
+        msg = {
+            "type": "message",
+            "topic": "/contractMarket/level2:XBTUSDTM",
+            "subject": "level2",
+            "data": {"sequence": seq, "change": change, "timestamp": 1604643655041 + seq},
+        }
+        recs.append(json.dumps({"recv_ns": seq, "kind": "ws", "channel": "level2", "msg": msg}))
+
+    ws(99, "5000.0,sell,83")
+    ws(100, "5000.0,sell,84")
+    recs.append(
+        json.dumps(
+            {
+                "recv_ns": 1,
+                "kind": "rest_snapshot",
+                "channel": "/api/v1/level2/snapshot?symbol=XBTUSDTM",
+                "msg": rest,
+            }
+        )
+    )
+    for seq, change in ((101, "5000.0,sell,85"), (102, "0,buy,0"), (103, "3200.0,buy,0")):
+        ws(seq, change)
+    return recs
+
+
+def test_kucoin_example_payloads(tmp_path):
+    lines = kucoin_lines()
+    path = write(tmp_path, "kc.jsonl", lines)
+    # 5 diffs (102 changes no level: 0 rows), 4 snapshot levels, no break
+    assert summary_dict("kucoin", path) == dict(
+        messages=6, rows=4, gaps=0, resyncs=0, snapshot_rows=4
+    )
+    cut = [ln for ln in lines if '"sequence": 101' not in ln]
+    assert summary_dict("kucoin", write(tmp_path, "kc_cut.jsonl", cut)) == dict(
+        messages=5, rows=3, gaps=1, resyncs=0, snapshot_rows=4
+    )
