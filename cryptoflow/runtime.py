@@ -38,6 +38,7 @@ import trio
 from cryptoflow.config_schema import EXCHANGES, Settings, Shard, VenueSource
 from cryptoflow.errors import CryptoflowError, StorageError, UsageError
 from cryptoflow.exchanges import registry
+from cryptoflow.exchanges.limits import VENUE_LIMITS, snapshot_cost
 from cryptoflow.models import DepthSnapshot, SnapshotSource
 from cryptoflow.net.http import make_http_client
 from cryptoflow.net.ratelimit import RateBudget
@@ -211,8 +212,14 @@ async def run_shard(
     venue = registry.get_venue(plan.exchange)
     app = settings.app
     source = plan.source
-    limit = source.weight_limit_per_minute or venue.weight_limit_per_minute
-    budget = RateBudget(limit, safety=source.weight_safety, name=plan.label)
+    _, venue_limit = snapshot_cost(plan.exchange, source.depth_limit)
+    limit = source.weight_limit_per_minute or venue_limit
+    budget = RateBudget(
+        limit,
+        safety=source.weight_safety,
+        window=VENUE_LIMITS[plan.exchange].window,
+        name=plan.label,
+    )
     stats.budget = budget
     source_ip = plan.shard.source_ip
     venue_of = {sym: venue_sym for sym, venue_sym in plan.symbols}

@@ -56,3 +56,18 @@ async def test_concurrent_waiters_are_serialized(autojump_clock):
             n.start_soon(one)
     times.sort()
     assert times[1] - times[0] >= 60 and times[2] - times[1] >= 60
+
+
+async def test_paces_within_the_venues_short_window(autojump_clock):
+    # OKX books-full: 10 requests per 2 s = 300/min; a start-up burst of 27 symbols must be
+    # spread over 2 s windows, not sent at once because the minute still has room
+    budget = RateBudget(300, safety=0.8, window=2.0)
+    sent = []
+    for _ in range(27):
+        await budget.acquire(1)
+        sent.append(trio.current_time())
+    t0 = sent[0]
+    for start in range(27):
+        in_window = [t for t in sent[start:] if t < sent[start] + 2.0]
+        assert len(in_window) <= 8  # 80 % of 10 per 2 s
+    assert sent[-1] - t0 >= 6.0

@@ -22,13 +22,20 @@ class VenueLimits:
     #: Bybit and OKX send a snapshot in-band: resyncing is a resubscribe, not a REST call.
     ws_needs_rest_snapshot: bool
     source: str  # where the figure comes from
+    #: the venue's own accounting window in seconds: the budget paces within it, so a
+    #: start-up burst cannot spend a minute's allowance in the venue's 2 s window (OKX)
+    window: float = 60.0
 
 
 VENUE_LIMITS: dict[str, VenueLimits] = {
     "binance": VenueLimits(2400, "weight", True, "Binance USD-M REQUEST_WEIGHT 2400/min/IP"),
-    "bybit": VenueLimits(600 * 12, "requests", False, "Bybit v5 600 requests/5 s/IP"),
-    "okx": VenueLimits(40 * 30, "requests", False, "OKX books 40/2 s/IP (books-full 10/2 s)"),
-    "kucoin": VenueLimits(2000 * 2, "weight", True, "KuCoin public pool 2000/30 s/IP, VIP0"),
+    "bybit": VenueLimits(600 * 12, "requests", False, "Bybit v5 600 requests/5 s/IP", window=5.0),
+    "okx": VenueLimits(
+        40 * 30, "requests", False, "OKX books 40/2 s/IP (books-full 10/2 s)", window=2.0
+    ),
+    "kucoin": VenueLimits(
+        2000 * 2, "weight", True, "KuCoin public pool 2000/30 s/IP, VIP0", window=30.0
+    ),
 }
 
 #: KuCoin Futures "Get Full OrderBook - Level 2" weight in the public pool. (check) — the

@@ -8,8 +8,10 @@ it, strongest first:
    this IP before the time the venue gave. `acquire` sleeps until then.
 2. The venue's own usage counter (Binance `X-MBX-USED-WEIGHT-1M`): past `safety` x limit
    we pause until the venue's minute window rolls over, so we slow down *before* a 429.
-3. Our own sliding 60 s window of sent weight, for venues without a usage header and to
-   pace bursts (e.g. 30 symbols polling at once after a start).
+3. Our own sliding window of sent weight, as long as the venue's accounting window (60 s
+   Binance, 5 s Bybit, 2 s OKX, 30 s KuCoin), for venues without a usage header and to
+   pace bursts (e.g. 30 symbols polling at once after a start): `limit_per_minute` is
+   scaled to that window.
 
 Time comes from `trio.current_time()` (so tests run under `MockClock`); the venue's minute
 window is aligned to wall-clock minutes, read through an injectable `wall_clock`.
@@ -43,12 +45,15 @@ class RateBudget:
         limit_per_minute: int,
         *,
         safety: float = 0.8,
+        window: float = WINDOW,
         name: str = "",
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        if limit_per_minute <= 0:
-            raise ValueError("limit_per_minute must be positive")
+        if limit_per_minute <= 0 or window <= 0:
+            raise ValueError("limit_per_minute and window must be positive")
         self.limit = limit_per_minute
+        self.window = window
+        self.window_limit = limit_per_minute * window / WINDOW
         self.safety = safety
         self.name = name
         self._wall_clock = wall_clock
@@ -100,9 +105,9 @@ class RateBudget:
                     await trio.sleep_until(self._blocked_until)
                     continue
                 self._expire(now)
-                if self._sent and self._sent_weight + weight > self.safety * self.limit:
+                if self._sent and self._sent_weight + weight > self.safety * self.window_limit:
                     self.stats.paced_waits += 1
-                    await trio.sleep_until(self._sent[0][0] + WINDOW)
+                    await trio.sleep_until(self._sent[0][0] + self.window)
                     continue
                 break
             self._sent.append((now, weight))
@@ -111,6 +116,6 @@ class RateBudget:
             self.stats.weight_sent += weight
 
     def _expire(self, now: float) -> None:
-        while self._sent and self._sent[0][0] + WINDOW <= now:
+        while self._sent and self._sent[0][0] + self.window <= now:
             _, w = self._sent.popleft()
             self._sent_weight -= w
