@@ -96,17 +96,39 @@ class WriterStats:
     backpressure: bool = False  # True while the writer refuses to read its input
 
 
-@attrs.define
+#: rows kept as Python lists before a buffer compacts them into a typed polars frame:
+#: lists are the cheapest way to append small batches, frames the cheapest way to hold
+#: many rows (a 2,000-level snapshot is ~8x smaller as float64 columns than as strings)
+COMPACT_ROWS = 2000
+
+
+@attrs.define(eq=False)  # buffers are compared by identity
 class _Buffer:
     key: BufferKey
     multiplier: str
     opened_at: float
     columns: dict[str, list] = attrs.field(factory=dict)
+    frames: list[pl.DataFrame] = attrs.field(factory=list)
     rows: int = 0
+    list_rows: int = 0  # rows still in `columns`
     retry_at: float = float("-inf")
     failures: int = 0
 
+    def compact(self, builder: FrameBuilder) -> None:
+        if self.list_rows:
+            dataset, exchange, market, symbol = self.key
+            self.frames.append(
+                builder(dataset, exchange, market, symbol, self.columns, self.multiplier)
+            )
+            self.columns = {}
+            self.list_rows = 0
+
+    def frame(self, builder: FrameBuilder) -> pl.DataFrame:
+        self.compact(builder)
+        return self.frames[0] if len(self.frames) == 1 else pl.concat(self.frames)
+
     def append(self, batch: RowBatch) -> None:
+        self.list_rows += batch.rows
         cols = self.columns
         if cols and cols.keys() != batch.columns.keys():
             for name in cols.keys() - batch.columns.keys():  # keep columns aligned
@@ -127,15 +149,24 @@ class _Backoff:
         return base * (0.5 + random.random() / 2)  # jitter: 50..100 %
 
 
+def _flush_many_blocking(
+    spool: Spool, builder: FrameBuilder, bufs: list[_Buffer]
+) -> list[list[tuple[SpoolEntry, int]] | Exception]:
+    """Flush several buffers in one thread hop: one result (or the error) per buffer."""
+    out: list[list[tuple[SpoolEntry, int]] | Exception] = []
+    for buf in bufs:
+        try:
+            out.append(_flush_blocking(spool, builder, buf))
+        except (SpoolFull, OSError) as exc:
+            out.append(exc)
+    return out
+
+
 def _flush_blocking(
-    spool: Spool,
-    builder: FrameBuilder,
-    key: BufferKey,
-    columns: dict[str, list],
-    multiplier: str,
+    spool: Spool, builder: FrameBuilder, buf: _Buffer
 ) -> list[tuple[SpoolEntry, int]]:
-    dataset, exchange, market, symbol = key
-    frame = builder(dataset, exchange, market, symbol, columns, multiplier)
+    dataset, exchange, market, symbol = buf.key
+    frame = buf.frame(builder)
     parts = [
         (k, part.height, data)
         for k, part, data in layout.files_for_frame(dataset, exchange, market, symbol, frame)
@@ -185,6 +216,9 @@ class Writer:
         self._rotated: list[_Buffer] = []  # replaced buffers (multiplier change), flush ASAP
         self._inflight: set[str] = set()
         self._new_work = trio.Event()
+        self._flush_now = trio.Event()  # a buffer is over its size limit, or the cap is hit
+        self._room = trio.Event()  # a flush freed memory
+        self._press = False  # memory cap reached: flush every buffer, due or not
 
     # --- buffering -----------------------------------------------------------------
 
@@ -214,10 +248,15 @@ class Writer:
         if buf is None:
             buf = _Buffer(key, batch.multiplier, trio.current_time())
             self._buffers[key] = buf
+            self._wake_flusher()  # a new buffer: the next deadline may be earlier
         buf.append(batch)
+        if buf.list_rows >= COMPACT_ROWS:
+            buf.compact(self.frame_builder)
         self.stats.rows_received[key[0].value] += batch.rows
         self.stats.rows_by_symbol[(key[0].value, key[1], key[3])] += batch.rows
         self._set_buffered(batch.rows)
+        if self._due(buf, trio.current_time(), force=False):
+            self._wake_flusher()
 
     def _due(self, buf: _Buffer, now: float, force: bool) -> bool:
         if now < buf.retry_at:
@@ -237,23 +276,14 @@ class Writer:
             deadlines.append(self.raw.next_deadline(self._interval(Dataset.DELTAS)))
         return min(deadlines, default=float("inf"))
 
-    async def _flush_buffer(self, buf: _Buffer) -> bool:
-        try:
-            results = await trio.to_thread.run_sync(
-                _flush_blocking,
-                self.spool,
-                self.frame_builder,
-                buf.key,
-                buf.columns,
-                buf.multiplier,
-                limiter=self.limiter,
-            )
-        except (SpoolFull, OSError) as exc:
+    def _flushed(self, buf: _Buffer, result: list[tuple[SpoolEntry, int]] | Exception) -> bool:
+        """Account for one buffer's flush; a failed buffer is kept for a retry."""
+        if isinstance(result, Exception):
             buf.failures += 1
             delay = self.backoff.delay(buf.failures)
             buf.retry_at = trio.current_time() + delay
             self.stats.flush_failures += 1
-            if isinstance(exc, SpoolFull):
+            if isinstance(result, SpoolFull):
                 self.stats.spool_full_events += 1
             log.error(
                 "writer: cannot spool %d %s rows of %s/%s (%s); kept in memory, retry in %.1fs",
@@ -261,19 +291,18 @@ class Writer:
                 buf.key[0].value,
                 buf.key[1],
                 buf.key[3],
-                exc,
+                result,
                 delay,
             )
+            self._rotated.append(buf)
             return False
         self._set_buffered(-buf.rows)
         s = self.stats
         s.flushes += 1
-        for entry, rows in results:
+        for entry, rows in result:
             s.files_spooled += 1
             s.bytes_spooled += entry.size
             s.rows_spooled[buf.key[0].value] += rows
-        self._update_spool_gauges()
-        self._wake_uploaders()
         return True
 
     async def _flush_raw(self, now: float, force: bool) -> None:
@@ -306,39 +335,71 @@ class Writer:
             self._update_spool_gauges()
             self._wake_uploaders()
 
+    def _take_due(self, now: float, force: bool) -> list[_Buffer]:
+        """Remove due buffers so new rows start new buffers while these are written."""
+        due = [b for b in self._rotated if now >= b.retry_at]
+        self._rotated = [b for b in self._rotated if b not in due]
+        for key, buf in list(self._buffers.items()):
+            if self._due(buf, now, force):
+                due.append(self._buffers.pop(key))
+        return due
+
     async def _flush_due(self, *, force: bool = False) -> None:
+        """Write every due buffer to the spool in one thread hop (encode + fsync each)."""
         now = trio.current_time()
         if self.raw is not None and self.raw.pending:
             await self._flush_raw(now, force)
-        for buf in list(self._rotated):
-            if now >= buf.retry_at and await self._flush_buffer(buf):
-                self._rotated.remove(buf)
-        for key, buf in list(self._buffers.items()):
-            if self._due(buf, now, force) and await self._flush_buffer(buf):
-                del self._buffers[key]
+        due = self._take_due(now, force)
+        if not due:
+            return
+        try:
+            results = await trio.to_thread.run_sync(
+                _flush_many_blocking, self.spool, self.frame_builder, due, limiter=self.limiter
+            )
+        except BaseException:
+            self._rotated.extend(due)  # cancelled mid-flush: keep the rows for the drain
+            raise
+        for buf, result in zip(due, results, strict=True):
+            self._flushed(buf, result)
+        self._update_spool_gauges()
+        self._wake_uploaders()
+        self._room.set()
+        self._room = trio.Event()
+
+    def _wake_flusher(self) -> None:
+        self._flush_now.set()
+
+    async def _flush_loop(self) -> None:
+        """Flush buffers as they come due; never on the task that receives rows."""
+        while True:
+            with trio.move_on_at(self._next_deadline()):
+                await self._flush_now.wait()
+            self._flush_now = trio.Event()
+            press, self._press = self._press, False
+            await self._flush_due(force=press)
 
     async def _collect(self, receive_rows: trio.MemoryReceiveChannel[RowBatch]) -> None:
-        while True:
-            await self._flush_due()
-            while self.stats.buffered_rows >= self.max_buffered_rows:
-                # memory cap: flush everything we can; if the spool refuses, stop reading
-                await self._flush_due(force=True)
-                if self.stats.buffered_rows < self.max_buffered_rows:
-                    break
-                if not self.stats.backpressure:
-                    log.error(
-                        "writer: %d rows buffered (cap %d) and the spool refuses them: "
-                        "input paused (back-pressure) until the spool drains",
-                        self.stats.buffered_rows,
-                        self.max_buffered_rows,
-                    )
-                self.stats.backpressure = True
-                await trio.sleep_until(self._next_deadline())
-            self.stats.backpressure = False
-            with trio.move_on_at(self._next_deadline()):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._flush_loop)
+            while True:
+                while self.stats.buffered_rows >= self.max_buffered_rows:
+                    # memory cap: flush everything now; if the spool refuses, stop reading
+                    self._press = True
+                    self._wake_flusher()
+                    if not self.stats.backpressure and self._rotated:
+                        log.error(
+                            "writer: %d rows buffered (cap %d) and the spool refuses them: "
+                            "input paused (back-pressure) until the spool drains",
+                            self.stats.buffered_rows,
+                            self.max_buffered_rows,
+                        )
+                    self.stats.backpressure = True
+                    await self._room.wait()
+                self.stats.backpressure = False
                 try:
                     batch = await receive_rows.receive()
                 except (trio.EndOfChannel, trio.ClosedResourceError):
+                    nursery.cancel_scope.cancel()
                     return
                 self._append(batch)
 
