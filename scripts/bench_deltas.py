@@ -46,7 +46,10 @@ from cryptoflow.pipeline.normalize import Normalizer, frame_from_columns, frame_
 from cryptoflow.storage import layout
 from cryptoflow.tools.recording import iter_records
 
-RECORDING = Path("/work/shared/data/recorded/binance/futures_depth_BTCUSDT_2024-08-08.jsonl.gz")
+RECORDING = (
+    Path(__file__).resolve().parents[2]
+    / "shared/data/recorded/binance/futures_depth_BTCUSDT_2024-08-08.jsonl.gz"
+)
 EXCHANGE, MARKET = "binance", "futures"
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import orjson
 import pytest
+from paths import RECORDED
 
 from cryptoflow.errors import MalformedMessage
 from cryptoflow.exchanges.base import Control
@@ -18,7 +18,7 @@ from cryptoflow.exchanges.binance.parse import (
 from cryptoflow.models import DepthDiff, SnapshotSource
 from cryptoflow.tools.recording import iter_records
 
-REC = Path("/work/shared/data/recorded/binance")
+REC = RECORDED / "binance"
 SUSHI = REC / "futures_depth_SUSHIUSDT_AKROUSDT_2021-07-22.jsonl"
 BTC = REC / "futures_depth_BTCUSDT_2024-08-08.jsonl.gz"
 

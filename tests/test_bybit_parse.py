@@ -7,6 +7,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from paths import RECORDED
 
 from cryptoflow.errors import MalformedMessage, RateLimited, RequestRejected, ServerError
 from cryptoflow.exchanges.base import Control
@@ -18,7 +19,7 @@ from cryptoflow.exchanges.bybit.parse import (
 )
 from cryptoflow.models import DepthDiff, SnapshotSource
 
-REC = Path("/work/shared/data/recorded/bybit")
+REC = RECORDED / "bybit"
 OB1 = REC / "linear_orderbook1_BAND_RAD_SNT_AIOZ_2025-06-13.jsonl"
 OB500 = REC / "linear_orderbook500_XRPUSDT_2024-12-01.jsonl"
 

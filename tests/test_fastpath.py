@@ -16,6 +16,7 @@ from pathlib import Path
 import orjson
 import polars as pl
 import pytest
+from paths import RECORDED
 
 from cryptoflow.errors import MalformedMessage
 from cryptoflow.exchanges.binance import parse as binance_parse
@@ -33,7 +34,7 @@ from cryptoflow.pipeline.normalize import (
 from cryptoflow.tools.recording import iter_records
 from cryptoflow.tools.replay import replay_summary
 
-REC = Path("/work/shared/data/recorded/binance")
+REC = RECORDED / "binance"
 SUSHI = REC / "futures_depth_SUSHIUSDT_AKROUSDT_2021-07-22.jsonl"
 BTC = REC / "futures_depth_BTCUSDT_2024-08-08.jsonl.gz"
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import attrs
 import polars as pl
 import pytest
+from paths import RECORDED
 
 from cryptoflow.exchanges.binance.parse import parse_ws_message
 from cryptoflow.exchanges.binance.rules import RULES
@@ -20,7 +21,7 @@ from cryptoflow.pipeline.normalize import (
 from cryptoflow.tools.recording import iter_records
 from cryptoflow.tools.replay import VENUES
 
-REC = Path("/work/shared/data/recorded/binance")
+REC = RECORDED / "binance"
 RECORDINGS = [
     REC / "futures_depth_SUSHIUSDT_AKROUSDT_2021-07-22.jsonl",
     REC / "futures_depth_BTCUSDT_2024-08-08.jsonl.gz",

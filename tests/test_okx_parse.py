@@ -9,6 +9,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from paths import RECORDED
 
 from cryptoflow.errors import MalformedMessage, RateLimited, RequestRejected, ServerError
 from cryptoflow.exchanges.base import Control
@@ -23,7 +24,7 @@ from cryptoflow.exchanges.okx.parse import (
 from cryptoflow.exchanges.okx.rules import LegacySequencer
 from cryptoflow.models import DepthDiff
 
-REC = Path("/work/shared/data/recorded/okx")
+REC = RECORDED / "okx"
 XMR = REC / "swap_books-l2-tbt_XMR-USDT-SWAP_2021-07-22.jsonl"
 UNI = REC / "swap_books_UNI-USD-SWAP_2022-05-13.jsonl"
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from paths import RECORDED
 
 from cryptoflow.errors import UsageError
 from cryptoflow.exchanges.binance.rules import RULES
@@ -22,7 +23,7 @@ from cryptoflow.pipeline.normalize import Normalizer
 from cryptoflow.tools.recording import iter_records
 from cryptoflow.tools.replay import VENUES, replay_summary, run
 
-REC = Path("/work/shared/data/recorded/binance")
+REC = RECORDED / "binance"
 SUSHI = REC / "futures_depth_SUSHIUSDT_AKROUSDT_2021-07-22.jsonl"
 BTC = REC / "futures_depth_BTCUSDT_2024-08-08.jsonl.gz"
 

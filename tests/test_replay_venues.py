@@ -10,10 +10,11 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from paths import RECORDED
 
 from cryptoflow.tools.replay import replay_summary
 
-REC = Path("/work/shared/data/recorded")
+REC = RECORDED
 BYBIT1 = REC / "bybit/linear_orderbook1_BAND_RAD_SNT_AIOZ_2025-06-13.jsonl"
 BYBIT500 = REC / "bybit/linear_orderbook500_XRPUSDT_2024-12-01.jsonl"
 OKX_XMR = REC / "okx/swap_books-l2-tbt_XMR-USDT-SWAP_2021-07-22.jsonl"
