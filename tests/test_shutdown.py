@@ -74,7 +74,17 @@ def test_sigterm_flushes_everything_and_exits_within_deadline(tmp_path: Path) ->
             env=env,
             cwd=tmp_path,
         )
-        time.sleep(4)
+        # wait until data flows on both lanes (start-up is slow on a loaded CI machine)
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            served = _sim_stats(urls["rest_url"])["symbols"]
+            if all(s["rest_snapshots"] >= 2 and s["ws_levels"] > 0 for s in served.values()):
+                break
+            assert collector.poll() is None, collector.stderr.read()
+            time.sleep(0.25)
+        else:
+            raise AssertionError("no data reached the collector within 40 s")
+        time.sleep(1)
         assert collector.poll() is None, collector.stderr.read()
         sent = time.monotonic()
         collector.send_signal(signal.SIGTERM)

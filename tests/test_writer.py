@@ -169,6 +169,10 @@ async def test_backpressure_slow_store_bounded_memory(tmp_path, clock, frame_bui
                 upload_concurrency=1,
                 retry_initial=0.5,
                 retry_max=2.0,
+                # this test is about memory and exactly-once, not the deadline: under
+                # MockClock the virtual clock races ahead while threads encode on a
+                # loaded machine, so a 30 s deadline can pass before the spool drains
+                shutdown_timeout=3600.0,
                 task_status=task_status,
             )
         )
