@@ -149,7 +149,16 @@ def replay(
     _run(lambda: replay_tool.run(exchange=exchange, input_path=input, output=output))
 
 
-PathArg = Annotated[str, typer.Argument(help="Data root: a local folder (s3:// not yet)")]
+PathArg = Annotated[
+    str,
+    typer.Argument(
+        help="Data root: a local folder or s3://bucket/prefix (credentials, region and "
+        "endpoint from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, S3_ENDPOINT_URL)"
+    ),
+]
+LocalPathArg = Annotated[
+    str, typer.Argument(help="Data root: a local folder (s3:// is refused: local trees only)")
+]
 
 
 @app.command()
@@ -199,12 +208,15 @@ def book(
 
 @app.command()
 def compact(
-    path: PathArg,
+    path: LocalPathArg,
     before_hour: Annotated[
         str | None, typer.Option(help="Only hours before this (ISO 8601 or epoch ms)")
     ] = None,
 ) -> None:
-    """Merge the small files of closed hours into one file per partition hour."""
+    """Merge the small files of closed hours into one file per partition hour.
+
+    Runs on local trees only (S3 has no atomic rename); an s3:// path is refused.
+    """
     from cryptoflow.tools import compact as compact_tool
 
     _run(lambda: compact_tool.run(path, before_hour=before_hour))

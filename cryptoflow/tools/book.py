@@ -6,6 +6,9 @@ time <= AT. The first one must straddle the snapshot (first_update_id <= L + 1) 
 next one must continue the previous (prev_update_id == previous last_update_id). If a
 `gaps` record lies between the snapshot and AT, or the stored ids do not continue, the
 book is refused (DataError): an answer that might be wrong is worse than none.
+
+PATH may be `s3://bucket/prefix`: keys are listed for the one exchange/symbol and only
+the hours actually read (the snapshot's hour, the deltas up to AT) are downloaded.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from cryptoflow.errors import DataError, UsageError
 from cryptoflow.models import Dataset
 from cryptoflow.tools.datasets import (
     FileInfo,
+    Root,
     collect_per_file,
     fmt_ms,
     hour_of,
     list_files,
+    open_root,
     parse_time,
-    resolve_root,
 )
 from cryptoflow.tools.verify import Break, find_breaks, load_gaps
 
@@ -38,7 +42,7 @@ def _ms(col: str) -> pl.Expr:
 
 def _readable(df: pl.DataFrame, bad: list, what: str) -> pl.DataFrame:
     if bad:
-        names = ", ".join(str(b.path) for b in bad[:3])
+        names = ", ".join(b.shown for b in bad[:3])
         raise DataError(f"cannot rebuild the book: unreadable {what} file(s): {names}")
     return df
 
@@ -123,7 +127,7 @@ def _break_text(b: Break) -> str:
 
 
 def rebuild(
-    root: Path,
+    root: Root,
     exchange: str,
     symbol: str,
     at_ms: int,
@@ -132,7 +136,7 @@ def rebuild(
 ) -> tuple[pl.DataFrame, dict]:
     """The full book at `at_ms` as rows (side, level, price, quantity) plus facts about it."""
     filters = dict(exchange=exchange, market=market, symbol=symbol)
-    snap_files = list_files(root, Dataset.SNAPSHOTS, end_ms=at_ms, **filters)
+    snap_files = _not_after(list_files(root, Dataset.SNAPSHOTS, end_ms=at_ms, **filters), at_ms)
     if not snap_files:
         raise DataError(
             f"no snapshots for {exchange}/{symbol} at or before {fmt_ms(at_ms)} under {root}"
@@ -154,10 +158,10 @@ def rebuild(
                 f"{snap_id} at {fmt_ms(snap_ts)} and {fmt_ms(at_ms)}"
             )
 
-    delta_files = list_files(
+    delta_files = _not_after(list_files(
         root, Dataset.DELTAS, exchange=exchange, market=mkt, symbol=symbol,
         start_ms=snap_ts, end_ms=at_ms,
-    )  # fmt: skip
+    ), at_ms)  # fmt: skip
 
     def select(lf: pl.LazyFrame) -> pl.LazyFrame:
         return lf.with_columns(ts=_ms("timestamp")).filter(
@@ -190,6 +194,12 @@ def rebuild(
         snapshot_time=snap_ts, messages=n_msgs, last_update_id=last_id,
     )  # fmt: skip
     return book, facts
+
+
+def _not_after(files: list[FileInfo], at_ms: int) -> list[FileInfo]:
+    """Drop files whose name says every row is after AT (they could add nothing; on S3
+    this saves downloading the rest of AT's hour)."""
+    return [f for f in files if f.first_ts is None or f.first_ts <= at_ms]
 
 
 def _gap_between(g: dict, snap_id: int, snap_ts: int, at_ms: int) -> bool:
@@ -230,8 +240,8 @@ def run(
     if output is not None and output.suffix.lower() not in (".parquet", ".csv"):
         raise UsageError(f"{output}: output must end in .parquet or .csv")
     at_ms = parse_time(at)
-    root = resolve_root(path)
-    book, facts = rebuild(root, exchange, symbol.upper(), at_ms, market=market)
+    with open_root(path) as root:
+        book, facts = rebuild(root, exchange, symbol.upper(), at_ms, market=market)
     top = book.filter(pl.col("level") < depth)
     console = console or Console()
     if output is not None:

@@ -16,6 +16,11 @@ every file named in the manifest of a compacted file there (never the compacted 
 itself), and any leftover temp files; those rows are already inside. Whatever remains
 (new late files, plus the existing compacted file) is merged again into a new compacted
 file whose manifest names them all.
+
+Local trees only: an `s3://` PATH is refused with a UsageError (exit 2). On S3 there is
+no atomic rename and no directory to fsync, and listing-based readers running meanwhile
+could see both the merged object and its sources; compact the local tree (the output
+folder of `collect`, or a downloaded copy) instead.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import attrs
 import polars as pl
 from rich.console import Console
 
-from cryptoflow.errors import DataError
+from cryptoflow.errors import DataError, UsageError
 from cryptoflow.models import Dataset
 from cryptoflow.tools.datasets import (
     HOUR,
@@ -41,6 +46,7 @@ from cryptoflow.tools.datasets import (
     progress,
     resolve_root,
 )
+from cryptoflow.tools.remote import is_s3
 
 PREFIX = "compacted-"
 TEMP_PREFIX = ".compacting-"
@@ -180,6 +186,11 @@ def run(
     file). Errors on one hour (an unreadable source) are reported and that hour is kept
     as it is; the exit code is then 1.
     """
+    if is_s3(path):
+        raise UsageError(
+            f"{path}: compact works on local folders only (S3 has no atomic rename); "
+            "compact the local tree that collect writes, or a downloaded copy"
+        )
     root = resolve_root(path)
     console = console or Console()
     cutoff = closed_before(before_hour, now)

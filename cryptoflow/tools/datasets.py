@@ -6,22 +6,30 @@ they need to know *which* file is corrupt: one truncated upload must show up as 
 in a report, not abort a scan over a month of data. Reading is still lazy and columnar:
 `collect_per_file` runs one `scan_parquet` over every file at once and only falls back to
 file-by-file reads when that fails.
+
+A root is a local folder or `s3://bucket/prefix` (`open_root`). For S3, `list_files`
+lists object keys instead of walking folders (filters pushed into the listing prefix,
+hours pruned on the parsed key) and `check_footers`/`collect_per_file` download the files
+they are about to read into a temporary cache first; see `cryptoflow.tools.remote`.
+Reports name a file by `FileInfo.shown` / `BadFile.shown` (the s3:// URI for S3 data).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import polars as pl
 
 from cryptoflow.errors import DataError, UsageError
 from cryptoflow.models import Dataset
+from cryptoflow.tools.remote import S3Root, is_s3
 
 T = TypeVar("T")
 
@@ -38,6 +46,12 @@ _PART_RE = re.compile(
 )
 
 
+#: snapshots/deltas file names: <SYM>-<first_id>-<last_id>-<first_ts>-<last_ts>[-<hash8>]
+_ID_NAME_RE = re.compile(
+    r"^.+?-(-?\d+)-(-?\d+)-(?P<t0>-?\d+)-(?P<t1>-?\d+)(?:-[0-9a-f]{8})?\.parquet$"
+)
+
+
 @attrs.frozen(slots=True)
 class FileInfo:
     """One stored Parquet file and the partition keys its path names."""
@@ -48,10 +62,29 @@ class FileInfo:
     market: str
     symbol: str
     hour: datetime  # start of the partition hour, UTC
+    #: s3://bucket/key when the file lives on S3 (`path` is then its local cache copy)
+    uri: str | None = None
+    #: the S3Root that downloads it (None: a local file)
+    remote: Any = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def shown(self) -> str:
+        """How reports name the file: its s3:// URI, else its local path."""
+        return self.uri or str(self.path)
+
+    @property
+    def first_ts(self) -> int | None:
+        """Earliest event time (ms) the writer put in a snapshots/deltas file name."""
+        if self.dataset == Dataset.GAPS.value:
+            return None
+        m = _ID_NAME_RE.match(self.name)
+        if m is None or int(m["t0"]) > int(m["t1"]):
+            return None
+        return int(m["t0"])
 
     @property
     def stream(self) -> tuple[str, str, str, str]:
@@ -65,6 +98,11 @@ class BadFile:
 
     path: Path
     reason: str
+    uri: str | None = None
+
+    @property
+    def shown(self) -> str:
+        return self.uri or str(self.path)
 
 
 # --- time ---------------------------------------------------------------------------
@@ -119,11 +157,25 @@ def hour_of(ms: int) -> datetime:
 # --- locating files -------------------------------------------------------------------
 
 
+Root = Path | S3Root
+
+
+@contextlib.contextmanager
+def open_root(path: str | Path) -> Iterator[Root]:
+    """The dataset root: a local folder, or an `S3Root` for `s3://bucket/prefix` whose
+    download cache is removed when the block ends."""
+    if is_s3(path):
+        with S3Root(str(path)) as root:
+            yield root
+    else:
+        yield resolve_root(path)
+
+
 def resolve_root(path: str | Path) -> Path:
-    """The dataset root as a local folder; S3 roots are refused until supported."""
+    """The dataset root as a local folder (UsageError for s3://: use `open_root`)."""
     text = str(path)
-    if text.startswith("s3://"):
-        raise UsageError("s3:// paths are not supported by this command yet; use a local copy")
+    if is_s3(text):
+        raise UsageError(f"{text}: this command works on local folders only")
     root = Path(text)
     if not root.exists():
         raise DataError(f"{root}: no such folder")
@@ -133,7 +185,7 @@ def resolve_root(path: str | Path) -> Path:
 
 
 def list_files(
-    root: Path,
+    root: Root,
     dataset: Dataset | str,
     *,
     exchange: str | None = None,
@@ -146,9 +198,21 @@ def list_files(
 
     Partition pruning happens on the path: the glob names the exchange/market/symbol, and
     hours wholly outside [start_ms, end_ms] are skipped before any file is opened. Names
-    starting with "." are writers' temp files and are never listed.
+    starting with "." are writers' temp files and are never listed. On S3 the same
+    filters shape the listing prefix and prune keys; nothing is downloaded here.
     """
     ds = str(dataset)
+    if isinstance(root, S3Root):
+        files = root.list_files(
+            ds,
+            exchange=exchange.lower() if exchange else None,
+            market=market,
+            symbol=symbol.upper() if symbol else None,
+            lo=hour_of(start_ms) if start_ms is not None else None,
+            hi=hour_of(end_ms) if end_ms is not None else None,
+        )
+        files.sort(key=lambda f: (f.stream, f.hour, f.name))
+        return files
     pattern = (
         f"exchange={exchange.lower() if exchange else '*'}/market={market or '*'}/"
         f"symbol={symbol.upper() if symbol else '*'}/year=*/month=*/day=*/hour=*/*.parquet"
@@ -176,14 +240,32 @@ def list_files(
 # --- reading --------------------------------------------------------------------------
 
 
+def materialize(files: Sequence[FileInfo], label: str = "reading") -> list[BadFile]:
+    """Download the S3 files among `files` into their root's cache (no-op for local ones).
+
+    Objects that vanished between listing and download come back as BadFiles; any other
+    S3 failure raises DataError/UsageError.
+    """
+    bad: list[BadFile] = []
+    roots: dict[int, tuple[S3Root, list[FileInfo]]] = {}
+    for f in files:
+        if f.remote is not None:
+            roots.setdefault(id(f.remote), (f.remote, []))[1].append(f)
+    for remote, fs in roots.values():
+        missing = remote.materialize(fs, label)
+        bad += [BadFile(f.path, missing[f.path], f.uri) for f in fs if f.path in missing]
+    return bad
+
+
 def check_footers(files: Sequence[FileInfo], label: str = "checking") -> list[BadFile]:
     """Files whose Parquet footer cannot be read (truncated uploads, garbage)."""
-    bad: list[BadFile] = []
-    for f in progress(files, label):
+    bad = materialize(files, label)
+    gone = {b.path for b in bad}
+    for f in progress([f for f in files if f.path not in gone], label):
         try:
             pl.read_parquet_metadata(f.path)
         except Exception as exc:  # polars raises several classes for a broken file
-            bad.append(BadFile(f.path, _one_line(exc)))
+            bad.append(BadFile(f.path, _one_line(exc), f.uri))
     return bad
 
 
@@ -218,7 +300,7 @@ def collect_per_file(
             lf = pl.scan_parquet(f.path, hive_partitioning=False, include_file_paths=FILE_COL)
             parts.append(build(lf).collect())
         except Exception as exc:
-            bad.append(BadFile(f.path, _one_line(exc)))
+            bad.append(BadFile(f.path, _one_line(exc), f.uri))
     if not parts:
         return pl.DataFrame(), bad
     return pl.concat(parts, how="vertical_relaxed"), bad

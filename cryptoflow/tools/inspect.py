@@ -9,6 +9,9 @@ then unreadable files.
 Exit codes: 0 report printed and every file readable; 1 when a file is unreadable (it is
 listed, the rest is still reported). A missing path, or no data matching the filters,
 raises DataError (exit 1 via the CLI) so "nothing there" never looks like a clean report.
+
+PATH may be `s3://bucket/prefix`: the keys are listed with the filters in the listing
+prefix and only the selected files are downloaded (see `cryptoflow.tools.remote`).
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ from cryptoflow.tools.datasets import (
     fmt_dt,
     fmt_ms,
     list_files,
+    open_root,
     parse_time,
-    resolve_root,
 )
 
 #: A stretch without any row longer than this is reported as a hole.
@@ -88,11 +91,16 @@ def run(
     console: Console | None = None,
 ) -> int:
     """Print the coverage report for `path` (see the module doc for exit codes)."""
-    root = resolve_root(path)
-    console = console or Console()
     start_ms = parse_time(start) if start is not None else None
     end_ms = parse_time(end) if end is not None else None
-    filters = dict(exchange=exchange, market=market, symbol=symbol)
+    with open_root(path) as root:
+        return _report(
+            root, path, dict(exchange=exchange, market=market, symbol=symbol),
+            start, end, start_ms, end_ms, hole_seconds, console or Console(),
+        )  # fmt: skip
+
+
+def _report(root, path, filters, start, end, start_ms, end_ms, hole_seconds, console) -> int:  # type: ignore[no-untyped-def]
     files = [
         f
         for ds in (Dataset.SNAPSHOTS, Dataset.DELTAS, Dataset.GAPS)
@@ -184,5 +192,5 @@ def _print_bad(console: Console, bad: list[BadFile]) -> None:
     table.add_column("file", overflow="fold")
     table.add_column("reason", overflow="fold")
     for b in bad:
-        table.add_row(str(b.path), b.reason)
+        table.add_row(b.shown, b.reason)
     console.print(table)

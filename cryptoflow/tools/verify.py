@@ -11,6 +11,9 @@ Checks, per exchange/market/symbol:
   best ask (a crossed book means the snapshot or its flattening is wrong).
 - unreadable files are problems.
 Exit 0 when clean, 1 with the list of problems.
+
+PATH may be `s3://bucket/prefix` (files listed on S3, downloaded into a temporary cache
+and checked with the same code; see `cryptoflow.tools.remote`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from cryptoflow.tools.datasets import (
     collect_per_file,
     fmt_ms,
     list_files,
-    resolve_root,
+    open_root,
 )
 
 MSG_KEYS = ["exchange", "market", "symbol", "first_update_id", "last_update_id", "prev_update_id"]
@@ -242,10 +245,13 @@ def run(
     Raises DataError when `path` is missing or holds no deltas or snapshots at all
     (nothing verified must not look like "clean").
     """
+    with open_root(path) as root:
+        return _verify(root, path, exchange, symbol, market, console or Console())
+
+
+def _verify(root, path, exchange, symbol, market, console) -> int:  # type: ignore[no-untyped-def]
     from cryptoflow.errors import DataError
 
-    root = resolve_root(path)
-    console = console or Console()
     filters = dict(exchange=exchange, market=market, symbol=symbol)
     delta_files = list_files(root, Dataset.DELTAS, **filters)
     snap_files = list_files(root, Dataset.SNAPSHOTS, **filters)
@@ -256,7 +262,7 @@ def run(
     s_problems, s_bad = check_snapshots(snap_files)
     problems = d_problems + s_problems
     for b in d_bad + s_bad:
-        problems.append(Finding("-", "-", "-", "unreadable file", f"{b.path}: {b.reason}"))
+        problems.append(Finding("-", "-", "-", "unreadable file", f"{b.shown}: {b.reason}"))
 
     console.print(
         f"verified {len(delta_files)} delta file(s), {len(snap_files)} snapshot file(s) "
