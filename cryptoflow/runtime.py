@@ -28,7 +28,7 @@ import logging
 import random
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -268,9 +268,23 @@ async def run_shard(
                         )
 
 
+Fetch = Callable[[str, SnapshotSource], Awaitable[DepthSnapshot]]
+
+
 def _start_readers(
-    readers, plan, settings, symbols, raw_send, resync, fetch, stats, rest=None, raw_sink=None
+    readers: trio.Nursery,
+    plan: ShardPlan,
+    settings: Settings,
+    symbols: tuple[tuple[str, str], ...],
+    raw_send: trio.MemorySendChannel,
+    resync: ResyncRouter,
+    fetch: Fetch,
+    stats: ShardStats,
+    rest: registry.VenueRestClient | None = None,
+    raw_sink: Callable[..., None] | None = None,
 ) -> None:
+    """Start the shard's readers: a poller per symbol, a stream per symbol group, and the
+    REST resync fetcher; each under `supervised` so one crash restarts only that task."""
     app = settings.app
     source = plan.source
     interval = source.snapshot_interval or app.reader.snapshot_interval
@@ -343,7 +357,7 @@ def _start_readers(
         )
 
 
-async def _fetch_resync(fetch, sym: str) -> DepthSnapshot:
+async def _fetch_resync(fetch: Fetch, sym: str) -> DepthSnapshot:
     return await fetch(sym, SnapshotSource.RESYNC)
 
 
