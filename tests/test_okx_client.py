@@ -198,3 +198,11 @@ def test_reconnect_then_snapshot_at_a_new_id_is_a_gap_and_a_resync():
     sync.on_event(ev)
     d = sync.on_diff(diff_of(frame("snapshot", 20, -1, [("1", "3")])))
     assert [g.kind for g in d.gaps] == [GapKind.RECONNECT, GapKind.RESYNC]
+
+
+def test_books_full_costs_one_unit_of_its_own_budget():
+    """books-full has its own 10-per-2-s limit, which is the shard's whole OKX budget when
+    depth > 400; charging it 4 (as if it shared books' 40/2 s) cut polling to a quarter."""
+    from cryptoflow.exchanges.okx import rest
+
+    assert rest.BOOKS_FULL_WEIGHT == 1

@@ -416,6 +416,17 @@ class SimVenue:
         conn.streams[key] = scope
         return True
 
+    async def start_streams(
+        self, conn: WsConn, fn: Callable[..., Any], starts: Sequence[tuple[str, tuple[Any, ...]]]
+    ) -> None:
+        """`start_stream` for each (key, args) of one subscribe request, concurrently: all
+        are subscribed on return, after ~1 scheduler pass instead of one per stream (on a
+        busy loop, 33 topics one after the other held the last snapshots back ~20 s)."""
+        unique = {key: args for key, args in starts}
+        async with trio.open_nursery() as nursery:
+            for key, args in unique.items():
+                nursery.start_soon(self.start_stream, conn, key, fn, *args)
+
     def stop_stream(self, conn: WsConn, key: str) -> bool:
         scope = conn.streams.pop(key, None)
         if scope is None:
@@ -712,14 +723,15 @@ class BybitVenue(SimVenue):
                         )
                         continue
                     await self.send_json(conn, self._reply(conn, op, req_id, True, ""))
-                    for topic in args:
-                        if op == "subscribe":
+                    if op == "subscribe":
+                        starts = []
+                        for topic in args:
                             m = TOPIC_RE.match(topic)
                             assert m is not None
-                            await self.start_stream(
-                                conn, topic, self._stream, topic, m.group(2), int(m.group(1))
-                            )
-                        else:
+                            starts.append((topic, (topic, m.group(2), int(m.group(1)))))
+                        await self.start_streams(conn, self._stream, starts)
+                    else:
+                        for topic in args:
                             self.stop_stream(conn, topic)
                 else:
                     await self.send_json(

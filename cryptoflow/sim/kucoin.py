@@ -317,10 +317,10 @@ class KucoinVenue(SimVenue):
             return
         if obj.get("response"):
             await self.send_json(conn, {"id": mid, "type": "ack"})
-        for s in syms:
-            if kind == "subscribe":
-                await self.start_stream(conn, s, self._stream, s)
-            else:
+        if kind == "subscribe":
+            await self.start_streams(conn, self._stream, [(s, (s,)) for s in syms])
+        else:
+            for s in syms:
                 self.stop_stream(conn, s)
 
     async def _stream(self, conn: WsConn, symbol: str, *, started: Callable[[], None]) -> None:

@@ -315,12 +315,15 @@ class OkxVenue(SimVenue):
                     )
                     continue
                 ok = [a for a in [await self._check(conn, op, a) for a in args] if a]
-                for arg in ok:  # all acks first, then the data
-                    key = f"{arg['channel']}:{arg['instId']}"
-                    if op == "subscribe":
-                        depth = CHANNELS[arg["channel"]]
-                        await self.start_stream(conn, key, self._stream, arg, depth)
-                    else:
+                keys = [f"{arg['channel']}:{arg['instId']}" for arg in ok]
+                if op == "subscribe":  # all acks first, then the data
+                    await self.start_streams(
+                        conn,
+                        self._stream,
+                        [(k, (a, CHANNELS[a["channel"]])) for k, a in zip(keys, ok, strict=True)],
+                    )
+                else:
+                    for key in keys:
                         self.stop_stream(conn, key)
         except ConnectionClosed:
             if conn.nursery is not None:
