@@ -14,59 +14,22 @@ from typing import Any
 
 import orjson
 
-from cryptoflow.errors import MalformedMessage, RateLimited, RequestRejected, ServerError
+from cryptoflow.errors import RateLimited, RequestRejected, ServerError
 from cryptoflow.exchanges.base import Control, Instrument, SymbolMap, WsItem
 from cryptoflow.exchanges.bybit import rules
-from cryptoflow.models import MARKET_FUTURES, DepthDiff, DepthSnapshot, Level, SnapshotSource
+from cryptoflow.exchanges.fields import Fields
+from cryptoflow.models import MARKET_FUTURES, DepthDiff, DepthSnapshot, SnapshotSource
 
 EXCHANGE = rules.EXCHANGE
 _TOPIC_PREFIX = "orderbook."
 
 
-def _malformed(what: str, symbol: str = "") -> MalformedMessage:
-    return MalformedMessage(what, exchange=EXCHANGE, symbol=symbol)
-
-
-def _loads(raw: bytes | str, symbol: str = "") -> Any:
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise _malformed(f"not JSON: {e}", symbol) from None
-
-
-def _levels(raw: Any, field: str, symbol: str) -> list[Level]:
-    """`[["price", "size"], ...]` -> list of (price, size) strings, shape-checked."""
-    if type(raw) is not list:
-        raise _malformed(f"field {field!r} is not a list", symbol)
-    try:
-        out = [(lv[0], lv[1]) for lv in raw]
-    except (IndexError, KeyError, TypeError):
-        raise _malformed(f"field {field!r} has a level that is not [price, size]", symbol) from None
-    for p, s in out:
-        if type(p) is not str or type(s) is not str:
-            raise _malformed(f"field {field!r} has a non-string price or size: {[p, s]}", symbol)
-    return out
-
-
-def _int(obj: Any, field: str, symbol: str, *, where: str = "") -> int:
-    try:
-        v = obj[field]
-    except (KeyError, TypeError):
-        raise _malformed(f"missing field {where}{field!r}", symbol) from None
-    if type(v) is int:
-        return v
-    if type(v) is str:
-        try:
-            return int(v)
-        except ValueError:
-            pass
-    raise _malformed(f"field {where}{field!r} is not an integer: {v!r}", symbol)
-
-
-def _opt_int(obj: Any, field: str, symbol: str, *, where: str = "") -> int | None:
-    if obj.get(field) is None:
-        return None
-    return _int(obj, field, symbol, where=where)
+_F = Fields(EXCHANGE)
+_malformed = _F.malformed
+_loads = _F.loads
+_levels = _F.levels
+_int = _F.int
+_opt_int = _F.opt_int
 
 
 def default_symbol(venue_symbol: str) -> str:

@@ -1,0 +1,69 @@
+"""Shape checks shared by the venue parsers.
+
+Every venue says "this payload is not what the docs promise" the same way: a
+`MalformedMessage` that names the exchange, the symbol when known, and the field. The
+parsers stay pure; this module only checks types and builds those errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from cryptoflow.errors import MalformedMessage
+from cryptoflow.models import Level
+
+
+class Fields:
+    """The checks, bound to one exchange's name for the error messages."""
+
+    def __init__(self, exchange: str) -> None:
+        self.exchange = exchange
+
+    def malformed(self, what: str, symbol: str = "") -> MalformedMessage:
+        return MalformedMessage(what, exchange=self.exchange, symbol=symbol)
+
+    def loads(self, raw: bytes | str, symbol: str = "") -> Any:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise self.malformed(f"not JSON: {e}", symbol) from None
+
+    def levels(self, raw: Any, field: str, symbol: str) -> list[Level]:
+        """`[["price", "size", ...], ...]` -> (price, size) strings; extra elements (OKX's
+        deprecated field and order count) are dropped."""
+        if type(raw) is not list:
+            raise self.malformed(f"field {field!r} is not a list", symbol)
+        try:
+            out = [(lv[0], lv[1]) for lv in raw]
+        except (IndexError, KeyError, TypeError):
+            raise self.malformed(
+                f"field {field!r} has a level that is not [price, size, ...]", symbol
+            ) from None
+        for p, s in out:
+            if type(p) is not str or type(s) is not str:
+                raise self.malformed(
+                    f"field {field!r} has a non-string price or size: {[p, s]}", symbol
+                )
+        return out
+
+    def int(self, obj: Any, field: str, symbol: str, *, where: str = "") -> int:
+        """An integer field; venues send ids and times as JSON ints or decimal strings."""
+        try:
+            v = obj[field]
+        except (KeyError, TypeError):
+            raise self.malformed(f"missing field {where}{field!r}", symbol) from None
+        if type(v) is int:
+            return v
+        if type(v) is str:
+            try:
+                return int(v)
+            except ValueError:
+                pass
+        raise self.malformed(f"field {where}{field!r} is not an integer: {v!r}", symbol)
+
+    def opt_int(self, obj: Any, field: str, symbol: str, *, where: str = "") -> int | None:
+        if obj.get(field) is None:
+            return None
+        return self.int(obj, field, symbol, where=where)
