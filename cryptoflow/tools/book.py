@@ -30,6 +30,7 @@ from cryptoflow.tools.datasets import (
     list_files,
     open_root,
     parse_time,
+    report_console,
 )
 from cryptoflow.tools.verify import Break, find_breaks, load_gaps
 
@@ -243,7 +244,7 @@ def run(
     with open_root(path) as root:
         book, facts = rebuild(root, exchange, symbol.upper(), at_ms, market=market)
     top = book.filter(pl.col("level") < depth)
-    console = console or Console()
+    console = console or report_console()
     if output is not None:
         out = top.select(
             pl.lit(facts["exchange"]).alias("exchange"),

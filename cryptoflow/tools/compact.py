@@ -44,6 +44,7 @@ from cryptoflow.tools.datasets import (
     list_files,
     parse_time,
     progress,
+    report_console,
     resolve_root,
 )
 from cryptoflow.tools.remote import is_s3
@@ -192,7 +193,7 @@ def run(
             "compact the local tree that collect writes, or a downloaded copy"
         )
     root = resolve_root(path)
-    console = console or Console()
+    console = console or report_console()
     cutoff = closed_before(before_hour, now)
     result = Result()
     failures: list[str] = []

@@ -108,6 +108,17 @@ class BadFile:
 # --- time ---------------------------------------------------------------------------
 
 
+def report_console() -> Any:
+    """A rich Console for reports: as wide as the terminal, or 200 columns when the output
+    is a pipe or file, where rich would otherwise squeeze tables into 80 and truncate."""
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = 200
+    return console
+
+
 def parse_time(value: str | int) -> int:
     """ISO 8601 (UTC; `Z`, an offset, or naive = UTC) or epoch milliseconds -> epoch ms.
 

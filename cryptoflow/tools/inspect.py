@@ -33,6 +33,7 @@ from cryptoflow.tools.datasets import (
     list_files,
     open_root,
     parse_time,
+    report_console,
 )
 
 #: A stretch without any row longer than this is reported as a hole.
@@ -96,7 +97,7 @@ def run(
     with open_root(path) as root:
         return _report(
             root, path, dict(exchange=exchange, market=market, symbol=symbol),
-            start, end, start_ms, end_ms, hole_seconds, console or Console(),
+            start, end, start_ms, end_ms, hole_seconds, console or report_console(),
         )  # fmt: skip
 
 

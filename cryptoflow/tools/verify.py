@@ -30,6 +30,7 @@ from cryptoflow.tools.datasets import (
     fmt_ms,
     list_files,
     open_root,
+    report_console,
 )
 
 MSG_KEYS = ["exchange", "market", "symbol", "first_update_id", "last_update_id", "prev_update_id"]
@@ -246,7 +247,7 @@ def run(
     (nothing verified must not look like "clean").
     """
     with open_root(path) as root:
-        return _verify(root, path, exchange, symbol, market, console or Console())
+        return _verify(root, path, exchange, symbol, market, console or report_console())
 
 
 def _verify(root, path, exchange, symbol, market, console) -> int:  # type: ignore[no-untyped-def]
