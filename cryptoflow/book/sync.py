@@ -308,6 +308,7 @@ class BookSync:
             self.book.reset(anchor.bids, anchor.asks, anchor.last_update_id)
         self._book_id = anchor.last_update_id
         self._buffer.clear()
+        self._anchor = None  # not needed once synced: do not keep its levels alive
         self.state = BookState.SYNCED
         for d in diffs:
             self._apply(d)

@@ -60,13 +60,29 @@ def _num_text(v: Any, field: str, symbol: str) -> str:
 
 
 def _levels(raw: Any, field: str, symbol: str) -> list[Level]:
+    """[[price, size], ...] -> levels, each number `_num_text`-normalized.
+
+    Hot (1000-level snapshots): the common cases are inlined — float text that is
+    already canonical is kept as it is, an int becomes `str(int)`; anything else goes
+    through `_num_text` (the same results as calling it for every value)."""
     if type(raw) is not list:
         raise _malformed(f"field {field!r} is not a list", symbol)
     out: list[Level] = []
+    append = out.append
+    canonical = rules.is_canonical
     for lv in raw:
         if type(lv) is not list or len(lv) < 2:
             raise _malformed(f"field {field!r} has a level that is not [price, size]", symbol)
-        out.append((_num_text(lv[0], field, symbol), _num_text(lv[1], field, symbol)))
+        p, q = lv[0], lv[1]
+        if type(p) is int:
+            p = str(p)
+        elif type(p) is not str or canonical(p) is None:
+            p = _num_text(p, field, symbol)
+        if type(q) is int:
+            q = str(q)
+        elif type(q) is not str or canonical(q) is None:
+            q = _num_text(q, field, symbol)
+        append((p, q))
     return out
 
 

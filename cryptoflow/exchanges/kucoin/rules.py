@@ -20,6 +20,7 @@ text (`canonical_decimal`: no exponent, no trailing zeros, "5000.0" -> "5000",
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal, InvalidOperation
 from typing import Final
 
@@ -53,10 +54,24 @@ def diff_ids(sequence: int) -> tuple[int, int, int]:
     return sequence, sequence, sequence - 1
 
 
+#: text that is already canonical (most prices and sizes): returned as it is. ASCII digits
+#: only, no leading zeros, no exponent, no trailing zero after a '.'. A negative number
+#: below 1 ("-0.5", "-0") goes the long way (`Decimal` decides; "-0" becomes "0").
+_CANONICAL = re.compile(r"(?:0|-?[1-9][0-9]*)(?:\.[0-9]*[1-9])?")
+is_canonical = _CANONICAL.fullmatch
+
+
 def canonical_decimal(text: str) -> str:
     """Decimal text without exponent or trailing zeros: "5000.0" -> "5000", "1e-05" ->
     "0.00001", "27690.50" -> "27690.5". Exact (no float in between). ValueError if not a
     finite number."""
+    if is_canonical(text) is not None:
+        return text
+    return _canonical_decimal_slow(text)
+
+
+def _canonical_decimal_slow(text: str) -> str:
+    """`canonical_decimal` by way of `Decimal` (the reference; also for any odd input)."""
     try:
         d = Decimal(text)
     except InvalidOperation:
