@@ -51,7 +51,7 @@ ENV_KEYS: dict[str, str] = {
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # Numbers must be > 0 unless listed here: a zero interval or capacity is always a typo.
-_NON_NEGATIVE = {"jitter", "upload_retries", "weight_limit_per_minute"}
+_NON_NEGATIVE = {"jitter", "upload_retries", "weight_limit_per_minute", "upload_interval"}
 _SYMBOL_NAME = re.compile(r"^[A-Z0-9]+$")
 _MISSING = object()
 

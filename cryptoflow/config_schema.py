@@ -109,6 +109,9 @@ class StorageSection:
     spool: SpoolSection = attrs.field(factory=SpoolSection)
     s3: S3Section = attrs.field(factory=S3Section)
     raw_capture: bool = False  # also store exchange payloads as received (`raw` dataset)
+    #: seconds a spool file waits before upload; its partition's files (one symbol-hour)
+    #: are then merged into ONE object. 0 = one object per spool file (no merging)
+    upload_interval: float = 0.0
 
 
 @attrs.frozen

@@ -24,6 +24,7 @@ cancels the root scope at once.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import random
 import signal
@@ -412,8 +413,12 @@ async def _run_normalizer(
                 log.warning(
                     "%s/%s: gap (%s): %s", gap.exchange, gap.symbol, gap.kind.value, gap.reason
                 )
-            for batch in out.batches:
+            batches = out.batches
+            # nothing parsed stays referenced while this task waits for the next burst
+            del item, items, out
+            for batch in batches:
                 await rows_send.send(batch)
+            del batches
 
 
 # --- the whole run -------------------------------------------------------------------
@@ -490,6 +495,7 @@ async def collect_main(
                 stats=result.writer,
                 max_age=app.storage.spool.max_age,
                 raw=raw,
+                upload_interval=app.storage.upload_interval,
             )
             writer_done.set()
 
@@ -607,6 +613,18 @@ async def _start_simulator(nursery: trio.Nursery, plans: list[ShardPlan]) -> lis
     ]
 
 
+def _tune_gc() -> None:
+    """Move everything imported so far out of the collector's way and collect less often.
+
+    Measured in a 60 s soak (docs/benchmarks.md): full collections scanned ~110k
+    long-lived objects (modules, tables) again and again; freezing them and raising the
+    gen-0 threshold cut GC time from ~4 s to ~0.2 s per minute, ~6 % of a core.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 def run_collect(
     *,
     config_path: Path,
@@ -643,6 +661,7 @@ def run_collect(
     plans = build_plans(settings, exchanges, select_shards(settings, shards))
     if not plans:
         raise UsageError(f"--exchange {exchange}: no shard lists a symbol for it")
+    _tune_gc()
     result = trio.run(
         functools.partial(
             collect_main,

@@ -92,6 +92,7 @@ def write_config(
     snapshot_interval: float = 2.0,
     snapshot_flush_interval: float = 60.0,
     symbols: list[str] | None = None,
+    upload_interval: float = 0.0,
 ) -> Path:
     """A config directory; returns the path of its config.yml."""
     from ruamel.yaml import YAML
@@ -115,6 +116,8 @@ def write_config(
     st["s3"]["prefix"] = "cf"
     st["s3"]["upload_retries"] = upload_retries
     st["raw_capture"] = raw_capture
+    # 0 = one object per spool file (these tests watch uploads happen during the run)
+    st["upload_interval"] = upload_interval
     cfg["writer"]["buffer"]["snapshot_flush_interval"] = snapshot_flush_interval
     with open(root / "config.yml", "w") as fh:
         yaml.dump(cfg, fh)

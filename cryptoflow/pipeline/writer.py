@@ -24,6 +24,14 @@ Flow per buffer key (dataset, exchange, market, symbol):
   earlier run), before and while new data arrives, even if none ever does.
 - Optional raw capture (`RawCapture`): its buffers are flushed here too, at the delta
   interval, as `.jsonl.zst` files through the same spool and uploaders.
+- Upload batching (`upload_interval` > 0, `storage.upload_interval`): the spool keeps its
+  one-file-per-flush granularity (the loss bound), but a partition's files (dataset,
+  exchange, market, symbol, event hour) are uploaded only once the oldest of them is
+  `upload_interval` old, and then ALL of them (up to `MERGE_MAX_BYTES`) are first merged
+  into one spool file (`Spool.merge`: durable, sources listed in its metadata, sources
+  deleted after) which is uploaded as one object. The final drain, files left by an
+  earlier run, and a spool past half of `max_bytes` upload without waiting. Raw-capture
+  files are not merged. `upload_interval` 0: one object per spool file, as before.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import attrs
@@ -50,6 +58,11 @@ log = logging.getLogger(__name__)
 
 FrameBuilder = Callable[[Dataset, str, str, str, dict[str, list], str], pl.DataFrame]
 BufferKey = tuple[Dataset, str, str, str]
+
+#: at most this many source bytes (compressed) go into one merged object
+MERGE_MAX_BYTES = 16 * 1024**2
+#: ...and at most this many source files
+MERGE_MAX_FILES = 4000
 
 #: rough Python-object cost of one buffered cell (list slot + small int/str), for max_bytes
 CELL_BYTES = 40
@@ -88,6 +101,9 @@ class WriterStats:
     raw_lines_uploaded: int = 0  # raw-capture lines verified in storage
     raw_dropped_lines: int = 0  # raw lines dropped (spool full for too long), logged ERROR
     startup_spool_files: int = 0  # files found in the spool at start (earlier runs)
+    merges: int = 0  # merged files made for upload batching
+    files_merged: int = 0  # spool files that went into them
+    merge_failures: int = 0  # merges that failed (the files were uploaded one by one)
     # gauges
     buffered_rows: int = 0
     max_buffered_rows_seen: int = 0
@@ -176,6 +192,33 @@ def _flush_blocking(
     return [(spool.write(k, data, rows=n), n) for k, n, data in parts]
 
 
+def partition_of(key: str) -> str:
+    """The partition directory of a spool key (dataset/exchange/market/symbol/.../hour)."""
+    return key.rsplit("/", 1)[0]
+
+
+def mergeable(entry: SpoolEntry) -> bool:
+    """A plain Parquet spool file (raw capture and merged files are uploaded as they are)."""
+    return not entry.merged and entry.key.endswith(".parquet")
+
+
+def merge_groups(entries: Iterable[SpoolEntry]) -> list[list[SpoolEntry]]:
+    """Mergeable entries grouped by partition, each group within the merge caps, in the
+    order of each partition's oldest file."""
+    by_part: dict[str, list[list[SpoolEntry]]] = {}
+    for e in entries:
+        if not mergeable(e):
+            continue
+        chunks = by_part.setdefault(partition_of(e.key), [[]])
+        last = chunks[-1]
+        if last and (
+            len(last) >= MERGE_MAX_FILES or sum(x.size for x in last) + e.size > MERGE_MAX_BYTES
+        ):
+            chunks.append(last := [])
+        last.append(e)
+    return [g for chunks in by_part.values() for g in chunks]
+
+
 def _flush_raw_blocking(spool: Spool, buf) -> SpoolEntry:
     data = rawfile.encode(buf.lines)
     exchange, market, symbol = buf.key
@@ -199,6 +242,7 @@ class Writer:
         stats: WriterStats | None = None,
         max_age: float | None = None,
         raw=None,
+        upload_interval: float = 0.0,
     ) -> None:
         self.store = store
         self.spool = spool
@@ -212,6 +256,12 @@ class Writer:
         #: cap on the age of buffered delta/gap rows (storage.spool.max_age): loss bound
         self.max_age = max_age
         self.raw = raw  # cryptoflow.pipeline.raw.RawCapture or None
+        #: upload batching: a partition's spool files wait this long, then go up merged
+        self.upload_interval = max(0.0, float(upload_interval or 0.0))
+        self._spooled_at: dict[str, float] = {}  # key -> trio time (files of this run)
+        self._draining = False  # final drain: upload everything regardless of age
+        self._merging: set[str] = set()  # partitions being merged (their files are claimed)
+        self._sleepers: dict[object, float] = {}  # idle uploader -> when it wakes anyway
         self._buffers: dict[BufferKey, _Buffer] = {}
         self._rotated: list[_Buffer] = []  # replaced buffers (multiplier change), flush ASAP
         self._inflight: set[str] = set()
@@ -299,7 +349,9 @@ class Writer:
         self._set_buffered(-buf.rows)
         s = self.stats
         s.flushes += 1
+        now = trio.current_time()
         for entry, rows in result:
+            self._spooled_at[entry.key] = now
             s.files_spooled += 1
             s.bytes_spooled += entry.size
             s.rows_spooled[buf.key[0].value] += rows
@@ -329,11 +381,12 @@ class Writer:
                 self.raw.put_back(buf)
                 self.stats.raw_dropped_lines = self.raw.stats.dropped_lines
                 continue
+            self._spooled_at[entry.key] = trio.current_time()
             self.stats.raw_files += 1
             self.stats.files_spooled += 1
             self.stats.bytes_spooled += entry.size
             self._update_spool_gauges()
-            self._wake_uploaders()
+            self._wake_uploaders()  # raw files are not batched
 
     def _take_due(self, now: float, force: bool) -> list[_Buffer]:
         """Remove due buffers so new rows start new buffers while these are written."""
@@ -362,7 +415,7 @@ class Writer:
         for buf, result in zip(due, results, strict=True):
             self._flushed(buf, result)
         self._update_spool_gauges()
-        self._wake_uploaders()
+        self._wake_for_new_files()
         self._room.set()
         self._room = trio.Event()
 
@@ -414,12 +467,84 @@ class Writer:
         self._new_work.set()
         self._new_work = trio.Event()
 
-    def _claim(self) -> SpoolEntry | None:
-        for entry in self.spool.pending():
-            if entry.key not in self._inflight:
+    def _wake_for_new_files(self) -> None:
+        """After a flush. Batching: new files are due only in `upload_interval`, so wake
+        the idle uploaders only if none of them would wake up before that anyway (waking
+        them on every flush would rescan the whole spool ~100 times a second)."""
+        wake_by = min(self._sleepers.values(), default=float("-inf"))
+        if (
+            self.upload_interval <= 0
+            or self._hurry()
+            or trio.current_time() + self.upload_interval < wake_by
+        ):
+            self._wake_uploaders()
+
+    def _hurry(self) -> bool:
+        """Upload without waiting for `upload_interval`: draining, or the spool filling."""
+        return self._draining or self.spool.bytes >= self.spool.max_bytes / 2
+
+    def _claim(self) -> list[SpoolEntry] | None:
+        """The next upload: one file, or (batching) the files of one due partition."""
+        pending = [
+            e
+            for e in self.spool.pending()
+            if e.key not in self._inflight and partition_of(e.key) not in self._merging
+        ]
+        if not pending:
+            return None
+        if self.upload_interval <= 0:
+            self._inflight.add(pending[0].key)
+            return [pending[0]]
+        now, hurry = trio.current_time(), self._hurry()
+        for entry in pending:  # oldest first
+            if not mergeable(entry):
                 self._inflight.add(entry.key)
-                return entry
+                return [entry]
+            # files of earlier runs have no time here: due at once
+            if hurry or now >= self._spooled_at.get(entry.key, -1.0) + self.upload_interval:
+                part = partition_of(entry.key)
+                group = merge_groups(e for e in pending if partition_of(e.key) == part)[0]
+                self._inflight.update(e.key for e in group)
+                return group
         return None
+
+    def _next_due(self) -> float:
+        """When the oldest waiting partition becomes due (batching), else never."""
+        if self.upload_interval <= 0:
+            return float("inf")
+        times = [
+            self._spooled_at.get(e.key, -1.0) + self.upload_interval
+            for e in self.spool.pending()
+            if e.key not in self._inflight and partition_of(e.key) not in self._merging
+        ]
+        return min(times, default=float("inf"))
+
+    async def _merge(self, group: list[SpoolEntry]) -> list[SpoolEntry]:
+        """Merge a due partition's files into one spool file; on failure the files go up
+        one by one (the merge is all-or-nothing on disk, see `Spool.merge`)."""
+        part = partition_of(group[0].key)
+        self._merging.add(part)  # the merged file must not be claimed by another worker
+        try:
+            merged = await trio.to_thread.run_sync(self.spool.merge, group, limiter=self.limiter)
+        except Exception as exc:
+            self.stats.merge_failures += 1
+            log.error(
+                "writer: cannot merge %d spool files of %s (%s); uploading them one by one",
+                len(group),
+                partition_of(group[0].key),
+                exc,
+            )
+            return group
+        finally:
+            self._merging.discard(part)
+            self._wake_uploaders()
+        self._inflight.add(merged.key)
+        for e in group:
+            self._spooled_at.pop(e.key, None)
+            self._inflight.discard(e.key)
+        self.stats.merges += 1
+        self.stats.files_merged += len(group)
+        return [merged]
 
     async def _upload_one(self, entry: SpoolEntry) -> bool:
         started = trio.current_time()
@@ -432,6 +557,7 @@ class Writer:
             return False
         took = trio.current_time() - started
         await trio.to_thread.run_sync(self.spool.remove, entry, limiter=self.limiter)
+        self._spooled_at.pop(entry.key, None)
         s = self.stats
         s.upload_seconds_sum += took
         s.upload_seconds_count += 1
@@ -450,14 +576,25 @@ class Writer:
     async def _upload_worker(self) -> None:
         failures = 0
         while True:
-            entry = self._claim()
-            if entry is None:
-                await self._new_work.wait()
+            group = self._claim()
+            if group is None:
+                token = object()
+                self._sleepers[token] = due = self._next_due()
+                try:
+                    with trio.move_on_at(due):
+                        await self._new_work.wait()
+                finally:
+                    del self._sleepers[token]
                 continue
+            claimed = {e.key for e in group}
             try:
-                ok = await self._upload_one(entry)
+                entries = await self._merge(group) if len(group) > 1 else group
+                claimed.update(e.key for e in entries)
+                ok = True
+                for entry in entries:
+                    ok = await self._upload_one(entry) and ok
             finally:
-                self._inflight.discard(entry.key)
+                self._inflight.difference_update(claimed)
             if ok:
                 failures = 0
             else:
@@ -485,6 +622,11 @@ class Writer:
                 await self._flush_due(force=True)
                 if self._buffers or self._rotated or (self.raw is not None and self.raw.pending):
                     await trio.sleep_until(self._next_deadline())
+            # every buffer is in the spool: now upload everything regardless of age (a
+            # partition's files merged into one object); not earlier, or the last flush
+            # of a partition would become an object of its own
+            self._draining = True
+            self._wake_uploaders()
             await self._wait_spool_empty()
             scope.cancel()
 
@@ -563,6 +705,7 @@ async def run_writer(
     stats: WriterStats | None = None,
     max_age: float | None = None,
     raw=None,
+    upload_interval: float = 0.0,
     task_status: trio.TaskStatus[Writer] = trio.TASK_STATUS_IGNORED,
 ) -> WriterStats:
     """Run the writer stage until `receive_rows` closes (then flush + upload, bounded by
@@ -580,6 +723,7 @@ async def run_writer(
         stats=stats,
         max_age=max_age,
         raw=raw,
+        upload_interval=upload_interval,
     )
     await writer.run(receive_rows, shutdown_timeout=shutdown_timeout, task_status=task_status)
     return writer.stats
@@ -593,9 +737,19 @@ class DrainResult:
     remaining: int
 
 
-async def drain_spool(spool: Spool, store: ObjectStore, *, concurrency: int = 4) -> DrainResult:
+async def drain_spool(
+    spool: Spool, store: ObjectStore, *, concurrency: int = 4, merge: bool = False
+) -> DrainResult:
     """Upload every file now in the spool once (the store retries transient errors);
-    delete each after verified success. Used at startup and by `cryptoflow spool flush`."""
+    delete each after verified success. Used by `cryptoflow spool flush`. `merge`
+    (upload batching on): each partition's files are first merged into one file."""
+    if merge:
+        for group in merge_groups(spool.pending()):
+            if len(group) > 1:
+                try:
+                    await trio.to_thread.run_sync(spool.merge, group)
+                except Exception as exc:
+                    log.error("spool drain: cannot merge %s (%s)", partition_of(group[0].key), exc)
     entries = spool.pending()
     uploaded = failed = nbytes = 0
     limiter = trio.CapacityLimiter(max(1, concurrency))

@@ -16,15 +16,30 @@ from cryptoflow.errors import CorruptSpoolFile
 MAGIC = b"PAR1"
 COMPRESSION = "zstd"
 COMPRESSION_LEVEL = 3
+#: key-value metadata of a merged spool file: JSON list of the spool keys it replaces
+MERGED_FROM = "cryptoflow.merged_from"
 
 
-def encode(frame: pl.DataFrame) -> bytes:
-    """One complete Parquet file as bytes."""
+def encode(frame: pl.DataFrame, metadata: dict[str, str] | None = None) -> bytes:
+    """One complete Parquet file as bytes (optional key-value metadata in the footer)."""
     buf = io.BytesIO()
+    kwargs = {"metadata": metadata} if metadata else {}
     frame.write_parquet(
-        buf, compression=COMPRESSION, compression_level=COMPRESSION_LEVEL, statistics=True
+        buf,
+        compression=COMPRESSION,
+        compression_level=COMPRESSION_LEVEL,
+        statistics=True,
+        **kwargs,
     )
     return buf.getvalue()
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The key-value metadata of a Parquet file's footer ({} if unreadable)."""
+    try:
+        return dict(pl.read_parquet_metadata(path))
+    except Exception:
+        return {}
 
 
 def decode(data: bytes) -> pl.DataFrame:

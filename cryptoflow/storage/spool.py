@@ -11,7 +11,16 @@ leaves at most a temp file, which the startup scan deletes.
 
 Startup scan (`Spool.scan`): delete leftover temp files; fully read every Parquet file;
 move unreadable/truncated ones to `quarantine/` (logged at ERROR with the reason) so they
-are never uploaded; rebuild the size accounting.
+are never uploaded; complete interrupted merges (below); rebuild the size accounting.
+
+Merge (`Spool.merge`, upload batching): several files of one partition (dataset,
+exchange, market, symbol, hour) become ONE file under its content-derived key, written
+with the write protocol above and carrying the list of its source keys in its Parquet
+metadata (`parquet.MERGED_FROM`); only then are the sources deleted. The merged file is
+therefore the durable record of the merge: a crash before its rename leaves only the
+sources (nothing was merged or uploaded), a crash after it leaves the merged file and
+perhaps some sources, which the next scan deletes (their rows are in the merged file).
+A merged file is uploaded as is (same key on every retry) and never merged again.
 
 Size policy (`max_bytes`, documented contract):
 - above `warn_ratio` (80 %) of `max_bytes`: one WARNING per crossing ("spool filling").
@@ -29,6 +38,7 @@ One process owns a spool directory at a time. All methods are blocking and threa
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -37,9 +47,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
+import polars as pl
 
 from cryptoflow.errors import CorruptSpoolFile, SpoolFull
-from cryptoflow.storage import parquet, rawfile
+from cryptoflow.models import Dataset
+from cryptoflow.storage import layout, parquet, rawfile
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +60,27 @@ TMP_MARK = ".tmp-"
 DATA_SUFFIXES = (".parquet", rawfile.SUFFIX)
 #: below this much free space on the spool's filesystem, collect refuses to start
 MIN_FREE_BYTES = 64 * 1024**2
+
+
+#: how many merged-away source keys a Spool remembers (a retried flush rewrites within
+#: the writer's retry back-off, <= 60 s; this covers minutes of 125 symbols' files, ~10 MB)
+MERGED_AWAY_MAX = 50_000
+#: merged rows are sorted by these columns (those present), stably
+SORT_COLUMNS = ("timestamp", "first_update_id", "last_update_id")
+
+
+def merged_sources(path: Path) -> list[str] | None:
+    """The source keys a merged Parquet spool file replaces, or None for a plain file."""
+    if not path.name.endswith(".parquet"):
+        return None
+    raw = parquet.read_metadata(path).get(parquet.MERGED_FROM)
+    if raw is None:
+        return None
+    try:
+        keys = json.loads(raw)
+    except ValueError:
+        return None
+    return [str(k) for k in keys] if isinstance(keys, list) else None
 
 
 def is_data_file(name: str) -> bool:
@@ -127,6 +160,7 @@ class SpoolEntry:
     size: int
     mtime_ns: int
     rows: int | None = None  # known when written by this process or validated at scan
+    merged: bool = False  # a merged file (upload as is, never a merge source)
 
 
 @attrs.frozen
@@ -187,6 +221,9 @@ class Spool:
         self._warned = False
         self.warnings = 0  # "spool filling" warnings issued (counter)
         self.refusals = 0  # writes refused because of max_bytes (counter)
+        #: keys recently merged away: a retried flush that rewrites one (same key = same
+        #: rows, names are content hashes) must not bring those rows back a second time
+        self._merged_away: dict[str, None] = {}
         makedirs_durable(self.root)
 
     # --- accounting ----------------------------------------------------------------
@@ -252,7 +289,8 @@ class Spool:
 
     def _scan(self, *, validate: bool) -> ScanReport:
         found: list[SpoolEntry] = []
-        temp_removed = quarantined = 0
+        temp_removed = quarantined = merges_completed = 0
+        replaced: set[str] = set()
         for path in self._walk():
             if TMP_MARK in path.name:
                 if validate:
@@ -271,8 +309,22 @@ class Spool:
                     self._quarantine_path(entry, str(exc))
                     quarantined += 1
                     continue
-                entry = attrs.evolve(entry, rows=rows)
+                sources = merged_sources(path)
+                entry = attrs.evolve(entry, rows=rows, merged=sources is not None)
+                replaced.update(sources or ())
             found.append(entry)
+        if replaced:
+            # interrupted merges: the merged file is complete (atomic rename), so its
+            # sources still here are duplicates of its rows; finish the merge now
+            kept = []
+            for e in found:
+                if e.key in replaced and not e.merged:
+                    log.warning("spool: completing an interrupted merge: removing %s", e.key)
+                    e.path.unlink(missing_ok=True)
+                    merges_completed += 1
+                else:
+                    kept.append(e)
+            found = kept
         found.sort(key=lambda e: (e.mtime_ns, e.key))
         with self._lock:
             self._entries.clear()
@@ -280,7 +332,7 @@ class Spool:
             for e in found:
                 self._add(e)
             total = self._bytes
-        if temp_removed:
+        if temp_removed or merges_completed:
             fsync_dir(self.root)
         report = ScanReport(len(found), total, temp_removed, quarantined)
         if validate:
@@ -316,15 +368,28 @@ class Spool:
                 f"spool {self.root} full: {used} + {nbytes} bytes > max_bytes {self.max_bytes}"
             )
 
-    def write(self, key: str, data: bytes, *, rows: int | None = None) -> SpoolEntry:
-        """Durably store one complete file under `key`. Raises SpoolFull past max_bytes."""
+    def write(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        rows: int | None = None,
+        enforce_limit: bool = True,
+        merged: bool = False,
+    ) -> SpoolEntry:
+        """Durably store one complete file under `key`. Raises SpoolFull past max_bytes
+        (unless `enforce_limit` is False: a merge, which frees its sources right after)."""
         with self._lock:
             existing = self._entries.get(key)
-        self.check_capacity(len(data) - (existing.size if existing else 0))
+            if key in self._merged_away:
+                log.info("spool: %s is already in a merged file; not written again", key)
+                return SpoolEntry(key, self.root / key, len(data), 0, rows)
+        if enforce_limit:
+            self.check_capacity(len(data) - (existing.size if existing else 0))
         path = self.root / key
         write_atomic(path, data)
         st = path.stat()
-        entry = SpoolEntry(key, path, st.st_size, st.st_mtime_ns, rows)
+        entry = SpoolEntry(key, path, st.st_size, st.st_mtime_ns, rows, merged)
         with self._lock:
             self._add(entry)
             used = self._bytes
@@ -361,6 +426,66 @@ class Spool:
                 del self._entries[entry.key]
                 self._bytes -= cur.size
             entry.path.unlink(missing_ok=True)
+
+    def merge(self, entries: list[SpoolEntry]) -> SpoolEntry:
+        """Replace several Parquet files of ONE partition by one merged file (see the
+        module doc): rows concatenated and sorted by timestamp then update ids, zstd,
+        content-derived key, source keys in the metadata; sources deleted after the
+        merged file is durable. Blocking; the caller keeps the entries from uploaders."""
+        if len(entries) < 2:
+            raise ValueError("merge needs at least two files")
+        parts = [layout.parse_key(e.key) for e in entries]
+        part0 = parts[0]
+        for kp in parts[1:]:
+            if (kp.dataset, kp.exchange, kp.market, kp.symbol, kp.hour) != (
+                part0.dataset,
+                part0.exchange,
+                part0.market,
+                part0.symbol,
+                part0.hour,
+            ):
+                raise ValueError("merge sources span more than one partition")
+        if part0.dataset == Dataset.RAW.value:
+            raise ValueError("raw-capture files are not merged")
+        ordered = sorted(entries, key=lambda e: e.key)
+        frames = [parquet.decode(e.path.read_bytes()) for e in ordered]
+        try:
+            frame = pl.concat(frames, how="vertical")
+        except Exception:
+            frame = pl.concat(frames, how="diagonal_relaxed")
+        by = [c for c in SORT_COLUMNS if c in frame.columns]
+        if by:
+            frame = frame.sort(by, maintain_order=True, nulls_last=True)
+        sources = json.dumps([e.key for e in ordered])
+        data = parquet.encode(frame, metadata={parquet.MERGED_FROM: sources})
+        key = layout.object_key(
+            part0.dataset,
+            part0.exchange,
+            part0.market,
+            part0.symbol,
+            part0.hour,
+            frame,
+            digest=layout.content_hash(data),
+        )
+        merged = self.write(key, data, rows=frame.height, enforce_limit=False, merged=True)
+        # from here on the merge must not fail (the caller would then upload the sources
+        # too): a source that cannot be deleted now is deleted by the next scan
+        dirs = set()
+        with self._lock:
+            for e in ordered:
+                self._merged_away[e.key] = None
+            while len(self._merged_away) > MERGED_AWAY_MAX:
+                del self._merged_away[next(iter(self._merged_away))]
+        for e in ordered:
+            try:
+                self.remove(e)
+            except OSError as exc:
+                log.error("spool: cannot delete merged source %s (next scan will): %s", e.key, exc)
+            dirs.add(e.path.parent)
+        for d in dirs:
+            with contextlib.suppress(OSError):
+                fsync_dir(d)
+        return merged
 
     def _quarantine_path(self, entry: SpoolEntry, reason: str) -> Path:
         dest = self.quarantine_root / entry.key

@@ -46,7 +46,12 @@ def flush(config_path: Path, output: Path | None = None) -> int:
     async def main():
         store = build_store(storage, settings.env, output)
         print(f"flushing {report.files} files ({report.bytes} bytes) to {store.describe()}")
-        return await drain_spool(spool, store, concurrency=max(1, storage.s3.max_concurrency))
+        return await drain_spool(
+            spool,
+            store,
+            concurrency=max(1, storage.s3.max_concurrency),
+            merge=storage.upload_interval > 0,  # batching on: one object per partition
+        )
 
     result = trio.run(main)
     print(
