@@ -43,25 +43,27 @@ class VenueRest:
         self, path: str, params: dict[str, str | int], *, weight: int, symbol: str = ""
     ) -> tuple[bytes, int]:
         """GET within the budget; returns (body, receive time ns) or raises our errors."""
+        return await self._send("GET", path, params, weight=weight, symbol=symbol)
+
+    async def post(self, path: str, *, weight: int, symbol: str = "") -> tuple[bytes, int]:
+        return await self._send("POST", path, None, weight=weight, symbol=symbol)
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str | int] | None,
+        *,
+        weight: int,
+        symbol: str,
+    ) -> tuple[bytes, int]:
         await self.budget.acquire(weight)
         try:
-            resp = await self.client.get(path, params=params)
+            resp = await self.client.request(method, path, params=params)
         except httpx.TimeoutException as exc:
             raise TransportError(
                 f"timeout on {path}: {exc!r}", exchange=self.exchange, symbol=symbol
             ) from exc
-        except httpx.TransportError as exc:
-            raise TransportError(
-                f"{type(exc).__name__} on {path}: {exc}", exchange=self.exchange, symbol=symbol
-            ) from exc
-        receive_ns = time.time_ns()
-        self.interpret(resp, symbol)
-        return resp.content, receive_ns
-
-    async def post(self, path: str, *, weight: int, symbol: str = "") -> tuple[bytes, int]:
-        await self.budget.acquire(weight)
-        try:
-            resp = await self.client.post(path)
         except httpx.TransportError as exc:
             raise TransportError(
                 f"{type(exc).__name__} on {path}: {exc}", exchange=self.exchange, symbol=symbol
