@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from cryptoflow.errors import MalformedMessage
+from cryptoflow.errors import MalformedMessage, RateLimited, RequestRejected, ServerError
 from cryptoflow.models import Level
 
 
@@ -67,3 +67,35 @@ class Fields:
         if obj.get(field) is None:
             return None
         return self.int(obj, field, symbol, where=where)
+
+    def check_body_code(
+        self,
+        obj: Any,
+        symbol: str,
+        *,
+        field: str,
+        ok: Any,
+        message_field: str,
+        rate_limited: Any,
+        server_errors: Any,
+        retry_after: float,
+        as_text: bool = False,
+    ) -> None:
+        """Raise what an error code in an HTTP-200 body stands for (Bybit `retCode`, OKX
+        `code`, KuCoin `code`): a throttle, a server-side failure, or a rejected request."""
+        if type(obj) is not dict:
+            raise self.malformed("body is not a JSON object", symbol)
+        code = obj.get(field)
+        if code is None:
+            raise self.malformed(f"missing field {field!r}", symbol)
+        if as_text:
+            code = str(code)
+        if code == ok:
+            return
+        msg = f"{field} {code}: {obj.get(message_field, '')}"
+        where = {"exchange": self.exchange, "symbol": symbol}
+        if code in rate_limited:
+            raise RateLimited(msg, retry_after=retry_after, **where)
+        if code in server_errors:
+            raise ServerError(msg, status=200, **where)
+        raise RequestRejected(msg, status=200, **where)

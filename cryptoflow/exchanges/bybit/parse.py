@@ -14,7 +14,6 @@ from typing import Any
 
 import orjson
 
-from cryptoflow.errors import RateLimited, RequestRejected, ServerError
 from cryptoflow.exchanges.base import Control, Instrument, SymbolMap, WsItem
 from cryptoflow.exchanges.bybit import rules
 from cryptoflow.exchanges.fields import Fields
@@ -39,21 +38,16 @@ def default_symbol(venue_symbol: str) -> str:
 
 def check_ret_code(obj: Any, symbol: str = "") -> None:
     """Raise the error a non-zero `retCode` in an HTTP-200 body stands for."""
-    if type(obj) is not dict:
-        raise _malformed("body is not a JSON object", symbol)
-    code = obj.get("retCode")
-    if code == rules.RET_OK:
-        return
-    if code is None:
-        raise _malformed("missing field 'retCode'", symbol)
-    msg = f"retCode {code}: {obj.get('retMsg', '')}"
-    if code in rules.RATE_LIMITED_CODES:
-        raise RateLimited(
-            msg, retry_after=rules.RATE_LIMIT_RETRY_AFTER_S, exchange=EXCHANGE, symbol=symbol
-        )
-    if code in rules.SERVER_ERROR_CODES:
-        raise ServerError(msg, status=200, exchange=EXCHANGE, symbol=symbol)
-    raise RequestRejected(msg, status=200, exchange=EXCHANGE, symbol=symbol)
+    _F.check_body_code(
+        obj,
+        symbol,
+        field="retCode",
+        ok=rules.RET_OK,
+        message_field="retMsg",
+        rate_limited=rules.RATE_LIMITED_CODES,
+        server_errors=rules.SERVER_ERROR_CODES,
+        retry_after=rules.RATE_LIMIT_RETRY_AFTER_S,
+    )
 
 
 def parse_rest_snapshot(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from cryptoflow.errors import RateLimited, RequestRejected, ServerError
 from cryptoflow.exchanges.base import Control, Instrument, SymbolMap, WsItem
 from cryptoflow.exchanges.fields import Fields
 from cryptoflow.exchanges.okx import rules
@@ -40,22 +39,17 @@ def default_symbol(inst_id: str) -> str:
 
 def check_code(obj: Any, symbol: str = "") -> None:
     """Raise the error a non-"0" `code` stands for."""
-    if type(obj) is not dict:
-        raise _malformed("body is not a JSON object", symbol)
-    code = obj.get("code")
-    if code is None:
-        raise _malformed("missing field 'code'", symbol)
-    code = str(code)
-    if code == rules.CODE_OK:
-        return
-    msg = f"code {code}: {obj.get('msg', '')}"
-    if code in rules.RATE_LIMITED_CODES:
-        raise RateLimited(
-            msg, retry_after=rules.RATE_LIMIT_RETRY_AFTER_S, exchange=EXCHANGE, symbol=symbol
-        )
-    if code in rules.SERVER_ERROR_CODES:
-        raise ServerError(msg, status=200, exchange=EXCHANGE, symbol=symbol)
-    raise RequestRejected(msg, status=200, exchange=EXCHANGE, symbol=symbol)
+    _F.check_body_code(
+        obj,
+        symbol,
+        field="code",
+        ok=rules.CODE_OK,
+        message_field="msg",
+        rate_limited=rules.RATE_LIMITED_CODES,
+        server_errors=rules.SERVER_ERROR_CODES,
+        retry_after=rules.RATE_LIMIT_RETRY_AFTER_S,
+        as_text=True,
+    )
 
 
 def parse_rest_snapshot(
