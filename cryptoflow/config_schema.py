@@ -134,7 +134,8 @@ class WriterSection:
 @attrs.frozen
 class LoggingSection:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    format: Literal["console", "json"] = "console"
+    #: auto = readable lines on a terminal, JSON lines otherwise (services, files, pipes)
+    format: Literal["auto", "console", "json"] = "auto"
     output: str = "stderr"  # stderr | stdout | a file path
 
 

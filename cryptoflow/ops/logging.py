@@ -59,7 +59,13 @@ def setup_logging(
     console: Any = None,
 ) -> None:
     """Configure the root logger. With `console` (a rich Console showing the live status
-    table) terminal log lines go through it, so they print above the table, not into it."""
+    table) terminal log lines go through it, so they print above the table, not into it.
+
+    `fmt="auto"` picks readable lines when the output is a terminal and JSON lines
+    otherwise, so a service's logs (systemd, Docker, Kubernetes, a file) are structured
+    without anyone remembering to switch the format."""
+    if fmt == "auto":
+        fmt = "console" if _is_terminal(output) else "json"
     if console is not None and fmt == "console" and output in ("stderr", "stdout", ""):
         from rich.logging import RichHandler
 
@@ -88,3 +94,8 @@ def _install(handler: logging.Handler, level: str, debug: bool) -> None:
     root.setLevel("DEBUG" if debug else level.upper())
     for noisy in ("httpx", "httpcore", "botocore", "boto3", "urllib3", "trio-websocket"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _is_terminal(output: str) -> bool:
+    stream = {"stdout": sys.stdout, "stderr": sys.stderr, "": sys.stderr}.get(output)
+    return bool(stream is not None and stream.isatty())
