@@ -41,6 +41,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import polars as pl
@@ -326,15 +327,20 @@ class Writer:
             deadlines.append(self.raw.next_deadline(self._interval(Dataset.DELTAS)))
         return min(deadlines, default=float("inf"))
 
+    def _flush_failed(self, buf: Any, exc: Exception) -> float:
+        """Count a refused flush (row or raw buffer) and schedule its retry; the delay."""
+        buf.failures += 1
+        delay = self.backoff.delay(buf.failures)
+        buf.retry_at = trio.current_time() + delay
+        self.stats.flush_failures += 1
+        if isinstance(exc, SpoolFull):
+            self.stats.spool_full_events += 1
+        return delay
+
     def _flushed(self, buf: _Buffer, result: list[tuple[SpoolEntry, int]] | Exception) -> bool:
         """Account for one buffer's flush; a failed buffer is kept for a retry."""
         if isinstance(result, Exception):
-            buf.failures += 1
-            delay = self.backoff.delay(buf.failures)
-            buf.retry_at = trio.current_time() + delay
-            self.stats.flush_failures += 1
-            if isinstance(result, SpoolFull):
-                self.stats.spool_full_events += 1
+            delay = self._flush_failed(buf, result)
             log.error(
                 "writer: cannot spool %d %s rows of %s/%s (%s); kept in memory, retry in %.1fs",
                 buf.rows,
@@ -364,12 +370,7 @@ class Writer:
                     _flush_raw_blocking, self.spool, buf, limiter=self.limiter
                 )
             except (SpoolFull, OSError) as exc:
-                buf.failures += 1
-                delay = self.backoff.delay(buf.failures)
-                buf.retry_at = trio.current_time() + delay
-                self.stats.flush_failures += 1
-                if isinstance(exc, SpoolFull):
-                    self.stats.spool_full_events += 1
+                delay = self._flush_failed(buf, exc)
                 log.error(
                     "writer: cannot spool %d raw lines of %s/%s (%s); kept, retry in %.1fs",
                     len(buf.lines),

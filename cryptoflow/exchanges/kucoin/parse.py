@@ -18,9 +18,7 @@ import json
 from typing import Any
 
 import attrs
-import orjson
 
-from cryptoflow.errors import MalformedMessage
 from cryptoflow.exchanges.base import Control, Instrument, SymbolMap, WsItem
 from cryptoflow.exchanges.fields import Fields
 from cryptoflow.exchanges.kucoin import rules
@@ -30,8 +28,8 @@ EXCHANGE = rules.EXCHANGE
 _F = Fields(EXCHANGE)
 
 
-def _malformed(what: str, symbol: str = "") -> MalformedMessage:
-    return MalformedMessage(what, exchange=EXCHANGE, symbol=symbol)
+_malformed = _F.malformed
+_loads = _F.loads
 
 
 def _loads_exact(body: bytes | str, symbol: str = "") -> Any:
@@ -39,13 +37,6 @@ def _loads_exact(body: bytes | str, symbol: str = "") -> Any:
     try:
         return json.loads(body, parse_float=str)
     except (ValueError, UnicodeDecodeError) as e:
-        raise _malformed(f"not JSON: {e}", symbol) from None
-
-
-def _loads(raw: bytes | str, symbol: str = "") -> Any:
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
         raise _malformed(f"not JSON: {e}", symbol) from None
 
 
