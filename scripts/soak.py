@@ -189,6 +189,10 @@ def write_config(workdir: Path, sim: dict, table: dict, venues: list[str]) -> Pa
     cfg["storage"]["local_path"] = str(workdir / "data")
     cfg["storage"]["spool"]["path"] = str(workdir / "spool")
     cfg["storage"]["s3"]["enabled"] = False
+    # One object per spool file: the local store then moves each spool file as is, so its
+    # mtime stays the time it was spooled, which the latency figures read. With batching
+    # (upload_interval > 0) a merged file's mtime is the merge time, up to 60 s later.
+    cfg["storage"]["upload_interval"] = 0.0
     cfg["logging"]["output"] = str(workdir / "collector.log")
     if "metrics" in cfg:
         cfg["metrics"]["enabled"] = False

@@ -32,12 +32,11 @@ from typing import Protocol
 
 import attrs
 import trio
-import trio_websocket
 
 from cryptoflow.errors import ExchangeError, MalformedMessage
 from cryptoflow.exchanges.base import Control, WsItem
 from cryptoflow.models import MARKET_FUTURES, GapKind, StreamEvent
-from cryptoflow.net.ws import open_ws
+from cryptoflow.net.ws import WsConnection, open_ws
 from cryptoflow.pipeline.resync import ResyncQueue
 from cryptoflow.pipeline.supervise import backoff_delay
 
@@ -51,11 +50,9 @@ class VenueStream(Protocol):
 
     async def url(self, venue_symbols: list[str]) -> str: ...
 
-    async def on_open(
-        self, ws: trio_websocket.WebSocketConnection, venue_symbols: list[str]
-    ) -> None: ...
+    async def on_open(self, ws: WsConnection, venue_symbols: list[str]) -> None: ...
 
-    async def keepalive(self, ws: trio_websocket.WebSocketConnection) -> None: ...
+    async def keepalive(self, ws: WsConnection) -> None: ...
 
     def parse(self, raw: str | bytes, receive_ns: int) -> WsItem: ...
 
@@ -207,8 +204,6 @@ async def run_stream(
                     failures = 0
                     continue
             except* (
-                trio_websocket.ConnectionClosed,
-                trio_websocket.HandshakeError,
                 OSError,
                 trio.TooSlowError,
                 ExchangeError,
@@ -239,7 +234,7 @@ def _first_leaf(exc: BaseException) -> BaseException:
 
 
 async def _pump(
-    ws: trio_websocket.WebSocketConnection,
+    ws: WsConnection,
     venue: VenueStream,
     emitter: _Emitter,
     stats: StreamStats,
@@ -269,12 +264,13 @@ async def _pump(
             moved = trio.current_time()
             stall.deadline = moved + stall_timeout + slack
             while True:
-                raw = await ws.get_message()
+                burst = await ws.receive_burst()
                 now = trio.current_time()
                 if now - moved > slack:
                     moved = now
                     stall.deadline = now + stall_timeout + slack
-                _handle_frame(raw, venue, emitter, stats, conn, raw_sink)
+                for raw in burst:
+                    _handle_frame(raw, venue, emitter, stats, conn, raw_sink)
         if stall.cancelled_caught:
             raise trio.TooSlowError(f"no frame for {stall_timeout:g}s (stalled)")
 
@@ -312,7 +308,7 @@ def _handle_frame(
 
 
 async def _serve_resubscribe(
-    ws: trio_websocket.WebSocketConnection,
+    ws: WsConnection,
     venue: VenueStream,
     queue: ResyncQueue,
     conn: _ConnState,
@@ -362,7 +358,7 @@ async def _watch_snapshot(
         conn.watching.discard(symbol)
 
 
-async def _keepalive(ws: trio_websocket.WebSocketConnection, venue: VenueStream) -> None:
+async def _keepalive(ws: WsConnection, venue: VenueStream) -> None:
     assert venue.keepalive_interval
     while True:
         await trio.sleep(venue.keepalive_interval)

@@ -8,10 +8,9 @@ reconnects earlier (`reader.ws_reconnect_after`).
 
 from __future__ import annotations
 
-import trio_websocket
-
 from cryptoflow.exchanges.base import SymbolMap, WsItem
 from cryptoflow.exchanges.binance import parse
+from cryptoflow.net.ws import WsConnection
 
 DEFAULT_WS_URL = "wss://fstream.binance.com"
 STREAMS_PER_CONNECTION = 200  # venue allows 1024; smaller groups limit the blast radius
@@ -35,12 +34,10 @@ class BinanceStream:
         streams = "/".join(self.stream_name(s) for s in venue_symbols)
         return f"{self.ws_base_url}/public/stream?streams={streams}"
 
-    async def on_open(
-        self, ws: trio_websocket.WebSocketConnection, venue_symbols: list[str]
-    ) -> None:
+    async def on_open(self, ws: WsConnection, venue_symbols: list[str]) -> None:
         return None
 
-    async def keepalive(self, ws: trio_websocket.WebSocketConnection) -> None:
+    async def keepalive(self, ws: WsConnection) -> None:
         return None
 
     def parse(self, raw: str | bytes, receive_ns: int) -> WsItem:

@@ -12,10 +12,10 @@ import itertools
 from urllib.parse import urlsplit
 
 import orjson
-import trio_websocket
 
 from cryptoflow.exchanges.base import SymbolMap, WsItem
 from cryptoflow.exchanges.bybit import parse, rules
+from cryptoflow.net.ws import WsConnection
 
 DEFAULT_WS_URL = rules.WS_URL
 WS_PATH = urlsplit(rules.WS_URL).path  # /v5/public/linear
@@ -52,20 +52,18 @@ class BybitStream:
     def _request(self, op: str, topics: list[str]) -> str:
         return orjson.dumps({"op": op, "args": topics, "req_id": str(next(self._req_ids))}).decode()
 
-    async def on_open(
-        self, ws: trio_websocket.WebSocketConnection, venue_symbols: list[str]
-    ) -> None:
+    async def on_open(self, ws: WsConnection, venue_symbols: list[str]) -> None:
         topics = [self.topic(s) for s in venue_symbols]
         step = rules.MAX_TOPICS_PER_SUBSCRIBE
         for i in range(0, len(topics), step):
             await ws.send_message(self._request("subscribe", topics[i : i + step]))
 
-    async def resubscribe(self, ws: trio_websocket.WebSocketConnection, venue_symbol: str) -> None:
+    async def resubscribe(self, ws: WsConnection, venue_symbol: str) -> None:
         topic = [self.topic(venue_symbol)]
         await ws.send_message(self._request("unsubscribe", topic))
         await ws.send_message(self._request("subscribe", topic))
 
-    async def keepalive(self, ws: trio_websocket.WebSocketConnection) -> None:
+    async def keepalive(self, ws: WsConnection) -> None:
         await ws.send_message(orjson.dumps({"op": "ping", "req_id": "ping"}).decode())
 
     def parse(self, raw: str | bytes, receive_ns: int) -> WsItem:

@@ -15,12 +15,12 @@ import uuid
 
 import orjson
 import trio
-import trio_websocket
 
 from cryptoflow.errors import ExchangeError, MalformedMessage
 from cryptoflow.exchanges.base import Control, SymbolMap, WsItem
 from cryptoflow.exchanges.kucoin import parse, rules
 from cryptoflow.exchanges.kucoin.rest import KucoinRest
+from cryptoflow.net.ws import WsConnection
 
 DEFAULT_WS_URL = "wss://ws-api-futures.kucoin.com/"  # informative: the bullet names it
 STREAMS_PER_CONNECTION = 100
@@ -44,9 +44,7 @@ class KucoinStream:
         self.connect_id = uuid.uuid4().hex
         return bullet.url(self.connect_id)
 
-    async def on_open(
-        self, ws: trio_websocket.WebSocketConnection, venue_symbols: list[str]
-    ) -> None:
+    async def on_open(self, ws: WsConnection, venue_symbols: list[str]) -> None:
         with trio.fail_after(WELCOME_TIMEOUT_S):
             while True:
                 raw = await ws.get_message()
@@ -75,7 +73,7 @@ class KucoinStream:
                 ).decode()
             )
 
-    async def keepalive(self, ws: trio_websocket.WebSocketConnection) -> None:
+    async def keepalive(self, ws: WsConnection) -> None:
         await ws.send_message(orjson.dumps({"id": str(next(self._ids)), "type": "ping"}).decode())
 
     def parse(self, raw: str | bytes, receive_ns: int) -> WsItem:

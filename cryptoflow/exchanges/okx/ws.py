@@ -15,11 +15,11 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 import orjson
-import trio_websocket
 
 from cryptoflow.exchanges.base import SymbolMap, WsItem
 from cryptoflow.exchanges.bybit.ws import ws_url_with_path
 from cryptoflow.exchanges.okx import parse, rules
+from cryptoflow.net.ws import WsConnection
 
 DEFAULT_WS_URL = rules.WS_URL
 WS_PATH = urlsplit(rules.WS_URL).path  # /ws/v5/public
@@ -48,9 +48,7 @@ class OkxStream:
         args = [{"channel": self.channel, "instId": i} for i in inst_ids]
         return orjson.dumps({"op": op, "args": args}).decode()
 
-    async def on_open(
-        self, ws: trio_websocket.WebSocketConnection, venue_symbols: list[str]
-    ) -> None:
+    async def on_open(self, ws: WsConnection, venue_symbols: list[str]) -> None:
         for inst_id in venue_symbols:  # a new connection restarts every legacy chain
             self.legacy.last.pop(inst_id, None)
         for i in range(0, len(venue_symbols), ARGS_PER_SUBSCRIBE):
@@ -58,11 +56,11 @@ class OkxStream:
                 self._request("subscribe", venue_symbols[i : i + ARGS_PER_SUBSCRIBE])
             )
 
-    async def resubscribe(self, ws: trio_websocket.WebSocketConnection, venue_symbol: str) -> None:
+    async def resubscribe(self, ws: WsConnection, venue_symbol: str) -> None:
         await ws.send_message(self._request("unsubscribe", [venue_symbol]))
         await ws.send_message(self._request("subscribe", [venue_symbol]))
 
-    async def keepalive(self, ws: trio_websocket.WebSocketConnection) -> None:
+    async def keepalive(self, ws: WsConnection) -> None:
         await ws.send_message("ping")
 
     def parse(self, raw: str | bytes, receive_ns: int) -> WsItem:
