@@ -123,6 +123,10 @@ class BufferSection:
     gap_flush_interval: float = 1.0
     max_rows: int = 500_000  # flush a buffer early past this many rows
     max_bytes: int = 64 * 1024**2  # ...or past about this much memory
+    #: all buffers together: past this every buffer is flushed and, while that flush
+    #: runs (or the spool refuses it), the writer stops reading (back-pressure). The full
+    #: symbol table holds ~120 MB of snapshot rows at a 60 s snapshot flush interval.
+    max_total_bytes: int = 256 * 1024**2
 
 
 @attrs.frozen

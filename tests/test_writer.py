@@ -240,3 +240,59 @@ async def test_shutdown_deadline_keeps_spool(tmp_path, clock, frame_builder):
     res = await drain_spool(spool, store)  # next start / `cryptoflow spool flush`
     assert (res.uploaded, res.remaining) == (1, 0)
     assert stored(out).height == 10
+
+
+async def test_memory_cap_counts_frame_bytes_so_a_minute_of_rows_is_no_forced_flush(
+    tmp_path, clock, frame_builder
+):
+    """Rows compacted into frames are counted at their Arrow size: 12,000 rows (past the
+    old row cap of 2 x max_rows, each buffer under max_rows) stay buffered until their
+    interval, the input never pauses, and the gauge returns to zero once spooled."""
+    _out, store, spool, cfg = setup(tmp_path, interval=100.0, max_rows=5000)
+    send, recv = trio.open_memory_channel(1)
+    async with trio.open_nursery() as nursery:
+        writer = await nursery.start(
+            lambda task_status: run_writer(
+                recv,
+                store,
+                spool,
+                cfg,
+                limiter=trio.CapacityLimiter(2),
+                frame_builder=frame_builder,
+                task_status=task_status,
+            )
+        )
+        for i in range(20):
+            for sym in ("AUSDT", "BUSDT", "CUSDT"):
+                await send.send(delta_batch(1 + 200 * i, 200, T0, symbol=sym))
+        await trio.sleep(50.0)
+        assert writer.stats.flushes == 0 and not writer.stats.backpressure
+        assert writer.stats.buffered_rows == 12_000
+        assert 0 < writer.stats.buffered_bytes < 12_000 * 10 * 40  # frames, not lists
+        await send.aclose()
+    assert writer.stats.rows_spooled["deltas"] == 12_000
+    assert writer.stats.buffered_rows == 0 and writer.stats.buffered_bytes == 0
+
+
+async def test_memory_cap_in_bytes_flushes_everything_early(tmp_path, clock, frame_builder):
+    _out, store, spool, cfg = setup(tmp_path, interval=100.0, max_total_bytes=50_000)
+    send, recv = trio.open_memory_channel(1)
+    async with trio.open_nursery() as nursery:
+        writer = await nursery.start(
+            lambda task_status: run_writer(
+                recv,
+                store,
+                spool,
+                cfg,
+                limiter=trio.CapacityLimiter(2),
+                frame_builder=frame_builder,
+                task_status=task_status,
+            )
+        )
+        for i in range(10):
+            await send.send(delta_batch(1 + 200 * i, 200, T0))
+        await eventually(lambda: writer.stats.flushes > 0)
+        assert trio.current_time() < 100.0  # the cap, not the interval
+        assert writer.stats.max_buffered_bytes_seen < 2 * 50_000
+        await send.aclose()
+    assert writer.stats.rows_spooled["deltas"] == 2000

@@ -48,7 +48,7 @@ Writer and spool (one per process):
   `cryptoflow_spool_full_events_total`, `cryptoflow_files_spooled_total`,
   `cryptoflow_bytes_spooled_total`, `cryptoflow_files_uploaded_total`,
   `cryptoflow_bytes_uploaded_total`, `cryptoflow_upload_failures_total`
-- `cryptoflow_buffered_rows`, `cryptoflow_writer_backpressure` (0/1),
+- `cryptoflow_buffered_rows`, `cryptoflow_buffered_bytes`, `cryptoflow_writer_backpressure` (0/1),
   `cryptoflow_spool_files`, `cryptoflow_spool_bytes`, `cryptoflow_spool_max_bytes`
   (the latter when the spool is known)
 - `cryptoflow_upload_seconds` and `cryptoflow_flush_seconds` (summaries: `_sum`, `_count`)
@@ -434,6 +434,7 @@ class RunCollector(Collector):
                 yield fam
             for attr, doc in (
                 ("buffered_rows", "Rows buffered in memory, not yet spooled"),
+                ("buffered_bytes", "Estimated memory of the writer's buffers (the cap counts it)"),
                 ("spool_files", "Files waiting in the spool"),
                 ("spool_bytes", "Bytes waiting in the spool"),
             ):

@@ -6,14 +6,15 @@ Flow per buffer key (dataset, exchange, market, symbol):
   (`snapshot_flush_interval`, `delta_flush_interval`, `gap_flush_interval`; delta and gap
   intervals are capped by `storage.spool.max_age`, the durability bound), or when it
   reaches `max_rows` / about `max_bytes` of memory, or when all buffers together reach
-  `max_buffered_rows` (memory cap).
+  `max_total_bytes` of memory (the memory cap; compacted frames are counted at their
+  Arrow size, rows still in lists at `CELL_BYTES` a cell).
 - Flush (one thread call behind the CapacityLimiter): build the typed frame, split by
   event-time hour, encode zstd Parquet, `spool.write` (fsync + atomic rename). The spool
   entries are then picked up by uploader tasks that call `store.put_file` and delete the
   spool file only after a verified success. Failed uploads retry with capped exponential
   back-off + jitter while collection continues (the spool grows on disk, not in RAM).
 - Spool full (or the spool disk failing): the flush is refused, the rows stay buffered and
-  the flush is retried with back-off. Once the buffered rows reach `max_buffered_rows`
+  the flush is retried with back-off. Once the buffers reach the memory cap
   the writer stops reading its input channel, so the bounded channel fills and the
   producers are back-pressured. Rows are never dropped silently.
 - End of stream (input channel closed) or cancellation: within `shutdown_timeout` (a
@@ -108,6 +109,8 @@ class WriterStats:
     # gauges
     buffered_rows: int = 0
     max_buffered_rows_seen: int = 0
+    buffered_bytes: int = 0  # estimated memory of the buffers (the cap counts this)
+    max_buffered_bytes_seen: int = 0
     spool_files: int = 0
     spool_bytes: int = 0
     backpressure: bool = False  # True while the writer refuses to read its input
@@ -128,17 +131,24 @@ class _Buffer:
     frames: list[pl.DataFrame] = attrs.field(factory=list)
     rows: int = 0
     list_rows: int = 0  # rows still in `columns`
+    frame_bytes: int = 0  # Arrow size of `frames`
+    counted_bytes: int = 0  # what the writer's memory gauge holds for this buffer
     retry_at: float = float("-inf")
     failures: int = 0
 
     def compact(self, builder: FrameBuilder) -> None:
         if self.list_rows:
             dataset, exchange, market, symbol = self.key
-            self.frames.append(
-                builder(dataset, exchange, market, symbol, self.columns, self.multiplier)
-            )
+            frame = builder(dataset, exchange, market, symbol, self.columns, self.multiplier)
+            self.frames.append(frame)
+            self.frame_bytes += frame.estimated_size()
             self.columns = {}
             self.list_rows = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Estimated memory: frames at their Arrow size, list rows at CELL_BYTES a cell."""
+        return self.frame_bytes + self.list_rows * max(1, len(self.columns)) * CELL_BYTES
 
     def frame(self, builder: FrameBuilder) -> pl.DataFrame:
         self.compact(builder)
@@ -251,7 +261,12 @@ class Writer:
         self.limiter = limiter
         self.frame_builder = frame_builder
         self.upload_concurrency = max(1, upload_concurrency)
-        self.max_buffered_rows = max_buffered_rows or 2 * max(1, buffer_cfg.max_rows)
+        #: the memory cap (all buffers together); `max_buffered_rows` adds a row cap
+        #: (tests), None = none. Rows were the only cap once: at the full symbol table a
+        #: minute of snapshot rows (~1.5 M, ~120 MB as frames) passed 2 x max_rows and
+        #: made every minute a forced flush that paused the input (KuCoin overflowed).
+        self.max_buffered_bytes = buffer_cfg.max_total_bytes
+        self.max_buffered_rows = max_buffered_rows
         self.backoff = _Backoff(retry_initial, retry_max)
         self.stats = stats or WriterStats()
         #: cap on the age of buffered delta/gap rows (storage.spool.max_age): loss bound
@@ -282,10 +297,18 @@ class Writer:
             interval = self.cfg.gap_flush_interval
         return min(interval, self.max_age) if self.max_age else interval
 
-    def _set_buffered(self, delta: int) -> None:
+    def _set_buffered(self, rows: int, nbytes: int) -> None:
         s = self.stats
-        s.buffered_rows += delta
+        s.buffered_rows += rows
         s.max_buffered_rows_seen = max(s.max_buffered_rows_seen, s.buffered_rows)
+        s.buffered_bytes += nbytes
+        s.max_buffered_bytes_seen = max(s.max_buffered_bytes_seen, s.buffered_bytes)
+
+    def _over_cap(self) -> bool:
+        s = self.stats
+        if s.buffered_bytes >= self.max_buffered_bytes:
+            return True
+        return self.max_buffered_rows is not None and s.buffered_rows >= self.max_buffered_rows
 
     def _append(self, batch: RowBatch) -> None:
         if batch.rows <= 0:
@@ -300,12 +323,15 @@ class Writer:
             buf = _Buffer(key, batch.multiplier, trio.current_time())
             self._buffers[key] = buf
             self._wake_flusher()  # a new buffer: the next deadline may be earlier
+        before = buf.nbytes
         buf.append(batch)
         if buf.list_rows >= COMPACT_ROWS:
             buf.compact(self.frame_builder)
         self.stats.rows_received[key[0].value] += batch.rows
         self.stats.rows_by_symbol[(key[0].value, key[1], key[3])] += batch.rows
-        self._set_buffered(batch.rows)
+        grown = buf.nbytes - before
+        buf.counted_bytes += grown
+        self._set_buffered(batch.rows, grown)
         if self._due(buf, trio.current_time(), force=False):
             self._wake_flusher()
 
@@ -314,7 +340,7 @@ class Writer:
             return False
         if force or buf.rows >= self.cfg.max_rows:
             return True
-        if buf.rows * max(1, len(buf.columns)) * CELL_BYTES >= self.cfg.max_bytes:
+        if buf.nbytes >= self.cfg.max_bytes:
             return True
         return now >= buf.opened_at + self._interval(buf.key[0])
 
@@ -352,7 +378,7 @@ class Writer:
             )
             self._rotated.append(buf)
             return False
-        self._set_buffered(-buf.rows)
+        self._set_buffered(-buf.rows, -buf.counted_bytes)
         s = self.stats
         s.flushes += 1
         now = trio.current_time()
@@ -436,16 +462,16 @@ class Writer:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._flush_loop)
             while True:
-                while self.stats.buffered_rows >= self.max_buffered_rows:
+                while self._over_cap():
                     # memory cap: flush everything now; if the spool refuses, stop reading
                     self._press = True
                     self._wake_flusher()
                     if not self.stats.backpressure and self._rotated:
                         log.error(
-                            "writer: %d rows buffered (cap %d) and the spool refuses them: "
-                            "input paused (back-pressure) until the spool drains",
+                            "writer: %d rows (~%d MiB) buffered, at the memory cap, and the "
+                            "spool refuses them: input paused (back-pressure) until it drains",
                             self.stats.buffered_rows,
-                            self.max_buffered_rows,
+                            self.stats.buffered_bytes // 2**20,
                         )
                     self.stats.backpressure = True
                     await self._room.wait()
