@@ -12,22 +12,21 @@ Starts, as separate processes (only 127.0.0.x is ever contacted):
 Every second it samples both processes' CPU time (utime + stime, all threads) and RSS
 from /proc/<pid>/stat and /proc/<pid>/status, and at the end reports for each: average
 CPU % of one core, max RSS, and the RSS trend (least-squares slope after a warm-up, MB
-per minute). Latency "exchange event time -> on disk" is measured per Parquet file the
-collector wrote (local store, after the spool): file mtime minus the newest and the
-oldest event time in the file, both taken from the deterministic file name
-(`<SYM>-<first id>-<last id>-<first ts ms>-<last ts ms>-<hash>.parquet`).
+per minute). Latency "exchange event time -> on disk" is the collector's own per-row
+histogram of delta rows (event time -> fsynced in the spool; `cryptoflow_spool_delay_
+seconds`), read from its final log line: bucket upper bounds, so p99 <= the figure.
+The collector runs the shipped upload batching (60 s), so an object's mtime says nothing
+about when its rows were made durable.
 
     /work/venv/bin/python scripts/soak.py --duration 600      # the issue's 10-minute run
     /work/venv/bin/python scripts/soak.py --duration 3600     # optional 1-hour soak
 
-Latency is reported per dataset (snapshot files are flushed every
-`snapshot_flush_interval`, 60 s, so their oldest row is ~60 s old by design) and, for
-deltas, per row too: event -> on disk (the <= 1 s p99 target), split into before the
-collector (event -> receive: simulator + socket buffers) and inside it (receive -> disk).
+Also per delta row, from the stored rows: event -> receive ("before_collector": the
+simulator and socket buffers, a part of the latency the collector does not control).
 
-Prints one final line `rows/s=… cpu_pct=… rss_mb=… rss_slope_mb_per_min=… latency_p99_s=…
-sim_cpu_pct=… delta_latency_p99_s=… cpu_s_per_1k_rows=…` (latency_p99_s: per delta file,
-its oldest row; delta_latency_p99_s: per delta row) and writes `bench-results/soak.json`.
+Prints one final line `rows/s=… cpu_pct=… rss_mb=… rss_slope_mb_per_min=… sim_cpu_pct=…
+delta_latency_p50_s=… delta_latency_p99_s=… cpu_s_per_1k_rows=…` and writes
+`bench-results/soak.json`.
 `--tree DIR` runs the collector of another source tree (before/after comparisons).
 """
 
@@ -36,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -189,10 +189,6 @@ def write_config(workdir: Path, sim: dict, table: dict, venues: list[str]) -> Pa
     cfg["storage"]["local_path"] = str(workdir / "data")
     cfg["storage"]["spool"]["path"] = str(workdir / "spool")
     cfg["storage"]["s3"]["enabled"] = False
-    # One object per spool file: the local store then moves each spool file as is, so its
-    # mtime stays the time it was spooled, which the latency figures read. With batching
-    # (upload_interval > 0) a merged file's mtime is the merge time, up to 60 s later.
-    cfg["storage"]["upload_interval"] = 0.0
     cfg["logging"]["output"] = str(workdir / "collector.log")
     if "metrics" in cfg:
         cfg["metrics"]["enabled"] = False
@@ -218,48 +214,31 @@ def write_config(workdir: Path, sim: dict, table: dict, venues: list[str]) -> Pa
     return workdir / "config.yml"
 
 
-def file_latencies(data: Path, dataset: str = "deltas") -> dict[str, list[float]]:
-    """Per file of `dataset`: (mtime - newest event) and (mtime - oldest event), s.
-
-    Snapshot files are flushed every `snapshot_flush_interval` (60 s), so their oldest row
-    is ~60 s old by design; the <= 1 s target is about deltas."""
-    newest: list[float] = []
-    oldest: list[float] = []
-    for path in (data / dataset).rglob("*.parquet"):
-        parts = path.name[: -len(".parquet")].split("-")
-        # <SYM>-<first id>-<last id>-<first ts>-<last ts>[-<hash>]; SYM may hold '-'
-        nums = [p for p in parts if p.isdigit()]
-        if len(nums) < 4:
-            continue
-        first_ts, last_ts = int(nums[2]), int(nums[3])
-        mtime = path.stat().st_mtime
-        newest.append(mtime - last_ts / 1000)
-        oldest.append(mtime - first_ts / 1000)
-    return {"newest_row": newest, "oldest_row": oldest}
-
-
-def delta_row_latencies(data: Path) -> dict[str, list[float]]:
-    """Per delta row: file mtime - event time ("event"), file mtime - receive time
-    ("in_collector"), and receive - event ("before_collector": simulator + socket), s."""
+def before_collector_latencies(data: Path) -> list[float]:
+    """Per stored delta row: receive time - event time, s (simulator + socket buffers)."""
     import polars as pl
 
-    frames = []
-    for path in (data / "deltas").rglob("*.parquet"):
-        frames.append(
-            pl.read_parquet(path, columns=["timestamp", "receive_time"]).with_columns(
-                mtime=pl.lit(path.stat().st_mtime)
-            )
-        )
-    if not frames:
-        return {"event": [], "in_collector": [], "before_collector": []}
-    d = pl.concat(frames)
+    files = list((data / "deltas").rglob("*.parquet"))
+    if not files:
+        return []
+    d = pl.scan_parquet(files).select("timestamp", "receive_time").collect()
     ev = d["timestamp"].dt.epoch("ms") / 1e3
     rc = d["receive_time"].dt.epoch("us") / 1e6
-    return {
-        "event": (d["mtime"] - ev).to_list(),
-        "in_collector": (d["mtime"] - rc).to_list(),
-        "before_collector": (rc - ev).to_list(),
-    }
+    return (rc - ev).to_list()
+
+
+SPOOL_DELAY_RE = re.compile(
+    r"delta rows event -> spooled: p50 <= ([0-9.inf]+)s, p99 <= ([0-9.inf]+)s \((\d+) rows\)"
+)
+
+
+def spool_delay(log_path: Path) -> dict:
+    """The collector's event -> spooled histogram summary (its final writer log line)."""
+    for line in reversed(log_path.read_text().splitlines()):
+        m = SPOOL_DELAY_RE.search(line)
+        if m:
+            return {"p50_le": float(m[1]), "p99_le": float(m[2]), "rows": int(m[3])}
+    return {}
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -373,7 +352,6 @@ def main(argv: list[str] | None = None) -> int:
             sim_proc.kill()
     # the collector's own cost while collecting: drop start-up (imports, first snapshots)
     steady = [s for s in coll_samples if s[0] >= args.warmup] or coll_samples
-    lat = {ds: file_latencies(workdir / "data", ds) for ds in ("deltas", "snapshots")}
     rows = {}
     try:
         import polars as pl
@@ -385,10 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         rows["error"] = str(exc)
     elapsed = coll_samples[-1][0] - coll_samples[0][0] if coll_samples else 0.0
     try:
-        row_lat = delta_row_latencies(workdir / "data")
+        before = before_collector_latencies(workdir / "data")
     except Exception as exc:  # reporting only
         print(f"delta row latencies: {exc}", file=sys.stderr)
-        row_lat = {}
+        before = []
     result = {
         "benchmark": "soak",
         "duration_s": args.duration,
@@ -405,18 +383,16 @@ def main(argv: list[str] | None = None) -> int:
         "rows_per_s": sum(v for v in rows.values() if isinstance(v, int)) / elapsed
         if elapsed
         else None,
-        # per dataset, per file: mtime minus the newest / oldest event time in the file
-        "latency_s": {
-            ds: {
-                k: {"p50": pct(v, 0.5), "p99": pct(v, 0.99), "max": pct(v, 1.0), "files": len(v)}
-                for k, v in by_ds.items()
-            }
-            for ds, by_ds in lat.items()
-        },
-        # per delta row (not per file): what the <= 1 s p99 target is about
-        "delta_row_latency_s": {
-            k: {"p50": pct(v, 0.5), "p99": pct(v, 0.99), "max": pct(v, 1.0), "rows": len(v)}
-            for k, v in row_lat.items()
+        # per delta row: event -> fsynced in the spool (the collector's histogram; bucket
+        # upper bounds) and event -> received (stored receive_time)
+        "delta_latency_s": {
+            "event_to_spooled": spool_delay(workdir / "collector.log"),
+            "before_collector": {
+                "p50": pct(before, 0.5),
+                "p99": pct(before, 0.99),
+                "max": pct(before, 1.0),
+                "rows": len(before),
+            },
         },
         "workdir": str(workdir),
         "cpus": os.cpu_count(),
@@ -432,18 +408,17 @@ def main(argv: list[str] | None = None) -> int:
     result["collector_cpu_s_per_1k_rows"] = 1000 * cpu_all / total_rows if total_rows else None
     result["tree"] = str(args.tree)
     args.out.write_text(json.dumps(result, indent=2))
-    dl = result["latency_s"]["deltas"]
-    drow = result["delta_row_latency_s"].get("event", {})
-    keys = ("venues", "venues_skipped", "rows", "latency_s", "delta_row_latency_s")
+    spooled = result["delta_latency_s"]["event_to_spooled"]
+    keys = ("venues", "venues_skipped", "rows", "delta_latency_s")
     print(json.dumps({k: result[k] for k in keys}))
     print(f"simulator: {json.dumps(result['simulator'])}")
     print(
         f"rows/s={result['rows_per_s'] or 0:.0f} cpu_pct={c.get('cpu_pct_avg', 0):.1f} "
         f"rss_mb={c.get('rss_mb_max', 0):.0f} "
         f"rss_slope_mb_per_min={c.get('rss_slope_mb_per_min', 0):.2f} "
-        f"latency_p99_s={dl['oldest_row']['p99'] or 0:.2f} "
         f"sim_cpu_pct={result['simulator'].get('cpu_pct_avg', 0):.1f} "
-        f"delta_latency_p99_s={drow.get('p99') or 0:.2f} "
+        f"delta_latency_p50_s={spooled.get('p50_le', float('nan')):g} "
+        f"delta_latency_p99_s={spooled.get('p99_le', float('nan')):g} "
         f"cpu_s_per_1k_rows={result['collector_cpu_s_per_1k_rows'] or 0:.3f}"
     )
     return 0 if collector.returncode == 0 else 1

@@ -91,6 +91,7 @@ def make_result(writer: WriterStats | None = None) -> tuple[RunResult, trio.Memo
         writer.spool_files, writer.spool_bytes, writer.buffered_rows = 4, 12345, 17
         writer.upload_seconds_sum, writer.upload_seconds_count = 1.5, 3
         writer.upload_seconds_max = 0.9
+        writer.spool_delay[0], writer.spool_delay[9], writer.spool_delay[-1] = 5, 3, 1
     return RunResult(writer=writer, shards={"binance/main": shard}), send
 
 
@@ -146,6 +147,11 @@ def check_counters(data) -> None:
     assert value(data, "cryptoflow_upload_seconds_count") == 3
     assert value(data, "cryptoflow_upload_seconds_sum") == 1.5
     assert value(data, "cryptoflow_upload_seconds_max") == 0.9
+    # event -> spooled delay of delta rows: cumulative buckets
+    assert value(data, "cryptoflow_spool_delay_seconds_bucket", le="0.1") == 5
+    assert value(data, "cryptoflow_spool_delay_seconds_bucket", le="0.9") == 5
+    assert value(data, "cryptoflow_spool_delay_seconds_bucket", le="1.0") == 8
+    assert value(data, "cryptoflow_spool_delay_seconds_bucket", le="+Inf") == 9
     rows = {"exchange": "binance", "symbol": "BTCUSDT"}
     assert value(data, "cryptoflow_symbol_rows_total", **rows, dataset="deltas") == 8
     assert value(data, "cryptoflow_symbol_rows_total", **rows, dataset="snapshots") == 4

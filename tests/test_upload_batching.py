@@ -93,7 +93,8 @@ async def test_one_symbol_hour_becomes_one_object(tmp_path, frame_builder):
     assert df.height == 100
     assert df["last_update_id"].to_list() == list(range(1, 101))  # sorted, exactly once
     assert w.stats.rows_uploaded["deltas"] == 100
-    assert w.stats.files_spooled >= 5 and w.stats.merges == 1
+    # deltas are journaled: the journals of that hour are split into one file
+    assert w.stats.files_spooled >= 5 and w.stats.splits == 1
     assert w.stats.files_merged == w.stats.files_spooled
     assert len(objects(out)) == 1 and len(counting.keys) == 1
     assert spool.files == 0
@@ -112,7 +113,7 @@ async def test_final_drain_merges_everything_regardless_of_age(tmp_path, frame_b
     w = _writer(counting, spool, cfg, frame_builder, interval=3600.0)
     await _feed(w, [delta_batch(1 + 10 * i, 10, T0 + 1000 * i) for i in range(8)], gap=0.08)
     assert len(counting.keys) == 1
-    assert w.stats.merges == 1 and w.stats.files_merged >= 2
+    assert w.stats.splits == 1 and w.stats.files_merged >= 2
     df = stored(out)
     assert df["last_update_id"].to_list() == list(range(1, 81))
     assert spool.files == 0
@@ -333,8 +334,8 @@ def test_upload_failure_keeps_merged_file(tmp_path, frame_builder):
 
 @pytest.mark.slow
 def test_sigkill_with_batching_then_restart_exactly_once(tmp_path, s3_bucket):
-    """upload_interval 60: a SIGKILLed collector leaves ~5 s of one-second spool files
-    (nothing was due); the next start merges and uploads them, no duplicates, bounded
+    """upload_interval 60: a SIGKILLed collector leaves ~5 s of one-second journals
+    (nothing was due); the next start splits and uploads them, no duplicates, bounded
     loss, few objects, empty spool."""
     import signal
     import time
@@ -369,7 +370,7 @@ def test_sigkill_with_batching_then_restart_exactly_once(tmp_path, s3_bucket):
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(10)
         leftover = spool_files(spool_dir)
-        assert len(leftover) >= 6  # one-second files waiting for their upload
+        assert len(leftover) >= 3  # one-second journals waiting for their split + upload
         assert not s3_bucket.keys("cf/deltas/")  # nothing was due yet
         second = Collector(cfg, tmp_path / "c2.log", env=env, duration=4)
         assert second.wait(40) == 0, second.text()

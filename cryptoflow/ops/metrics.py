@@ -51,6 +51,8 @@ Writer and spool (one per process):
 - `cryptoflow_buffered_rows`, `cryptoflow_buffered_bytes`, `cryptoflow_writer_backpressure` (0/1),
   `cryptoflow_spool_files`, `cryptoflow_spool_bytes`, `cryptoflow_spool_max_bytes`
   (the latter when the spool is known)
+- `cryptoflow_spool_delay_seconds` (histogram, buckets only): delta rows by event time
+  -> on disk in the spool
 - `cryptoflow_upload_seconds` and `cryptoflow_flush_seconds` (summaries: `_sum`, `_count`)
   plus `cryptoflow_upload_seconds_max` / `cryptoflow_flush_seconds_max`, when WriterStats
   has `upload_seconds_sum/_count/_max` and `flush_seconds_sum/_count/_max`
@@ -72,9 +74,12 @@ from prometheus_client.core import (
     CollectorRegistry,
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
+
+from cryptoflow.pipeline.writer import DELAY_EDGES_S
 
 LANES = ("deltas", "snapshots")
 DATASETS = ("snapshots", "deltas", "gaps")
@@ -456,6 +461,21 @@ class RunCollector(Collector):
                     fam = _gauge(f"cryptoflow_{what}_seconds_max", f"Longest {what} so far")
                     fam.add_metric([], float(mx))
                     yield fam
+            delay = getattr(ws, "spool_delay", None)
+            if delay:
+                hist = HistogramMetricFamily(
+                    "cryptoflow_spool_delay_seconds",
+                    "Delta rows by event time -> on disk in the spool (the durability lag)",
+                    labels=[],
+                )
+                cumulative, buckets = 0, []
+                for edge, n in zip([*DELAY_EDGES_S, float("inf")], delay, strict=True):
+                    cumulative += n
+                    buckets.append(
+                        ("+Inf" if edge == float("inf") else str(float(edge)), cumulative)
+                    )
+                hist.add_metric([], buckets, None)
+                yield hist
         elif spool is not None:  # before the writer reports: the spool itself
             for attr in ("files", "bytes"):
                 fam = _gauge(f"cryptoflow_spool_{attr}", f"{attr.capitalize()} in the spool")

@@ -24,7 +24,9 @@ def encode(frame: pl.DataFrame, metadata: dict[str, str] | None = None) -> bytes
     """One complete Parquet file as bytes (optional key-value metadata in the footer)."""
     buf = io.BytesIO()
     kwargs = {"metadata": metadata} if metadata else {}
-    frame.write_parquet(
+    # one chunk per column: the bytes (hence the content-hash name) must depend on the
+    # rows only, not on how the frame was assembled (polars writes chunks as pages)
+    frame.rechunk().write_parquet(
         buf,
         compression=COMPRESSION,
         compression_level=COMPRESSION_LEVEL,

@@ -1,0 +1,170 @@
+"""Journals: one spool file per flush round for the deltas of every symbol, split into
+per-partition files before upload, and a split a crash interrupted completed on start."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+import trio
+from test_writer import T0, delta_batch
+
+from cryptoflow.config_schema import BufferSection
+from cryptoflow.models import Dataset
+from cryptoflow.pipeline.normalize import frame_from_columns
+from cryptoflow.pipeline.writer import (
+    DELAY_EDGES_S,
+    Writer,
+    delay_histogram,
+    delay_quantile,
+    drain_spool,
+)
+from cryptoflow.storage import layout, parquet
+from cryptoflow.storage.local import LocalStore
+from cryptoflow.storage.spool import Spool, is_journal, merged_sources
+
+HOUR = 3_600_000
+
+
+def journal_frame(first_id: int, ts: int, symbols: tuple[str, ...]) -> pl.DataFrame:
+    """10 delta rows per symbol at `ts`, as the writer's typed frames."""
+    frames = [
+        frame_from_columns(
+            Dataset.DELTAS, "binance", "futures", sym, delta_batch(first_id, 10, ts, sym).columns
+        )
+        for sym in symbols
+    ]
+    return pl.concat(frames)
+
+
+def three_journals(spool: Spool) -> list:
+    syms = ("BTCUSDT", "ETHUSDT", "SOLUSDT")
+    # the third round crosses into the next hour: BTC/ETH/SOL x (10:59:58, 10:59:59, 11:00:00)
+    return [
+        spool.write_journal(
+            Dataset.DELTAS, journal_frame(1 + 10 * i, T0 + HOUR - 2000 + 1000 * i, syms)
+        )
+        for i in range(3)
+    ]
+
+
+def rows_of(spool: Spool) -> pl.DataFrame:
+    return pl.concat([parquet.decode(e.path.read_bytes()) for e in spool.pending()])
+
+
+def test_split_gives_one_file_per_partition_hour_and_deletes_the_journals(tmp_path):
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    journals = three_journals(spool)
+    assert all(is_journal(j.key) for j in journals) and spool.files == 3
+    before = rows_of(spool)
+    outputs = spool.split(journals)
+    assert spool.files == len(outputs) == 6  # 3 symbols x 2 hours
+    parts = {(layout.parse_key(o.key).symbol, layout.parse_key(o.key).hour.hour) for o in outputs}
+    assert parts == {(s, h) for s in ("BTCUSDT", "ETHUSDT", "SOLUSDT") for h in (10, 11)}
+    assert not any(j.path.exists() for j in journals)
+    after = rows_of(spool)
+    key = ["symbol", "last_update_id"]
+    assert after.sort(key).equals(before.sort(key))  # every row exactly once
+    for o in outputs:
+        rows = parquet.decode(o.path.read_bytes())
+        kp = layout.parse_key(o.key)
+        assert rows["symbol"].unique().to_list() == [kp.symbol]
+        assert rows["last_update_id"].is_sorted()
+        assert merged_sources(o.path) == sorted(j.key for j in journals)
+        assert kp.content_hash == layout.content_hash(o.path.read_bytes())
+    assert spool.by_dataset() == {"deltas": (6, spool.bytes)}
+
+
+@pytest.mark.parametrize("written", [1, 3, 6])
+def test_interrupted_split_is_redone_identically_on_start(tmp_path, written):
+    """A crash after `written` of the 6 outputs were durable (journals all still there):
+    the start-up scan redoes the split with the same group: same keys, rows once."""
+    root = tmp_path / "spool"
+    spool = Spool(root, max_bytes=10**9)
+    journals = three_journals(spool)
+    before = rows_of(spool)
+    reference = Spool(tmp_path / "ref", max_bytes=10**9)
+    for j in journals:  # the same journals in a second spool: what a clean split gives
+        reference.write(j.key, j.path.read_bytes())
+    expected = sorted(o.key for o in reference.split(reference.pending()))
+    outputs = spool._split_files(sorted(j.key for j in journals))
+    for o in outputs[written:]:  # never written: the crash came first
+        o.path.unlink()
+
+    restarted = Spool(root, max_bytes=10**9)
+    restarted.scan()
+    assert sorted(e.key for e in restarted.pending()) == expected
+    assert not any(j.path.exists() for j in journals)
+    key = ["symbol", "last_update_id"]
+    assert rows_of(restarted).sort(key).equals(before.sort(key))
+
+
+def test_split_interrupted_while_deleting_journals_finishes_the_deletion(tmp_path):
+    root = tmp_path / "spool"
+    spool = Spool(root, max_bytes=10**9)
+    journals = three_journals(spool)
+    before = rows_of(spool)
+    spool._split_files(sorted(j.key for j in journals))
+    journals[0].path.unlink()  # the crash came after the first journal was deleted
+    restarted = Spool(root, max_bytes=10**9)
+    restarted.scan()
+    assert not any(is_journal(e.key) for e in restarted.pending())
+    key = ["symbol", "last_update_id"]
+    assert rows_of(restarted).sort(key).equals(before.sort(key))
+
+
+def test_delay_histogram_counts_rows_per_bucket():
+    frame = journal_frame(1, T0, ("BTCUSDT",)).with_columns(
+        timestamp=pl.Series([T0 - 50, T0 - 950, T0 - 1100, T0 - 60_000] + [T0] * 6).cast(
+            pl.Datetime("ms", "UTC")
+        )
+    )
+    counts = delay_histogram(frame, T0 / 1000)
+    assert len(counts) == len(DELAY_EDGES_S) + 1 and sum(counts) == 10
+    assert counts[0] == 7  # 0 and 0.05 s: <= 0.1
+    assert counts[DELAY_EDGES_S.index(1.0)] == 1  # 0.95 s
+    assert counts[DELAY_EDGES_S.index(1.25)] == 1  # 1.1 s
+    assert counts[-1] == 1  # 60 s: above the last edge
+    assert delay_quantile(counts, 0.5) == 0.1 and delay_quantile(counts, 0.8) == 1.0
+    assert delay_quantile(counts, 0.99) == float("inf")
+
+
+async def test_writer_spools_one_journal_per_round_and_uploads_per_symbol(tmp_path):
+    out = tmp_path / "out"
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    w = Writer(
+        LocalStore(out),
+        spool,
+        BufferSection(delta_flush_interval=0.2),
+        limiter=trio.CapacityLimiter(2),
+        upload_interval=3600.0,
+    )
+    send, recv = trio.open_memory_channel(100)
+    syms = [f"S{i}USDT" for i in range(20)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(w.run, recv)
+        for sym in syms:  # one round: 20 symbols due together
+            await send.send(delta_batch(1, 5, T0, sym))
+        with trio.fail_after(10):
+            while w.stats.rows_spooled["deltas"] < 100:
+                await trio.sleep(0.01)
+        assert w.stats.files_spooled == 1 and spool.files == 1
+        assert is_journal(spool.pending()[0].key)
+        assert sum(w.stats.spool_delay) == 100
+        await send.aclose()
+    objects = sorted(out.rglob("*.parquet"))
+    assert len(objects) == 20 and w.stats.splits == 1
+    assert {layout.parse_key(p.relative_to(out).as_posix()).symbol for p in objects} == set(syms)
+    assert spool.files == 0 and w.stats.rows_uploaded["deltas"] == 100
+
+
+async def test_spool_flush_splits_journals_left_by_a_run(tmp_path):
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    three_journals(spool)
+    result = await drain_spool(spool, LocalStore(tmp_path / "out"))
+    assert result.uploaded == 6 and result.remaining == 0
+    got = pl.concat([pl.read_parquet(p) for p in (tmp_path / "out").rglob("*.parquet")])
+    assert got.height == 90
+    meta = parquet.read_metadata(next((tmp_path / "out").rglob("*.parquet")))
+    assert len(json.loads(meta[parquet.MERGED_FROM])) == 3
