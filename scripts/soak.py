@@ -25,7 +25,8 @@ Also per delta row, from the stored rows: event -> receive ("before_collector": 
 simulator and socket buffers, a part of the latency the collector does not control).
 
 Prints one final line `rows/s=… cpu_pct=… rss_mb=… rss_slope_mb_per_min=… sim_cpu_pct=…
-delta_latency_p50_s=… delta_latency_p99_s=… cpu_s_per_1k_rows=…` and writes
+delta_latency_p50_s=… delta_latency_p99_s=… in_collector_p99_s=… cpu_s_per_1k_rows=…`
+(in_collector: receive -> spooled, the collector's share) and writes
 `bench-results/soak.json`.
 `--tree DIR` runs the collector of another source tree (before/after comparisons).
 """
@@ -228,7 +229,8 @@ def before_collector_latencies(data: Path) -> list[float]:
 
 
 SPOOL_DELAY_RE = re.compile(
-    r"delta rows event -> spooled: p50 <= ([0-9.inf]+)s, p99 <= ([0-9.inf]+)s \((\d+) rows\)"
+    r"delta rows event -> spooled: p50 <= ([0-9.inf]+)s, p99 <= ([0-9.inf]+)s \((\d+) rows\); "
+    r"receive -> spooled: p50 <= ([0-9.inf]+)s, p99 <= ([0-9.inf]+)s"
 )
 
 
@@ -237,7 +239,13 @@ def spool_delay(log_path: Path) -> dict:
     for line in reversed(log_path.read_text().splitlines()):
         m = SPOOL_DELAY_RE.search(line)
         if m:
-            return {"p50_le": float(m[1]), "p99_le": float(m[2]), "rows": int(m[3])}
+            return {
+                "p50_le": float(m[1]),
+                "p99_le": float(m[2]),
+                "rows": int(m[3]),
+                "from_receive_p50_le": float(m[4]),
+                "from_receive_p99_le": float(m[5]),
+            }
     return {}
 
 
@@ -419,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         f"sim_cpu_pct={result['simulator'].get('cpu_pct_avg', 0):.1f} "
         f"delta_latency_p50_s={spooled.get('p50_le', float('nan')):g} "
         f"delta_latency_p99_s={spooled.get('p99_le', float('nan')):g} "
+        f"in_collector_p99_s={spooled.get('from_receive_p99_le', float('nan')):g} "
         f"cpu_s_per_1k_rows={result['collector_cpu_s_per_1k_rows'] or 0:.3f}"
     )
     return 0 if collector.returncode == 0 else 1

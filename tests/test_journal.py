@@ -151,7 +151,7 @@ async def test_writer_spools_one_journal_per_round_and_uploads_per_symbol(tmp_pa
                 await trio.sleep(0.01)
         assert w.stats.files_spooled == 1 and spool.files == 1
         assert is_journal(spool.pending()[0].key)
-        assert sum(w.stats.spool_delay) == 100
+        assert sum(w.stats.spool_delay) == sum(w.stats.spool_delay_from_receive) == 100
         await send.aclose()
     objects = sorted(out.rglob("*.parquet"))
     assert len(objects) == 20 and w.stats.splits == 1

@@ -92,6 +92,7 @@ def make_result(writer: WriterStats | None = None) -> tuple[RunResult, trio.Memo
         writer.upload_seconds_sum, writer.upload_seconds_count = 1.5, 3
         writer.upload_seconds_max = 0.9
         writer.spool_delay[0], writer.spool_delay[9], writer.spool_delay[-1] = 5, 3, 1
+        writer.spool_delay_from_receive[0] = 9
     return RunResult(writer=writer, shards={"binance/main": shard}), send
 
 
@@ -148,10 +149,13 @@ def check_counters(data) -> None:
     assert value(data, "cryptoflow_upload_seconds_sum") == 1.5
     assert value(data, "cryptoflow_upload_seconds_max") == 0.9
     # event -> spooled delay of delta rows: cumulative buckets
-    assert value(data, "cryptoflow_spool_delay_seconds_bucket", le="0.1") == 5
-    assert value(data, "cryptoflow_spool_delay_seconds_bucket", le="0.9") == 5
-    assert value(data, "cryptoflow_spool_delay_seconds_bucket", le="1.0") == 8
-    assert value(data, "cryptoflow_spool_delay_seconds_bucket", le="+Inf") == 9
+    ev = {"since": "event"}
+    assert value(data, "cryptoflow_spool_delay_seconds_bucket", **ev, le="0.1") == 5
+    assert value(data, "cryptoflow_spool_delay_seconds_bucket", **ev, le="0.9") == 5
+    assert value(data, "cryptoflow_spool_delay_seconds_bucket", **ev, le="1.0") == 8
+    assert value(data, "cryptoflow_spool_delay_seconds_bucket", **ev, le="+Inf") == 9
+    rc = {"since": "receive"}
+    assert value(data, "cryptoflow_spool_delay_seconds_bucket", **rc, le="0.1") == 9
     rows = {"exchange": "binance", "symbol": "BTCUSDT"}
     assert value(data, "cryptoflow_symbol_rows_total", **rows, dataset="deltas") == 8
     assert value(data, "cryptoflow_symbol_rows_total", **rows, dataset="snapshots") == 4

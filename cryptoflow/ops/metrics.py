@@ -51,8 +51,8 @@ Writer and spool (one per process):
 - `cryptoflow_buffered_rows`, `cryptoflow_buffered_bytes`, `cryptoflow_writer_backpressure` (0/1),
   `cryptoflow_spool_files`, `cryptoflow_spool_bytes`, `cryptoflow_spool_max_bytes`
   (the latter when the spool is known)
-- `cryptoflow_spool_delay_seconds` (histogram, buckets only): delta rows by event time
-  -> on disk in the spool
+- `cryptoflow_spool_delay_seconds{since=event|receive}` (histogram, buckets only): delta
+  rows by exchange event time / our receive time -> on disk in the spool
 - `cryptoflow_upload_seconds` and `cryptoflow_flush_seconds` (summaries: `_sum`, `_count`)
   plus `cryptoflow_upload_seconds_max` / `cryptoflow_flush_seconds_max`, when WriterStats
   has `upload_seconds_sum/_count/_max` and `flush_seconds_sum/_count/_max`
@@ -461,20 +461,24 @@ class RunCollector(Collector):
                     fam = _gauge(f"cryptoflow_{what}_seconds_max", f"Longest {what} so far")
                     fam.add_metric([], float(mx))
                     yield fam
-            delay = getattr(ws, "spool_delay", None)
-            if delay:
-                hist = HistogramMetricFamily(
-                    "cryptoflow_spool_delay_seconds",
-                    "Delta rows by event time -> on disk in the spool (the durability lag)",
-                    labels=[],
-                )
+            hist = HistogramMetricFamily(
+                "cryptoflow_spool_delay_seconds",
+                "Delta rows by time -> on disk in the spool (since: event = exchange event "
+                "time, receive = our receive time)",
+                labels=["since"],
+            )
+            for since, attr in (("event", "spool_delay"), ("receive", "spool_delay_from_receive")):
+                counts = getattr(ws, attr, None)
+                if not counts:
+                    continue
                 cumulative, buckets = 0, []
-                for edge, n in zip([*DELAY_EDGES_S, float("inf")], delay, strict=True):
+                for edge, n in zip([*DELAY_EDGES_S, float("inf")], counts, strict=True):
                     cumulative += n
                     buckets.append(
                         ("+Inf" if edge == float("inf") else str(float(edge)), cumulative)
                     )
-                hist.add_metric([], buckets, None)
+                hist.add_metric([since], buckets, None)
+            if hist.samples:
                 yield hist
         elif spool is not None:  # before the writer reports: the spool itself
             for attr in ("files", "bytes"):

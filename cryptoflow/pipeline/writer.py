@@ -121,6 +121,10 @@ class WriterStats:
     max_buffered_bytes_seen: int = 0
     #: delta rows per event -> spooled delay bucket (upper bounds DELAY_EDGES_S, then +inf)
     spool_delay: list[int] = attrs.field(factory=lambda: [0] * (len(DELAY_EDGES_S) + 1))
+    #: the same from receive time: the collector's own share of that delay
+    spool_delay_from_receive: list[int] = attrs.field(
+        factory=lambda: [0] * (len(DELAY_EDGES_S) + 1)
+    )
     splits: int = 0  # journal groups split into per-partition files
     split_failures: int = 0
     spool_files: int = 0
@@ -225,7 +229,9 @@ def _flush_many_blocking(
         for i in idxs:
             out[i] = [(entry, bufs[i].rows)]
         if dataset == Dataset.DELTAS:
-            delays[dataset.value] = delay_histogram(frame, time.time())
+            now = time.time()
+            delays["event"] = delay_histogram(frame, now)
+            delays["receive"] = delay_histogram(frame, now, "receive_time")
     return [out[i] for i in range(len(bufs))], delays
 
 
@@ -239,9 +245,9 @@ def delay_quantile(counts: list[int], q: float) -> float:
     return float("inf")
 
 
-def delay_histogram(frame: pl.DataFrame, spooled_at: float) -> list[int]:
-    """Rows per delay bucket (event time -> on disk), last bucket = above the last edge."""
-    ms = frame.get_column("timestamp").dt.epoch("ms").drop_nulls()
+def delay_histogram(frame: pl.DataFrame, spooled_at: float, column: str = "timestamp") -> list[int]:
+    """Rows per delay bucket (`column` time -> on disk), last = above the last edge."""
+    ms = frame.get_column(column).dt.epoch("ms").drop_nulls()
     delay = ((spooled_at * 1000.0 - ms) / 1000.0).sort()
     at_most = delay.search_sorted(pl.Series(DELAY_EDGES_S), side="right").to_list()
     return [b - a for a, b in zip([0, *at_most], [*at_most, len(delay)], strict=True)]
@@ -524,8 +530,9 @@ class Writer:
         counted: set[str] = set()  # a journal holds many buffers: count its file once
         for buf, result in zip(due, results, strict=True):
             self._flushed(buf, result, counted)
-        for counts in delays.values():
-            hist = self.stats.spool_delay
+        for since, counts in delays.items():
+            s = self.stats
+            hist = s.spool_delay if since == "event" else s.spool_delay_from_receive
             for i, n in enumerate(counts):
                 hist[i] += n
         self._update_spool_gauges()
@@ -841,10 +848,13 @@ class Writer:
         rows = sum(s.spool_delay)
         if rows:
             log.info(
-                "writer: delta rows event -> spooled: p50 <= %gs, p99 <= %gs (%d rows)",
+                "writer: delta rows event -> spooled: p50 <= %gs, p99 <= %gs (%d rows); "
+                "receive -> spooled: p50 <= %gs, p99 <= %gs",
                 delay_quantile(s.spool_delay, 0.5),
                 delay_quantile(s.spool_delay, 0.99),
                 rows,
+                delay_quantile(s.spool_delay_from_receive, 0.5),
+                delay_quantile(s.spool_delay_from_receive, 0.99),
             )
 
 
