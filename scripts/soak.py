@@ -173,9 +173,13 @@ def start_sim(table: dict, venues: list[str], log: Path) -> tuple[subprocess.Pop
     return proc, json.loads(line)
 
 
-def write_config(workdir: Path, sim: dict, table: dict, venues: list[str]) -> Path:
+def write_config(
+    workdir: Path, sim: dict, table: dict, venues: list[str], tree: Path = ROOT
+) -> Path:
+    """The collector's config from `tree`'s shipped one (its schema: a --tree build may
+    not know newer keys)."""
     yaml = YAML()
-    cfg = yaml.load((ROOT / "configs/config.yml").read_text())
+    cfg = yaml.load((tree / "configs/config.yml").read_text())
     cfg["cryptoflow"]["exchanges"] = venues
     cfg["reader"]["snapshot_interval"] = 10.0
     for v in VENUES:
@@ -236,6 +240,8 @@ SPOOL_DELAY_RE = re.compile(
 
 def spool_delay(log_path: Path) -> dict:
     """The collector's event -> spooled histogram summary (its final writer log line)."""
+    if not log_path.exists():  # e.g. a --tree build that logs elsewhere
+        return {}
     for line in reversed(log_path.read_text().splitlines()):
         m = SPOOL_DELAY_RE.search(line)
         if m:
@@ -301,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     venues = [v for v in wanted if v in sim.get("venues", {"binance": []})]
     skipped = [v for v in wanted if v not in venues]
-    cfg = write_config(workdir, sim, table, venues)
+    cfg = write_config(workdir, sim, table, venues, Path(args.tree))
     shards = subprocess.run(
         [str(VENV_BIN / "cryptoflow"), "shards", "list", "-c", str(cfg)],
         capture_output=True,
