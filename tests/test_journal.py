@@ -114,6 +114,24 @@ def test_split_interrupted_while_deleting_journals_finishes_the_deletion(tmp_pat
     assert rows_of(restarted).sort(key).equals(before.sort(key))
 
 
+def test_interrupted_split_with_a_corrupt_journal_keeps_the_others(tmp_path, caplog):
+    """Nothing lost: when a journal of an interrupted split is unreadable, the others
+    are neither deleted nor trusted to be done; they stay for a split of their own."""
+    root = tmp_path / "spool"
+    spool = Spool(root, max_bytes=10**9)
+    journals = three_journals(spool)
+    outputs = spool._split_files(sorted(j.key for j in journals))
+    for o in outputs[2:]:
+        o.path.unlink()  # crash after 2 of 6 outputs
+    journals[1].path.write_bytes(journals[1].path.read_bytes()[:100])  # and a torn journal
+    restarted = Spool(root, max_bytes=10**9)
+    restarted.scan()
+    kept = {e.key for e in restarted.pending() if is_journal(e.key)}
+    assert kept == {journals[0].key, journals[2].key}
+    assert restarted.quarantined() == 1
+    assert "lost a quarantined journal" in caplog.text
+
+
 def test_delay_histogram_counts_rows_per_bucket():
     frame = journal_frame(1, T0, ("BTCUSDT",)).with_columns(
         timestamp=pl.Series([T0 - 50, T0 - 950, T0 - 1100, T0 - 60_000] + [T0] * 6).cast(

@@ -242,6 +242,22 @@ async def test_shutdown_deadline_keeps_spool(tmp_path, clock, frame_builder):
     assert stored(out).height == 10
 
 
+async def start_writer(nursery, recv, store, spool, cfg, frame_builder, **kw):
+    """A writer on `recv` with two encode threads, started in `nursery`."""
+    return await nursery.start(
+        lambda task_status: run_writer(
+            recv,
+            store,
+            spool,
+            cfg,
+            limiter=trio.CapacityLimiter(2),
+            frame_builder=frame_builder,
+            task_status=task_status,
+            **kw,
+        )
+    )
+
+
 async def test_memory_cap_counts_frame_bytes_so_a_minute_of_rows_is_no_forced_flush(
     tmp_path, clock, frame_builder
 ):
@@ -251,17 +267,7 @@ async def test_memory_cap_counts_frame_bytes_so_a_minute_of_rows_is_no_forced_fl
     _out, store, spool, cfg = setup(tmp_path, interval=100.0, max_rows=5000)
     send, recv = trio.open_memory_channel(1)
     async with trio.open_nursery() as nursery:
-        writer = await nursery.start(
-            lambda task_status: run_writer(
-                recv,
-                store,
-                spool,
-                cfg,
-                limiter=trio.CapacityLimiter(2),
-                frame_builder=frame_builder,
-                task_status=task_status,
-            )
-        )
+        writer = await start_writer(nursery, recv, store, spool, cfg, frame_builder)
         for i in range(20):
             for sym in ("AUSDT", "BUSDT", "CUSDT"):
                 await send.send(delta_batch(1 + 200 * i, 200, T0, symbol=sym))
@@ -278,17 +284,7 @@ async def test_memory_cap_in_bytes_flushes_everything_early(tmp_path, clock, fra
     _out, store, spool, cfg = setup(tmp_path, interval=100.0, max_total_bytes=50_000)
     send, recv = trio.open_memory_channel(1)
     async with trio.open_nursery() as nursery:
-        writer = await nursery.start(
-            lambda task_status: run_writer(
-                recv,
-                store,
-                spool,
-                cfg,
-                limiter=trio.CapacityLimiter(2),
-                frame_builder=frame_builder,
-                task_status=task_status,
-            )
-        )
+        writer = await start_writer(nursery, recv, store, spool, cfg, frame_builder)
         for i in range(10):
             await send.send(delta_batch(1 + 200 * i, 200, T0))
         await eventually(lambda: writer.stats.flushes > 0)

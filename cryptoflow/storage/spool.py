@@ -616,6 +616,16 @@ class Spool:
         here: split again (identical files, identical keys); some gone: the deletions
         had begun, so every output was durable: delete the rest. Journals deleted."""
         present = [k for k in group if (self.root / k).exists()]
+        if any((self.quarantine_root / k).exists() for k in group):
+            # a journal of the group was unreadable: the split cannot be redone and its
+            # outputs may be partial; keep the others for a split of their own (rows that
+            # made it into the partial outputs may then appear twice, never zero times)
+            log.error(
+                "spool: an interrupted split lost a quarantined journal; %d journals kept "
+                "for a new split (some of their rows may be stored twice)",
+                len(present),
+            )
+            return 0
         log.warning(
             "spool: completing an interrupted split of %d journal files (%d left)",
             len(group),
