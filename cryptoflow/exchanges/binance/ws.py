@@ -2,7 +2,7 @@
 
 Streams are named in the URL (`/public/stream?streams=a@depth@100ms/b@depth@100ms`), so a
 reconnect re-subscribes by construction. Keepalive is the server's ping, which
-trio-websocket answers; Binance cuts connections after 24 h, so the stream runner
+our WebSocket client (`net/ws.py`) answers; Binance cuts connections after 24 h, so the stream runner
 reconnects earlier (`reader.ws_reconnect_after`).
 """
 
