@@ -1,9 +1,9 @@
 """Binance USD-M diff-depth streams: combined-stream URL per connection, no subscribe step.
 
 Streams are named in the URL (`/public/stream?streams=a@depth@100ms/b@depth@100ms`), so a
-reconnect re-subscribes by construction. Keepalive is the server's ping, which
-our WebSocket client (`net/ws.py`) answers; Binance cuts connections after 24 h, so the stream runner
-reconnects earlier (`reader.ws_reconnect_after`).
+reconnect re-subscribes by construction. Keepalive is the server's ping, which our
+WebSocket client (`net/ws.py`) answers; Binance cuts connections after 24 h, so the
+stream runner reconnects earlier (`reader.ws_reconnect_after`).
 """
 
 from __future__ import annotations
