@@ -88,7 +88,8 @@ def test_interrupted_split_is_redone_identically_on_start(tmp_path, written):
     for j in journals:  # the same journals in a second spool: what a clean split gives
         reference.write(j.key, j.path.read_bytes())
     expected = sorted(o.key for o in reference.split(reference.pending()))
-    outputs = spool._split_files(sorted(j.key for j in journals))
+    outputs: list = []
+    spool._split_files(sorted(j.key for j in journals), outputs, hold=False)
     for o in outputs[written:]:  # never written: the crash came first
         o.path.unlink()
 
@@ -105,7 +106,7 @@ def test_split_interrupted_while_deleting_journals_finishes_the_deletion(tmp_pat
     spool = Spool(root, max_bytes=10**9)
     journals = three_journals(spool)
     before = rows_of(spool)
-    spool._split_files(sorted(j.key for j in journals))
+    spool._split_files(sorted(j.key for j in journals), [], hold=False)
     journals[0].path.unlink()  # the crash came after the first journal was deleted
     restarted = Spool(root, max_bytes=10**9)
     restarted.scan()
@@ -120,7 +121,8 @@ def test_interrupted_split_with_a_corrupt_journal_keeps_the_others(tmp_path, cap
     root = tmp_path / "spool"
     spool = Spool(root, max_bytes=10**9)
     journals = three_journals(spool)
-    outputs = spool._split_files(sorted(j.key for j in journals))
+    outputs: list = []
+    spool._split_files(sorted(j.key for j in journals), outputs, hold=False)
     for o in outputs[2:]:
         o.path.unlink()  # crash after 2 of 6 outputs
     journals[1].path.write_bytes(journals[1].path.read_bytes()[:100])  # and a torn journal
@@ -130,6 +132,31 @@ def test_interrupted_split_with_a_corrupt_journal_keeps_the_others(tmp_path, cap
     assert kept == {journals[0].key, journals[2].key}
     assert restarted.quarantined() == 1
     assert "lost a quarantined journal" in caplog.text
+
+
+def test_split_outputs_are_held_until_released_and_a_failed_split_leaves_none(
+    tmp_path, monkeypatch
+):
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    journals = three_journals(spool)
+    real_encode, calls = parquet.encode, []
+
+    def failing_encode(frame, metadata=None):
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError("disk on fire")
+        return real_encode(frame, metadata)
+
+    monkeypatch.setattr(parquet, "encode", failing_encode)
+    with pytest.raises(OSError):
+        spool.split(journals, hold=True)
+    # the 3 outputs written before the failure are gone; the journals stay
+    assert sorted(e.key for e in spool.pending()) == sorted(j.key for j in journals)
+    monkeypatch.undo()
+    outputs = spool.split(journals, hold=True)
+    assert spool.pending() == [] and spool.files == 6  # written, but held
+    spool.release(o.key for o in outputs)
+    assert sorted(e.key for e in spool.pending()) == sorted(o.key for o in outputs)
 
 
 def test_delay_histogram_counts_rows_per_bucket():
@@ -175,6 +202,34 @@ async def test_writer_spools_one_journal_per_round_and_uploads_per_symbol(tmp_pa
     assert len(objects) == 20 and w.stats.splits == 1
     assert {layout.parse_key(p.relative_to(out).as_posix()).symbol for p in objects} == set(syms)
     assert spool.files == 0 and w.stats.rows_uploaded["deltas"] == 100
+
+
+async def test_no_split_output_is_uploaded_twice(tmp_path):
+    """Uploaders run while a split writes its outputs: each output is uploaded once,
+    by the worker that split (rows uploaded == rows spooled, one object per upload)."""
+    out = tmp_path / "out"
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    w = Writer(
+        LocalStore(out),
+        spool,
+        BufferSection(delta_flush_interval=0.05),
+        limiter=trio.CapacityLimiter(2),
+        upload_concurrency=4,
+        upload_interval=0.0,
+    )
+    send, recv = trio.open_memory_channel(1000)
+    syms = [f"S{i}USDT" for i in range(60)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(w.run, recv)
+        for r in range(8):
+            for sym in syms:
+                await send.send(delta_batch(1 + 5 * r, 5, T0 + 1000 * r, sym))
+            await trio.sleep(0.06)
+        await send.aclose()
+    objects = list(out.rglob("*.parquet"))
+    assert w.stats.rows_uploaded["deltas"] == w.stats.rows_spooled["deltas"] == 60 * 8 * 5
+    assert w.stats.files_uploaded == len(objects)
+    assert sum(pl.read_parquet(p).height for p in objects) == 60 * 8 * 5
 
 
 async def test_spool_flush_splits_journals_left_by_a_run(tmp_path):

@@ -40,6 +40,7 @@ Flow per buffer key (dataset, exchange, market, symbol):
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -684,7 +685,9 @@ class Writer:
         part = partition_of(group[0].key)
         self._merging.add(part)  # no other worker claims journals of this dataset meanwhile
         try:
-            outputs = await trio.to_thread.run_sync(self.spool.split, group, limiter=self.limiter)
+            outputs = await trio.to_thread.run_sync(
+                functools.partial(self.spool.split, group, hold=True), limiter=self.limiter
+            )
         except Exception as exc:
             self.stats.split_failures += 1
             log.error("writer: cannot split %d journal files of %s (%s)", len(group), part, exc)
@@ -692,7 +695,8 @@ class Writer:
         finally:
             self._merging.discard(part)
             self._wake_uploaders()
-        self._inflight.update(e.key for e in outputs)
+        self._inflight.update(e.key for e in outputs)  # this worker uploads them
+        self.spool.release(e.key for e in outputs)
         for e in group:
             self._spooled_at.pop(e.key, None)
             self._inflight.discard(e.key)

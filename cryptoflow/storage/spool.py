@@ -55,7 +55,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import attrs
@@ -280,6 +280,9 @@ class Spool:
         #: keys recently merged away: a retried flush that rewrites one (same key = same
         #: rows, names are content hashes) must not bring those rows back a second time
         self._merged_away: dict[str, None] = {}
+        #: files written by a split still running: not pending until `release`d, so no
+        #: uploader takes one before the splitting one does (or a failed split drops it)
+        self._held: set[str] = set()
         makedirs_durable(self.root)
 
     # --- accounting ----------------------------------------------------------------
@@ -441,9 +444,11 @@ class Spool:
         rows: int | None = None,
         enforce_limit: bool = True,
         merged: bool = False,
+        hold: bool = False,
     ) -> SpoolEntry:
         """Durably store one complete file under `key`. Raises SpoolFull past max_bytes
-        (unless `enforce_limit` is False: a merge, which frees its sources right after)."""
+        (unless `enforce_limit` is False: a merge, which frees its sources right after).
+        `hold`: not listed by `pending` until `release` (see `split`)."""
         with self._lock:
             existing = self._entries.get(key)
             if key in self._merged_away:
@@ -456,6 +461,8 @@ class Spool:
         st = path.stat()
         entry = SpoolEntry(key, path, st.st_size, st.st_mtime_ns, rows, merged)
         with self._lock:
+            if hold:
+                self._held.add(key)
             self._add(entry)
             used = self._bytes
         if used > self.warn_ratio * self.max_bytes:
@@ -474,9 +481,15 @@ class Spool:
         return entry
 
     def pending(self) -> list[SpoolEntry]:
-        """Files waiting, oldest first."""
+        """Files waiting, oldest first (held files of a running split excluded)."""
         with self._lock:
-            return sorted(self._entries.values(), key=lambda e: (e.mtime_ns, e.key))
+            waiting = [e for e in self._entries.values() if e.key not in self._held]
+        return sorted(waiting, key=lambda e: (e.mtime_ns, e.key))
+
+    def release(self, keys: Iterable[str]) -> None:
+        """Make held files pending (the caller has claimed them)."""
+        with self._lock:
+            self._held.difference_update(keys)
 
     def remove(self, entry: SpoolEntry) -> None:
         """Forget and delete a file after its verified upload (tolerates it being moved).
@@ -484,6 +497,7 @@ class Spool:
         If the same key was rewritten since `entry` was taken (a retried flush, same
         content by construction), the newer file is kept and stays pending."""
         with self._lock:
+            self._held.discard(entry.key)
             cur = self._entries.get(entry.key)
             if cur is not None and cur.mtime_ns != entry.mtime_ns:
                 return
@@ -544,20 +558,35 @@ class Spool:
         data = parquet.encode(frame)
         return self.write(journal_key(dataset, frame, data), data, rows=frame.height)
 
-    def split(self, entries: list[SpoolEntry]) -> list[SpoolEntry]:
+    def split(self, entries: list[SpoolEntry], *, hold: bool = False) -> list[SpoolEntry]:
         """Replace a group of journals of ONE dataset by one merged file per partition
         (dataset, exchange, market, symbol, hour); the journals are deleted after all of
-        them are durable. Blocking; the caller keeps the entries from uploaders."""
+        them are durable. Blocking; the caller keeps the entries from uploaders, and with
+        `hold` the outputs too, until it `release`s them.
+
+        A split that fails deletes the outputs it wrote (never uploaded: held), so the
+        journals, which stay, are split later with whatever group they are in then."""
         keys = sorted(e.key for e in entries)
         if not keys or not all(is_journal(k) for k in keys):
             raise ValueError("split takes journal files only")
         if len({dataset_of(k) for k in keys}) != 1:
             raise ValueError("split sources span more than one dataset")
-        outputs = self._split_files(keys)
+        outputs: list[SpoolEntry] = []
+        try:
+            self._split_files(keys, outputs, hold=True)
+        except BaseException:
+            for e in outputs:
+                with contextlib.suppress(OSError):
+                    self.remove(e)
+            raise
+        if not hold:
+            self.release(e.key for e in outputs)
         self._forget_sources(keys)
         return outputs
 
-    def _split_files(self, keys: list[str]) -> list[SpoolEntry]:
+    def _split_files(self, keys: list[str], outputs: list[SpoolEntry], *, hold: bool) -> None:
+        """Write the group's per-partition files, appending each to `outputs` once it
+        is durable (on an error `outputs` is what to undo)."""
         dataset = dataset_of(keys[0])
         sources = json.dumps(keys)
         # Zero-copy slices: the writer puts each partition's rows of a round together, so
@@ -568,7 +597,6 @@ class Spool:
         for k in keys:
             for name, piece in _partition_runs(parquet.decode((self.root / k).read_bytes())):
                 pieces.setdefault(name, []).append(piece)
-        outputs = []
         for (exchange, market, symbol), frames in list(pieces.items()):
             del pieces[(exchange, market, symbol)]  # in order of first appearance
             try:
@@ -584,9 +612,10 @@ class Spool:
                     dataset, exchange, market, symbol, hour, rows, digest=layout.content_hash(data)
                 )
                 outputs.append(
-                    self.write(key, data, rows=rows.height, enforce_limit=False, merged=True)
+                    self.write(
+                        key, data, rows=rows.height, enforce_limit=False, merged=True, hold=hold
+                    )
                 )
-        return outputs
 
     def _forget_sources(self, keys: list[str]) -> None:
         """Delete merged-away sources (their rows are durable elsewhere); must not fail:
@@ -632,7 +661,7 @@ class Spool:
             len(present),
         )
         if len(present) == len(group):
-            self._split_files(list(group))
+            self._split_files(list(group), [], hold=False)
         self._forget_sources(present)
         return len(present)
 
