@@ -253,20 +253,28 @@ async def run_shard(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_run_normalizer, raw_recv, rows_send, normalizer, resync)
             async with raw_send:
-                with stop.reader_scope():
-                    async with trio.open_nursery() as readers:
-                        _start_readers(
-                            readers,
-                            plan,
-                            settings,
-                            symbols,
-                            raw_send,
-                            resync,
-                            fetch,
-                            stats,
-                            rest,
-                            raw_sink=raw.ws_sink(plan.exchange) if raw is not None else None,
-                        )
+                # pollers stop gracefully (a poll in flight is finished, within
+                # request_timeout); streams and the resync fetcher are cancelled at once
+                with trio.CancelScope() as polling:
+                    async with trio.open_nursery() as pollers:
+                        with stop.reader_scope():
+                            async with trio.open_nursery() as readers:
+                                _start_readers(
+                                    readers,
+                                    plan,
+                                    settings,
+                                    symbols,
+                                    raw_send,
+                                    resync,
+                                    fetch,
+                                    stats,
+                                    rest,
+                                    raw_sink=raw.ws_sink(plan.exchange) if raw else None,
+                                    pollers=pollers,
+                                    stopping=stop.requested,
+                                )
+                        await stop.requested.wait()
+                        polling.deadline = trio.current_time() + settings.app.reader.request_timeout
 
 
 Fetch = Callable[[str, SnapshotSource], Awaitable[DepthSnapshot]]
@@ -283,8 +291,12 @@ def _start_readers(
     stats: ShardStats,
     rest: registry.VenueRestClient | None = None,
     raw_sink: Callable[..., None] | None = None,
+    *,
+    pollers: trio.Nursery | None = None,
+    stopping: trio.Event | None = None,
 ) -> None:
-    """Start the shard's readers: a poller per symbol, a stream per symbol group, and the
+    """Start the shard's readers: a poller per symbol (in `pollers` when given: they
+    stop on `stopping` after their poll in flight), a stream per symbol group, and the
     REST resync fetcher; each under `supervised` so one crash restarts only that task."""
     app = settings.app
     source = plan.source
@@ -293,7 +305,7 @@ def _start_readers(
     if source.snapshots:
         for sym, _venue_sym in symbols:
             poll_stats = stats.polls.setdefault(sym, PollStats())
-            readers.start_soon(
+            (pollers or readers).start_soon(
                 functools.partial(
                     supervised,
                     f"{plan.label} poller {sym}",
@@ -306,6 +318,7 @@ def _start_readers(
                         jitter=app.reader.jitter,
                         rng=rng,
                         stats=st,
+                        stopping=stopping,
                     ),
                 )
             )

@@ -72,3 +72,39 @@ async def test_back_pressure_skips_slots_instead_of_piling_up(autojump_clock):
     assert stats.skipped_slots > 0
     gaps = [b - a for a, b in itertools.pairwise(calls)]
     assert all(g >= 0.5 for g in gaps)  # never a burst of catch-up polls
+
+
+async def test_graceful_stop_finishes_the_poll_in_flight_and_starts_no_other(autojump_clock):
+    """A stop while the venue is answering: that snapshot is still handed on (the venue
+    sent it), then the poller ends; a stop between polls ends it at once."""
+    calls = []
+    stopping = trio.Event()
+
+    async def fetch():
+        calls.append(trio.current_time())
+        if len(calls) == 3:
+            stopping.set()  # the stop arrives while this request is in flight
+        await trio.sleep(0.4)
+        return len(calls)
+
+    send, recv = trio.open_memory_channel(100)
+    with trio.fail_after(60):
+        await poll_snapshots(
+            fetch, send, exchange="binance", symbol="X", interval=1.0, stopping=stopping
+        )
+    assert len(calls) == 3
+    assert [item async for item in recv] == [1, 2, 3]  # the in-flight poll was kept; closed
+
+    idle = trio.Event()
+    calls.clear()
+    send, recv = trio.open_memory_channel(100)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: poll_snapshots(
+                fetch, send, exchange="binance", symbol="X", interval=10.0, stopping=idle
+            )
+        )
+        await trio.sleep(3)  # first poll done, waiting for the next slot
+        idle.set()
+        stopped_at = trio.current_time()
+    assert trio.current_time() - stopped_at < 0.01 and len(calls) == 1

@@ -4,6 +4,11 @@ Schedule: slot k is at `start + k * interval` plus a little jitter, so polls nev
 and symbols do not all fire in the same instant. If a poll (or a blocked send: the
 channel is full because the writer is slow) overruns its slot, missed slots are skipped,
 not piled up: back-pressure delays polls, it never queues them.
+
+Graceful stop (`stopping` set): no new poll starts, but a poll in flight is finished and
+its snapshot kept: the venue may already have answered it, and a collector that stops on
+a schedule (`--duration`, a rolling deploy) should store what it was sent. The runtime
+bounds that wait (`reader.request_timeout`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ async def poll_snapshots(
     jitter: float = 0.0,
     rng: random.Random | None = None,
     stats: PollStats | None = None,
+    stopping: trio.Event | None = None,
 ) -> None:
     rng = rng or random.Random()
     stats = stats if stats is not None else PollStats()
@@ -50,7 +56,14 @@ async def poll_snapshots(
         slot = 0
         while True:
             offset = rng.uniform(-jitter, jitter) if jitter else 0.0
-            await trio.sleep_until(max(start + slot * interval + offset, start))
+            due = max(start + slot * interval + offset, start)
+            if stopping is None:
+                await trio.sleep_until(due)
+            else:
+                with trio.move_on_at(due):
+                    await stopping.wait()
+                if stopping.is_set():
+                    return
             stats.polls += 1
             try:
                 snapshot = await fetch()
