@@ -59,7 +59,7 @@ from cryptoflow.models import Dataset
 from cryptoflow.pipeline.rows import RowBatch
 from cryptoflow.storage import layout, rawfile
 from cryptoflow.storage.base import ObjectStore
-from cryptoflow.storage.spool import Spool, SpoolEntry, dataset_of, is_journal
+from cryptoflow.storage.spool import Spool, SpoolEntry, concat_frames, dataset_of, is_journal
 
 log = logging.getLogger(__name__)
 
@@ -217,11 +217,7 @@ def _flush_many_blocking(
             out[i] = exc
     for dataset, idxs in journaled.items():
         try:
-            frames = [bufs[i].frame(builder) for i in idxs]
-            try:
-                frame = pl.concat(frames, how="vertical", rechunk=False)
-            except pl.exceptions.PolarsError:
-                frame = pl.concat(frames, how="diagonal_relaxed")
+            frame = concat_frames([bufs[i].frame(builder) for i in idxs], rechunk=False)
             entry = spool.write_journal(dataset, frame)
         except (SpoolFull, OSError) as exc:
             for i in idxs:
@@ -279,35 +275,35 @@ def mergeable(entry: SpoolEntry) -> bool:
     return not entry.merged and entry.key.endswith(".parquet") and not is_journal(entry.key)
 
 
-def journal_group(entries: Iterable[SpoolEntry], dataset: str) -> list[SpoolEntry]:
-    """The oldest journals of `dataset` within the merge caps: what one split takes."""
-    group: list[SpoolEntry] = []
+def _within_caps(entries: list[SpoolEntry]) -> list[list[SpoolEntry]]:
+    """`entries` in order, cut into groups of at most MERGE_MAX_FILES files and (past the
+    first file) MERGE_MAX_BYTES bytes: what one merge or split takes."""
+    groups: list[list[SpoolEntry]] = [[]]
     size = 0
     for e in entries:
-        if not is_journal(e.key) or dataset_of(e.key) != dataset:
-            continue
-        if group and (len(group) >= MERGE_MAX_FILES or size + e.size > MERGE_MAX_BYTES):
-            break
-        group.append(e)
+        last = groups[-1]
+        if last and (len(last) >= MERGE_MAX_FILES or size + e.size > MERGE_MAX_BYTES):
+            groups.append(last := [])
+            size = 0
+        last.append(e)
         size += e.size
-    return group
+    return groups
+
+
+def journal_group(entries: Iterable[SpoolEntry], dataset: str) -> list[SpoolEntry]:
+    """The oldest journals of `dataset` within the merge caps: what one split takes."""
+    journals = [e for e in entries if is_journal(e.key) and dataset_of(e.key) == dataset]
+    return _within_caps(journals)[0]
 
 
 def merge_groups(entries: Iterable[SpoolEntry]) -> list[list[SpoolEntry]]:
     """Mergeable entries grouped by partition, each group within the merge caps, in the
     order of each partition's oldest file."""
-    by_part: dict[str, list[list[SpoolEntry]]] = {}
+    by_part: dict[str, list[SpoolEntry]] = {}
     for e in entries:
-        if not mergeable(e):
-            continue
-        chunks = by_part.setdefault(partition_of(e.key), [[]])
-        last = chunks[-1]
-        if last and (
-            len(last) >= MERGE_MAX_FILES or sum(x.size for x in last) + e.size > MERGE_MAX_BYTES
-        ):
-            chunks.append(last := [])
-        last.append(e)
-    return [g for chunks in by_part.values() for g in chunks]
+        if mergeable(e):
+            by_part.setdefault(partition_of(e.key), []).append(e)
+    return [g for part in by_part.values() for g in _within_caps(part)]
 
 
 def _flush_raw_blocking(spool: Spool, buf) -> SpoolEntry:
@@ -503,13 +499,11 @@ class Writer:
         self._rotated = [b for b in self._rotated if b not in due]
         # one journal a round: once one delta/gap buffer is due, the others go with it
         # (early: they are younger than their interval, so the loss bound still holds)
-        journal_round = force or any(
-            b.key[0] in JOURNALED and self._due(b, now, force) for b in self._buffers.values()
-        )
-        for key, buf in list(self._buffers.items()):
-            if self._due(buf, now, force) or (
-                journal_round and key[0] in JOURNALED and now >= buf.retry_at
-            ):
+        is_due = {key: self._due(buf, now, force) for key, buf in self._buffers.items()}
+        journal_round = force or any(d and key[0] in JOURNALED for key, d in is_due.items())
+        for key, d in is_due.items():
+            buf = self._buffers[key]
+            if d or (journal_round and key[0] in JOURNALED and now >= buf.retry_at):
                 due.append(self._buffers.pop(key))
         return due
 

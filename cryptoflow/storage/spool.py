@@ -139,6 +139,15 @@ def _partition_runs(
     return out
 
 
+def concat_frames(frames: list[pl.DataFrame], *, rechunk: bool = True) -> pl.DataFrame:
+    """Rows of several files or buffers of one dataset; a column that older files lack
+    (or type differently) falls back to a relaxed diagonal concat."""
+    try:
+        return pl.concat(frames, how="vertical", rechunk=rechunk)
+    except Exception:
+        return pl.concat(frames, how="diagonal_relaxed")
+
+
 def is_data_file(name: str) -> bool:
     return name.endswith(DATA_SUFFIXES)
 
@@ -527,11 +536,7 @@ class Spool:
         if part0.dataset == Dataset.RAW.value:
             raise ValueError("raw-capture files are not merged")
         ordered = sorted(entries, key=lambda e: e.key)
-        frames = [parquet.decode(e.path.read_bytes()) for e in ordered]
-        try:
-            frame = pl.concat(frames, how="vertical")
-        except Exception:
-            frame = pl.concat(frames, how="diagonal_relaxed")
+        frame = concat_frames([parquet.decode(e.path.read_bytes()) for e in ordered])
         by = [c for c in SORT_COLUMNS if c in frame.columns]
         if by:
             frame = frame.sort(by, maintain_order=True, nulls_last=True)
@@ -599,10 +604,7 @@ class Spool:
                 pieces.setdefault(name, []).append(piece)
         for (exchange, market, symbol), frames in list(pieces.items()):
             del pieces[(exchange, market, symbol)]  # in order of first appearance
-            try:
-                part = pl.concat(frames, how="vertical")
-            except pl.exceptions.PolarsError:
-                part = pl.concat(frames, how="diagonal_relaxed")
+            part = concat_frames(frames)
             by = [c for c in SORT_COLUMNS if c in part.columns]
             if by:
                 part = part.sort(by, maintain_order=True, nulls_last=True)
