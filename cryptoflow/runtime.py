@@ -430,7 +430,12 @@ async def _run_normalizer(
             # nothing parsed stays referenced while this task waits for the next burst
             del item, items, out
             for batch in batches:
-                await rows_send.send(batch)
+                # no scheduler round trip per batch while the channel has room; when it
+                # is full, wait (back-pressure) as before
+                try:
+                    rows_send.send_nowait(batch)
+                except trio.WouldBlock:
+                    await rows_send.send(batch)
             del batches
 
 

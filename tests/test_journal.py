@@ -241,3 +241,43 @@ async def test_spool_flush_splits_journals_left_by_a_run(tmp_path):
     assert got.height == 90
     meta = parquet.read_metadata(next((tmp_path / "out").rglob("*.parquet")))
     assert len(json.loads(meta[parquet.MERGED_FROM])) == 3
+
+
+def test_round_frame_equals_one_frame_per_buffer():
+    """The writer builds a round's journal with one frame per (exchange, market,
+    multiplier) instead of one per symbol buffer: every row must come out exactly as the
+    per-buffer build makes it, each buffer's rows together (the split relies on it)."""
+    from cryptoflow.pipeline.writer import COMPACT_ROWS, _Buffer, journal_frame
+
+    def buffer(sym: str, exchange: str, mult: str, first_id: int, n: int) -> _Buffer:
+        b = delta_batch(first_id, n, T0 + first_id, sym)
+        b.exchange, b.multiplier = exchange, mult
+        b.columns["raw_quantity"] = [f"{i % 7}.{i % 3}5" for i in range(n)]
+        buf = _Buffer((Dataset.DELTAS, exchange, "futures", sym), mult, 0.0)
+        buf.append(b)
+        return buf
+
+    def make() -> list[_Buffer]:
+        bufs = [
+            buffer("BTCUSDT", "binance", "1", 1, 7),
+            buffer("XBTUSDTM", "kucoin", "0.001", 100, 5),
+            buffer("ETHUSDT", "binance", "1", 200, 3),
+            buffer("ETHUSDTM", "kucoin", "0.01", 300, 4),
+            buffer("SOLUSDTM", "kucoin", "0.001", 400, 6),
+            buffer("DOGEUSDT", "binance", "1", 500, COMPACT_ROWS),
+        ]
+        bufs[-1].compact(frame_from_columns)  # a buffer that holds a frame already
+        return bufs
+
+    expected = pl.concat([b.frame(frame_from_columns) for b in make()])
+    got = journal_frame(make(), frame_from_columns)
+    assert got.schema == expected.schema
+    assert got.height == expected.height
+    key = ["exchange", "symbol", "last_update_id"]
+    assert got.sort(key).equals(expected.sort(key))
+    runs = got.select(pl.col("symbol").rle_id()).to_series()
+    assert runs.n_unique() == 6  # one contiguous run per buffer
+    kucoin = got.filter(pl.col("symbol") == "XBTUSDTM")
+    assert kucoin["quantity"].to_list() == pytest.approx(
+        [float(q) * 0.001 for q in kucoin["raw_quantity"].to_list()]
+    )
