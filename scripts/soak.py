@@ -393,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         "collector": summarize(steady, args.warmup),
         "collector_with_startup": summarize(coll_samples, args.warmup),
         "simulator": summarize(sim_samples, args.warmup),
+        # (s since start, MB) every second: where the peak falls (a flush, the shutdown)
+        "collector_rss_series": [[round(t, 1), round(r, 1)] for t, _, r in coll_samples],
         "rows": rows,
         "rows_per_s": sum(v for v in rows.values() if isinstance(v, int)) / elapsed
         if elapsed

@@ -140,6 +140,11 @@ class SlowInput:
             await trio.sleep(self.delay)
         return await self.inner.receive()
 
+    def receive_nowait(self) -> Any:
+        if self.delay:  # slow: one batch per `delay`, never a queued one at once
+            raise trio.WouldBlock
+        return self.inner.receive_nowait()
+
     async def __aenter__(self) -> SlowInput:
         return self
 

@@ -292,3 +292,59 @@ async def test_memory_cap_in_bytes_flushes_everything_early(tmp_path, clock, fra
         assert writer.stats.max_buffered_bytes_seen < 2 * 50_000
         await send.aclose()
     assert writer.stats.rows_spooled["deltas"] == 2000
+
+
+def snapshot_batch(symbol: str, ts: int, n: int = 4) -> RowBatch:
+    return RowBatch(
+        dataset=Dataset.SNAPSHOTS,
+        exchange="binance",
+        market="futures",
+        symbol=symbol,
+        columns={
+            "timestamp": [ts] * n,
+            "transaction_time": [ts] * n,
+            "receive_time": [ts * 1_000_000] * n,
+            "last_update_id": [7] * n,
+            "side": ["bid"] * n,
+            "level": list(range(n)),
+            "price": ["100.1"] * n,
+            "raw_quantity": ["2"] * n,
+            "source": ["poll"] * n,
+        },
+        rows=n,
+    )
+
+
+async def test_snapshot_flushes_are_spread_over_the_interval(tmp_path, mock_clock, frame_builder):
+    """Each symbol's first snapshot buffer comes due at its own phase of the interval
+    (`stagger_fraction`), never later than the interval: all symbols flushing in the
+    same round made the collector's memory a sawtooth from zero to a whole minute."""
+    from cryptoflow.pipeline.writer import stagger_fraction
+
+    # mock_clock moves only by hand: flush threads run while it stands still
+    symbols = [f"S{i}USDT" for i in range(12)]
+    due_at = {
+        s: 60.0 * (1 - stagger_fraction((Dataset.SNAPSHOTS, "binance", "futures", s)))
+        for s in symbols
+    }
+    assert len({round(t) for t in due_at.values()}) > 6  # the phases differ
+    out, store, spool, cfg = setup(tmp_path, snapshot_flush_interval=60.0)
+    send, recv = trio.open_memory_channel(100)
+    async with trio.open_nursery() as nursery:
+        await start_writer(nursery, recv, store, spool, cfg, frame_builder)
+        try:
+            for s in symbols:
+                await send.send(snapshot_batch(s, T0))
+            for t in (15.0, 30.0, 45.0, 60.5):
+                mock_clock.jump(t - trio.current_time())
+                want = {s for s, d in due_at.items() if d <= t}
+                await eventually(lambda want=want: symbols_stored(out) == want)
+            assert symbols_stored(out) == set(symbols)
+        finally:
+            mock_clock.autojump_threshold = 0.02  # the final drain polls with trio.sleep
+            await send.aclose()
+
+
+def symbols_stored(out: Path) -> set[str]:
+    df = stored(out)
+    return set(df["symbol"]) if df.height else set()

@@ -44,6 +44,7 @@ import functools
 import logging
 import random
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -300,6 +301,13 @@ def _flush_blocking(
     return [(spool.write(k, data, rows=n), n) for k, n, data in parts]
 
 
+def stagger_fraction(key: BufferKey) -> float:
+    """A fixed fraction in [0, 1) per (exchange, market, symbol): the phase of that
+    symbol's snapshot flushes within the interval (deterministic, for tests and logs)."""
+    _, exchange, market, symbol = key
+    return zlib.crc32(f"{exchange}/{market}/{symbol}".encode()) % 1000 / 1000
+
+
 def partition_of(key: str) -> str:
     """The partition directory of a spool key (dataset/exchange/market/symbol/.../hour)."""
     return key.rsplit("/", 1)[0]
@@ -371,6 +379,10 @@ class Writer:
         self.spool = spool
         self.cfg = buffer_cfg
         self.limiter = limiter
+        #: merges and journal splits take their own thread, one at a time: behind the
+        #: flush limiter a minute's split (~1.5 s) held a delta flush back for seconds,
+        #: and two of them at once doubled the memory peak
+        self.spool_limiter = trio.CapacityLimiter(1)
         self.frame_builder = frame_builder
         self.upload_concurrency = max(1, upload_concurrency)
         #: the memory cap (all buffers together); `max_buffered_rows` adds a row cap
@@ -392,6 +404,7 @@ class Writer:
         self._sleepers: dict[object, float] = {}  # idle uploader -> when it wakes anyway
         self._buffers: dict[BufferKey, _Buffer] = {}
         self._rotated: list[_Buffer] = []  # replaced buffers (multiplier change), flush ASAP
+        self._staggered: set[BufferKey] = set()  # snapshot keys given their phase
         self._inflight: set[str] = set()
         self._new_work = trio.Event()
         self._flush_now = trio.Event()  # a buffer is over its size limit, or the cap is hit
@@ -432,7 +445,7 @@ class Writer:
             self._rotated.append(self._buffers.pop(key))
             buf = None
         if buf is None:
-            buf = _Buffer(key, batch.multiplier, trio.current_time())
+            buf = _Buffer(key, batch.multiplier, self._opened_at(key))
             self._buffers[key] = buf
             self._wake_flusher()  # a new buffer: the next deadline may be earlier
         before = buf.nbytes
@@ -451,6 +464,18 @@ class Writer:
             trio.current_time() >= buf.retry_at
         ):
             self._wake_flusher()
+
+    def _opened_at(self, key: BufferKey) -> float:
+        """A new buffer's start. A snapshot key's first buffer starts as if it had opened
+        `stagger_fraction(key)` of the interval ago, so the symbols' snapshot flushes
+        spread over the interval instead of all coming due together: buffered snapshot
+        memory then stays near half a minute's rows instead of a sawtooth from zero to a
+        whole minute's (~120 MB at the full table), and no round flushes every symbol."""
+        now = trio.current_time()
+        if key[0] != Dataset.SNAPSHOTS or key in self._staggered:
+            return now
+        self._staggered.add(key)
+        return now - self._interval(Dataset.SNAPSHOTS) * stagger_fraction(key)
 
     def _due(self, buf: _Buffer, now: float, force: bool) -> bool:
         if now < buf.retry_at:
@@ -701,7 +726,9 @@ class Writer:
         part = partition_of(group[0].key)
         self._merging.add(part)  # the merged file must not be claimed by another worker
         try:
-            merged = await trio.to_thread.run_sync(self.spool.merge, group, limiter=self.limiter)
+            merged = await trio.to_thread.run_sync(
+                self.spool.merge, group, limiter=self.spool_limiter
+            )
         except Exception as exc:
             self.stats.merge_failures += 1
             log.error(
@@ -729,7 +756,7 @@ class Writer:
         self._merging.add(part)  # no other worker claims journals of this dataset meanwhile
         try:
             outputs = await trio.to_thread.run_sync(
-                functools.partial(self.spool.split, group, hold=True), limiter=self.limiter
+                functools.partial(self.spool.split, group, hold=True), limiter=self.spool_limiter
             )
         except Exception as exc:
             self.stats.split_failures += 1
@@ -757,7 +784,7 @@ class Writer:
             log.log(level, "upload of %s failed (kept in spool, will retry): %s", entry.key, exc)
             return False
         took = trio.current_time() - started
-        await trio.to_thread.run_sync(self.spool.remove, entry, limiter=self.limiter)
+        await trio.to_thread.run_sync(self.spool.remove, entry)
         self._spooled_at.pop(entry.key, None)
         s = self.stats
         s.upload_seconds_sum += took
