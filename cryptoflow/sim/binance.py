@@ -3,6 +3,7 @@ limits (429 / 418 ban) and the diff-depth WebSocket streams."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -19,6 +20,7 @@ from cryptoflow.sim.book import Aggregate
 from cryptoflow.sim.faults import Faults, Stats
 from cryptoflow.sim.http import HttpRequest, HttpResponse
 from cryptoflow.sim.market import Market
+from cryptoflow.sim.wsout import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,10 @@ class _Conn:
     pongs_received: int = 0
     events_sent: int = 0
     open: bool = True
+    outbox: Outbox = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.outbox = Outbox(self.ws)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -346,6 +352,7 @@ class BinanceVenue:
         try:
             async with trio.open_nursery() as nursery:
                 conn.nursery = nursery
+                nursery.start_soon(self._writer, conn)
                 for s in initial:
                     await self._subscribe(conn, s)
                 if self.ping_interval:
@@ -379,7 +386,20 @@ class BinanceVenue:
             scope.cancel()
 
     async def _send_json(self, conn: _Conn, obj: Any) -> None:
-        await conn.ws.send_message(orjson.dumps(obj).decode())
+        await conn.outbox.send(orjson.dumps(obj).decode())
+
+    async def _writer(self, conn: _Conn) -> None:
+        """The connection's writer (``wsout.Outbox``); a failed write ends the connection."""
+        try:
+            await conn.outbox.run()
+        except ConnectionClosed:
+            assert conn.nursery is not None
+            conn.nursery.cancel_scope.cancel()
+
+    async def _close(self, conn: _Conn, code: int, reason: str) -> None:
+        with trio.move_on_after(1), contextlib.suppress(ConnectionClosed):
+            await conn.outbox.flush()  # what was sent before the close goes out first
+        await conn.ws.aclose(code=code, reason=reason)
 
     async def _recv_loop(self, conn: _Conn) -> None:
         assert conn.nursery is not None
@@ -430,7 +450,7 @@ class BinanceVenue:
     async def _expire(self, conn: _Conn, lifetime: float) -> None:
         await trio.sleep(lifetime)
         self.stats.ws["closed_by_lifetime"] += 1
-        await conn.ws.aclose(code=1000, reason="connection lifetime reached")
+        await self._close(conn, 1000, "connection lifetime reached")
         assert conn.nursery is not None
         conn.nursery.cancel_scope.cancel()
 
@@ -457,7 +477,7 @@ class BinanceVenue:
         return orjson.dumps(obj).decode()
 
     async def _send_event(self, conn: _Conn, frame: str, agg: Aggregate) -> None:
-        await conn.ws.send_message(frame)
+        await conn.outbox.send(frame)
         conn.events_sent += 1
         st = self.stats.symbols[agg.symbol]
         st.ws_events += 1
@@ -481,9 +501,9 @@ class BinanceVenue:
                 next_t = trio.current_time()
                 while True:
                     next_t += speed
-                    await trio.sleep_until(next_t)
-                    if sub.agg is None:
-                        continue
+                    # right after the tick that ends the interval: E (that tick's time) is
+                    # when the event leaves, as at the venue
+                    await sub.next_batch(next_t, min(self.market.tick_interval, speed))
                     kinds = {f.kind: f for f in self.faults.take_ws(self.name, symbol)}
                     if "ws_stall" in kinds:
                         await trio.sleep(kinds["ws_stall"].seconds)
@@ -492,13 +512,13 @@ class BinanceVenue:
                     assert agg is not None
                     if "ws_close" in kinds:
                         self.stats.ws["closed_by_fault"] += 1
-                        await conn.ws.aclose(code=1001, reason="simulator fault: close")
+                        await self._close(conn, 1001, "simulator fault: close")
                         conn.nursery.cancel_scope.cancel()
                         return
                     if "ws_ping" in kinds:
                         conn.nursery.start_soon(self._ping_once, conn)
                     if "ws_malformed" in kinds:
-                        await conn.ws.send_message('{"stream": "' + stream + '", "data": {"e": ')
+                        await conn.outbox.send('{"stream": "' + stream + '", "data": {"e": ')
                     if "ws_drop" in kinds:
                         self.stats.symbols[symbol].ws_drops += 1
                         continue
@@ -512,6 +532,8 @@ class BinanceVenue:
                     if held is not None:
                         await self._send_event(conn, *held)
                         held = None
+                    if trio.current_time() > next_t + speed:
+                        next_t = trio.current_time()  # after a stall or pause: no catch-up
             except ConnectionClosed:
                 conn.nursery.cancel_scope.cancel()
             finally:

@@ -15,6 +15,7 @@ keeping ``U`` of the first, ``u`` of the last and ``pu`` of the first — exactl
 
 from __future__ import annotations
 
+import bisect
 import gzip
 import itertools
 import json
@@ -139,11 +140,18 @@ class Book:
     asks: dict[int, int] = field(default_factory=dict)
     mid: int = 0  # bids < mid <= asks, in price units, on the tick grid
     rng: random.Random = field(init=False)
+    #: the prices of ``bids`` / ``asks``, ascending, kept in step with the dicts (every
+    #: change goes through ``_set``/``_del``/slices): top-N views, the depth cap and the
+    #: levels crossed by a mid move are slices instead of sorts or scans of the book
+    bid_prices: list[int] = field(init=False, repr=False, compare=False)
+    ask_prices: list[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(f"{self.seed}:{self.spec.symbol}")
         if not self.bids and not self.asks:
             self._generate()
+        self.bid_prices = sorted(self.bids)
+        self.ask_prices = sorted(self.asks)
 
     # --- construction ---------------------------------------------------------------
 
@@ -207,6 +215,7 @@ class Book:
     def tick(self, now_ms: int | None = None) -> Diff:
         """Advance the book by one step and return the diff of what changed."""
         rng, t = self.rng, self.spec.tick_units
+        bids, asks, bp, ap = self.bids, self.asks, self.bid_prices, self.ask_prices
         cb: dict[int, int] = {}
         ca: dict[int, int] = {}
         # 1. random walk of the mid; levels now on the wrong side are removed
@@ -214,35 +223,44 @@ class Book:
             step = rng.choice((-3, -2, -1, -1, 1, 1, 2, 3)) * t
             if self.mid + step - t > 0:
                 self.mid += step
-                for p in [p for p in self.bids if p >= self.mid]:
-                    del self.bids[p]
+                i = bisect.bisect_left(bp, self.mid)  # bids >= mid
+                for p in bp[i:]:
+                    del bids[p]
                     cb[p] = 0
-                for p in [p for p in self.asks if p < self.mid]:
-                    del self.asks[p]
+                del bp[i:]
+                i = bisect.bisect_left(ap, self.mid)  # asks < mid
+                for p in ap[:i]:
+                    del asks[p]
                     ca[p] = 0
+                del ap[:i]
         # 2. several level changes near the top: update, add, remove
         for _ in range(rng.randint(2, 10)):
             is_bid = rng.random() < 0.5
-            side, ch = (self.bids, cb) if is_bid else (self.asks, ca)
+            side, ch, prices = (bids, cb, bp) if is_bid else (asks, ca, ap)
             off = min(int(rng.expovariate(1 / 15)), self.depth)
             price = self.mid - t * (off + 1) if is_bid else self.mid + t * off
             if price <= 0:
                 continue
             if price in side and rng.random() < 0.3:
                 del side[price]
+                del prices[bisect.bisect_left(prices, price)]
                 ch[price] = 0
             else:
                 q = self._rand_qty()
+                if price not in side:
+                    bisect.insort(prices, price)
                 side[price] = q
                 ch[price] = q
         # 3. never leave a side empty
-        if not self.bids and self.mid - t > 0:
-            self.bids[self.mid - t] = cb[self.mid - t] = self._rand_qty()
-        if not self.asks:
-            self.asks[self.mid] = ca[self.mid] = self._rand_qty()
+        if not bids and self.mid - t > 0:
+            bids[self.mid - t] = cb[self.mid - t] = self._rand_qty()
+            bp.append(self.mid - t)
+        if not asks:
+            asks[self.mid] = ca[self.mid] = self._rand_qty()
+            ap.append(self.mid)
         if not cb and not ca:  # always at least one change per tick
-            p = max(self.bids)
-            self.bids[p] = cb[p] = self._rand_qty()
+            p = bp[-1]
+            bids[p] = cb[p] = self._rand_qty()
         self._trim(cb, ca)
         n = len(cb) + len(ca)
         pu = self.last_update_id
@@ -252,14 +270,20 @@ class Book:
         return Diff(self.spec.symbol, U, self.last_update_id, pu, E, E - 1, cb, ca)
 
     def _trim(self, cb: dict[int, int], ca: dict[int, int]) -> None:
-        if len(self.bids) > self.depth:
-            for p in sorted(self.bids)[: len(self.bids) - self.depth]:
+        """The per-side depth cap: the levels furthest from the mid go."""
+        bp, ap = self.bid_prices, self.ask_prices
+        extra = len(bp) - self.depth
+        if extra > 0:
+            for p in bp[:extra]:
                 del self.bids[p]
                 cb[p] = 0
-        if len(self.asks) > self.depth:
-            for p in sorted(self.asks, reverse=True)[: len(self.asks) - self.depth]:
+            del bp[:extra]
+        extra = len(ap) - self.depth
+        if extra > 0:
+            for p in reversed(ap[-extra:]):
                 del self.asks[p]
                 ca[p] = 0
+            del ap[-extra:]
 
     # --- views ----------------------------------------------------------------------
 
@@ -270,13 +294,24 @@ class Book:
         return _fmt(units, self.spec.qty_decimals)
 
     def levels_str(self, levels: Iterable[tuple[int, int]]) -> list[list[str]]:
-        return [[self.price_str(p), self.qty_str(q)] for p, q in levels]
+        fmt, pd, qd = _fmt, self.spec.price_decimals, self.spec.qty_decimals
+        return [[fmt(p, pd), fmt(q, qd)] for p, q in levels]
+
+    def best_bids(self, n: int | None = None) -> list[tuple[int, int]]:
+        """The best ``n`` (default: all) bids, descending, as (price, qty) units."""
+        prices = self.bid_prices if n is None else self.bid_prices[-n:] if n > 0 else []
+        bids = self.bids
+        return [(p, bids[p]) for p in reversed(prices)]
+
+    def best_asks(self, n: int | None = None) -> list[tuple[int, int]]:
+        """The best ``n`` (default: all) asks, ascending, as (price, qty) units."""
+        prices = self.ask_prices if n is None else self.ask_prices[: max(n, 0)]
+        asks = self.asks
+        return [(p, asks[p]) for p in prices]
 
     def top(self, n: int) -> tuple[list[list[str]], list[list[str]]]:
         """Best ``n`` bids (descending) and asks (ascending) as string pairs."""
-        bids = sorted(self.bids.items(), reverse=True)[:n]
-        asks = sorted(self.asks.items())[:n]
-        return self.levels_str(bids), self.levels_str(asks)
+        return self.levels_str(self.best_bids(n)), self.levels_str(self.best_asks(n))
 
     def snapshot(self) -> dict:
         """The full current book: ``{"lastUpdateId", "bids": {price: qty}, "asks": {...}}``

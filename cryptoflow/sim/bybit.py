@@ -13,6 +13,8 @@ WebSocket ``/v5/public/linear``: ``orderbook.<1|50|200|1000>.<symbol>`` topics; 
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import heapq
 import logging
 import math
@@ -35,6 +37,7 @@ from cryptoflow.sim.book import Book, Diff, SymbolSpec, spec_for
 from cryptoflow.sim.faults import Fault, Faults, Stats
 from cryptoflow.sim.http import HttpRequest, HttpResponse
 from cryptoflow.sim.market import Market
+from cryptoflow.sim.wsout import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -76,27 +79,94 @@ def top_levels(side: dict[int, int], n: int, bids: bool) -> dict[int, int]:
 
 
 class TopView:
-    """The best ``n`` levels a side of one book, as a stream of that depth shows them."""
+    """The best ``n`` levels a side of one book, as a stream of that depth shows them.
+
+    Kept up to date incrementally from each tick's diff (the view must see every tick of
+    the book, from its creation on): only the changed prices and the levels between the
+    old and the new view boundary are looked at, via the book's sorted price lists. The
+    changes are exactly those of recomputing the top ``n`` after every tick and comparing
+    (``tests/test_sim_lag.py`` checks that)."""
 
     def __init__(self, book: Book, n: int) -> None:
         self.book = book
         self.n = n
         self.full = n >= book.depth  # the view is the whole book: diffs pass through
-        self.bids = top_levels(book.bids, n, True)
-        self.asks = top_levels(book.asks, n, False)
+        self.bids = dict(book.best_bids(n))
+        self.asks = dict(book.best_asks(n))
+        self._bid_edge = self._new_bid_edge()  # lowest bid in the view (None: empty)
+        self._ask_edge = self._new_ask_edge()  # highest ask in the view
+
+    def _new_bid_edge(self) -> int | None:
+        bp = self.book.bid_prices
+        if not bp or self.n <= 0:
+            return None
+        return bp[-self.n] if len(bp) >= self.n else bp[0]
+
+    def _new_ask_edge(self) -> int | None:
+        ap = self.book.ask_prices
+        if not ap or self.n <= 0:
+            return None
+        return ap[self.n - 1] if len(ap) >= self.n else ap[-1]
 
     def update(self, d: Diff) -> tuple[dict[int, int], dict[int, int]]:
         """Changes of the view caused by diff ``d`` (already applied to the book)."""
         if self.full:
             return dict(d.bids), dict(d.asks)
-        nb = top_levels(self.book.bids, self.n, True)
-        na = top_levels(self.book.asks, self.n, False)
-        cb = {p: 0 for p in self.bids if p not in nb}
-        cb.update({p: q for p, q in nb.items() if self.bids.get(p) != q})
-        ca = {p: 0 for p in self.asks if p not in na}
-        ca.update({p: q for p, q in na.items() if self.asks.get(p) != q})
-        self.bids, self.asks = nb, na
-        return cb, ca
+        return self._update_bids(d.bids), self._update_asks(d.asks)
+
+    def _update_bids(self, changed: dict[int, int]) -> dict[int, int]:
+        view, side, prices = self.bids, self.book.bids, self.book.bid_prices
+        old, new = self._bid_edge, self._new_bid_edge()
+        out: dict[int, int] = {}
+        for p in changed:
+            q = side.get(p)
+            if q is not None and new is not None and p >= new:
+                if view.get(p) != q:
+                    view[p] = out[p] = q
+            elif p in view:
+                del view[p]
+                out[p] = 0
+        if old is not None and new is not None and new > old:  # unchanged levels leave
+            lo, hi = bisect.bisect_left(prices, old), bisect.bisect_left(prices, new)
+            for p in prices[lo:hi]:
+                if p in view:
+                    del view[p]
+                    out[p] = 0
+        elif new is not None and (old is None or new < old):  # unchanged levels enter
+            lo = bisect.bisect_left(prices, new)
+            hi = len(prices) if old is None else bisect.bisect_left(prices, old)
+            for p in prices[lo:hi]:
+                if p not in view:
+                    view[p] = out[p] = side[p]
+        self._bid_edge = new
+        return out
+
+    def _update_asks(self, changed: dict[int, int]) -> dict[int, int]:
+        view, side, prices = self.asks, self.book.asks, self.book.ask_prices
+        old, new = self._ask_edge, self._new_ask_edge()
+        out: dict[int, int] = {}
+        for p in changed:
+            q = side.get(p)
+            if q is not None and new is not None and p <= new:
+                if view.get(p) != q:
+                    view[p] = out[p] = q
+            elif p in view:
+                del view[p]
+                out[p] = 0
+        if old is not None and new is not None and new < old:  # unchanged levels leave
+            lo, hi = bisect.bisect_right(prices, new), bisect.bisect_right(prices, old)
+            for p in prices[lo:hi]:
+                if p in view:
+                    del view[p]
+                    out[p] = 0
+        elif new is not None and (old is None or new > old):  # unchanged levels enter
+            lo = 0 if old is None else bisect.bisect_right(prices, old)
+            hi = bisect.bisect_right(prices, new)
+            for p in prices[lo:hi]:
+                if p not in view:
+                    view[p] = out[p] = side[p]
+        self._ask_edge = new
+        return out
 
 
 @dataclass
@@ -176,6 +246,10 @@ class WsConn:
     last_activity: float = 0.0  # last frame either way
     open: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    outbox: Outbox = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.outbox = Outbox(self.ws)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -345,6 +419,7 @@ class SimVenue:
         try:
             async with trio.open_nursery() as nursery:
                 conn.nursery = nursery
+                nursery.start_soon(self._writer, conn)
                 if self.connection_lifetime:
                     nursery.start_soon(self._expire, conn, self.connection_lifetime)
                 for t in tasks:
@@ -361,17 +436,27 @@ class SimVenue:
         self.stats.ws["closed_by_lifetime"] += 1
         await self.close(conn, 1000, "connection lifetime reached")
 
+    async def _writer(self, conn: WsConn) -> None:
+        """The connection's writer (``wsout.Outbox``); a failed write ends the connection."""
+        try:
+            await conn.outbox.run()
+        except ConnectionClosed:
+            if conn.nursery is not None:
+                conn.nursery.cancel_scope.cancel()
+
     async def close(self, conn: WsConn, code: int, reason: str) -> None:
+        with trio.move_on_after(1), contextlib.suppress(ConnectionClosed):
+            await conn.outbox.flush()  # what was sent before the close goes out first
         await conn.ws.aclose(code=code, reason=reason)
         if conn.nursery is not None:
             conn.nursery.cancel_scope.cancel()
 
     async def send_json(self, conn: WsConn, obj: Any) -> None:
-        await conn.ws.send_message(orjson.dumps(obj).decode())
-        conn.last_activity = trio.current_time()
+        await self.send_text(conn, orjson.dumps(obj).decode())
 
     async def send_text(self, conn: WsConn, text: str) -> None:
-        await conn.ws.send_message(text)
+        """Queue ``text`` on the connection's writer (``ConnectionClosed`` once it is gone)."""
+        await conn.outbox.send(text)
         conn.last_activity = trio.current_time()
 
     async def idle_watch(self, conn: WsConn, timeout: float, *, pings_only: bool) -> None:
@@ -461,6 +546,16 @@ class SimVenue:
         keeps a frame held back by ``ws_out_of_order`` until the next one. Returns False
         when a fault closed the connection."""
         held: tuple[str, int, int] | None = state.pop("held", None)
+        if len(frames) > 1 and held is None and not self.faults.pending and len(conn.streams) > 1:
+            # no fault to apply: the frames go out together (one queue entry, one wait;
+            # a KuCoin tick is ~10 messages). Only on a connection shared by several
+            # streams, where the sends contend; a lone stream keeps sending message by
+            # message, so a fault queued meanwhile hits its very next message.
+            await conn.outbox.send_many([f[0] for f in frames])
+            conn.last_activity = trio.current_time()
+            for _, levels, ticks in frames:
+                self.count_event(conn, symbol, levels, ticks)
+            return True
         for frame in frames:
             if frame[1] == 0 and frame[2] == 0:  # a heartbeat: not an event for faults
                 await self._send_frame(conn, symbol, frame)

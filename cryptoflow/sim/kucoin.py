@@ -200,8 +200,8 @@ class KucoinVenue(SimVenue):
         book = self.market.books.get(symbol)
         if book is None:
             return self._err("300000", "Contract parameter invalid.")
-        bids = sorted(book.bids.items(), reverse=True)
-        asks = sorted(book.asks.items())
+        bids = book.best_bids()
+        asks = book.best_asks()
         data = {
             "symbol": symbol,
             "sequence": book.last_update_id,
@@ -331,24 +331,28 @@ class KucoinVenue(SimVenue):
         state: dict[str, Any] = {}
         topic = TOPIC_PREFIX + symbol
         bad = '{"type":"message","topic":"' + topic + '","data":{"sequence":'
+        # the message as orjson.dumps would write it (same keys, order and bytes), built
+        # as text: one format per change instead of a dict and an encode
+        head = orjson.dumps(topic).decode()  # the topic as a JSON string
+        head = '{"type":"message","topic":' + head + ',"subject":"level2","data":{"sequence":'
+        price_text: dict[int, str] = {}  # price units -> JSON-safe number text
         try:
             while True:
                 await q.wait()
                 frames = []
                 for up in q.take():
                     seq = up.diff.U
-                    ts = up.diff.E
+                    tail = ":" + str(up.diff.E) + "}}"
                     changes = [(p, "buy", qty) for p, qty in up.bids.items()]
                     changes += [(p, "sell", qty) for p, qty in up.asks.items()]
                     for i, (p, side, qty) in enumerate(changes):
-                        change = f"{num(book.price_str(p))},{side},{qty}"
-                        obj = {
-                            "type": "message",
-                            "topic": topic,
-                            "subject": "level2",
-                            "data": {"sequence": seq, "change": change, "timestamp": ts},
-                        }
-                        frames.append((orjson.dumps(obj).decode(), 1, 1 if i == 0 else 0))
+                        pt = price_text.get(p)
+                        if pt is None:
+                            if len(price_text) > 50_000:
+                                price_text.clear()
+                            pt = price_text[p] = str(num(book.price_str(p)))
+                        text = f'{head}{seq},"change":"{pt},{side},{qty}","timestamp"{tail}'
+                        frames.append((text, 1, 1 if i == 0 else 0))
                         seq += 1
                     assert seq == up.diff.u + 1
                 if not await self.send_with_faults(conn, symbol, frames, bad, state):

@@ -170,7 +170,10 @@ class OkxVenue(SimVenue):
         return None
 
     def _levels(self, book: Book, levels: Any) -> list[list[str]]:
-        return [[book.price_str(p), book.qty_str(q), "0", str(_orders(p, q))] for p, q in levels]
+        return [
+            [p, q, "0", str(_orders(pu, qu))]
+            for (pu, qu), (p, q) in zip(levels, book.levels_str(levels), strict=True)
+        ]
 
     async def _books(self, req: HttpRequest) -> HttpResponse:
         inst = req.query.get("instId", "")
@@ -185,8 +188,8 @@ class OkxVenue(SimVenue):
         except ValueError:
             return HttpResponse.json(self._body("51000", "Parameter sz error"))
         sz = max(1, min(sz, max_sz))
-        bids = sorted(book.bids.items(), reverse=True)[:sz]
-        asks = sorted(book.asks.items())[:sz]
+        bids = book.best_bids(sz)
+        asks = book.best_asks(sz)
         entry = {
             "asks": self._levels(book, asks),
             "bids": self._levels(book, bids),
@@ -379,8 +382,8 @@ class OkxVenue(SimVenue):
         last = book.last_update_id
         snap = None
         if self.snapshot_in_stream:
-            bids = sorted(view.bids.items(), reverse=True)
-            asks = sorted(view.asks.items())
+            bids = book.best_bids(depth)  # the view, best first
+            asks = book.best_asks(depth)
             snap = (self._push(arg, "snapshot", book, bids, asks, -1, last), len(bids) + len(asks))
         self.market.subscribers[inst].add(q)  # type: ignore[arg-type]
         started()
