@@ -331,10 +331,13 @@ async def test_snapshot_flushes_are_spread_over_the_interval(tmp_path, mock_cloc
     out, store, spool, cfg = setup(tmp_path, snapshot_flush_interval=60.0)
     send, recv = trio.open_memory_channel(100)
     async with trio.open_nursery() as nursery:
-        await start_writer(nursery, recv, store, spool, cfg, frame_builder)
+        writer = await start_writer(nursery, recv, store, spool, cfg, frame_builder)
         try:
             for s in symbols:
                 await send.send(snapshot_batch(s, T0))
+            # every buffer opened at t=0 (a jump before the writer took them would move
+            # their start, and so their due time)
+            await eventually(lambda: writer.stats.rows_received["snapshots"] == 4 * len(symbols))
             for t in (15.0, 30.0, 45.0, 60.5):
                 mock_clock.jump(t - trio.current_time())
                 want = {s for s, d in due_at.items() if d <= t}
