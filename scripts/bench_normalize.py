@@ -14,9 +14,14 @@ repetition:
 - `fast`: `Normalizer.feed_snapshot_bodies` (the body parsed in polars, no Python object
   per level), `frame_from_wire`, writer encode.
 
-    /work/venv/bin/python scripts/bench_normalize.py [--runs 5] [--flushes 50]
+    /work/venv/bin/python scripts/bench_normalize.py [--runs 5] [--flushes 50] [--gc MODE]
 
-Prints `rows/s=… ratio_vs_naive=… cpu_pct=… rss_mb=… path=simple` (the collector's
+`--gc` sets the garbage collector for all variants alike: `default` (CPython's
+thresholds), `freeze` (`gc.freeze()` after setup) or `collector` (`runtime._tune_gc`,
+what `cryptoflow collect` runs with: freeze after imports, gen-0 threshold 50,000). The
+mode is printed on the last line and stored in the JSON.
+
+Prints `rows/s=… ratio_vs_naive=… cpu_pct=… rss_mb=… path=simple gc=…` (the collector's
 path for this lane: the polars reader has a fixed cost of a few ms per call, so it loses
 on single 2000-level bodies; see docs/benchmarks.md) and writes
 `bench-results/bench_normalize.json`.
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--flushes", type=int, default=50)
     ap.add_argument("--per-flush", type=int, default=6, help="snapshots per writer flush")
-    ap.add_argument("--gc", choices=("default", "freeze"), default="default")
+    ap.add_argument("--gc", choices=("default", "freeze", "collector"), default="default")
     ap.add_argument("--out", type=Path, default=Path("bench-results/bench_normalize.json"))
     args = ap.parse_args(argv)
 
@@ -165,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     bodies = [(body, recv_ns + i * 10_000_000_000) for i in range(n)]
     if args.gc == "freeze":
         gc.freeze()
+    elif args.gc == "collector":
+        # imported here: its imports (trio, ...) would add to what `default` collects
+        from cryptoflow.runtime import _tune_gc
+
+        _tune_gc()
     variants = {
         "naive": lambda: run_naive(bodies, args.per_flush),
         "simple": lambda: run_simple(bodies, args.per_flush),
@@ -222,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     f = summary["simple"]
     print(
         f"rows/s={f['rows_per_s']:.0f} ratio_vs_naive={f['ratio_vs_naive']:.2f} "
-        f"cpu_pct={f['cpu_pct']:.0f} rss_mb={result['peak_rss_mb']:.0f} path=simple"
+        f"cpu_pct={f['cpu_pct']:.0f} rss_mb={result['peak_rss_mb']:.0f} path=simple gc={args.gc}"
     )
     return 0
 
