@@ -62,33 +62,10 @@ STARTUP_TIMEOUT = 60.0
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def sim_command(table: dict, venues: list[str], python: str) -> list[str]:
-    """The soak's simulator command line (`soak.start_sim`)."""
-    args = [
-        python,
-        "-m",
-        "cryptoflow.sim",
-        "--host",
-        "127.0.0.1",
-        "--venues",
-        ",".join(venues),
-        "--symbols",
-        ",".join(sorted({row["binance"] for row in table.values() if "binance" in row})),
-        "--depth",
-        "1000",
-        "--tick-interval",
-        "0.1",
-    ]
-    for v in venues:
-        if v != "binance":
-            args += [f"--{v}-symbols", ",".join(sorted(r[v] for r in table.values() if v in r))]
-    return args
-
-
 def start_sim(
     table: dict, venues: list[str], log: Path, tree: Path, profile: Path | None
 ) -> tuple[subprocess.Popen, dict]:
-    args = sim_command(table, venues, str(soak.VENV_BIN / "python"))
+    args = soak.sim_command(table, venues, str(soak.VENV_BIN / "python"))
     if profile is not None:
         args[1:1] = ["-m", "cProfile", "-o", str(profile)]
     proc = subprocess.Popen(

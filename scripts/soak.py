@@ -143,9 +143,10 @@ def symbol_table() -> dict[str, dict[str, str]]:
     }
 
 
-def start_sim(table: dict, venues: list[str], log: Path) -> tuple[subprocess.Popen, dict]:
+def sim_command(table: dict, venues: list[str], python: str) -> list[str]:
+    """The simulator's command line: every venue/symbol of the table (also bench_sim)."""
     args = [
-        str(VENV_BIN / "python"),
+        python,
         "-m",
         "cryptoflow.sim",
         "--host",
@@ -162,6 +163,11 @@ def start_sim(table: dict, venues: list[str], log: Path) -> tuple[subprocess.Pop
     for v in venues:
         if v != "binance":
             args += [f"--{v}-symbols", ",".join(sorted(r[v] for r in table.values() if v in r))]
+    return args
+
+
+def start_sim(table: dict, venues: list[str], log: Path) -> tuple[subprocess.Popen, dict]:
+    args = sim_command(table, venues, str(VENV_BIN / "python"))
     proc = subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=log.open("wb"), cwd=ROOT, text=True
     )

@@ -281,3 +281,19 @@ def test_round_frame_equals_one_frame_per_buffer():
     assert kucoin["quantity"].to_list() == pytest.approx(
         [float(q) * 0.001 for q in kucoin["raw_quantity"].to_list()]
     )
+
+
+def test_split_of_a_journal_with_interleaved_partitions(tmp_path):
+    """A journal the writer did not make (a partition in several runs) still splits into
+    one file per partition with every row and the partition columns put back."""
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    a = journal_frame(1, T0, ("BTCUSDT", "ETHUSDT"))
+    b = journal_frame(11, T0 + 1000, ("BTCUSDT",))
+    journal = spool.write_journal(Dataset.DELTAS, pl.concat([a, b]))  # BTC, ETH, BTC
+    before = rows_of(spool)
+    outputs = spool.split([journal])
+    assert sorted(layout.parse_key(o.key).symbol for o in outputs) == ["BTCUSDT", "ETHUSDT"]
+    after = rows_of(spool)
+    assert after.columns == before.columns
+    key = ["symbol", "last_update_id"]
+    assert after.sort(key).equals(before.sort(key))

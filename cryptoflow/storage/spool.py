@@ -119,24 +119,19 @@ def dataset_of(key: str) -> str:
 PARTITION_COLUMNS = ("exchange", "market", "symbol")
 
 
-def _partition_runs(
-    frame: pl.DataFrame, *, keep_partition_columns: bool = True
-) -> list[tuple[tuple[str, str, str], pl.DataFrame]]:
-    """(partition, rows) in order of first appearance: zero-copy slices when each
-    partition is one contiguous run (as the writer makes journals), else gathered.
-    Without `keep_partition_columns` the rows leave out exchange/market/symbol."""
+def _partition_runs(frame: pl.DataFrame) -> list[tuple[tuple[str, str, str], pl.DataFrame]]:
+    """(partition, rows without the partition columns) in order of first appearance:
+    zero-copy slices when each partition is one contiguous run (as the writer makes
+    journals), else gathered."""
     cols = list(PARTITION_COLUMNS)
     ids = frame.select(pl.struct(cols).rle_id().alias("run")).get_column("run")
     groups = frame.group_by(cols, maintain_order=True).agg(pl.len().alias("n"))
     if frame.height and ids[-1] + 1 != groups.height:  # a partition in several runs
         return [
-            (
-                tuple(part.get_column(c)[0] for c in cols),  # type: ignore[misc]
-                part if keep_partition_columns else part.drop(cols),
-            )
+            (tuple(part.get_column(c)[0] for c in cols), part.drop(cols))  # type: ignore[misc]
             for part in frame.partition_by(cols, maintain_order=True)
         ]
-    rows = frame if keep_partition_columns else frame.drop(cols)  # once, not per slice
+    rows = frame.drop(cols)  # once, not per slice
     out, start = [], 0
     for exchange, market, symbol, n in groups.iter_rows():
         out.append(((exchange, market, symbol), rows.slice(start, n)))
@@ -610,7 +605,7 @@ class Spool:
         order: dict[tuple[str, str, str], list[str]] = {}
         for k in keys:
             frame = parquet.decode((self.root / k).read_bytes())
-            for name, piece in _partition_runs(frame, keep_partition_columns=False):
+            for name, piece in _partition_runs(frame):
                 order.setdefault(name, frame.columns)
                 pieces.setdefault(name, []).append(piece)
             del frame
