@@ -61,6 +61,23 @@ class DepthSnapshot:
 
 
 @attrs.frozen(slots=True)
+class SnapshotBody:
+    """A REST depth snapshot as the venue sent it, not parsed yet (Binance polls).
+
+    A poll snapshot of a symbol whose book is already in sync is only stored, so its body
+    can wait for the writer's flush and be parsed there with the other snapshots of that
+    flush in one polars call (`pipeline/bodies.py`), off the event loop and without a
+    Python object per level. The normalizer parses it at once when the book needs it."""
+
+    exchange: str
+    market: str
+    symbol: str  # normalized name
+    body: bytes
+    receive_time: int  # ns, local clock
+    source: SnapshotSource = SnapshotSource.POLL
+
+
+@attrs.frozen(slots=True)
 class DepthDiff:
     """One incremental update from a WebSocket diff stream, ids normalized per venue.
 

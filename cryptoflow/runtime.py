@@ -40,9 +40,10 @@ from cryptoflow.config_schema import EXCHANGES, Settings, Shard, VenueSource
 from cryptoflow.errors import CryptoflowError, StorageError, UsageError
 from cryptoflow.exchanges import registry
 from cryptoflow.exchanges.limits import VENUE_LIMITS, snapshot_cost
-from cryptoflow.models import DepthSnapshot, SnapshotSource
+from cryptoflow.models import DepthSnapshot, SnapshotBody, SnapshotSource
 from cryptoflow.net.http import make_http_client
 from cryptoflow.net.ratelimit import RateBudget
+from cryptoflow.pipeline.bodies import BodyBatch
 from cryptoflow.pipeline.normalize import Normalizer
 from cryptoflow.pipeline.poller import PollStats, poll_snapshots
 from cryptoflow.pipeline.raw import RawCapture, install_rest_hook
@@ -225,7 +226,14 @@ async def run_shard(
     source_ip = plan.shard.source_ip
     venue_of = {sym: venue_sym for sym, venue_sym in plan.symbols}
     raw_send, raw_recv = trio.open_memory_channel[object](app.channels.raw_capacity)
-    normalizer = Normalizer({plan.exchange: venue.rules}, track_book=app.processor.verify_book)
+    #: poll snapshots left unparsed for the writer (where the venue can read them in
+    #: batches and no book is kept: a kept book needs every snapshot's levels)
+    codec = None if app.processor.verify_book else venue.snapshot_codec
+    normalizer = Normalizer(
+        {plan.exchange: venue.rules},
+        track_book=app.processor.verify_book,
+        codecs={plan.exchange: codec} if codec else None,
+    )
     resync = ResyncRouter(ResyncQueue())  # REST fetcher queue + per-connection queues
     stats.normalizer = normalizer
     stats.raw_channel = raw_send
@@ -238,20 +246,25 @@ async def run_shard(
         if raw is not None:
             install_rest_hook(http)
 
-        async def fetch(sym: str, source_kind: SnapshotSource) -> DepthSnapshot:
+        async def fetch(sym: str, source_kind: SnapshotSource) -> DepthSnapshot | SnapshotBody:
+            get = rest.fetch_snapshot
+            if codec is not None and source_kind is SnapshotSource.POLL:
+                get = rest.fetch_snapshot_body  # type: ignore[attr-defined]
             if raw is None:
-                return await rest.fetch_snapshot(
+                return await get(
                     sym, venue_of[sym], depth_limit=source.depth_limit, source=source_kind
                 )
             with raw.rest_slot() as slot:  # raw capture: keep the response body as received
-                snapshot = await rest.fetch_snapshot(
+                snapshot = await get(
                     sym, venue_of[sym], depth_limit=source.depth_limit, source=source_kind
                 )
             raw.rest(plan.exchange, sym, slot, snapshot.receive_time)
             return snapshot
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_run_normalizer, raw_recv, rows_send, normalizer, resync)
+            nursery.start_soon(
+                _run_normalizer, raw_recv, rows_send, normalizer, resync, stats.polls
+            )
             async with raw_send:
                 # pollers stop gracefully (a poll in flight is finished, within
                 # request_timeout); streams and the resync fetcher are cancelled at once
@@ -277,7 +290,8 @@ async def run_shard(
                         polling.deadline = trio.current_time() + settings.app.reader.request_timeout
 
 
-Fetch = Callable[[str, SnapshotSource], Awaitable[DepthSnapshot]]
+#: a poll may return the body unparsed (`SnapshotBody`); a resync fetch always parses
+Fetch = Callable[[str, SnapshotSource], Awaitable[DepthSnapshot | SnapshotBody]]
 
 
 def _start_readers(
@@ -403,11 +417,22 @@ async def _check_instruments(
     return tuple(kept)
 
 
+def _poll_failed(polls: dict[str, PollStats] | None, symbol: str, error: str) -> None:
+    """A poll whose body turned out malformed when parsed (by the normalizer, or at the
+    writer's flush) failed after all: its poller counted it ok, having only fetched it."""
+    poll = polls.get(symbol) if polls is not None else None
+    if poll is not None:
+        poll.ok -= 1
+        poll.failed += 1
+        poll.last_error = error
+
+
 async def _run_normalizer(
     raw_recv: trio.MemoryReceiveChannel,
     rows_send: trio.MemorySendChannel[RowBatch],
     normalizer: Normalizer,
     resync: ResyncQueue | ResyncRouter,
+    polls: dict[str, PollStats] | None = None,
 ) -> None:
     async with raw_recv, rows_send:
         async for item in raw_recv:
@@ -426,7 +451,12 @@ async def _run_normalizer(
                 log.warning(
                     "%s/%s: gap (%s): %s", gap.exchange, gap.symbol, gap.kind.value, gap.reason
                 )
-            batches = out.batches
+            for symbol, error in out.errors:
+                log.warning("snapshot failed: %s", error)
+                _poll_failed(polls, symbol, error)
+            for body in out.bodies:  # the writer reads these; it reports the bad ones here
+                body.on_rejected = functools.partial(_poll_failed, polls, body.symbol)
+            batches: list[RowBatch | BodyBatch] = [*out.batches, *out.bodies]
             # nothing parsed stays referenced while this task waits for the next burst
             del item, items, out
             for batch in batches:

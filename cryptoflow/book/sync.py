@@ -235,6 +235,15 @@ class BookSync:
         r = self._request()
         return Decision(True, gaps=(*d.gaps, gap), need_snapshot=d.need_snapshot or r.need_snapshot)
 
+    def on_unread_snapshot(self) -> bool:
+        """A poll snapshot not parsed yet (`models.SnapshotBody`). True: the book has no use
+        for its content (in sync and no book kept, where `on_snapshot` only counts it), and
+        it is counted here; False: parse it and call `on_snapshot`."""
+        if self.state is BookState.SYNCED and self.book is None:
+            self.counters.snapshots += 1
+            return True
+        return False
+
     def on_snapshot(self, snap: DepthSnapshot) -> Decision:
         """A REST snapshot. When the book waits, it tries to anchor on it; when synced, a
         POLL/REPLAY snapshot at the book's id is a drift check (if the book is kept)."""

@@ -18,6 +18,7 @@ from cryptoflow.errors import UsageError
 from cryptoflow.exchanges.base import Instrument, SymbolMap
 from cryptoflow.models import DepthSnapshot, SnapshotSource
 from cryptoflow.net.ratelimit import RateBudget
+from cryptoflow.pipeline.bodies import SnapshotCodec
 from cryptoflow.pipeline.stream import VenueStream
 
 
@@ -44,10 +45,14 @@ class Venue:
     make_rest: Callable[[httpx.AsyncClient, RateBudget], VenueRestClient]
     #: (cfg, ws_url, venue symbol -> normalized, the shard's REST client of this venue)
     make_stream: Callable[[VenueSource, str, SymbolMap, VenueRestClient], VenueStream]
+    #: poll snapshots read in batches at the writer's flush (`pipeline/bodies.py`); venues
+    #: without one parse each body on arrival. The REST client then has `fetch_snapshot_body`.
+    snapshot_codec: SnapshotCodec | None = None
 
 
 def _binance() -> Venue:
-    from cryptoflow.exchanges.binance import rest, rules, ws
+    from cryptoflow.exchanges.binance import parse, rest, rules, ws
+    from cryptoflow.pipeline import batch
 
     return Venue(
         name="binance",
@@ -58,6 +63,11 @@ def _binance() -> Venue:
         make_rest=rest.BinanceRest,
         make_stream=lambda cfg, url, symbols, _rest: ws.BinanceStream(
             url, cfg.stream_speed, symbols
+        ),
+        snapshot_codec=SnapshotCodec(
+            parse=parse.parse_rest_snapshot,
+            read=batch.read_snapshot_bodies,
+            count_levels=parse.count_snapshot_levels,
         ),
     )
 

@@ -28,6 +28,7 @@ import attrs
 import polars as pl
 
 from cryptoflow.book.sync import BookSync, Decision, SyncCounters, SyncRules
+from cryptoflow.errors import MalformedMessage
 from cryptoflow.models import (
     SCHEMAS,
     UTC_MS,
@@ -36,10 +37,12 @@ from cryptoflow.models import (
     DepthDiff,
     DepthSnapshot,
     Gap,
+    SnapshotBody,
     SnapshotSource,
     StreamEvent,
 )
 from cryptoflow.pipeline import batch as fast
+from cryptoflow.pipeline.bodies import BodyBatch, SnapshotCodec
 from cryptoflow.pipeline.rows import RowBatch
 
 _price = itemgetter(0)
@@ -94,6 +97,10 @@ class NormalizeOutput:
     counters: dict[str, int] = attrs.field(factory=dict)
     #: fast path only: wire-typed frames (the same columns as `batches`' lists)
     frames: list[FrameBatch] = attrs.field(factory=list)
+    #: poll snapshots left unparsed for the writer (`pipeline/bodies.py`)
+    bodies: list[BodyBatch] = attrs.field(factory=list)
+    #: snapshot bodies that could not be parsed: (symbol, message naming exchange, symbol, why)
+    errors: list[tuple[str, str]] = attrs.field(factory=list)
 
 
 @attrs.define(slots=True)
@@ -119,8 +126,16 @@ _NO_LEVELS: list = []
 
 
 class Normalizer:
-    def __init__(self, rules: Mapping[str, SyncRules], *, track_book: bool = False) -> None:
+    def __init__(
+        self,
+        rules: Mapping[str, SyncRules],
+        *,
+        track_book: bool = False,
+        codecs: Mapping[str, SnapshotCodec] | None = None,
+    ) -> None:
         self._rules = dict(rules)
+        #: per exchange: how its `SnapshotBody` items are read (venues that send them)
+        self._codecs = dict(codecs or {})
         self._track_book = track_book
         self._syncs: dict[tuple[str, str], BookSync] = {}
         self._multipliers: dict[tuple[str, str], str] = {}
@@ -151,12 +166,12 @@ class Normalizer:
             total.add(s.counters)
         return total
 
-    def feed(self, item: DepthSnapshot | DepthDiff | StreamEvent) -> NormalizeOutput:
+    def feed(self, item: DepthSnapshot | SnapshotBody | DepthDiff | StreamEvent) -> NormalizeOutput:
         return self.feed_many((item,))
 
     def feed_many(
         self,
-        items: Iterable[DepthSnapshot | DepthDiff | StreamEvent],
+        items: Iterable[DepthSnapshot | SnapshotBody | DepthDiff | StreamEvent],
         *,
         recorded: list[bool] | None = None,
     ) -> NormalizeOutput:
@@ -210,9 +225,13 @@ class Normalizer:
                     counters["dropped"] += 1
                 if d.gaps or d.need_snapshot:
                     decided(d, item)
-            elif cls is DepthSnapshot:
+            elif cls is DepthSnapshot or cls is SnapshotBody:
                 counters["snapshots"] += 1
                 s = self.sync(item.exchange, item.market, item.symbol)
+                if cls is SnapshotBody:
+                    item = self._parse_body(item, s, out)
+                    if item is None:  # left for the writer, or malformed
+                        continue
                 cols = cols_for(Dataset.SNAPSHOTS, item.exchange, item.market, item.symbol)
                 key = (Dataset.SNAPSHOTS, item.exchange, item.market, item.symbol)
                 rows[key] += _snapshot_rows(cols, item, item.last_update_id, item.source)
@@ -238,8 +257,35 @@ class Normalizer:
                         multiplier=self._multipliers.get((exchange, symbol), "1"),
                     )
                 )
+        counters["snapshot_rows"] += sum(b.rows for b in out.bodies)
         out.counters = counters
         return out
+
+    def _parse_body(
+        self, body: SnapshotBody, sync: BookSync, out: NormalizeOutput
+    ) -> DepthSnapshot | None:
+        """An unparsed poll snapshot: handed to the writer as it is when the book has no
+        use for it (`out.bodies`), else parsed now. None when it is left for the writer or
+        malformed (`out.errors`)."""
+        codec = self._codecs[body.exchange]
+        if sync.on_unread_snapshot():
+            out.bodies.append(
+                BodyBatch(
+                    body.exchange,
+                    body.market,
+                    body.symbol,
+                    [body],
+                    codec.count_levels(body.body),
+                    codec,
+                    self._multipliers.get((body.exchange, body.symbol), "1"),
+                )
+            )
+            return None
+        try:
+            return codec.parse(body.body, body.symbol, body.receive_time, body.source)
+        except MalformedMessage as exc:
+            out.errors.append((body.symbol, str(exc)))
+            return None
 
     # --- batch fast path ---------------------------------------------------------------
 

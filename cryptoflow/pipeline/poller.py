@@ -28,7 +28,7 @@ import attrs
 import trio
 
 from cryptoflow.errors import ExchangeError, RateLimited
-from cryptoflow.models import DepthSnapshot
+from cryptoflow.models import DepthSnapshot, SnapshotBody
 
 log = logging.getLogger("cryptoflow.poller")
 
@@ -44,8 +44,8 @@ class PollStats:
 
 
 async def poll_snapshots(
-    fetch: Callable[[], Awaitable[DepthSnapshot]],
-    out: trio.MemorySendChannel[DepthSnapshot],
+    fetch: Callable[[], Awaitable[DepthSnapshot | SnapshotBody]],
+    out: trio.MemorySendChannel[DepthSnapshot | SnapshotBody],
     *,
     exchange: str,
     symbol: str,

@@ -56,7 +56,8 @@ import trio
 
 from cryptoflow.config_schema import BufferSection
 from cryptoflow.errors import SpoolFull, StorageError, StorageRejected
-from cryptoflow.models import Dataset
+from cryptoflow.models import SCHEMAS, Dataset, SnapshotBody
+from cryptoflow.pipeline.bodies import BodyBatch, SnapshotCodec, frame_from_bodies
 from cryptoflow.pipeline.rows import RowBatch
 from cryptoflow.storage import layout, rawfile
 from cryptoflow.storage.base import ObjectStore
@@ -110,6 +111,8 @@ class WriterStats:
     bytes_uploaded: int = 0
     upload_failures: int = 0
     flush_failures: int = 0  # spool refused (SpoolFull) or spool disk error
+    #: poll snapshot bodies left out at the flush: their venue parser rejects them
+    snapshot_bodies_rejected: int = 0
     spool_full_events: int = 0  # flushes refused because the spool is at max_bytes
     spool_warnings: int = 0  # "spool filling" (past 80 % of max_bytes) warnings issued
     raw_files: int = 0  # raw-capture files spooled
@@ -150,9 +153,16 @@ class _Buffer:
     opened_at: float
     columns: dict[str, list] = attrs.field(factory=dict)
     frames: list[pl.DataFrame] = attrs.field(factory=list)
-    rows: int = 0
+    #: poll snapshots not parsed yet: read at the flush, in its thread (`pipeline/bodies`)
+    bodies: list[SnapshotBody] = attrs.field(factory=list)
+    codec: SnapshotCodec | None = None
+    rows: int = 0  # bodies count as the rows they hold if well formed
     list_rows: int = 0  # rows still in `columns`
     frame_bytes: int = 0  # Arrow size of `frames`
+    body_bytes: int = 0  # size of `bodies`
+    #: why bodies were left out at the flush (their venue parser rejects them)
+    rejected: list[str] = attrs.field(factory=list)
+    on_rejected: Callable[[str], None] | None = None  # from the bodies' BodyBatch
     counted_bytes: int = 0  # what the writer's memory gauge holds for this buffer
     retry_at: float = float("-inf")
     failures: int = 0
@@ -168,12 +178,46 @@ class _Buffer:
 
     @property
     def nbytes(self) -> int:
-        """Estimated memory: frames at their Arrow size, list rows at CELL_BYTES a cell."""
-        return self.frame_bytes + self.list_rows * max(1, len(self.columns)) * CELL_BYTES
+        """Estimated memory: frames at their Arrow size, list rows at CELL_BYTES a cell,
+        bodies at their size."""
+        return (
+            self.frame_bytes
+            + self.body_bytes
+            + self.list_rows * max(1, len(self.columns)) * CELL_BYTES
+        )
 
     def frame(self, builder: FrameBuilder) -> pl.DataFrame:
+        """All rows as one frame; in the flush thread (this is where bodies are parsed)."""
         self.compact(builder)
+        if self.bodies:
+            self._read_bodies()
+        if not self.frames:
+            return pl.DataFrame(schema=SCHEMAS[self.key[0]])
         return self.frames[0] if len(self.frames) == 1 else pl.concat(self.frames)
+
+    def _read_bodies(self) -> None:
+        _, exchange, market, symbol = self.key
+        assert self.codec is not None
+        frame, rejected = frame_from_bodies(
+            exchange, market, symbol, self.multiplier, self.codec, self.bodies
+        )
+        self.rejected.extend(rejected)
+        self.bodies, self.body_bytes = [], 0
+        if frame is None:
+            return
+        if self.frames:
+            # rows that came parsed (e.g. a resync snapshot) and bodies read now: keep
+            # the file in arrival order, a snapshot's rows together (stable sort)
+            frame = pl.concat([*self.frames, frame]).sort("receive_time", maintain_order=True)
+            self.frames = []
+        self.frames.append(frame)
+
+    def append_bodies(self, batch: BodyBatch) -> None:
+        self.codec = batch.codec
+        self.on_rejected = batch.on_rejected
+        self.bodies.extend(batch.bodies)
+        self.body_bytes += batch.nbytes
+        self.rows += batch.rows
 
     def append(self, batch: RowBatch) -> None:
         self.list_rows += batch.rows
@@ -435,7 +479,7 @@ class Writer:
             return True
         return self.max_buffered_rows is not None and s.buffered_rows >= self.max_buffered_rows
 
-    def _append(self, batch: RowBatch) -> None:
+    def _append(self, batch: RowBatch | BodyBatch) -> None:
         if batch.rows <= 0:
             return
         key: BufferKey = (Dataset(batch.dataset), batch.exchange, batch.market, batch.symbol)
@@ -449,9 +493,12 @@ class Writer:
             self._buffers[key] = buf
             self._wake_flusher()  # a new buffer: the next deadline may be earlier
         before = buf.nbytes
-        buf.append(batch)
-        if buf.list_rows >= COMPACT_ROWS:
-            buf.compact(self.frame_builder)
+        if type(batch) is BodyBatch:
+            buf.append_bodies(batch)
+        else:
+            buf.append(batch)
+            if buf.list_rows >= COMPACT_ROWS:
+                buf.compact(self.frame_builder)
         dataset = key[0].value
         self.stats.rows_received[dataset] += batch.rows
         self.stats.rows_by_symbol[(dataset, key[1], key[3])] += batch.rows
@@ -523,6 +570,13 @@ class Writer:
         self._set_buffered(-buf.rows, -buf.counted_bytes)
         s = self.stats
         s.flushes += 1
+        if buf.rejected:
+            s.snapshot_bodies_rejected += len(buf.rejected)
+            for why in buf.rejected:
+                log.warning("snapshot failed: %s (left out at the flush)", why)
+                if buf.on_rejected is not None:
+                    buf.on_rejected(why)
+            buf.rejected = []
         now = trio.current_time()
         for entry, rows in result:
             if entry.key not in counted:

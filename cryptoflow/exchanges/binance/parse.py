@@ -77,6 +77,12 @@ def _levels(obj: dict, field: str, symbol: str) -> list:
     return levels
 
 
+def count_snapshot_levels(body: bytes) -> int:
+    """The levels in a well-formed depth body: each is one `["price","qty"]` and no other
+    `["` occurs (the writer's accounting for a body it parses later)."""
+    return body.count(b'["')
+
+
 def parse_rest_snapshot(
     body: bytes | str | dict,
     symbol: str,

@@ -6,7 +6,7 @@ import httpx
 
 from cryptoflow.exchanges.base import Instrument
 from cryptoflow.exchanges.binance import parse
-from cryptoflow.models import DepthSnapshot, SnapshotSource
+from cryptoflow.models import MARKET_FUTURES, DepthSnapshot, SnapshotBody, SnapshotSource
 from cryptoflow.net.rest import VenueRest
 
 DEFAULT_REST_URL = "https://fapi.binance.com"
@@ -42,13 +42,27 @@ class BinanceRest(VenueRest):
         depth_limit: int = 1000,
         source: SnapshotSource = SnapshotSource.POLL,
     ) -> DepthSnapshot:
+        raw = await self.fetch_snapshot_body(
+            symbol, venue_symbol, depth_limit=depth_limit, source=source
+        )
+        return parse.parse_rest_snapshot(raw.body, symbol, raw.receive_time, source=source)
+
+    async def fetch_snapshot_body(
+        self,
+        symbol: str,
+        venue_symbol: str,
+        *,
+        depth_limit: int = 1000,
+        source: SnapshotSource = SnapshotSource.POLL,
+    ) -> SnapshotBody:
+        """The depth snapshot unparsed: the poll lane parses it later, in a batch."""
         body, receive_ns = await self.get(
             "/fapi/v1/depth",
             {"symbol": venue_symbol, "limit": depth_limit},
             weight=depth_weight(depth_limit),
             symbol=symbol,
         )
-        return parse.parse_rest_snapshot(body, symbol, receive_ns, source=source)
+        return SnapshotBody(parse.EXCHANGE, MARKET_FUTURES, symbol, bytes(body), receive_ns, source)
 
     async def fetch_instruments(self) -> dict[str, Instrument]:
         body, _ = await self.get("/fapi/v1/exchangeInfo", {}, weight=1)

@@ -1,0 +1,180 @@
+"""Poll snapshots parsed at the writer's flush (`pipeline/bodies.py`) store the same rows
+as the simple path (parse on arrival, `Normalizer.feed`, `frame_from_columns`); bad
+bodies are left out one by one, named, and counted as failed polls.
+
+Inputs: the recorded BTCUSDT REST body (2 x 1000 levels) and damaged copies of it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+import polars as pl
+import pytest
+import trio
+from paths import RECORDED
+
+from cryptoflow.book.sync import BookState
+from cryptoflow.config_schema import BufferSection
+from cryptoflow.exchanges import registry
+from cryptoflow.exchanges.binance.parse import count_snapshot_levels, parse_rest_snapshot
+from cryptoflow.exchanges.binance.rules import RULES
+from cryptoflow.models import Dataset, DepthDiff, SnapshotBody, SnapshotSource
+from cryptoflow.pipeline.bodies import BodyBatch, frame_from_bodies
+from cryptoflow.pipeline.normalize import Normalizer, frame_from_columns
+from cryptoflow.pipeline.writer import run_writer
+from cryptoflow.storage.local import LocalStore
+from cryptoflow.storage.spool import Spool
+from cryptoflow.tools.recording import iter_records
+
+BTC = RECORDED / "binance" / "futures_depth_BTCUSDT_2024-08-08.jsonl.gz"
+CODEC = registry.get_venue("binance").snapshot_codec
+EX, MKT, SYM = "binance", "futures", "BTCUSDT"
+
+pytestmark = pytest.mark.skipif(not BTC.exists(), reason=f"shared recordings absent ({BTC})")
+
+
+def recorded_body() -> tuple[bytes, int]:
+    for rec in iter_records(BTC):
+        if rec.kind == "rest_snapshot":
+            return orjson.dumps(rec.msg), rec.recv_ns
+    raise AssertionError("no rest_snapshot in the recording")
+
+
+def bodies(n: int = 3, **edits: object) -> list[SnapshotBody]:
+    """n poll bodies 10 s apart; `edits` replace top-level fields of the recorded body."""
+    body, recv = recorded_body()
+    if edits:
+        obj = orjson.loads(body)
+        obj.update(edits)
+        body = orjson.dumps(obj)
+    return [SnapshotBody(EX, MKT, SYM, body, recv + i * 10**10) for i in range(n)]
+
+
+def simple_frame(items: list[SnapshotBody]) -> pl.DataFrame:
+    """The simple path: parse each body on arrival, normalize, one frame from the lists."""
+    norm = Normalizer({EX: RULES})
+    cols: dict[str, list] = {}
+    for b in items:
+        snap = parse_rest_snapshot(b.body, SYM, b.receive_time, b.source)
+        for batch in norm.feed_many([snap]).batches:
+            for name, values in batch.columns.items():
+                cols.setdefault(name, []).extend(values)
+    return frame_from_columns(Dataset.SNAPSHOTS, EX, MKT, SYM, cols)
+
+
+def test_batch_read_equals_the_simple_path_on_the_recorded_body():
+    items = bodies(3)
+    frame, rejected = frame_from_bodies(EX, MKT, SYM, "1", CODEC, items)
+    assert rejected == []
+    assert frame.height == 3 * 2000 == sum(count_snapshot_levels(b.body) for b in items)
+    assert frame.equals(simple_frame(items))
+
+
+def test_a_body_outside_the_exact_wire_shape_is_read_one_by_one_with_the_same_rows(monkeypatch):
+    items = bodies(2)
+    pretty = orjson.dumps(orjson.loads(items[1].body), option=orjson.OPT_INDENT_2)
+    items[1] = SnapshotBody(EX, MKT, SYM, pretty, items[1].receive_time)
+    assert CODEC.read([b.body for b in items], [0, 0], "poll") is None  # not the fast shape
+    frame, rejected = frame_from_bodies(EX, MKT, SYM, "1", CODEC, items)
+    assert rejected == [] and frame.equals(simple_frame(items))
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        (lambda b: b[:-40], "invalid JSON"),  # truncated
+        (lambda b: b.replace(b'"lastUpdateId"', b'"lastUpdateID"', 1), "lastUpdateId"),
+        (lambda b: b.replace(b'["', b'[1,"', 1), "string pair"),  # a level of three
+        (lambda b: b.replace(b'["', b'["x', 1), "not a number"),  # price "x6..."
+    ],
+)
+def test_a_bad_body_is_left_out_named_and_the_others_kept(damage, why):
+    good = bodies(3)
+    bad = SnapshotBody(EX, MKT, SYM, damage(good[1].body), good[1].receive_time)
+    items = [good[0], bad, good[2]]
+    frame, rejected = frame_from_bodies(EX, MKT, SYM, "1", CODEC, items)
+    assert len(rejected) == 1 and "BTCUSDT" in rejected[0] and why in rejected[0], rejected
+    assert frame.equals(simple_frame([good[0], good[2]]))
+
+
+def diff(first: int, last: int, recv: int) -> DepthDiff:
+    return DepthDiff(EX, MKT, SYM, 1, 1, first, last, first - 1, [("1", "1")], [], recv)
+
+
+def test_normalizer_parses_a_body_the_book_needs_and_defers_the_others():
+    (item,) = bodies(1)
+    lid = orjson.loads(item.body)["lastUpdateId"]
+    norm = Normalizer({EX: RULES}, codecs={EX: CODEC})
+    # waiting for a snapshot: parsed now (rows as lists) and the book anchors on it
+    out = norm.feed_many([diff(lid - 5, lid + 3, 1), item])
+    assert [b.dataset for b in out.batches] == [Dataset.DELTAS, Dataset.SNAPSHOTS]
+    assert out.batches[1].rows == 2000 and out.bodies == []
+    assert norm.sync(EX, MKT, SYM).state is BookState.SYNCED
+    # in sync: left unparsed for the writer, counted by its levels
+    out = norm.feed_many([diff(lid + 4, lid + 9, 2), item])
+    assert [b.dataset for b in out.batches] == [Dataset.DELTAS]
+    (batch,) = out.bodies
+    assert batch.bodies == [item] and batch.rows == 2000 and batch.codec is CODEC
+    assert out.counters["snapshot_rows"] == 2000
+    assert norm.sync(EX, MKT, SYM).counters.snapshots == 2
+
+
+def test_normalizer_reports_a_malformed_body_it_must_parse():
+    (item,) = bodies(1)
+    bad = SnapshotBody(EX, MKT, SYM, item.body[:100], item.receive_time)
+    out = Normalizer({EX: RULES}, codecs={EX: CODEC}).feed_many([bad])
+    assert out.batches == [] and out.bodies == []
+    ((symbol, message),) = out.errors
+    assert symbol == SYM and "binance/BTCUSDT" in message and "invalid JSON" in message
+
+
+async def test_writer_stores_bodies_with_parsed_rows_in_arrival_order(tmp_path, caplog):
+    """A buffer holding a parsed (resync) snapshot between two bodies, and a bad body:
+    the file has the good rows in receive order; the bad one is logged and reported."""
+    items = bodies(4)
+    bad = SnapshotBody(EX, MKT, SYM, items[3].body[:-40], items[3].receive_time)
+    resync = parse_rest_snapshot(items[1].body, SYM, items[1].receive_time, SnapshotSource.RESYNC)
+    (resync_rows,) = Normalizer({EX: RULES}).feed_many([resync]).batches
+    rejected: list[str] = []
+
+    def body_batch(b: SnapshotBody) -> BodyBatch:
+        n = count_snapshot_levels(b.body)
+        return BodyBatch(EX, MKT, SYM, [b], n, CODEC, on_rejected=rejected.append)
+
+    out = tmp_path / "out"
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    send, recv = trio.open_memory_channel(10)
+    async with trio.open_nursery() as nursery:
+        writer = await nursery.start(
+            lambda task_status: run_writer(
+                recv,
+                LocalStore(out),
+                spool,
+                BufferSection(),
+                limiter=trio.CapacityLimiter(2),
+                task_status=task_status,
+            )
+        )
+        for batch in (body_batch(items[0]), resync_rows, body_batch(items[2]), body_batch(bad)):
+            await send.send(batch)
+        await send.aclose()  # end of input: final flush and upload
+    (path,) = out.rglob("*.parquet")
+    stored = pl.read_parquet(path)
+    expected = pl.concat(
+        [
+            simple_frame([items[0]]),
+            frame_from_columns(Dataset.SNAPSHOTS, EX, MKT, SYM, resync_rows.columns),
+            simple_frame([items[2]]),
+        ]
+    )
+    assert stored.equals(expected)
+    assert stored["source"].to_list() == ["poll"] * 2000 + ["resync"] * 2000 + ["poll"] * 2000
+    assert writer.stats.rows_spooled["snapshots"] == 6000
+    assert writer.stats.snapshot_bodies_rejected == 1
+    assert len(rejected) == 1 and "invalid JSON" in rejected[0]
+    assert any(
+        r.levelno == logging.WARNING and "snapshot failed: binance/BTCUSDT" in r.getMessage()
+        for r in caplog.records
+    )
