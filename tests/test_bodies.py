@@ -130,6 +130,24 @@ def test_normalizer_reports_a_malformed_body_it_must_parse():
     assert symbol == SYM and "binance/BTCUSDT" in message and "invalid JSON" in message
 
 
+def test_a_body_without_levels_is_parsed_at_once_even_in_sync():
+    """Nothing to gain from deferring it, and an error page is reported when it comes."""
+    (item,) = bodies(1)
+    lid = orjson.loads(item.body)["lastUpdateId"]
+    norm = Normalizer({EX: RULES}, codecs={EX: CODEC})
+    norm.feed_many([diff(lid - 5, lid + 3, 1), item])
+    assert norm.sync(EX, MKT, SYM).state is BookState.SYNCED
+    page = SnapshotBody(EX, MKT, SYM, b"<html>502 Bad Gateway</html>", item.receive_time)
+    out = norm.feed_many([page])
+    assert out.bodies == [] and out.batches == []
+    ((_, message),) = out.errors
+    assert "binance/BTCUSDT" in message and "invalid JSON" in message
+    empty = bodies(1, bids=[], asks=[])[0]
+    out = norm.feed_many([empty])
+    assert out.bodies == [] and out.errors == [] and out.batches == []
+    assert norm.sync(EX, MKT, SYM).counters.snapshots == 2  # the error page was none
+
+
 async def test_writer_stores_bodies_with_parsed_rows_in_arrival_order(tmp_path, caplog):
     """A buffer holding a parsed (resync) snapshot between two bodies, and a bad body:
     the file has the good rows in receive order; the bad one is logged and reported."""

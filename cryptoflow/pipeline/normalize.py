@@ -268,14 +268,17 @@ class Normalizer:
         use for it (`out.bodies`), else parsed now. None when it is left for the writer or
         malformed (`out.errors`)."""
         codec = self._codecs[body.exchange]
-        if sync.on_unread_snapshot():
+        # a body without levels costs nothing to parse now, and one that is not a depth
+        # snapshot at all (an error page) is then reported at once
+        levels = codec.count_levels(body.body)
+        if levels and sync.on_unread_snapshot():
             out.bodies.append(
                 BodyBatch(
                     body.exchange,
                     body.market,
                     body.symbol,
                     [body],
-                    codec.count_levels(body.body),
+                    levels,
                     codec,
                     self._multipliers.get((body.exchange, body.symbol), "1"),
                 )
