@@ -398,3 +398,243 @@ def test_unusual_snapshot_bodies_go_to_the_simple_path(change):
 def test_book_tracking_keeps_the_simple_path():
     norm = Normalizer({"binance": RULES}, track_book=True)
     assert norm.feed_frames("binance", MARKET_FUTURES, [GOOD], [1]) is None
+
+
+# --- the level arrays: every shape the grammar refuses, and unusual ones it reads ---------
+
+#: level arrays (JSON text) outside `[["<str>","<str>"],...]`: each must send the batch to
+#: the simple path, in a snapshot body and in a diff frame, as bids and as asks
+BAD_LEVELS = {
+    "triple": b'[["1","2","3"]]',
+    "single": b'[["1"]]',
+    "empty_pair": b"[[]]",
+    "empty_pair_after": b'[["1","2"],[]]',
+    # as many strings as two pairs, grouped wrongly: counting quotes would not see it
+    "regrouped": b'[["1","2","3"],["4"]]',
+    "regrouped_3": b'[["1","2"],["3","4","5"],["6"]]',
+    "number_price": b'[[1,"2"]]',
+    "number_quantity": b'[["1",2]]',
+    "null_quantity": b'[["1",null]]',
+    "nested": b'[[["1"],"2"]]',
+    "pair_not_in_list": b'["1","2"]',
+    "bare_strings": b'["1","2","3","4"]',
+    "object": b'[{"p":"1","q":"2"}]',
+    "null_level": b'[["1","2"],null]',
+    "string_level": b'[["1","2"],"x"]',
+    "null": b"null",
+    "string": b'"x"',
+    "no_comma_between_pairs": b'[["1","2"]["3","4"]]',
+    "no_comma_in_pair": b'[["1""2"]]',
+    "semicolon": b'[["1";"2"]]',
+    "trailing_comma": b'[["1","2"],]',
+    "leading_comma": b'[,["1","2"]]',
+    "extra_close": b'[["1","2"]]]',
+    "missing_close": b'[["1","2"]',
+    "missing_pair_close": b'[["1","2",["3","4"]]',
+    "unquoted": b'[["1","2],["3","4"]]',
+    "space_in_pair": b'[["1", "2"]]',
+    "space_between_pairs": b'[["1","2"], ["3","4"]]',
+    "space_before": b' [["1","2"]]',
+    "newline_between_pairs": b'[["1","2"],\n["3","4"]]',
+    "escaped_quote": b'[["1\\"2","3"]]',
+    "escaped_digit": b'[["6100\\u0030","1"]]',
+    "escaped_backslash": b'[["1\\\\","2"]]',
+    "raw_tab": b'[["1\t","2"]]',
+    "raw_newline": b'[["1","2\n"]]',
+    "raw_control": b'[["1\x01","2"]]',
+    "raw_nul": b'[["1","\x00"]]',
+}
+
+#: unusual but exact level arrays: read, and equal to what orjson gives
+ODD_LEVELS = {
+    "empty": b"[]",
+    "empty_strings": b'[["",""]]',
+    # a string that is exactly `],[`: the reader before the one-regex grammar split the
+    # levels at `"],["` and read this pair wrong
+    "brackets_in_strings": b'[["[1]","],["],["]","["]]',
+    "separators_in_strings": b'[[",",":"],["],[","}"]]',
+    "non_ascii": '[["61000.1é","日本"],["\u2028","\x7f"]]'.encode(),
+    "long_strings": b'[["123456789012345.123456789","0.000000000000000001"],["1","2"]]',
+    "one_level": b'[["61000.10","0.5"]]',
+}
+
+
+def _snapshot_raw(
+    bids: bytes, asks: bytes, head: bytes = b'"lastUpdateId":50,"E":7,"T":6'
+) -> bytes:
+    return b"{" + head + b',"bids":' + bids + b',"asks":' + asks + b"}"
+
+
+def _diff_raw(b: bytes, a: bytes, wrapped: bool = True, u: int = 12) -> bytes:
+    data = (
+        b'{"e":"depthUpdate","E":1723161256299,"T":1723161256298,"s":"BTCUSDT",'
+        b'"U":10,"u":' + str(u).encode() + b',"pu":9,"b":' + b + b',"a":' + a + b"}"
+    )
+    return b'{"stream":"btcusdt@depth@0ms","data":' + data + b"}" if wrapped else data
+
+
+def _expected_diff_rows(frames: list[bytes]) -> pl.DataFrame:
+    """The rows `read_diff_frames` must give, from orjson."""
+    rows = []
+    for i, frame in enumerate(frames):
+        d = orjson.loads(frame)
+        d = d.get("data", d)
+        for side, key in (("bid", "b"), ("ask", "a")):
+            rows += [(i, d["E"], d["T"], d["U"], d["u"], d["pu"], side, p, q) for p, q in d[key]]
+    schema = {
+        "_i": pl.UInt32,
+        "timestamp": pl.Int64,
+        "transaction_time": pl.Int64,
+        "first_update_id": pl.Int64,
+        "last_update_id": pl.Int64,
+        "prev_update_id": pl.Int64,
+        "side": pl.String,
+        "price": pl.String,
+        "raw_quantity": pl.String,
+    }
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def _expected_snapshot_rows(bodies: list[bytes], recv: list[int], source: str) -> pl.DataFrame:
+    """The rows `read_snapshot_bodies` must give, from orjson (as `parse_rest_snapshot`)."""
+    rows = []
+    for i, (body, t) in enumerate(zip(bodies, recv, strict=True)):
+        d = orjson.loads(body)
+        ev = d.get("E", d.get("T", t // 1_000_000))
+        for side, key in (("bid", "bids"), ("ask", "asks")):
+            rows += [
+                (i, ev, d.get("T"), t, d["lastUpdateId"], side, j, p, q, source)
+                for j, (p, q) in enumerate(d[key])
+            ]
+    schema = {
+        "_i": pl.UInt32,
+        "timestamp": pl.Int64,
+        "transaction_time": pl.Int64,
+        "receive_time": pl.Int64,
+        "last_update_id": pl.Int64,
+        "side": pl.String,
+        "level": pl.Int64,
+        "price": pl.String,
+        "raw_quantity": pl.String,
+        "source": pl.String,
+    }
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def _assert_frame(got: pl.DataFrame, want: pl.DataFrame) -> None:
+    assert got.schema == want.schema
+    assert got.equals(want), (got, want)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_LEVELS))
+def test_bad_level_arrays_go_to_the_simple_path(name):
+    bad, ok = BAD_LEVELS[name], b'[["1","2"]]'
+    good_body = _snapshot_raw(ok, ok)
+    for body in (_snapshot_raw(bad, ok), _snapshot_raw(ok, bad), _snapshot_raw(bad, bad)):
+        assert batch.read_snapshot_bodies([good_body, body], [1, 2], "poll") is None
+        assert batch.read_snapshot_bodies([body], [1], "poll") is None
+    for wrapped in (True, False):
+        good = _diff_raw(ok, ok, wrapped)
+        for frame in (_diff_raw(bad, ok, wrapped), _diff_raw(ok, bad, wrapped)):
+            assert batch.read_diff_frames([good, frame]) is None
+            assert batch.read_diff_frames([frame]) is None
+
+
+@pytest.mark.parametrize("name", sorted(ODD_LEVELS))
+def test_unusual_level_arrays_are_read_exactly(name):
+    odd, ok = ODD_LEVELS[name], b'[["61000.10","0.5"],["61000.00","0.000"]]'
+    bodies = [
+        _snapshot_raw(odd, ok),
+        _snapshot_raw(ok, odd, head=b'"lastUpdateId":51'),  # no E, no T
+        _snapshot_raw(odd, odd, head=b'"lastUpdateId":52,"T":8'),
+    ]
+    recv = [1_723_161_256_000_000_001, 1_723_161_257_000_000_002, 1_723_161_258_000_000_003]
+    got = batch.read_snapshot_bodies(bodies, recv, "poll")
+    assert got is not None
+    _assert_frame(got.rows, _expected_snapshot_rows(bodies, recv, "poll"))
+    assert got.heads.rows() == [(50, 7, 6), (51, 1_723_161_257_000, None), (52, 8, 8)]
+    # the simple path reads them alike
+    for body, t in zip(bodies, recv, strict=True):
+        snapshot = binance_parse.parse_rest_snapshot(body, "BTCUSDT", t)
+        assert [snapshot.bids, snapshot.asks] == [orjson.loads(body)[k] for k in ("bids", "asks")]
+    for wrapped in (True, False):
+        frames = [
+            _diff_raw(odd, ok, wrapped),
+            _diff_raw(ok, odd, wrapped),
+            _diff_raw(odd, odd, wrapped),
+        ]
+        got = batch.read_diff_frames(frames)
+        assert got is not None
+        _assert_frame(got.rows, _expected_diff_rows(frames))
+        assert got.heads.height == 3
+
+
+def test_batches_with_empty_sides_keep_the_row_order():
+    """Messages without bids, without asks or without both, between others: rows are
+    bids then asks of each message, in message order, with the right message index."""
+    lv = [b"[]", b'[["1","2"]]', b'[["3","4"],["5","6"],["7","8"]]']
+    frames = [_diff_raw(b, a, u=n) for n, (b, a) in enumerate((b, a) for b in lv for a in lv)]
+    got = batch.read_diff_frames(frames)
+    assert got is not None
+    _assert_frame(got.rows, _expected_diff_rows(frames))
+    assert got.heads["u"].to_list() == list(range(9))
+    bodies = [_snapshot_raw(b, a) for b in lv for a in lv]
+    recv = list(range(1, 10))
+    snap = batch.read_snapshot_bodies(bodies, recv, "poll")
+    assert snap is not None
+    _assert_frame(snap.rows, _expected_snapshot_rows(bodies, recv, "poll"))
+    # nothing at all
+    none = batch.read_snapshot_bodies([_snapshot_raw(b"[]", b"[]")], [1], "poll")
+    assert none is not None and none.rows.height == 0
+    _assert_frame(none.rows, _expected_snapshot_rows([_snapshot_raw(b"[]", b"[]")], [1], "poll"))
+
+
+def test_recorded_levels_are_read_exactly():
+    """The fast readers against orjson on the recording (not only through the Normalizer)."""
+    recs = records(BTC)
+    frames = [payload for kind, payload, _, _ in recs if kind == "ws"][:700]
+    got = batch.read_diff_frames(frames)
+    assert got is not None
+    _assert_frame(got.rows, _expected_diff_rows(frames))
+    bodies = [payload for kind, payload, _, _ in recs if kind == "rest_snapshot"][:3]
+    recv = [7 * 10**18 + i for i in range(len(bodies))]
+    snap = batch.read_snapshot_bodies(bodies, recv, "replay")
+    assert snap is not None
+    _assert_frame(snap.rows, _expected_snapshot_rows(bodies, recv, "replay"))
+    assert snap.rows.height == sum(
+        len(orjson.loads(b)["bids"]) + len(orjson.loads(b)["asks"]) for b in bodies
+    )
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b'"lastUpdateId":9223372036854775808',  # one past Int64
+        b'"lastUpdateId":5,"E":99999999999999999999',
+        b'"lastUpdateId":5,"T":-9223372036854775809',
+        b'"lastUpdateId":5,"T":6,"E":7',  # out of order
+        b'"E":7,"lastUpdateId":5',
+        b'"lastUpdateId":5,"E":7,"E":7',
+        b'"lastUpdateId":5,"E":null',
+        b'"lastUpdateId":05',
+        b'"lastUpdateId":5.0',
+        b'"lastUpdateId":-',
+        b'"lastUpdateId":5,',
+        b'"lastUpdateId":"5"',
+    ],
+)
+def test_unusual_snapshot_heads_go_to_the_simple_path(head):
+    ok = b'[["1","2"]]'
+    assert batch.read_snapshot_bodies([_snapshot_raw(ok, ok, head)], [1], "poll") is None
+
+
+def test_snapshot_integers_at_the_int64_limits_are_read():
+    ok = b'[["1","2"]]'
+    heads = [
+        b'"lastUpdateId":9223372036854775807,"E":-9223372036854775808',
+        b'"lastUpdateId":-0,"T":0',
+    ]
+    bodies = [_snapshot_raw(ok, ok, h) for h in heads]
+    got = batch.read_snapshot_bodies(bodies, [1, 2], "poll")
+    assert got is not None
+    _assert_frame(got.rows, _expected_snapshot_rows(bodies, [1, 2], "poll"))

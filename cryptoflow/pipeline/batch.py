@@ -3,32 +3,54 @@
 The simple path (`exchanges/binance/parse.py` + `Normalizer.feed_many`) makes a Python
 dict per frame and a list and two strings per level, and spends most of its time in
 `orjson.loads` and in the garbage collector walking those lists. Here a batch of raw
-frames becomes one polars String column and is parsed with column expressions (Rust
-regex and string splits), so no Python object is made per level: only the per-frame
-header (ids, times, symbol: about 1 % of the values) comes back to Python, for the
-book-sync state machine, and the rows are built with `explode`.
+frames becomes one polars String column and is parsed with column expressions (one Rust
+regex per frame, then one string split), so no Python object is made per level: only
+the per-frame header (ids, times, symbol: about 1 % of the values) comes back to Python,
+for the book-sync state machine, and the rows are built with `explode`.
 
 Exactness. The fast path reads only the exact wire shape Binance sends, checked in full
-before anything is used:
+before anything is used: every frame must match, from its first byte to its last, one
+regex that spells that shape out (`_DIFF_WRAPPED`, `_DIFF_BARE`, `_SNAPSHOT`):
 
-- the whole frame matches a fixed grammar: the keys in Binance's order, each once, ids
-  and times as JSON integers (no fraction, exponent or leading zero), `T` an integer or
-  null, `s` a string, `b`/`a` arrays of `["<text>","<text>"]` pairs and nothing else,
-  no whitespace between tokens;
-- no backslash and no control character anywhere, so every JSON string is its bytes
-  verbatim (nothing to unescape) and a `"` only ever delimits a string, which makes the
-  splits at `,"b":[` and `],"a":[` unambiguous;
-- integers fit in Int64.
+- the keys in Binance's order, each once, ids and times as JSON integers (no fraction,
+  exponent or leading zero), `T` an integer or null, `s` a string, `b`/`a` arrays of
+  `["<str>","<str>"]` pairs and nothing else, no whitespace between tokens;
+- every string's content (`_STR`) without `"`, backslash or control character, so every
+  JSON string is its bytes verbatim (nothing to unescape) and a `"` only ever delimits
+  a string. Outside strings the grammar has only fixed ASCII punctuation, letters and
+  digits, so this is the same as "no backslash and no control character anywhere";
+- integers fit in Int64 (the captured digits are cast, a failed cast refuses the batch).
 
 That is a subset of JSON on which `orjson.loads` + `parse_ws_message` give exactly these
 values. Anything else (a control frame, an extra field, pretty-printed JSON, an escape,
 a number where a string belongs, a malformed frame) makes the reader return None and the
-caller runs the simple path for that batch, which decides what is malformed. The first
-attempt here used `pl.read_ndjson` with an explicit schema (the hint in issue 9): it is
-correct with the same guards, but measured only 1.5x `orjson.loads` on this machine and
-needs more guards (it coerces numbers to strings, keeps the first of duplicated keys);
-see docs/benchmarks.md. `tests/test_fastpath.py` compares both paths row for row on the
-recordings and on damaged copies.
+caller runs the simple path for that batch, which decides what is malformed.
+
+The match also captures the header fields and, per side, the level array's text after
+its first `["`: `p","q"],["p","q"]`. As a `"` there only delimits strings, that text
+split at `"` is exactly 4 tokens per level: price, `,`, quantity, and `],[` (`]` after
+the last); the rows are the tokens 4j and 4j + 2 (`_rows`). No other check is needed,
+and no other pass over the levels is made.
+
+Speed. The regexes are written so that at every choice the next byte decides which way
+to go (the optional `E` / `T` of a snapshot as `,"(?:E":..,")?(?:T":..,")?bids"`, not
+`(?:,"E":..)?(?:,"T":..)?,"bids"`): for such a "one-pass" regex the Rust `regex` crate
+fills the capture groups in one scan (its one-pass DFA); the other spelling of the same
+language takes ~10x longer to capture on a 2,000-level body. All steps are eager
+DataFrame calls, which run on the in-memory engine: polars >= 2 runs
+`LazyFrame.collect()` on the streaming engine by default, about 1.5x slower on plans
+this small.
+
+The first attempt here used `pl.read_ndjson` with an explicit schema (the hint in issue
+9): it is correct with the same guards, but measured only 1.5x `orjson.loads` on this
+machine and needs more guards (it coerces numbers to strings, keeps the first of
+duplicated keys); see docs/benchmarks.md. The next checked the same grammar in pieces
+(a scan for backslashes and control characters, splits at `,"b":[` and `],"a":[`, a
+regex per level array) and split the levels at `"],["` and then at `","`: this one
+accepts the same frames in about half the time, and gives the same rows but where a
+price or quantity is exactly `],[` (which that split cut in the wrong place).
+`tests/test_fastpath.py` compares the fast and simple paths row for row on the
+recordings, on damaged copies and on damaged and unusual level arrays.
 """
 
 from __future__ import annotations
@@ -38,20 +60,33 @@ from collections.abc import Sequence
 import attrs
 import polars as pl
 
-_INT = r"(-?(?:0|[1-9][0-9]*))"
-_TEXT = r'"([^"]*)"'
-#: a depthUpdate's fields before the level arrays (bare event; the combined-stream
-#: wrapper `{"stream":"<name>","data":` is a prefix and `}` a suffix)
-_DIFF_HEAD = (
-    rf'"e":"depthUpdate","E":{_INT},"T":(?:{_INT}|null),"s":{_TEXT},'
-    rf'"U":{_INT},"u":{_INT},"pu":{_INT}'
+#: the content of a JSON string read here: no quote, no backslash, no control character
+_STR = r'[^"\\\x00-\x1f]*'
+_INT = r"-?(?:0|[1-9][0-9]*)"
+
+
+def _levels(name: str) -> str:
+    """The inside of a level array: zero or more `["<str>","<str>"]` pairs, joined by `,`.
+    Group `name` is everything after the first `["` (null for an empty array), so that
+    it splits at `"` into 4 tokens per pair: `p`, `,`, `q`, `],[` (`]` for the last)."""
+    pair = rf'{_STR}","{_STR}"\]'
+    return rf'(?:\["(?<{name}>{pair}(?:,\["{pair})*))?'
+
+
+#: a depthUpdate event (bare; the combined-stream wrapper adds a prefix and a `}`)
+_DIFF = (
+    rf'\{{"e":"depthUpdate","E":(?<E>{_INT}),"T":(?:(?<T>{_INT})|null),"s":"(?<s>{_STR})",'
+    rf'"U":(?<U>{_INT}),"u":(?<u>{_INT}),"pu":(?<pu>{_INT}),'
+    rf'"b":\[{_levels("b")}\],"a":\[{_levels("a")}\]\}}'
 )
-_WRAP_PREFIX = r'\{"stream":"[^"]*","data":\{'
-_SNAP_HEAD = rf'\{{"lastUpdateId":{_INT}(?:,"E":{_INT})?(?:,"T":{_INT})?'
-#: the inside of a level array: zero or more ["<text>","<text>"] pairs
-_PAIRS = r'^(?:\["[^"]*","[^"]*"\](?:,\["[^"]*","[^"]*"\])*)?$'
-_UNSAFE = r"[\\\x00-\x1f]"  # an escape or a control character: not read here
-_EMPTY = pl.lit([], pl.List(pl.String))
+_DIFF_BARE = rf"^{_DIFF}$"
+_DIFF_WRAPPED = rf'^\{{"stream":"{_STR}","data":{_DIFF}\}}$'
+#: a REST depth body; `,"E":..` and `,"T":..` are optional (old responses), written as
+#: `,"(?:E":..,")?(?:T":..,")?bids"` so that every choice is decided by the next byte
+_SNAPSHOT = (
+    rf'^\{{"lastUpdateId":(?<lastUpdateId>{_INT}),"(?:E":(?<E>{_INT}),")?(?:T":(?<T>{_INT}),")?'
+    rf'bids":\[{_levels("b")}\],"asks":\[{_levels("a")}\]\}}$'
+)
 
 
 def _text(frames: Sequence[bytes | str]) -> pl.Series | None:
@@ -63,84 +98,62 @@ def _text(frames: Sequence[bytes | str]) -> pl.Series | None:
         return None
 
 
-def _split(text: pl.Series, first: str, second: str, suffix: str) -> pl.DataFrame:
-    """`<head><first><bids><second><asks><suffix>` -> head, bids, asks, unsafe, tail_ok."""
-    f = pl.col("f")
-    return (
-        pl.DataFrame([text])
-        .lazy()
-        .select(
-            f.str.contains(_UNSAFE).alias("unsafe"),
-            f.str.ends_with(suffix).alias("tail_ok"),
-            f.str.strip_suffix(suffix).str.split_exact(first, 1).alias("_h"),
-        )
-        .unnest("_h")
-        .rename({"field_0": "head"})
-        .with_columns(pl.col("field_1").str.split_exact(second, 1).alias("_l"))
-        .drop("field_1")
-        .unnest("_l")
-        .rename({"field_0": "bids", "field_1": "asks"})
-        .collect()
-    )
-
-
-def _checked(parts: pl.DataFrame, header: pl.DataFrame, ints: list[str]) -> bool:
-    """Every frame fully matched: safe bytes, the suffix, a header, two valid level
-    arrays, and integers that fit in Int64."""
-    return bool(
-        pl.concat([parts, header], how="horizontal")
-        .select(
-            ~pl.col("unsafe").any()
-            & pl.col("tail_ok").all()
-            & pl.col("asks").is_not_null().all()  # both separators were found
-            & pl.col("bids").str.contains(_PAIRS).all()
-            & pl.col("asks").str.contains(_PAIRS).all()
-            & pl.all_horizontal(pl.col(ints).is_not_null().all())
-        )
-        .item()
-    )
-
-
-def _levels(col: str) -> pl.Expr:
-    """`["p","q"],["p","q"]` -> list of `p","q` (an empty array -> empty list)."""
-    c = pl.col(col)
-    return (
-        pl.when(c == "")
-        .then(_EMPTY)
-        .otherwise(c.str.strip_prefix('["').str.strip_suffix('"]').str.split('"],["'))
-    )
-
-
-def _flatten(df: pl.DataFrame, head: list[pl.Expr], level: bool) -> pl.DataFrame:
-    """One row per level: `head` columns repeated, `side`, (`level`,) `price`,
-    `raw_quantity`; bids then asks of each message, in message order (as the simple
-    path's `list.extend`). Messages without levels give no row."""
-    b, a = _levels("bids"), _levels("asks")
-    lists = [
-        pl.concat_list(b, a).alias("_lv"),
-        pl.concat_list(
-            pl.lit("bid").repeat_by(b.list.len()).cast(pl.List(pl.String)),
-            pl.lit("ask").repeat_by(a.list.len()).cast(pl.List(pl.String)),
-        ).alias("side"),
+def _match(
+    text: pl.Series, pattern: str, required: list[str], optional: list[str]
+) -> pl.DataFrame | None:
+    """One row per frame: the named groups of `pattern`, the integers `required` and
+    `optional` as Int64; None unless every frame matched and every integer present fits
+    in Int64 (a frame that did not match has null groups: its `required` ones too)."""
+    ints = [pl.col(c).cast(pl.Int64, strict=False) for c in (*required, *optional)]
+    fits = [pl.col(c).cast(pl.Int64, strict=False).is_not_null() for c in required] + [
+        pl.col(c).is_null() | pl.col(c).cast(pl.Int64, strict=False).is_not_null() for c in optional
     ]
-    if level:
-        lists.append(
-            pl.concat_list(pl.int_ranges(0, b.list.len()), pl.int_ranges(0, a.list.len()))
-            .cast(pl.List(pl.Int64))
-            .alias("level")
-        )
-    names = [e.meta.output_name() for e in lists]
-    return (
-        df.lazy()
-        .select(*head, *lists)
-        .filter(pl.col("_lv").list.len() > 0)
-        .explode(*names)
-        .with_columns(pl.col("_lv").str.split_exact('","', 1).alias("_pq"))
-        .unnest("_pq")
-        .rename({"field_0": "price", "field_1": "raw_quantity"})
-        .drop("_lv")
-        .collect()
+    df = (
+        pl.DataFrame([text])
+        .select(pl.col("f").str.extract_groups(pattern))
+        .unnest("f")
+        .with_columns(*ints, pl.all_horizontal(fits).alias("_ok"))
     )
+    return df if df.get_column("_ok").all() else None
+
+
+def _rows(
+    levels: pl.DataFrame, head: dict[str, pl.Series], *, level: bool, source: str | None = None
+) -> pl.DataFrame:
+    """One row per level: `_i` (message index), the `head` columns (a value per message)
+    repeated, `side`, (`level`,) `price`, `raw_quantity` (, `source`); bids then asks of
+    each message, in message order (as the simple path's `list.extend`).
+
+    `levels` has the groups `b` and `a` of `_levels` of every message (`_match` checked
+    them). Segment 2m is message m's bids, 2m + 1 its asks; a segment's text splits at
+    `"` into 4 tokens per level, so in the tokens of all segments, in segment order, the
+    row j's price and quantity are tokens 4j and 4j + 2. A null (empty) segment is left
+    out before `explode` (which would give it a null row)."""
+    k = pl.int_range(2 * pl.len(), dtype=pl.UInt32)
+    text = pl.concat_list("b", "a").explode()  # segment k's text
+    keep = text.is_not_null()
+    segments = levels.select(
+        text.filter(keep).str.split('"').alias("tok"), k.filter(keep).alias("seg")
+    )
+    seg = pl.col("seg").gather_every(4)  # one per row
+    i = (seg // 2).alias("_i")
+    exprs = [
+        i,
+        *(pl.lit(v).gather(i).alias(name) for name, v in head.items()),
+        pl.when(seg % 2 == 0).then(pl.lit("bid")).otherwise(pl.lit("ask")).alias("side"),
+    ]
+    if level:  # the row's index minus the index of its segment's first row
+        n = pl.col("tok").list.len() // 4
+        segments = segments.with_columns((n.cum_sum() - n).cast(pl.Int64).alias("start"))
+        first = pl.col("start").gather_every(4)
+        exprs.append((pl.int_range(pl.len() // 4, dtype=pl.Int64) - first).alias("level"))
+    exprs += [
+        pl.col("tok").gather_every(4, 0).alias("price"),
+        pl.col("tok").gather_every(4, 2).alias("raw_quantity"),
+    ]
+    if source is not None:
+        exprs.append(pl.lit(source, pl.String).alias("source"))
+    return segments.explode("tok").select(exprs)
 
 
 @attrs.frozen
@@ -160,33 +173,18 @@ def read_diff_frames(frames: Sequence[bytes | str]) -> DiffBatch | None:
     if text is None:
         return None
     wrapped = text[0].startswith('{"stream":')
-    parts = _split(text, ',"b":[', '],"a":[', "]}}" if wrapped else "]}")
-    head_re = "^" + (_WRAP_PREFIX if wrapped else r"\{") + _DIFF_HEAD + "$"
-    header = parts.select(pl.col("head").str.extract_groups(head_re)).unnest("head")
-    header = header.select(
-        pl.col("1").cast(pl.Int64, strict=False).alias("E"),
-        pl.col("2").cast(pl.Int64, strict=False).alias("T"),
-        pl.col("3").alias("s"),
-        pl.col("4").cast(pl.Int64, strict=False).alias("U"),
-        pl.col("5").cast(pl.Int64, strict=False).alias("u"),
-        pl.col("6").cast(pl.Int64, strict=False).alias("pu"),
-        # T is null either as JSON null or when it does not fit: tell them apart
-        (pl.col("2").is_null() | pl.col("2").cast(pl.Int64, strict=False).is_not_null()).alias(
-            "_t_ok"
-        ),
-    )
-    if not _checked(parts, header, ["E", "s", "U", "u", "pu"]) or not header["_t_ok"].all():
+    m = _match(text, _DIFF_WRAPPED if wrapped else _DIFF_BARE, ["E", "U", "u", "pu"], ["T"])
+    if m is None:
         return None
-    df = pl.concat([header.drop("_t_ok"), parts.select("bids", "asks")], how="horizontal")
-    head = [
-        pl.int_range(pl.len(), dtype=pl.UInt32).alias("_i"),
-        pl.col("E").alias("timestamp"),
-        pl.col("T").alias("transaction_time"),
-        pl.col("U").alias("first_update_id"),
-        pl.col("u").alias("last_update_id"),
-        pl.col("pu").alias("prev_update_id"),
-    ]
-    return DiffBatch(df.select("s", "E", "T", "U", "u", "pu"), _flatten(df, head, level=False))
+    heads = m.select("s", "E", "T", "U", "u", "pu")
+    head = {
+        "timestamp": heads["E"],
+        "transaction_time": heads["T"],
+        "first_update_id": heads["U"],
+        "last_update_id": heads["u"],
+        "prev_update_id": heads["pu"],
+    }
+    return DiffBatch(heads, _rows(m, head, level=False))
 
 
 @attrs.frozen
@@ -206,33 +204,20 @@ def read_snapshot_bodies(
     text = _text(bodies) if bodies else None
     if text is None:
         return None
-    parts = _split(text, ',"bids":[', '],"asks":[', "]}")
-    raw = parts.select(pl.col("head").str.extract_groups("^" + _SNAP_HEAD + "$")).unnest("head")
-    recv = pl.Series("receive_time", receive_ns, dtype=pl.Int64)
-    header = raw.select(
-        pl.col("1").cast(pl.Int64, strict=False).alias("lastUpdateId"),
-        pl.col("2").cast(pl.Int64, strict=False).alias("E"),
-        pl.col("3").cast(pl.Int64, strict=False).alias("T"),
-        # an E or T that was present must have fit in Int64
-        (
-            (pl.col("2").is_null() | pl.col("2").cast(pl.Int64, strict=False).is_not_null())
-            & (pl.col("3").is_null() | pl.col("3").cast(pl.Int64, strict=False).is_not_null())
-        ).alias("_ok"),
-    )
-    if not _checked(parts, header, ["lastUpdateId"]) or not header["_ok"].all():
+    m = _match(text, _SNAPSHOT, ["lastUpdateId"], ["E", "T"])
+    if m is None:
         return None
-    df = pl.concat([header.drop("_ok"), parts.select("bids", "asks")], how="horizontal")
-    df = df.with_columns(
-        recv,
+    recv = pl.Series("receive_time", receive_ns, dtype=pl.Int64)
+    heads = m.select(
+        "lastUpdateId",
         # as `parse_rest_snapshot`: E, else T, else the receive time in ms
-        pl.coalesce("E", "T", recv // 1_000_000).alias("event_time"),
+        pl.coalesce("E", "T", pl.lit(recv) // 1_000_000).alias("event_time"),
+        "T",
     )
-    head = [
-        pl.int_range(pl.len(), dtype=pl.UInt32).alias("_i"),
-        pl.col("event_time").alias("timestamp"),
-        pl.col("T").alias("transaction_time"),
-        pl.col("receive_time"),
-        pl.col("lastUpdateId").alias("last_update_id"),
-    ]
-    rows = _flatten(df, head, level=True).with_columns(pl.lit(source, pl.String).alias("source"))
-    return SnapshotBatch(df.select("lastUpdateId", "event_time", "T"), rows)
+    head = {
+        "timestamp": heads["event_time"],
+        "transaction_time": heads["T"],
+        "receive_time": recv,
+        "last_update_id": heads["lastUpdateId"],
+    }
+    return SnapshotBatch(heads, _rows(m, head, level=True, source=source))
