@@ -145,6 +145,7 @@ class BookSync:
         self.exchange, self.market, self.symbol = exchange, market, symbol
         self.rules = rules
         checked = rules.checksum is not None
+        self.track_book = track_book  # poll snapshots checked against the book (drift)
         self.book: OrderBook | None = OrderBook() if track_book or checked else None
         self.drift_depth = drift_depth
         self.counters = SyncCounters()
@@ -236,10 +237,11 @@ class BookSync:
         return Decision(True, gaps=(*d.gaps, gap), need_snapshot=d.need_snapshot or r.need_snapshot)
 
     def on_unread_snapshot(self) -> bool:
-        """A poll snapshot not parsed yet (`models.SnapshotBody`). True: the book has no use
-        for its content (in sync and no book kept, where `on_snapshot` only counts it), and
-        it is counted here; False: parse it and call `on_snapshot`."""
-        if self.state is BookState.SYNCED and self.book is None:
+        """A poll snapshot not parsed yet (`models.SnapshotBody`). True: its content is not
+        needed (in sync, and no drift checks: `track_book` off; a book kept only for the
+        venue's checksum, OKX, is checked by every diff instead), and it is counted here;
+        False: parse it and call `on_snapshot`."""
+        if self.state is BookState.SYNCED and not self.track_book:
             self.counters.snapshots += 1
             return True
         return False

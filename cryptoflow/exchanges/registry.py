@@ -87,7 +87,7 @@ def _bybit() -> Venue:
 
 
 def _okx() -> Venue:
-    from cryptoflow.exchanges.okx import rest, rules, ws
+    from cryptoflow.exchanges.okx import batch, parse, rest, rules, ws
 
     return Venue(
         name="okx",
@@ -97,6 +97,11 @@ def _okx() -> Venue:
         rules=rules.RULES,
         make_rest=rest.OkxRest,
         make_stream=lambda cfg, url, symbols, _rest: ws.OkxStream(url, symbols),
+        snapshot_codec=SnapshotCodec(
+            parse=parse.parse_snapshot_body,
+            read=batch.read_snapshot_bodies,
+            count_levels=parse.count_snapshot_levels,
+        ),
     )
 
 

@@ -118,7 +118,12 @@ def _match(
 
 
 def _rows(
-    levels: pl.DataFrame, head: dict[str, pl.Series], *, level: bool, source: str | None = None
+    levels: pl.DataFrame,
+    head: dict[str, pl.Series],
+    *,
+    level: bool,
+    source: str | None = None,
+    tokens: int = 4,
 ) -> pl.DataFrame:
     """One row per level: `_i` (message index), the `head` columns (a value per message)
     repeated, `side`, (`level`,) `price`, `raw_quantity` (, `source`); bids then asks of
@@ -126,16 +131,17 @@ def _rows(
 
     `levels` has the groups `b` and `a` of `_levels` of every message (`_match` checked
     them). Segment 2m is message m's bids, 2m + 1 its asks; a segment's text splits at
-    `"` into 4 tokens per level, so in the tokens of all segments, in segment order, the
-    row j's price and quantity are tokens 4j and 4j + 2. A null (empty) segment is left
-    out before `explode` (which would give it a null row)."""
+    `"` into `tokens` tokens per level (4 for `["p","q"]`, 8 for OKX's four strings), so
+    in the tokens of all segments, in segment order, the row j's price and quantity are
+    tokens `tokens`·j and `tokens`·j + 2. A null (empty) segment is left out before
+    `explode` (which would give it a null row)."""
     k = pl.int_range(2 * pl.len(), dtype=pl.UInt32)
     text = pl.concat_list("b", "a").explode()  # segment k's text
     keep = text.is_not_null()
     segments = levels.select(
         text.filter(keep).str.split('"').alias("tok"), k.filter(keep).alias("seg")
     )
-    seg = pl.col("seg").gather_every(4)  # one per row
+    seg = pl.col("seg").gather_every(tokens)  # one per row
     i = (seg // 2).alias("_i")
     exprs = [
         i,
@@ -143,13 +149,13 @@ def _rows(
         pl.when(seg % 2 == 0).then(pl.lit("bid")).otherwise(pl.lit("ask")).alias("side"),
     ]
     if level:  # the row's index minus the index of its segment's first row
-        n = pl.col("tok").list.len() // 4
+        n = pl.col("tok").list.len() // tokens
         segments = segments.with_columns((n.cum_sum() - n).cast(pl.Int64).alias("start"))
-        first = pl.col("start").gather_every(4)
-        exprs.append((pl.int_range(pl.len() // 4, dtype=pl.Int64) - first).alias("level"))
+        first = pl.col("start").gather_every(tokens)
+        exprs.append((pl.int_range(pl.len() // tokens, dtype=pl.Int64) - first).alias("level"))
     exprs += [
-        pl.col("tok").gather_every(4, 0).alias("price"),
-        pl.col("tok").gather_every(4, 2).alias("raw_quantity"),
+        pl.col("tok").gather_every(tokens, 0).alias("price"),
+        pl.col("tok").gather_every(tokens, 2).alias("raw_quantity"),
     ]
     if source is not None:
         exprs.append(pl.lit(source, pl.String).alias("source"))

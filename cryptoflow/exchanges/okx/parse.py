@@ -1,6 +1,8 @@
 """OKX v5 swaps: pure parsers, bytes -> records (no I/O).
 
 - `parse_rest_snapshot`: `GET /api/v5/market/books` (or `books-full`) body.
+- `parse_snapshot_body`, `count_snapshot_levels`: the same body kept unparsed for the
+  writer's flush (the snapshot lane, `pipeline/bodies.py`; batch reader in `batch.py`).
 - `parse_ws_message`: one frame of `wss://ws.okx.com:8443/ws/v5/public` (book channels,
   events, the literal text `pong`). One `DepthDiff` per element of `data`.
 - `parse_instruments`: `GET /api/v5/public/instruments?instType=SWAP` body.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cryptoflow.errors import RateLimited, RequestRejected, ServerError
 from cryptoflow.exchanges.base import Control, Instrument, SymbolMap, WsItem
 from cryptoflow.exchanges.fields import Fields
 from cryptoflow.exchanges.okx import rules
@@ -79,6 +82,35 @@ def parse_rest_snapshot(
         receive_time=receive_ns,
         source=source,
     )
+
+
+def parse_snapshot_body(
+    body: bytes, symbol: str, receive_ns: int, source: SnapshotSource = SnapshotSource.POLL
+) -> DepthSnapshot:
+    """`parse_rest_snapshot` for a body kept for later (`SnapshotCodec.parse`): the same
+    snapshot, but an error `code` is a `MalformedMessage` too, as that codec promises.
+
+    `OkxRest.fetch_snapshot_body` raises the error a code stands for at fetch time (the
+    rate budget must throttle then) and keeps only bodies that start `{"code":"0",`; one
+    that still has an error code later (a second `code` key: JSON's last one wins) can
+    only be left out, and must not stop the normalizer or fail the writer's flush.
+    """
+    try:
+        return parse_rest_snapshot(body, symbol, receive_ns, source)
+    except (RateLimited, ServerError, RequestRejected) as exc:
+        detail = str(exc).removeprefix(f"{EXCHANGE}/{symbol}: ")
+        raise _malformed(f"error code in a body read after the fetch: {detail}", symbol) from None
+
+
+def count_snapshot_levels(body: bytes) -> int:
+    """The levels in a well-formed books body (the writer's accounting for a body it
+    parses later; the flush counts exactly).
+
+    Each level is one `["px","sz","0","n"]`, so one `["` each; no other `["` occurs in the
+    shape `batch.py` reads unless a string ends in `[`, which OKX's numbers and its
+    success `msg` ("") never do.
+    """
+    return body.count(b'["')
 
 
 def _event(obj: dict[str, Any]) -> Control:

@@ -12,7 +12,7 @@ from cryptoflow.errors import RateLimited
 from cryptoflow.exchanges.base import Instrument
 from cryptoflow.exchanges.limits import OKX_BOOKS_FULL_MAX, OKX_BOOKS_MAX, VENUE_LIMITS
 from cryptoflow.exchanges.okx import parse, rules
-from cryptoflow.models import DepthSnapshot, SnapshotSource
+from cryptoflow.models import MARKET_FUTURES, DepthSnapshot, SnapshotBody, SnapshotSource
 from cryptoflow.net.rest import VenueRest, retry_after_seconds
 
 DEFAULT_REST_URL = rules.REST_BASE
@@ -22,6 +22,9 @@ WEIGHT_LIMIT_PER_MINUTE = VENUE_LIMITS["okx"].limit_per_minute
 #: is one unit of it. (Charging 4, as if it shared `books`' 40 / 2 s, cut OKX polling
 #: to a quarter of the allowed rate: 2 requests / 2 s, 27 symbols every ~27 s.)
 BOOKS_FULL_WEIGHT = 1
+#: how every success body of `books[-full]` starts (`code` first, as a JSON string);
+#: `fetch_snapshot_body` keeps only such bodies unparsed
+SUCCESS_PREFIX = b'{"code":"0",'
 
 
 def depth_request(depth_limit: int) -> tuple[str, int, int]:
@@ -54,10 +57,39 @@ class OkxRest(VenueRest):
         depth_limit: int = OKX_BOOKS_MAX,
         source: SnapshotSource = SnapshotSource.POLL,
     ) -> DepthSnapshot:
+        body, receive_ns = await self._get_books(symbol, venue_symbol, depth_limit)
+        return self._parse(body, symbol, receive_ns, source)
+
+    async def fetch_snapshot_body(
+        self,
+        symbol: str,
+        venue_symbol: str,
+        *,
+        depth_limit: int = OKX_BOOKS_MAX,
+        source: SnapshotSource = SnapshotSource.POLL,
+    ) -> DepthSnapshot | SnapshotBody:
+        """The depth snapshot unparsed, for the poll lane to read later in a batch.
+
+        OKX reports throttles and errors in the body (`code`), and the rate budget must
+        throttle now, not at the writer's flush: a body that does not start with the
+        success prefix is parsed at once, which raises what its code stands for (or
+        returns the snapshot, e.g. for a success body in another layout)."""
+        body, receive_ns = await self._get_books(symbol, venue_symbol, depth_limit)
+        if not body.startswith(SUCCESS_PREFIX):
+            return self._parse(body, symbol, receive_ns, source)
+        return SnapshotBody(parse.EXCHANGE, MARKET_FUTURES, symbol, bytes(body), receive_ns, source)
+
+    async def _get_books(
+        self, symbol: str, venue_symbol: str, depth_limit: int
+    ) -> tuple[bytes, int]:
         path, sz, weight = depth_request(depth_limit)
-        body, receive_ns = await self.get(
+        return await self.get(
             path, {"instId": venue_symbol, "sz": sz}, weight=weight, symbol=symbol
         )
+
+    def _parse(
+        self, body: bytes, symbol: str, receive_ns: int, source: SnapshotSource
+    ) -> DepthSnapshot:
         try:
             return parse.parse_rest_snapshot(body, symbol, receive_ns, source=source)
         except RateLimited as exc:
