@@ -73,7 +73,7 @@ def _binance() -> Venue:
 
 
 def _bybit() -> Venue:
-    from cryptoflow.exchanges.bybit import rest, rules, ws
+    from cryptoflow.exchanges.bybit import batch, parse, rest, rules, ws
 
     return Venue(
         name="bybit",
@@ -83,6 +83,11 @@ def _bybit() -> Venue:
         rules=rules.RULES,
         make_rest=rest.BybitRest,
         make_stream=lambda cfg, url, symbols, _rest: ws.BybitStream(url, cfg.stream_depth, symbols),
+        snapshot_codec=SnapshotCodec(
+            parse=parse.parse_rest_snapshot,
+            read=batch.read_snapshot_bodies,
+            count_levels=parse.count_snapshot_levels,
+        ),
     )
 
 

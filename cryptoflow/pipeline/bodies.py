@@ -26,7 +26,7 @@ from typing import ClassVar
 import attrs
 import polars as pl
 
-from cryptoflow.errors import MalformedMessage
+from cryptoflow.errors import ExchangeError
 from cryptoflow.models import Dataset, DepthSnapshot, SnapshotBody, SnapshotSource
 from cryptoflow.pipeline.batch import SnapshotBatch
 
@@ -35,7 +35,8 @@ from cryptoflow.pipeline.batch import SnapshotBatch
 class SnapshotCodec:
     """How one venue's REST depth bodies are read (see the module docstring)."""
 
-    #: one body -> DepthSnapshot, checked; raises MalformedMessage (the simple path)
+    #: one body -> DepthSnapshot, checked; raises MalformedMessage (the simple path) or
+    #: another ExchangeError (a venue error code the fetch did not catch): left out
     parse: Callable[[bytes, str, int, SnapshotSource], DepthSnapshot]
     #: many bodies -> SnapshotBatch, or None when one is not in the exact wire shape
     read: Callable[[Sequence[bytes], Sequence[int], str], SnapshotBatch | None]
@@ -113,7 +114,7 @@ def _one_by_one(
             frames.append(
                 frame_from_columns(Dataset.SNAPSHOTS, exchange, market, symbol, cols, multiplier)
             )
-        except MalformedMessage as exc:
+        except ExchangeError as exc:  # MalformedMessage; or a venue error code in a body
             rejected.append(str(exc))
         except pl.exceptions.PolarsError as exc:
             rejected.append(f"{exchange}/{symbol}: a price or size is not a number ({exc})")

@@ -28,7 +28,7 @@ import attrs
 import polars as pl
 
 from cryptoflow.book.sync import BookSync, Decision, SyncCounters, SyncRules
-from cryptoflow.errors import MalformedMessage
+from cryptoflow.errors import ExchangeError
 from cryptoflow.models import (
     SCHEMAS,
     UTC_MS,
@@ -286,7 +286,7 @@ class Normalizer:
             return None
         try:
             return codec.parse(body.body, body.symbol, body.receive_time, body.source)
-        except MalformedMessage as exc:
+        except ExchangeError as exc:  # malformed, or an error code the fetch let through
             out.errors.append((body.symbol, str(exc)))
             return None
 

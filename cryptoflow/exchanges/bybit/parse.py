@@ -1,6 +1,8 @@
 """Bybit v5 linear: pure parsers, bytes -> records (no I/O).
 
 - `parse_rest_snapshot`: `GET /v5/market/orderbook?category=linear` body.
+  `is_plain_success`, `count_snapshot_levels`: quick looks at a body the poll lane
+  leaves unparsed until the writer's flush (read then by `exchanges/bybit/batch.py`).
 - `parse_ws_message`: one frame of `wss://stream.bybit.com/v5/public/linear`
   (`orderbook.<depth>.<symbol>` pushes, subscribe acks, pongs).
 - `parse_instruments`: `GET /v5/market/instruments-info?category=linear` body.
@@ -10,7 +12,7 @@ Prices and sizes stay the strings Bybit sent. Ids are normalized as `rules.py` s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -48,6 +50,27 @@ def check_ret_code(obj: Any, symbol: str = "") -> None:
         server_errors=rules.SERVER_ERROR_CODES,
         retry_after=rules.RATE_LIMIT_RETRY_AFTER_S,
     )
+
+
+#: how every success body of `GET /v5/market/orderbook` begins (`retCode` is its first key)
+SUCCESS_PREFIX: Final = b'{"retCode":0,'
+
+
+def is_plain_success(body: bytes) -> bool:
+    """True when `body` is certainly not an error body: it begins with `SUCCESS_PREFIX`,
+    names `"retCode"` only there and holds no backslash (so no other key decodes to
+    `retCode` either: orjson keeps the last of duplicated keys). Such a body can wait for
+    the writer's flush unparsed (`BybitRest.fetch_snapshot_body`); any other body,
+    including every error, throttle and malformed one, must be parsed when it arrives."""
+    return body.startswith(SUCCESS_PREFIX) and body.count(b'"retCode"') == 1 and b"\\" not in body
+
+
+def count_snapshot_levels(body: bytes) -> int:
+    """The levels in a well-formed `/v5/market/orderbook` body: each is one
+    `["price","size"]` and no other `["` occurs (the envelope and `result` hold only
+    `retMsg` "OK", the symbol, integers and `{}`): the writer's accounting for a body it
+    parses later."""
+    return body.count(b'["')
 
 
 def parse_rest_snapshot(

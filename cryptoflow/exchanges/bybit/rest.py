@@ -13,7 +13,7 @@ from cryptoflow.errors import IPBanned, RateLimited
 from cryptoflow.exchanges.base import Instrument
 from cryptoflow.exchanges.bybit import parse, rules
 from cryptoflow.exchanges.limits import VENUE_LIMITS
-from cryptoflow.models import DepthSnapshot, SnapshotSource
+from cryptoflow.models import MARKET_FUTURES, DepthSnapshot, SnapshotBody, SnapshotSource
 from cryptoflow.net.rest import VenueRest, retry_after_seconds
 
 DEFAULT_REST_URL = rules.REST_BASE
@@ -48,13 +48,43 @@ class BybitRest(VenueRest):
         depth_limit: int = rules.REST_DEPTH_MAX_LIMIT,
         source: SnapshotSource = SnapshotSource.POLL,
     ) -> DepthSnapshot:
+        body, receive_ns = await self._get_depth(symbol, venue_symbol, depth_limit)
+        return self._parse_depth(body, symbol, receive_ns, source)
+
+    async def fetch_snapshot_body(
+        self,
+        symbol: str,
+        venue_symbol: str,
+        *,
+        depth_limit: int = rules.REST_DEPTH_MAX_LIMIT,
+        source: SnapshotSource = SnapshotSource.POLL,
+    ) -> DepthSnapshot | SnapshotBody:
+        """The depth snapshot unparsed: the poll lane parses it later, in a batch.
+
+        Bybit reports throttles and errors in HTTP-200 bodies (`retCode`), and those must
+        act now (the budget slows down at once, the poller sees the error). So only a
+        body that is certainly a success (`parse.is_plain_success`) is handed on
+        unparsed; any other is parsed here as `fetch_snapshot` does: it raises what the
+        body stands for, or (a success in an unusual shape) gives the DepthSnapshot."""
+        body, receive_ns = await self._get_depth(symbol, venue_symbol, depth_limit)
+        if not parse.is_plain_success(body):
+            return self._parse_depth(body, symbol, receive_ns, source)
+        return SnapshotBody(parse.EXCHANGE, MARKET_FUTURES, symbol, body, receive_ns, source)
+
+    async def _get_depth(
+        self, symbol: str, venue_symbol: str, depth_limit: int
+    ) -> tuple[bytes, int]:
         limit = max(1, min(depth_limit, rules.REST_DEPTH_MAX_LIMIT))
-        body, receive_ns = await self.get(
+        return await self.get(
             rules.REST_DEPTH_PATH,
             {"category": rules.CATEGORY, "symbol": venue_symbol, "limit": limit},
             weight=1,
             symbol=symbol,
         )
+
+    def _parse_depth(
+        self, body: bytes, symbol: str, receive_ns: int, source: SnapshotSource
+    ) -> DepthSnapshot:
         try:
             return parse.parse_rest_snapshot(body, symbol, receive_ns, source=source)
         except RateLimited as exc:
