@@ -88,6 +88,7 @@ def make_result(writer: WriterStats | None = None) -> tuple[RunResult, trio.Memo
             {("deltas", "binance", "BTCUSDT"): 8, ("snapshots", "binance", "BTCUSDT"): 4}
         )
         writer.files_uploaded, writer.upload_failures = 3, 2
+        writer.snapshot_bodies_rejected = 1
         writer.spool_files, writer.spool_bytes, writer.buffered_rows = 4, 12345, 17
         writer.upload_seconds_sum, writer.upload_seconds_count = 1.5, 3
         writer.upload_seconds_max = 0.9
@@ -141,6 +142,7 @@ def check_counters(data) -> None:
     assert value(data, "cryptoflow_rows_uploaded_total", dataset="deltas") == 6
     assert value(data, "cryptoflow_rows_uploaded_total", dataset="gaps") == 0
     assert value(data, "cryptoflow_upload_failures_total") == 2
+    assert value(data, "cryptoflow_snapshot_bodies_rejected_total") == 1
     assert value(data, "cryptoflow_files_uploaded_total") == 3
     assert value(data, "cryptoflow_spool_bytes") == 12345
     assert value(data, "cryptoflow_spool_files") == 4

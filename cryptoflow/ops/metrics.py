@@ -47,7 +47,8 @@ Writer and spool (one per process):
 - `cryptoflow_flushes_total`, `cryptoflow_flush_failures_total`,
   `cryptoflow_spool_full_events_total`, `cryptoflow_files_spooled_total`,
   `cryptoflow_bytes_spooled_total`, `cryptoflow_files_uploaded_total`,
-  `cryptoflow_bytes_uploaded_total`, `cryptoflow_upload_failures_total`
+  `cryptoflow_bytes_uploaded_total`, `cryptoflow_upload_failures_total`,
+  `cryptoflow_snapshot_bodies_rejected_total` (poll bodies read at the flush and left out)
 - `cryptoflow_buffered_rows`, `cryptoflow_buffered_bytes`, `cryptoflow_writer_backpressure` (0/1),
   `cryptoflow_spool_files`, `cryptoflow_spool_bytes`, `cryptoflow_spool_max_bytes`
   (the latter when the spool is known)
@@ -433,6 +434,10 @@ class RunCollector(Collector):
                 ("files_uploaded", "Files uploaded and verified"),
                 ("bytes_uploaded", "Bytes uploaded and verified"),
                 ("upload_failures", "Failed upload attempts (retried)"),
+                (
+                    "snapshot_bodies_rejected",
+                    "Poll snapshot bodies left out at the flush (malformed; logged)",
+                ),
             ):
                 fam = _counter(f"cryptoflow_{attr}", doc)
                 fam.add_metric([], getattr(ws, attr, 0))
