@@ -155,3 +155,19 @@ def test_excess_digit_count():
     }
     assert excess_digit_count(cols) == 2
     assert pl.Series(["1.000000000000000"]).cast(pl.Float64).item() == 1.0
+
+
+@pytest.mark.parametrize("side", ["bid", "ask"])
+def test_one_change_diffs_give_the_same_rows_as_the_general_path(side):
+    """`_delta_rows` appends a one-level diff (KuCoin's every message) instead of
+    extending: the columns must be what the general path makes of it with a twin level."""
+    level = [("100.5", "2")]
+    one = diff(5, 5, 4, **{f"{side}s": level})
+    two = diff(5, 5, 4, **{f"{side}s": level * 2})
+    cols_one, cols_two = (
+        merged([Normalizer({"binance": RULES}).feed(d)])[(Dataset.DELTAS, "BTCUSDT")]
+        for d in (one, two)
+    )
+    assert cols_one == {name: values[:1] for name, values in cols_two.items()}
+    assert cols_one["side"] == [side] and cols_one["price"] == ["100.5"]
+    assert cols_one["raw_quantity"] == ["2"] and cols_one["prev_update_id"] == [4]

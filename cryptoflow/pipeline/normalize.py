@@ -433,6 +433,20 @@ def _delta_rows(cols: dict[str, list], d: DepthDiff) -> int:
     b, a = d.bids, d.asks
     nb = len(b)
     n = nb + len(a)
+    if n == 1:
+        # one change (every KuCoin message, ~2/3 of all at the full table): appends
+        # cost 0.5 µs where building nine one-item lists to extend with cost 2.2 µs
+        price, qty = b[0] if nb else a[0]
+        cols["timestamp"].append(d.event_time)
+        cols["transaction_time"].append(d.transaction_time)
+        cols["receive_time"].append(d.receive_time)
+        cols["first_update_id"].append(d.first_update_id)
+        cols["last_update_id"].append(d.last_update_id)
+        cols["prev_update_id"].append(d.prev_update_id)
+        cols["side"].append("bid" if nb else "ask")
+        cols["price"].append(price)
+        cols["raw_quantity"].append(qty)
+        return 1
     if not n:
         return 0
     cols["timestamp"].extend([d.event_time] * n)
