@@ -8,6 +8,7 @@ Inputs: the recorded BTCUSDT REST body (2 x 1000 levels) and damaged copies of i
 from __future__ import annotations
 
 import logging
+import re
 
 import orjson
 import polars as pl
@@ -87,7 +88,12 @@ def test_a_body_outside_the_exact_wire_shape_is_read_one_by_one_with_the_same_ro
         (lambda b: b[:-40], "invalid JSON"),  # truncated
         (lambda b: b.replace(b'"lastUpdateId"', b'"lastUpdateID"', 1), "lastUpdateId"),
         (lambda b: b.replace(b'["', b'[1,"', 1), "string pair"),  # a level of three
-        (lambda b: b.replace(b'["', b'["x', 1), "not a number"),  # price "x6..."
+        (lambda b: b.replace(b'["', b'["x', 1), "does not fit"),  # price "x6..."
+        # an id the parser accepts (a JSON integer) but Int64 cannot hold
+        (
+            lambda b: re.sub(rb'"lastUpdateId":\d+', b'"lastUpdateId":%d' % 2**63, b),
+            "does not fit",
+        ),
     ],
 )
 def test_a_bad_body_is_left_out_named_and_the_others_kept(damage, why):

@@ -211,7 +211,7 @@ BAD = {
         lambda b: orjson.dumps({**orjson.loads(edit(b, ts=None)), "time": None}),
         "'time'",
     ),
-    "not-a-number": (_replace(b'[["', b'[["x'), "not a number"),  # price "x59999.90"
+    "not-a-number": (_replace(b'[["', b'[["x'), "does not fit"),  # price "x59999.90"
     "result-missing": (_replace(b'"result":', b'"resul":'), "'result'"),
 }
 

@@ -111,7 +111,7 @@ def _okx() -> Venue:
 
 
 def _kucoin() -> Venue:
-    from cryptoflow.exchanges.kucoin import rest, rules, ws
+    from cryptoflow.exchanges.kucoin import batch, parse, rest, rules, ws
 
     return Venue(
         name="kucoin",
@@ -122,6 +122,11 @@ def _kucoin() -> Venue:
         make_rest=rest.KucoinRest,
         # the WS endpoint comes from bullet-public on the venue's REST host
         make_stream=lambda cfg, url, symbols, rest_client: ws.KucoinStream(rest_client, symbols),
+        snapshot_codec=SnapshotCodec(
+            parse=parse.parse_rest_snapshot,
+            read=batch.read_snapshot_bodies,
+            count_levels=parse.count_snapshot_levels,
+        ),
     )
 
 

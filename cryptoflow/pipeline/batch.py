@@ -55,7 +55,7 @@ recordings, on damaged copies and on damaged and unusual level arrays.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import polars as pl
@@ -117,6 +117,11 @@ def _match(
     return df if df.get_column("_ok").all() else None
 
 
+def _quoted(text: pl.Expr) -> pl.Expr:
+    """A level array's inside `["p","q"],["p","q"]` -> its tokens, split at `"`."""
+    return text.str.split('"')
+
+
 def _rows(
     levels: pl.DataFrame,
     head: dict[str, pl.Series],
@@ -124,23 +129,24 @@ def _rows(
     level: bool,
     source: str | None = None,
     tokens: int = 4,
+    qty: int = 2,
+    split: Callable[[pl.Expr], pl.Expr] = _quoted,
 ) -> pl.DataFrame:
     """One row per level: `_i` (message index), the `head` columns (a value per message)
     repeated, `side`, (`level`,) `price`, `raw_quantity` (, `source`); bids then asks of
     each message, in message order (as the simple path's `list.extend`).
 
     `levels` has the groups `b` and `a` of `_levels` of every message (`_match` checked
-    them). Segment 2m is message m's bids, 2m + 1 its asks; a segment's text splits at
-    `"` into `tokens` tokens per level (4 for `["p","q"]`, 8 for OKX's four strings), so
-    in the tokens of all segments, in segment order, the row j's price and quantity are
-    tokens `tokens`·j and `tokens`·j + 2. A null (empty) segment is left out before
-    `explode` (which would give it a null row)."""
+    them). Segment 2m is message m's bids, 2m + 1 its asks; `split` turns a segment's
+    text into `tokens` tokens per level (at `"`: 4 for `["p","q"]`, 8 for OKX's four
+    strings; KuCoin's numbers split at `,` into 2), so in the tokens of all segments, in
+    segment order, the row j's price and quantity are tokens `tokens`·j and
+    `tokens`·j + `qty`. A null (empty) segment is left out before `explode` (which would
+    give it a null row)."""
     k = pl.int_range(2 * pl.len(), dtype=pl.UInt32)
     text = pl.concat_list("b", "a").explode()  # segment k's text
     keep = text.is_not_null()
-    segments = levels.select(
-        text.filter(keep).str.split('"').alias("tok"), k.filter(keep).alias("seg")
-    )
+    segments = levels.select(split(text.filter(keep)).alias("tok"), k.filter(keep).alias("seg"))
     seg = pl.col("seg").gather_every(tokens)  # one per row
     i = (seg // 2).alias("_i")
     exprs = [
@@ -155,7 +161,7 @@ def _rows(
         exprs.append((pl.int_range(pl.len() // tokens, dtype=pl.Int64) - first).alias("level"))
     exprs += [
         pl.col("tok").gather_every(tokens, 0).alias("price"),
-        pl.col("tok").gather_every(tokens, 2).alias("raw_quantity"),
+        pl.col("tok").gather_every(tokens, qty).alias("raw_quantity"),
     ]
     if source is not None:
         exprs.append(pl.lit(source, pl.String).alias("source"))

@@ -116,8 +116,10 @@ def _one_by_one(
             )
         except ExchangeError as exc:  # MalformedMessage; or a venue error code in a body
             rejected.append(str(exc))
-        except pl.exceptions.PolarsError as exc:
-            rejected.append(f"{exchange}/{symbol}: a price or size is not a number ({exc})")
+        except (pl.exceptions.PolarsError, TypeError, OverflowError) as exc:
+            # a price or size that is not a number, an id beyond Int64: the venue parser
+            # let it through, the stored types cannot hold it
+            rejected.append(f"{exchange}/{symbol}: a value does not fit its column ({exc})")
     if not frames:
         return None, rejected
     return (frames[0] if len(frames) == 1 else pl.concat(frames)), rejected

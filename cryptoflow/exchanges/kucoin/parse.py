@@ -1,6 +1,8 @@
 """KuCoin Futures: pure parsers, bytes -> records (no I/O).
 
 - `parse_rest_snapshot`: `GET /api/v1/level2/snapshot?symbol=XBTUSDTM` body.
+  `is_plain_success`, `count_snapshot_levels`: quick looks at a body the poll lane
+  leaves unparsed until the writer's flush (read then by `exchanges/kucoin/batch.py`).
 - `parse_ws_message`: one frame of the futures public WebSocket (welcome, ack, pong,
   error, `/contractMarket/level2:<symbol>` messages).
 - `parse_instruments`: `GET /api/v1/contracts/active` body.
@@ -15,7 +17,7 @@ is put in `rules.canonical_decimal` form, the same on both lanes. Sizes are lots
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
@@ -115,6 +117,29 @@ def check_code(obj: Any, symbol: str = "") -> None:
         retry_after=rules.RATE_LIMIT_RETRY_AFTER_S,
         as_text=True,
     )
+
+
+#: how every success body of `GET /api/v1/level2/snapshot` begins (`code` is its first key)
+SUCCESS_PREFIX: Final = b'{"code":"200000",'
+
+
+def is_plain_success(body: bytes) -> bool:
+    """True when `body` is certainly not an error body: it begins with `SUCCESS_PREFIX`,
+    names `"code"` only there and holds no backslash (so no other key decodes to `code`
+    either: `json` keeps the last of duplicated keys). Such a body can wait for the
+    writer's flush unparsed (`KucoinRest.fetch_snapshot_body`); any other body, including
+    every error, throttle and malformed one, must be parsed when it arrives."""
+    return body.startswith(SUCCESS_PREFIX) and body.count(b'"code"') == 1 and b"\\" not in body
+
+
+def count_snapshot_levels(body: bytes) -> int:
+    """The levels in a well-formed `/api/v1/level2/snapshot` body: the writer's accounting
+    for a body it parses later (the flush counts exactly).
+
+    Each level is one `[price,size]`: the first of a side opens with `[[`, each other one
+    with `],[`, and no other `[[` or `],[` occurs (the rest of the body is the code, the
+    symbol and two integers)."""
+    return body.count(b"[[") + body.count(b"],[")
 
 
 def parse_rest_snapshot(

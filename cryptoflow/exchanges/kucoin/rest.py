@@ -14,7 +14,7 @@ from cryptoflow.errors import RateLimited
 from cryptoflow.exchanges.base import Instrument
 from cryptoflow.exchanges.kucoin import parse, rules
 from cryptoflow.exchanges.limits import KUCOIN_LEVEL2_SNAPSHOT_WEIGHT, VENUE_LIMITS
-from cryptoflow.models import DepthSnapshot, SnapshotSource
+from cryptoflow.models import MARKET_FUTURES, DepthSnapshot, SnapshotBody, SnapshotSource
 from cryptoflow.net.rest import VenueRest
 
 DEFAULT_REST_URL = rules.REST_BASE
@@ -72,12 +72,41 @@ class KucoinRest(VenueRest):
         source: SnapshotSource = SnapshotSource.POLL,
     ) -> DepthSnapshot:
         del depth_limit  # the level-2 snapshot is always the full book
-        body, receive_ns = await self.get(
+        body, receive_ns = await self._get_snapshot(symbol, venue_symbol)
+        return self._parse_snapshot(body, symbol, receive_ns, source)
+
+    async def fetch_snapshot_body(
+        self,
+        symbol: str,
+        venue_symbol: str,
+        *,
+        depth_limit: int = 0,
+        source: SnapshotSource = SnapshotSource.POLL,
+    ) -> DepthSnapshot | SnapshotBody:
+        """The depth snapshot unparsed: the poll lane parses it later, in a batch.
+
+        KuCoin reports errors and throttles in HTTP-200 bodies too (`code`), and those
+        must act now (the budget slows down at once, the poller sees the error). So only
+        a body that is certainly a success (`parse.is_plain_success`) is handed on
+        unparsed; any other is parsed here as `fetch_snapshot` does: it raises what the
+        body stands for, or (a success in an unusual shape) gives the DepthSnapshot."""
+        del depth_limit  # the level-2 snapshot is always the full book
+        body, receive_ns = await self._get_snapshot(symbol, venue_symbol)
+        if not parse.is_plain_success(body):
+            return self._parse_snapshot(body, symbol, receive_ns, source)
+        return SnapshotBody(parse.EXCHANGE, MARKET_FUTURES, symbol, body, receive_ns, source)
+
+    async def _get_snapshot(self, symbol: str, venue_symbol: str) -> tuple[bytes, int]:
+        return await self.get(
             rules.REST_SNAPSHOT_PATH,
             {"symbol": venue_symbol},
             weight=KUCOIN_LEVEL2_SNAPSHOT_WEIGHT,
             symbol=symbol,
         )
+
+    def _parse_snapshot(
+        self, body: bytes, symbol: str, receive_ns: int, source: SnapshotSource
+    ) -> DepthSnapshot:
         return self._checked(parse.parse_rest_snapshot, body, symbol, receive_ns, source)
 
     async def fetch_instruments(self) -> dict[str, Instrument]:
