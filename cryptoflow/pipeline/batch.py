@@ -56,6 +56,7 @@ recordings, on damaged copies and on damaged and unusual level arrays.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import polars as pl
@@ -207,29 +208,57 @@ class SnapshotBatch:
     rows: pl.DataFrame
 
 
-def read_snapshot_bodies(
-    bodies: Sequence[bytes | str], receive_ns: Sequence[int], source: str
-) -> SnapshotBatch | None:
-    """Raw `GET /fapi/v1/depth` bodies -> SnapshotBatch, or None when a body is not in
-    the exact wire shape (`{"lastUpdateId":..,"E":..,"T":..,"bids":[..],"asks":[..]}`,
-    E and T optional as in old responses)."""
+def match_bodies(
+    bodies: Sequence[bytes | str],
+    receive_ns: Sequence[int],
+    pattern: str,
+    required: list[str],
+    optional: list[str],
+) -> tuple[pl.DataFrame, pl.Series] | None:
+    """REST bodies every one of which `pattern` matches whole -> (`_match`'s groups, the
+    receive times as a column), or None: the first step of every venue's body reader."""
     text = _text(bodies) if bodies else None
-    if text is None:
+    if text is None or len(receive_ns) != len(bodies):
         return None
-    m = _match(text, _SNAPSHOT, ["lastUpdateId"], ["E", "T"])
+    m = _match(text, pattern, required, optional)
     if m is None:
         return None
-    recv = pl.Series("receive_time", receive_ns, dtype=pl.Int64)
-    heads = m.select(
-        "lastUpdateId",
-        # as `parse_rest_snapshot`: E, else T, else the receive time in ms
-        pl.coalesce("E", "T", pl.lit(recv) // 1_000_000).alias("event_time"),
-        "T",
-    )
+    return m, pl.Series("receive_time", receive_ns, dtype=pl.Int64)
+
+
+def snapshot_batch(
+    groups: pl.DataFrame,
+    heads: pl.DataFrame,
+    recv: pl.Series,
+    source: str,
+    **split: Any,
+) -> SnapshotBatch:
+    """The SnapshotBatch of matched bodies from their heads (`lastUpdateId, event_time,
+    T`, a row a body, the names every reader gives them) and receive times; `split`
+    goes to `_rows` (levels other than `["p","q"]`): the last step of every body reader."""
     head = {
         "timestamp": heads["event_time"],
         "transaction_time": heads["T"],
         "receive_time": recv,
         "last_update_id": heads["lastUpdateId"],
     }
-    return SnapshotBatch(heads, _rows(m, head, level=True, source=source))
+    return SnapshotBatch(heads, _rows(groups, head, level=True, source=source, **split))
+
+
+def read_snapshot_bodies(
+    bodies: Sequence[bytes | str], receive_ns: Sequence[int], source: str
+) -> SnapshotBatch | None:
+    """Raw `GET /fapi/v1/depth` bodies -> SnapshotBatch, or None when a body is not in
+    the exact wire shape (`{"lastUpdateId":..,"E":..,"T":..,"bids":[..],"asks":[..]}`,
+    E and T optional as in old responses)."""
+    matched = match_bodies(bodies, receive_ns, _SNAPSHOT, ["lastUpdateId"], ["E", "T"])
+    if matched is None:
+        return None
+    m, recv = matched
+    heads = m.select(
+        "lastUpdateId",
+        # as `parse_rest_snapshot`: E, else T, else the receive time in ms
+        pl.coalesce("E", "T", pl.lit(recv) // 1_000_000).alias("event_time"),
+        "T",
+    )
+    return snapshot_batch(m, heads, recv, source)

@@ -30,7 +30,14 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from cryptoflow.pipeline.batch import _INT, _STR, SnapshotBatch, _levels, _match, _rows, _text
+from cryptoflow.pipeline.batch import (
+    _INT,
+    _STR,
+    SnapshotBatch,
+    _levels,
+    match_bodies,
+    snapshot_batch,
+)
 
 #: a `GET /v5/market/orderbook` success body; `"ts":..,` is optional, written as
 #: `"(?:ts":..,")?u"` so that every choice is decided by the next byte
@@ -48,23 +55,14 @@ def read_snapshot_bodies(
     """Raw `/v5/market/orderbook` bodies -> SnapshotBatch (heads `lastUpdateId, event_time,
     T` as the Binance reader's: `u`, `ts` else `time`, `cts`), or None when a body is not
     in the exact wire shape (see the module docstring)."""
-    text = _text(bodies) if bodies else None
-    if text is None or len(receive_ns) != len(bodies):
+    matched = match_bodies(bodies, receive_ns, _BODY, ["u", "seq", "time"], ["ts", "cts"])
+    if matched is None:
         return None
-    m = _match(text, _BODY, ["u", "seq", "time"], ["ts", "cts"])
-    if m is None:
-        return None
-    recv = pl.Series("receive_time", receive_ns, dtype=pl.Int64)
+    m, recv = matched
     heads = m.select(
         pl.col("u").alias("lastUpdateId"),
         # as `parse_rest_snapshot`: `result.ts`, else the envelope `time`
         pl.coalesce("ts", "time").alias("event_time"),
         pl.col("cts").alias("T"),
     )
-    head = {
-        "timestamp": heads["event_time"],
-        "transaction_time": heads["T"],
-        "receive_time": recv,
-        "last_update_id": heads["lastUpdateId"],
-    }
-    return SnapshotBatch(heads, _rows(m, head, level=True, source=source))
+    return snapshot_batch(m, heads, recv, source)

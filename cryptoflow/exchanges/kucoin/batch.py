@@ -43,7 +43,7 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from cryptoflow.pipeline.batch import _INT, _STR, SnapshotBatch, _match, _rows, _text
+from cryptoflow.pipeline.batch import _INT, _STR, SnapshotBatch, match_bodies, snapshot_batch
 
 #: a level's price or size: a JSON number without sign or exponent (see the docstring)
 _NUM = r"(?:0|[1-9][0-9]{0,99})(?:\.[0-9]+)?"
@@ -102,23 +102,13 @@ def read_snapshot_bodies(
     """Raw `/api/v1/level2/snapshot` bodies -> SnapshotBatch (heads `lastUpdateId,
     event_time, T` as the Binance reader's: `sequence`, `ts` in ms, null), or None when a
     body is not in the exact wire shape (see the module docstring)."""
-    text = _text(bodies) if bodies else None
-    if text is None or len(receive_ns) != len(bodies):
+    matched = match_bodies(bodies, receive_ns, _BODY, ["sequence", "ts"], [])
+    if matched is None:
         return None
-    m = _match(text, _BODY, ["sequence", "ts"], [])
-    if m is None:
-        return None
-    recv = pl.Series("receive_time", receive_ns, dtype=pl.Int64)
+    m, recv = matched
     heads = m.select(
         pl.col("sequence").alias("lastUpdateId"),
         _ns_to_ms(pl.col("ts")).alias("event_time"),
         pl.lit(None, pl.Int64).alias("T"),
     )
-    head = {
-        "timestamp": heads["event_time"],
-        "transaction_time": heads["T"],
-        "receive_time": recv,
-        "last_update_id": heads["lastUpdateId"],
-    }
-    rows = _rows(m, head, level=True, source=source, tokens=2, qty=1, split=_tokens)
-    return SnapshotBatch(heads, rows)
+    return snapshot_batch(m, heads, recv, source, tokens=2, qty=1, split=_tokens)

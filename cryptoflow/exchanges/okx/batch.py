@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import polars as pl
 
 from cryptoflow.exchanges.okx import rules
-from cryptoflow.pipeline.batch import _INT, _STR, SnapshotBatch, _match, _rows, _text
+from cryptoflow.pipeline.batch import _INT, _STR, SnapshotBatch, match_bodies, snapshot_batch
 
 #: one level's inside after its `["`: four strings; split at `"` it is 8 tokens:
 #: px `,` sz `,` deprecated `,` orders `],[` (`]` for the last level of an array)
@@ -58,21 +58,13 @@ def read_snapshot_bodies(
     """Raw `/api/v5/market/books[-full]` bodies -> SnapshotBatch (heads `lastUpdateId,
     event_time, T` as the Binance reader's), or None when a body is not in the exact
     wire shape (see the module docstring)."""
-    text = _text(bodies) if bodies else None
-    if text is None or len(receive_ns) != len(bodies):
+    matched = match_bodies(bodies, receive_ns, _BODY, ["ts"], ["seq"])
+    if matched is None:
         return None
-    m = _match(text, _BODY, ["ts"], ["seq"])
-    if m is None:
-        return None
-    recv = pl.Series("receive_time", receive_ns, dtype=pl.Int64)
-    last_id = m["seq"].fill_null(rules.NO_SEQ_ID).alias("lastUpdateId")
-    event_time = m["ts"].alias("event_time")
-    no_time = pl.Series("T", [None] * len(bodies), dtype=pl.Int64)
-    head = {
-        "timestamp": event_time,
-        "transaction_time": no_time,
-        "receive_time": recv,
-        "last_update_id": last_id,
-    }
-    rows = _rows(m, head, level=True, source=source, tokens=_TOKENS)
-    return SnapshotBatch(pl.DataFrame([last_id, event_time, no_time]), rows)
+    m, recv = matched
+    heads = m.select(
+        pl.col("seq").fill_null(rules.NO_SEQ_ID).alias("lastUpdateId"),
+        pl.col("ts").alias("event_time"),
+        pl.lit(None, pl.Int64).alias("T"),
+    )
+    return snapshot_batch(m, heads, recv, source, tokens=_TOKENS)
