@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 
+import bodies_support
 import orjson
 import polars as pl
 import pytest
@@ -54,15 +55,7 @@ def bodies(n: int = 3, **edits: object) -> list[SnapshotBody]:
 
 
 def simple_frame(items: list[SnapshotBody]) -> pl.DataFrame:
-    """The simple path: parse each body on arrival, normalize, one frame from the lists."""
-    norm = Normalizer({EX: RULES})
-    cols: dict[str, list] = {}
-    for b in items:
-        snap = parse_rest_snapshot(b.body, SYM, b.receive_time, b.source)
-        for batch in norm.feed_many([snap]).batches:
-            for name, values in batch.columns.items():
-                cols.setdefault(name, []).extend(values)
-    return frame_from_columns(Dataset.SNAPSHOTS, EX, MKT, SYM, cols)
+    return bodies_support.simple_frame(RULES, parse_rest_snapshot, items)
 
 
 def test_batch_read_equals_the_simple_path_on_the_recorded_body():

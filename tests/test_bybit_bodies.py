@@ -10,6 +10,7 @@ sees; 2 x 500 levels), the documented example, and damaged copies of them.
 
 from __future__ import annotations
 
+import bodies_support
 import httpx
 import orjson
 import polars as pl
@@ -20,10 +21,9 @@ from cryptoflow.errors import IPBanned, RateLimited, RequestRejected, ServerErro
 from cryptoflow.exchanges.bybit import batch, parse
 from cryptoflow.exchanges.bybit.rest import BybitRest
 from cryptoflow.exchanges.bybit.rules import RULES
-from cryptoflow.models import MARKET_FUTURES, Dataset, DepthSnapshot, SnapshotBody, SnapshotSource
+from cryptoflow.models import MARKET_FUTURES, DepthSnapshot, SnapshotBody, SnapshotSource
 from cryptoflow.net.ratelimit import RateBudget
 from cryptoflow.pipeline.bodies import SnapshotCodec, frame_from_bodies
-from cryptoflow.pipeline.normalize import Normalizer, frame_from_columns
 from cryptoflow.sim.bybit import BybitVenue
 from cryptoflow.sim.faults import Faults, Stats
 from cryptoflow.sim.http import HttpRequest
@@ -98,21 +98,11 @@ def edit(body: bytes, **result_edits: object) -> bytes:
 
 
 def simple_frame(items: list[SnapshotBody], multiplier: str = "1") -> pl.DataFrame:
-    """The simple path: parse each body on arrival, normalize, one frame from the lists."""
-    norm = Normalizer({EX: RULES})
-    cols: dict[str, list] = {}
-    for b in items:
-        snap = parse.parse_rest_snapshot(b.body, SYM, b.receive_time, b.source)
-        for rows in norm.feed_many([snap]).batches:
-            for name, values in rows.columns.items():
-                cols.setdefault(name, []).extend(values)
-    return frame_from_columns(Dataset.SNAPSHOTS, EX, MKT, SYM, cols, multiplier)
+    return bodies_support.simple_frame(RULES, parse.parse_rest_snapshot, items, multiplier)
 
 
 def read(items: list[SnapshotBody]) -> batch.SnapshotBatch | None:
-    return batch.read_snapshot_bodies(
-        [b.body for b in items], [b.receive_time for b in items], items[0].source.value
-    )
+    return bodies_support.read_batch(batch.read_snapshot_bodies, items)
 
 
 # --- (a) the batch read gives the simple path's rows -----------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 
+import bodies_support
 import httpx
 import orjson
 import polars as pl
@@ -24,10 +25,9 @@ import trio
 from cryptoflow.errors import RateLimited, RequestRejected, ServerError
 from cryptoflow.exchanges.kucoin import batch, parse, rules
 from cryptoflow.exchanges.kucoin.rest import KucoinRest
-from cryptoflow.models import MARKET_FUTURES, Dataset, DepthSnapshot, SnapshotBody, SnapshotSource
+from cryptoflow.models import MARKET_FUTURES, DepthSnapshot, SnapshotBody, SnapshotSource
 from cryptoflow.net.ratelimit import RateBudget
 from cryptoflow.pipeline.bodies import SnapshotCodec, frame_from_bodies
-from cryptoflow.pipeline.normalize import Normalizer, frame_from_columns
 from cryptoflow.sim.faults import Faults, Stats
 from cryptoflow.sim.http import HttpRequest
 from cryptoflow.sim.kucoin import KucoinVenue
@@ -100,21 +100,11 @@ def items_of(
 
 
 def simple_frame(items: list[SnapshotBody], multiplier: str = LOT) -> pl.DataFrame:
-    """The simple path: parse each body on arrival, normalize, one frame from the lists."""
-    norm = Normalizer({EX: rules.RULES})
-    cols: dict[str, list] = {}
-    for b in items:
-        snap = parse.parse_rest_snapshot(b.body, SYM, b.receive_time, b.source)
-        for rows in norm.feed_many([snap]).batches:
-            for name, values in rows.columns.items():
-                cols.setdefault(name, []).extend(values)
-    return frame_from_columns(Dataset.SNAPSHOTS, EX, MKT, SYM, cols, multiplier)
+    return bodies_support.simple_frame(rules.RULES, parse.parse_rest_snapshot, items, multiplier)
 
 
 def read(items: list[SnapshotBody]) -> batch.SnapshotBatch | None:
-    return batch.read_snapshot_bodies(
-        [b.body for b in items], [b.receive_time for b in items], items[0].source.value
-    )
+    return bodies_support.read_batch(batch.read_snapshot_bodies, items)
 
 
 def test_the_simulator_sends_the_documented_shape():

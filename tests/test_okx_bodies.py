@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 
+import bodies_support
 import httpx
 import orjson
 import polars as pl
@@ -23,10 +24,10 @@ from cryptoflow.book.sync import BookState
 from cryptoflow.errors import RateLimited, RequestRejected, ServerError
 from cryptoflow.exchanges.okx import batch, parse, rules
 from cryptoflow.exchanges.okx.rest import OkxRest
-from cryptoflow.models import Dataset, DepthDiff, DepthSnapshot, SnapshotBody, SnapshotSource
+from cryptoflow.models import DepthDiff, DepthSnapshot, SnapshotBody, SnapshotSource
 from cryptoflow.net.ratelimit import RateBudget
 from cryptoflow.pipeline.bodies import SnapshotCodec, frame_from_bodies
-from cryptoflow.pipeline.normalize import Normalizer, frame_from_columns
+from cryptoflow.pipeline.normalize import Normalizer
 from cryptoflow.sim.faults import Faults, Stats
 from cryptoflow.sim.http import HttpRequest
 from cryptoflow.sim.market import Market
@@ -80,21 +81,11 @@ def items(raw: list[bytes]) -> list[SnapshotBody]:
 
 
 def simple_frame(bodies: list[SnapshotBody]) -> pl.DataFrame:
-    """The simple path: parse each body on arrival, normalize, one frame from the lists."""
-    norm = Normalizer({EX: rules.RULES})
-    cols: dict[str, list] = {}
-    for b in bodies:
-        snap = parse.parse_rest_snapshot(b.body, SYM, b.receive_time, b.source)
-        for rb in norm.feed_many([snap]).batches:
-            for name, values in rb.columns.items():
-                cols.setdefault(name, []).extend(values)
-    return frame_from_columns(Dataset.SNAPSHOTS, EX, MKT, SYM, cols, CT_VAL)
+    return bodies_support.simple_frame(rules.RULES, parse.parse_rest_snapshot, bodies, CT_VAL)
 
 
 def read(bodies: list[SnapshotBody]) -> batch.SnapshotBatch | None:
-    return batch.read_snapshot_bodies(
-        [b.body for b in bodies], [b.receive_time for b in bodies], "poll"
-    )
+    return bodies_support.read_batch(batch.read_snapshot_bodies, bodies)
 
 
 # --- (a) same rows as the simple path ------------------------------------------------------
