@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 
+import attrs
 import bodies_support
 import orjson
 import polars as pl
@@ -195,3 +196,15 @@ async def test_writer_stores_bodies_with_parsed_rows_in_arrival_order(tmp_path, 
         r.levelno == logging.WARNING and "snapshot failed: binance/BTCUSDT" in r.getMessage()
         for r in caplog.records
     )
+
+
+def test_a_reader_that_fails_inside_polars_falls_back_to_the_checked_parser():
+    """Whatever the batch reader meets, the flush must not fail: body by body instead."""
+
+    def broken(*_args):
+        raise pl.exceptions.ComputeError("the reader broke (test)")
+
+    items = bodies(2)
+    codec = attrs.evolve(CODEC, read=broken)
+    frame, rejected = frame_from_bodies(EX, MKT, SYM, "1", codec, items)
+    assert rejected == [] and frame.equals(simple_frame(items))

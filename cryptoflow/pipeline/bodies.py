@@ -79,17 +79,17 @@ def frame_from_bodies(
 
     sources = {b.source for b in bodies}
     if len(sources) == 1:
-        parsed = codec.read(
-            [b.body for b in bodies], [b.receive_time for b in bodies], sources.pop().value
-        )
-        if parsed is not None:
-            try:
+        try:
+            parsed = codec.read(
+                [b.body for b in bodies], [b.receive_time for b in bodies], sources.pop().value
+            )
+            if parsed is not None:
                 wire = parsed.rows.select(SNAPSHOT_COLUMNS)
                 return frame_from_wire(
                     Dataset.SNAPSHOTS, exchange, market, symbol, wire, multiplier
                 ), []
-            except pl.exceptions.PolarsError:
-                pass  # e.g. a price that is not a number: find the body one by one
+        except pl.exceptions.PolarsError:
+            pass  # e.g. a price that is not a number: find the body one by one
     return _one_by_one(exchange, market, symbol, multiplier, codec, bodies)
 
 

@@ -211,6 +211,7 @@ class _Buffer:
             frame = pl.concat([*self.frames, frame]).sort("receive_time", maintain_order=True)
             self.frames = []
         self.frames.append(frame)
+        self.frame_bytes = frame.estimated_size()  # kept for a retry if the spool refuses
 
     def append_bodies(self, batch: BodyBatch) -> None:
         self.codec = batch.codec
