@@ -419,11 +419,10 @@ async def _check_instruments(
 
 def _poll_failed(polls: dict[str, PollStats] | None, symbol: str, error: str) -> None:
     """A poll whose body turned out malformed when parsed (by the normalizer, or at the
-    writer's flush) failed after all: its poller counted it ok, having only fetched it."""
+    writer's flush): its poller counted the response ok; this counts it `malformed`."""
     poll = polls.get(symbol) if polls is not None else None
     if poll is not None:
-        poll.ok -= 1
-        poll.failed += 1
+        poll.malformed += 1
         poll.last_error = error
 
 

@@ -72,7 +72,7 @@ def make_result(writer: WriterStats | None = None) -> tuple[RunResult, trio.Memo
         send.send_nowait(i)
     shard = ShardStats(
         polls={
-            "BTCUSDT": PollStats(polls=3, ok=2, failed=1, throttled=0, skipped_slots=1),
+            "BTCUSDT": PollStats(polls=3, ok=2, failed=1, skipped_slots=1, malformed=1),
             "SOLUSDT": PollStats(),  # configured, no data yet
         },
         streams=[StreamStats(connects=1, frames=7, diffs=4, dropped=1)],
@@ -132,6 +132,7 @@ def check_counters(data) -> None:
     assert value(data, "cryptoflow_last_event_age_seconds", **btc, lane="deltas") >= 0
     assert value(data, "cryptoflow_polls_total", **btc, outcome="ok") == 2
     assert value(data, "cryptoflow_polls_total", **btc, outcome="failed") == 1
+    assert value(data, "cryptoflow_polls_total", **btc, outcome="malformed") == 1
     assert value(data, "cryptoflow_poll_skipped_slots_total", **btc) == 1
     assert value(data, "cryptoflow_ws_frames_total", **SYM, stream="0") == 7
     assert value(data, "cryptoflow_ws_dropped_total", **SYM, stream="0") == 1

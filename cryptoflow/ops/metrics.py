@@ -24,6 +24,8 @@ Per symbol (from the normalizer's `BookSync` of each shard):
 
 Per snapshot poller / WebSocket connection:
 - `cryptoflow_polls_total{exchange,shard,symbol,outcome}` outcome = ok | failed | throttled
+  (a response, none, a throttle) | malformed (of the ok ones: a body found malformed when
+  parsed, which for in-sync symbols is at the writer's flush)
 - `cryptoflow_poll_skipped_slots_total{exchange,shard,symbol}`
 - `cryptoflow_ws_frames_total`, `cryptoflow_ws_diffs_total`, `cryptoflow_ws_dropped_total`,
   `cryptoflow_ws_malformed_total`, `cryptoflow_ws_connects_total`,
@@ -351,7 +353,7 @@ class RunCollector(Collector):
             exchange, shard_name = split_label(label)
             for sym, ps in sorted((getattr(shard, "polls", {}) or {}).items()):
                 lv = [exchange, shard_name, sym]
-                for outcome in ("ok", "failed", "throttled"):
+                for outcome in ("ok", "failed", "throttled", "malformed"):
                     polls.add_metric([*lv, outcome], getattr(ps, outcome, 0))
                 skipped.add_metric(lv, getattr(ps, "skipped_slots", 0))
             for i, st in enumerate(list(getattr(shard, "streams", []) or [])):

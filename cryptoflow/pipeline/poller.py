@@ -36,8 +36,11 @@ log = logging.getLogger("cryptoflow.poller")
 @attrs.define
 class PollStats:
     polls: int = 0
-    ok: int = 0
+    ok: int = 0  # a response came (a body the normalizer/writer reads may still be bad)
     failed: int = 0
+    #: of `ok`: bodies found malformed when parsed (by the normalizer, or at the writer's
+    #: flush for bodies read there); counted then, so every counter only grows
+    malformed: int = 0
     throttled: int = 0
     skipped_slots: int = 0
     last_error: str = ""
