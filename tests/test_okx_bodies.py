@@ -270,6 +270,18 @@ async def test_fetch_snapshot_body_raises_a_rate_limit_code_and_throttles():
     assert budget.stats.throttles == 1
 
 
+async def test_fetch_snapshot_body_raises_a_rate_limit_code_behind_the_success_prefix():
+    """JSON keeps the last of duplicated keys: a second `code` makes the body an error,
+    and that must still throttle at fetch time, not be left for the writer's flush."""
+    (good,) = sim_bodies(1, 5)
+    body = good.replace(b'"msg":""', b'"msg":"","code":"50011"')
+    assert body.startswith(b'{"code":"0",')
+    rest, budget = client(lambda req: httpx.Response(200, content=body))
+    with pytest.raises(RateLimited, match="50011"):
+        await rest.fetch_snapshot_body(SYM, INST)
+    assert budget.stats.throttles == 1
+
+
 @pytest.mark.parametrize(("code", "exc"), [("51001", RequestRejected), ("50001", ServerError)])
 async def test_fetch_snapshot_body_raises_the_venue_error_of_a_code(code, exc):
     body = orjson.dumps({"code": code, "msg": "x", "data": []})

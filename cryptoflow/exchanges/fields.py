@@ -15,6 +15,15 @@ from cryptoflow.errors import MalformedMessage, RateLimited, RequestRejected, Se
 from cryptoflow.models import Level
 
 
+def plain_success(body: bytes, prefix: bytes, code_key: bytes) -> bool:
+    """True when a REST body is certainly not an error: it begins with the venue's success
+    `prefix`, names `code_key` (e.g. `b'"retCode"'`) only there and holds no backslash, so
+    no later key decodes to the code either (JSON parsers keep the last of duplicated
+    keys). Such a body can wait for the writer's flush unparsed (`pipeline/bodies.py`);
+    any other, every error and throttle included, must be parsed when it arrives."""
+    return body.startswith(prefix) and body.count(code_key) == 1 and b"\\" not in body
+
+
 class Fields:
     """The checks, bound to one exchange's name for the error messages."""
 

@@ -18,7 +18,7 @@ import orjson
 
 from cryptoflow.exchanges.base import Control, Instrument, SymbolMap, WsItem
 from cryptoflow.exchanges.bybit import rules
-from cryptoflow.exchanges.fields import Fields
+from cryptoflow.exchanges.fields import Fields, plain_success
 from cryptoflow.models import MARKET_FUTURES, DepthDiff, DepthSnapshot, SnapshotSource
 
 EXCHANGE = rules.EXCHANGE
@@ -57,12 +57,8 @@ SUCCESS_PREFIX: Final = b'{"retCode":0,'
 
 
 def is_plain_success(body: bytes) -> bool:
-    """True when `body` is certainly not an error body: it begins with `SUCCESS_PREFIX`,
-    names `"retCode"` only there and holds no backslash (so no other key decodes to
-    `retCode` either: orjson keeps the last of duplicated keys). Such a body can wait for
-    the writer's flush unparsed (`BybitRest.fetch_snapshot_body`); any other body,
-    including every error, throttle and malformed one, must be parsed when it arrives."""
-    return body.startswith(SUCCESS_PREFIX) and body.count(b'"retCode"') == 1 and b"\\" not in body
+    """`fields.plain_success` for this venue's depth body (`BybitRest.fetch_snapshot_body`)."""
+    return plain_success(body, SUCCESS_PREFIX, b'"retCode"')
 
 
 def count_snapshot_levels(body: bytes) -> int:

@@ -22,7 +22,7 @@ from typing import Any, Final
 import attrs
 
 from cryptoflow.exchanges.base import Control, Instrument, SymbolMap, WsItem
-from cryptoflow.exchanges.fields import Fields
+from cryptoflow.exchanges.fields import Fields, plain_success
 from cryptoflow.exchanges.kucoin import rules
 from cryptoflow.models import MARKET_FUTURES, DepthDiff, DepthSnapshot, Level, SnapshotSource
 
@@ -124,12 +124,8 @@ SUCCESS_PREFIX: Final = b'{"code":"200000",'
 
 
 def is_plain_success(body: bytes) -> bool:
-    """True when `body` is certainly not an error body: it begins with `SUCCESS_PREFIX`,
-    names `"code"` only there and holds no backslash (so no other key decodes to `code`
-    either: `json` keeps the last of duplicated keys). Such a body can wait for the
-    writer's flush unparsed (`KucoinRest.fetch_snapshot_body`); any other body, including
-    every error, throttle and malformed one, must be parsed when it arrives."""
-    return body.startswith(SUCCESS_PREFIX) and body.count(b'"code"') == 1 and b"\\" not in body
+    """`fields.plain_success` for this venue's depth body (`KucoinRest.fetch_snapshot_body`)."""
+    return plain_success(body, SUCCESS_PREFIX, b'"code"')
 
 
 def count_snapshot_levels(body: bytes) -> int:

@@ -10,6 +10,7 @@ import httpx
 
 from cryptoflow.errors import RateLimited
 from cryptoflow.exchanges.base import Instrument
+from cryptoflow.exchanges.fields import plain_success
 from cryptoflow.exchanges.limits import OKX_BOOKS_FULL_MAX, OKX_BOOKS_MAX, VENUE_LIMITS
 from cryptoflow.exchanges.okx import parse, rules
 from cryptoflow.models import MARKET_FUTURES, DepthSnapshot, SnapshotBody, SnapshotSource
@@ -71,11 +72,11 @@ class OkxRest(VenueRest):
         """The depth snapshot unparsed, for the poll lane to read later in a batch.
 
         OKX reports throttles and errors in the body (`code`), and the rate budget must
-        throttle now, not at the writer's flush: a body that does not start with the
-        success prefix is parsed at once, which raises what its code stands for (or
-        returns the snapshot, e.g. for a success body in another layout)."""
+        throttle now, not at the writer's flush: a body that is not certainly a success
+        (`fields.plain_success`) is parsed at once, which raises what its code stands for
+        (or returns the snapshot, e.g. for a success body in another layout)."""
         body, receive_ns = await self._get_books(symbol, venue_symbol, depth_limit)
-        if not body.startswith(SUCCESS_PREFIX):
+        if not plain_success(body, SUCCESS_PREFIX, b'"code"'):
             return self._parse(body, symbol, receive_ns, source)
         return SnapshotBody(parse.EXCHANGE, MARKET_FUTURES, symbol, bytes(body), receive_ns, source)
 
