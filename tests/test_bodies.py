@@ -83,10 +83,10 @@ def test_a_body_outside_the_exact_wire_shape_is_read_one_by_one_with_the_same_ro
         (lambda b: b.replace(b'"lastUpdateId"', b'"lastUpdateID"', 1), "lastUpdateId"),
         (lambda b: b.replace(b'["', b'[1,"', 1), "string pair"),  # a level of three
         (lambda b: b.replace(b'["', b'["x', 1), "does not fit"),  # price "x6..."
-        # an id the parser accepts (a JSON integer) but Int64 cannot hold
+        # a JSON integer Int64 cannot hold: the parser refuses it (tests/test_id_range.py)
         (
             lambda b: re.sub(rb'"lastUpdateId":\d+', b'"lastUpdateId":%d' % 2**63, b),
-            "does not fit",
+            "'lastUpdateId' is out of the 64-bit range",
         ),
     ],
 )

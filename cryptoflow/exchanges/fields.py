@@ -7,12 +7,19 @@ parsers stay pure; this module only checks types and builds those errors.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
 from cryptoflow.errors import MalformedMessage, RateLimited, RequestRejected, ServerError
 from cryptoflow.models import Level
+
+#: The signed 64-bit range every integer field must fit. Ids and times end up in Int64
+#: columns (`models.py`), and a bigger value would only fail at the writer's compaction,
+#: for the whole flush rather than for the one message that carried it; so the parse
+#: edge calls it malformed (`Fields.int`, and Binance's own `_int`, share these bounds).
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
 
 
 def plain_success(body: bytes, prefix: bytes, code_key: bytes) -> bool:
@@ -57,20 +64,30 @@ class Fields:
                 )
         return out
 
-    def int(self, obj: Any, field: str, symbol: str, *, where: str = "") -> int:
-        """An integer field; venues send ids and times as JSON ints or decimal strings."""
+    def int(
+        self, obj: Any, field: str, symbol: str, *, where: str = "", lo: int = INT64_MIN
+    ) -> int:
+        """An integer field; venues send ids and times as JSON ints or decimal strings.
+
+        It must lie in [`lo`, `INT64_MAX`] (see `INT64_MIN`). `lo` is raised to
+        `INT64_MIN + 1` for an id the venue's rules decrement (`prev = id - 1`), so the
+        derived id fits as well."""
         try:
             v = obj[field]
         except (KeyError, TypeError):
             raise self.malformed(f"missing field {where}{field!r}", symbol) from None
-        if type(v) is int:
-            return v
-        if type(v) is str:
+        if type(v) is not int:
+            if type(v) is not str:
+                raise self.malformed(f"field {where}{field!r} is not an integer: {v!r}", symbol)
             try:
-                return int(v)
+                v = int(v)
             except ValueError:
-                pass
-        raise self.malformed(f"field {where}{field!r} is not an integer: {v!r}", symbol)
+                raise self.malformed(
+                    f"field {where}{field!r} is not an integer: {v!r}", symbol
+                ) from None
+        if lo <= v <= INT64_MAX:
+            return v
+        raise self.malformed(f"field {where}{field!r} is out of the 64-bit range: {v!r}", symbol)
 
     def opt_int(self, obj: Any, field: str, symbol: str, *, where: str = "") -> int | None:
         if obj.get(field) is None:

@@ -17,6 +17,7 @@ import orjson
 
 from cryptoflow.errors import MalformedMessage
 from cryptoflow.exchanges.base import Control, Instrument, SymbolMap, WsItem
+from cryptoflow.exchanges.fields import INT64_MAX, INT64_MIN
 from cryptoflow.models import MARKET_FUTURES, DepthDiff, DepthSnapshot, SnapshotSource
 
 EXCHANGE = "binance"
@@ -37,20 +38,24 @@ def _load(raw: bytes | str | dict, symbol: str = "") -> Any:
 
 
 def _int(obj: dict, field: str, symbol: str) -> int:
+    """A JSON-integer field in the signed 64-bit range (`fields.INT64_MIN`: the columns are
+    Int64, so a bigger id or time is a malformed message here, not a failed flush later)."""
     try:
         value = obj[field]
     except KeyError:
         raise _bad(f"missing field {field!r}", symbol) from None
     if type(value) is not int:
         raise _bad(f"field {field!r} is not an integer: {value!r}", symbol)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise _bad(f"field {field!r} is out of the 64-bit range: {value!r}", symbol)
     return value
 
 
 def _opt_int(obj: dict, field: str, symbol: str) -> int | None:
-    value = obj.get(field)
-    if value is not None and type(value) is not int:
-        raise _bad(f"field {field!r} is not an integer: {value!r}", symbol)
-    return value
+    """`_int` for a field that may be absent or null (None then)."""
+    if obj.get(field) is None:
+        return None
+    return _int(obj, field, symbol)
 
 
 def _levels(obj: dict, field: str, symbol: str) -> list:

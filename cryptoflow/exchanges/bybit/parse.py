@@ -18,7 +18,7 @@ import orjson
 
 from cryptoflow.exchanges.base import Control, Instrument, SymbolMap, WsItem
 from cryptoflow.exchanges.bybit import rules
-from cryptoflow.exchanges.fields import Fields, plain_success
+from cryptoflow.exchanges.fields import INT64_MIN, Fields, plain_success
 from cryptoflow.models import MARKET_FUTURES, DepthDiff, DepthSnapshot, SnapshotSource
 
 EXCHANGE = rules.EXCHANGE
@@ -139,7 +139,8 @@ def parse_ws_message(raw: bytes | str, receive_ns: int, symbols: SymbolMap | Non
     kind = obj.get("type")
     if kind not in ("snapshot", "delta"):
         raise _malformed(f"field 'type' is {kind!r}, expected snapshot or delta", symbol)
-    u = _int(data, "u", symbol, where="data.")
+    # `diff_ids` gives a delta prev = u - 1: that must fit in Int64 too
+    u = _int(data, "u", symbol, where="data.", lo=INT64_MIN + 1)
     is_snapshot = kind == "snapshot" or u == rules.RESET_UPDATE_ID
     first, last, prev = rules.diff_ids(u, is_snapshot)
     return [

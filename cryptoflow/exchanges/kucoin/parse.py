@@ -22,7 +22,7 @@ from typing import Any, Final
 import attrs
 
 from cryptoflow.exchanges.base import Control, Instrument, SymbolMap, WsItem
-from cryptoflow.exchanges.fields import Fields, plain_success
+from cryptoflow.exchanges.fields import INT64_MIN, Fields, plain_success
 from cryptoflow.exchanges.kucoin import rules
 from cryptoflow.models import MARKET_FUTURES, DepthDiff, DepthSnapshot, Level, SnapshotSource
 
@@ -32,6 +32,7 @@ _F = Fields(EXCHANGE)
 
 _malformed = _F.malformed
 _loads = _F.loads
+_int = _F.int
 
 
 def _loads_exact(body: bytes | str, symbol: str = "") -> Any:
@@ -79,21 +80,6 @@ def _levels(raw: Any, field: str, symbol: str) -> list[Level]:
             q = _num_text(q, field, symbol)
         append((p, q))
     return out
-
-
-def _int(obj: Any, field: str, symbol: str, *, where: str = "") -> int:
-    try:
-        v = obj[field]
-    except (KeyError, TypeError):
-        raise _malformed(f"missing field {where}{field!r}", symbol) from None
-    if type(v) is int:
-        return v
-    if type(v) is str:
-        try:
-            return int(v)
-        except ValueError:
-            pass
-    raise _malformed(f"field {where}{field!r} is not an integer: {v!r}", symbol)
 
 
 def default_symbol(venue_symbol: str) -> str:
@@ -216,7 +202,8 @@ def parse_ws_message(raw: bytes | str, receive_ns: int, symbols: SymbolMap | Non
     data = obj.get("data")
     if type(data) is not dict:
         raise _malformed("missing field 'data'", symbol)
-    seq = _int(data, "sequence", symbol, where="data.")
+    # `diff_ids` gives prev = sequence - 1: that must fit in Int64 too
+    seq = _int(data, "sequence", symbol, where="data.", lo=INT64_MIN + 1)
     bids, asks = _parse_change(data.get("change"), symbol)
     first, last, prev = rules.diff_ids(seq)
     return [
