@@ -24,11 +24,30 @@ about when its rows were made durable.
 Also per delta row, from the stored rows: event -> receive ("before_collector": the
 simulator and socket buffers, a part of the latency the collector does not control).
 
+Machine calibration (`--calibrate`, the default): the issue's reference figures were taken
+on a faster machine, where the naive delta-lane pipeline of `scripts/bench_deltas.py`
+(`run_naive`: stdlib json, one dict per row, DataFrame, zstd Parquet) ran the recorded
+Binance BTCUSDT stream at about 1.0 M rows/s. So, in this process, before the simulator
+starts and again after the collector has stopped (load drift shows as a difference),
+that same function runs on the same recording for a few seconds (repeated passes until
+>= 3 s of CPU, at most ~8 s a phase), measuring rows per CPU-second (time.process_time,
+all threads) and wall rows/s -> `calibration` in the JSON. `naive_rows_s` is the median
+of the before/after rows per CPU-second (the naive pipeline runs at ~100 % of one core,
+so it is also its wall rate on an idle core). `cpu_pct_at_reference` =
+cpu_pct x naive_rows_s / 1.0e6 is an ESTIMATE: the measured collector CPU scaled by this
+machine's naive-pipeline speed relative to the issue's 1.0 M rows/s reference, i.e. what
+the same soak would be expected to use there if the collector's work sped up in the same
+proportion as the naive pipeline. It is there for comparing with the issue's figures; the
+measured `cpu_pct` stays the figure of record. No recording (or an import failure): the
+calibration is skipped with a one-line note and both fields print `nan`.
+
 Prints one final line `rows/s=… cpu_pct=… rss_mb=… rss_slope_mb_per_min=… sim_cpu_pct=…
-delta_latency_p50_s=… delta_latency_p99_s=… in_collector_p99_s=… cpu_s_per_1k_rows=…`
-(in_collector: receive -> spooled, the collector's share) and writes
-`bench-results/soak.json`.
-`--tree DIR` runs the collector of another source tree (before/after comparisons).
+delta_latency_p50_s=… delta_latency_p99_s=… in_collector_p99_s=… cpu_s_per_1k_rows=…
+naive_rows_s=… cpu_pct_at_reference=… loop_cpu_pct=…` (in_collector: receive -> spooled,
+the collector's share; loop_cpu_pct: the collector's main thread alone, i.e. the event
+loop, after the warm-up) and writes `bench-results/soak.json`.
+`--tree DIR` runs the collector of another source tree (before/after comparisons); the
+calibration always runs this tree's `scripts/bench_deltas.py`.
 """
 
 from __future__ import annotations
@@ -56,6 +75,11 @@ PER_SHARD = {"binance": 11, "bybit": 40, "okx": 9, "kucoin": 40}  # OKX: 10 req 
 DEPTH = {"binance": 1000, "bybit": 500, "okx": 1000, "kucoin": 1000}
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+#: issue 9's reference machine: the naive delta-lane pipeline at about 1.0 M rows/s
+REFERENCE_NAIVE_ROWS_PER_S = 1.0e6
+#: a calibration phase repeats naive passes until this much CPU ... or this much wall time
+CALIBRATE_CPU_S = 3.0
+CALIBRATE_MAX_WALL_S = 8.0
 
 
 #: the collector with a gc callback timing every collection (time.perf_counter, main or
@@ -104,6 +128,17 @@ def proc_sample(pid: int) -> tuple[float, float] | None:
     fields = stat.rsplit(")", 1)[1].split()
     utime, stime = int(fields[11]), int(fields[12])
     return (utime + stime) / TICK, int(statm[1]) * PAGE / 2**20
+
+
+def thread_cpu(pid: int, tid: int) -> float | None:
+    """CPU seconds so far of one thread (the collector's main thread runs the event loop:
+    stream parsing, normalizing, the writer's intake), or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def slope(points: list[tuple[float, float]]) -> float:
@@ -268,6 +303,99 @@ def pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def load_calibration() -> tuple[object, list] | str:
+    """(bench_deltas module, recorded BTCUSDT stream) or why the calibration is skipped."""
+    scripts = str(Path(__file__).resolve().parent)
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    try:
+        import bench_deltas  # the naive pipeline, reused as is (imports cryptoflow, polars)
+    except Exception as exc:
+        return f"bench_deltas import failed: {type(exc).__name__}: {exc}"
+    if not bench_deltas.RECORDING.exists():
+        return f"recording absent: {bench_deltas.RECORDING}"
+    try:
+        return bench_deltas, bench_deltas.load(bench_deltas.RECORDING)
+    except Exception as exc:
+        return f"recording unreadable: {type(exc).__name__}: {exc}"
+
+
+def calibrate(bench_deltas, records: list) -> dict:
+    """`bench_deltas.run_naive` over the recording, repeated until CALIBRATE_CPU_S of CPU
+    (or CALIBRATE_MAX_WALL_S): median per-pass rows per CPU-second and wall rows/s."""
+    passes: list[dict] = []
+    t0, c0 = time.perf_counter(), time.process_time()
+    while not passes or (
+        time.process_time() - c0 < CALIBRATE_CPU_S
+        and time.perf_counter() - t0 < CALIBRATE_MAX_WALL_S
+    ):
+        passes.append(bench_deltas.timed(bench_deltas.run_naive, records))
+    return {
+        "rows_per_cpu_s": statistics.median(p["rows_per_cpu_s"] or 0.0 for p in passes),
+        "rows_per_s": statistics.median(p["rows_per_s"] for p in passes),
+        "passes": len(passes),
+        "rows_per_pass": passes[0]["rows"],
+        "cpu_s": time.process_time() - c0,
+        "wall_s": time.perf_counter() - t0,
+        "loadavg": os.getloadavg(),
+        "per_pass": [
+            {k: round(p[k], 3) for k in ("wall_s", "cpu_s", "rows_per_s", "rows_per_cpu_s")}
+            for p in passes
+        ],
+    }
+
+
+def calibration_phase(loaded: tuple[object, list] | str | None, when: str) -> dict | None:
+    """One calibration phase, with its one-line note on stderr; None when skipped."""
+    if loaded is None or isinstance(loaded, str):
+        return None
+    try:
+        cal = calibrate(*loaded)
+    except Exception as exc:  # reporting only: never fail the soak for it
+        print(f"calibration {when}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+    print(
+        f"calibration {when}: naive {cal['rows_per_cpu_s'] / 1e6:.3f} M rows/CPU-s, "
+        f"{cal['rows_per_s'] / 1e6:.3f} M rows/s wall ({cal['passes']} passes, "
+        f"{cal['cpu_s']:.1f} s CPU, {cal['wall_s']:.1f} s)",
+        file=sys.stderr,
+    )
+    return cal
+
+
+def calibration_result(
+    loaded: tuple[object, list] | str | None,
+    before: dict | None,
+    after: dict | None,
+    cpu_pct: float | None,
+) -> dict:
+    """The JSON `calibration` block (see the module docstring)."""
+    if loaded is None:
+        return {"skipped": "--no-calibrate"}
+    if isinstance(loaded, str):
+        return {"skipped": loaded}
+    measured = [p["rows_per_cpu_s"] for p in (before, after) if p and p["rows_per_cpu_s"]]
+    naive = statistics.median(measured) if measured else None
+    out: dict = {
+        "recording": str(loaded[0].RECORDING),
+        "reference_naive_rows_per_s": REFERENCE_NAIVE_ROWS_PER_S,
+        "naive_rows_per_cpu_s_before": before["rows_per_cpu_s"] if before else None,
+        "naive_rows_per_cpu_s_after": after["rows_per_cpu_s"] if after else None,
+        "naive_rows_per_s_before": before["rows_per_s"] if before else None,
+        "naive_rows_per_s_after": after["rows_per_s"] if after else None,
+        "naive_rows_per_cpu_s": naive,
+        # < 1: this machine is slower than the reference for identical work
+        "speed_vs_reference": naive / REFERENCE_NAIVE_ROWS_PER_S if naive else None,
+        # an estimate (measured cpu_pct x speed_vs_reference); cpu_pct is the figure of record
+        "cpu_pct_at_reference": cpu_pct * naive / REFERENCE_NAIVE_ROWS_PER_S
+        if naive and cpu_pct is not None
+        else None,
+        "before": before,
+        "after": after,
+    }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--duration", type=float, default=600.0, help="collector run, seconds")
@@ -296,7 +424,23 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run the collector under cProfile (main thread; slower) -> <workdir>/collector.prof",
     )
+    ap.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run bench_deltas' naive pipeline on the recorded BTCUSDT stream before the "
+        "simulator starts and after the collector stops (a few s each) -> `calibration` in "
+        "the JSON, `naive_rows_s` and `cpu_pct_at_reference` (an estimate: cpu_pct scaled "
+        "to the issue's 1.0 M rows/s reference machine) on the final line",
+    )
     args = ap.parse_args(argv)
+
+    loaded: tuple[object, list] | str | None = None
+    if args.calibrate:
+        loaded = load_calibration()
+        if isinstance(loaded, str):
+            print(f"calibration skipped: {loaded}", file=sys.stderr)
+    cal_before = calibration_phase(loaded, "before")
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cryptoflow-soak-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -350,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     coll_samples: list[tuple[float, float, float]] = []
     sim_samples: list[tuple[float, float, float]] = []
+    loop_samples: list[tuple[float, float]] = []
     t_start = time.monotonic()
     try:
         while collector.poll() is None:
@@ -358,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
                 s = proc_sample(pid)
                 if s is not None:
                     into.append((now, *s))
+            loop_cpu = thread_cpu(collector.pid, collector.pid)
+            if loop_cpu is not None:
+                loop_samples.append((now, loop_cpu))
             if now > args.duration + 120:  # the collector should have stopped by now
                 collector.send_signal(signal.SIGTERM)
             time.sleep(1.0)
@@ -370,8 +518,16 @@ def main(argv: list[str] | None = None) -> int:
             sim_proc.wait(20)
         except subprocess.TimeoutExpired:
             sim_proc.kill()
+    # after both processes have stopped, as before they started: only the load differs
+    cal_after = calibration_phase(loaded, "after")
     # the collector's own cost while collecting: drop start-up (imports, first snapshots)
     steady = [s for s in coll_samples if s[0] >= args.warmup] or coll_samples
+    loop_steady = [s for s in loop_samples if s[0] >= args.warmup] or loop_samples
+    loop_cpu_pct = (
+        100 * (loop_steady[-1][1] - loop_steady[0][1]) / (loop_steady[-1][0] - loop_steady[0][0])
+        if len(loop_steady) > 1
+        else None
+    )
     rows = {}
     try:
         import polars as pl
@@ -399,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         "collector": summarize(steady, args.warmup),
         "collector_with_startup": summarize(coll_samples, args.warmup),
         "simulator": summarize(sim_samples, args.warmup),
+        # the main thread alone (the event loop), same window as "collector"
+        "collector_loop_cpu_pct": loop_cpu_pct,
         # (s since start, MB) every second: where the peak falls (a flush, the shutdown)
         "collector_rss_series": [[round(t, 1), round(r, 1)] for t, _, r in coll_samples],
         "rows": rows,
@@ -421,6 +579,9 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg": os.getloadavg(),
         "shards": shards.stdout,
     }
+    result["calibration"] = calibration_result(
+        loaded, cal_before, cal_after, result["collector"].get("cpu_pct_avg")
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     c = result["collector"]
@@ -434,6 +595,11 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("venues", "venues_skipped", "rows", "delta_latency_s")
     print(json.dumps({k: result[k] for k in keys}))
     print(f"simulator: {json.dumps(result['simulator'])}")
+    cal = result["calibration"]
+    print(f"calibration: {json.dumps(cal)}")
+    naive_rows_s = cal.get("naive_rows_per_cpu_s") or float("nan")
+    at_reference = cal.get("cpu_pct_at_reference")
+    at_reference = float("nan") if at_reference is None else at_reference
     print(
         f"rows/s={result['rows_per_s'] or 0:.0f} cpu_pct={c.get('cpu_pct_avg', 0):.1f} "
         f"rss_mb={c.get('rss_mb_max', 0):.0f} "
@@ -442,7 +608,9 @@ def main(argv: list[str] | None = None) -> int:
         f"delta_latency_p50_s={spooled.get('p50_le', float('nan')):g} "
         f"delta_latency_p99_s={spooled.get('p99_le', float('nan')):g} "
         f"in_collector_p99_s={spooled.get('from_receive_p99_le', float('nan')):g} "
-        f"cpu_s_per_1k_rows={result['collector_cpu_s_per_1k_rows'] or 0:.3f}"
+        f"cpu_s_per_1k_rows={result['collector_cpu_s_per_1k_rows'] or 0:.3f} "
+        f"naive_rows_s={naive_rows_s:.0f} cpu_pct_at_reference={at_reference:.1f} "
+        f"loop_cpu_pct={result['collector_loop_cpu_pct'] or float('nan'):.1f}"
     )
     return 0 if collector.returncode == 0 else 1
 
