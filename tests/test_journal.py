@@ -4,6 +4,7 @@ per-partition files before upload, and a split a crash interrupted completed on 
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 
 import polars as pl
 import pytest
@@ -249,10 +250,12 @@ def test_round_frame_equals_one_frame_per_buffer():
     per-buffer build makes it, each buffer's rows together (the split relies on it)."""
     from cryptoflow.pipeline.writer import COMPACT_ROWS, _Buffer, journal_frame
 
-    def buffer(sym: str, exchange: str, mult: str, first_id: int, n: int) -> _Buffer:
+    def buffer(
+        sym: str, exchange: str, mult: str, first_id: int, n: int, qty: list[str] | None = None
+    ) -> _Buffer:
         b = delta_batch(first_id, n, T0 + first_id, sym)
         b.exchange, b.multiplier = exchange, mult
-        b.columns["raw_quantity"] = [f"{i % 7}.{i % 3}5" for i in range(n)]
+        b.columns["raw_quantity"] = qty or [f"{i % 7}.{i % 3}5" for i in range(n)]
         buf = _Buffer((Dataset.DELTAS, exchange, "futures", sym), mult, 0.0)
         buf.append(b)
         return buf
@@ -265,6 +268,10 @@ def test_round_frame_equals_one_frame_per_buffer():
             buffer("ETHUSDTM", "kucoin", "0.01", 300, 4),
             buffer("SOLUSDTM", "kucoin", "0.001", 400, 6),
             buffer("DOGEUSDT", "binance", "1", 500, COMPACT_ROWS),
+            # OKX contract values: one scale per symbol, long sizes next to short ones
+            buffer("BTCUSDT", "okx", "0.01", 600, 4, ["1", "123456789.123456", "0", "45.02"]),
+            buffer("PEPEUSDT", "okx", "10000000", 700, 3, ["3", "0.5", "987654.3"]),
+            buffer("DOGEUSDT", "okx", "1000", 800, 2, ["12.5", "7"]),
         ]
         bufs[-1].compact(frame_from_columns)  # a buffer that holds a frame already
         return bufs
@@ -275,12 +282,56 @@ def test_round_frame_equals_one_frame_per_buffer():
     assert got.height == expected.height
     key = ["exchange", "symbol", "last_update_id"]
     assert got.sort(key).equals(expected.sort(key))
-    runs = got.select(pl.col("symbol").rle_id()).to_series()
-    assert runs.n_unique() == 6  # one contiguous run per buffer
-    kucoin = got.filter(pl.col("symbol") == "XBTUSDTM")
-    assert kucoin["quantity"].to_list() == pytest.approx(
-        [float(q) * 0.001 for q in kucoin["raw_quantity"].to_list()]
-    )
+    runs = got.select(pl.col("exchange"), pl.col("symbol")).select(pl.struct("*").rle_id())
+    assert runs.to_series().n_unique() == 9  # one contiguous run per buffer
+    # each row exactly raw × its own symbol's multiplier, correctly rounded (Decimal)
+    exact = {
+        (b.key[1], b.key[3], uid): float(Decimal(raw) * Decimal(b.multiplier))
+        for b in make()
+        if b.columns
+        for uid, raw in zip(b.columns["last_update_id"], b.columns["raw_quantity"], strict=True)
+    }
+    checked = 0
+    for row in got.iter_rows(named=True):
+        key = (row["exchange"], row["symbol"], row["last_update_id"])
+        if key in exact:
+            assert row["quantity"] == exact[key], row
+            checked += 1
+    assert checked == len(exact)
+    assert {k[1] for k in exact} >= {"XBTUSDTM", "ETHUSDTM", "SOLUSDTM", "PEPEUSDT"}
+
+
+def test_round_frame_with_multipliers_too_wide_for_one_product_builds_per_buffer():
+    """Raw sizes with many decimals and multipliers with many more leave no room for one
+    exact decimal product over every row: the round falls back to one build per buffer,
+    with the same rows."""
+    from cryptoflow.pipeline.normalize import scaled_per_row
+    from cryptoflow.pipeline.writer import _Buffer, journal_frame
+
+    def make() -> list[_Buffer]:
+        out = []
+        for i, (sym, mult, qty) in enumerate(
+            [("AUSDT", "0.000000000001", "1.123456789"), ("BUSDT", "0.5", "2.25")]
+        ):
+            b = delta_batch(1 + 10 * i, 2, T0, sym)
+            b.exchange, b.multiplier = "okx", mult
+            b.columns["raw_quantity"] = [qty, "3"]
+            buf = _Buffer((Dataset.DELTAS, "okx", "futures", sym), mult, 0.0)
+            buf.append(b)
+            out.append(buf)
+        return out
+
+    wide = pl.DataFrame({"raw_quantity": ["1.123456789", "2.25"]})
+    assert scaled_per_row(wide, pl.Series(["0.000000000001", "0.5"])) is None
+    expected = pl.concat([b.frame(frame_from_columns) for b in make()])
+    got = journal_frame(make(), frame_from_columns)
+    assert got.equals(expected)
+    assert got["quantity"].to_list() == [
+        float(Decimal("1.123456789") * Decimal("0.000000000001")),
+        float(Decimal("3") * Decimal("0.000000000001")),
+        1.125,
+        1.5,
+    ]
 
 
 def test_split_of_a_journal_with_interleaved_partitions(tmp_path):

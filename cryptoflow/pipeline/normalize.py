@@ -550,14 +550,15 @@ def frame_from_columns(
     market: str,
     symbol: str,
     columns: dict[str, list],
-    multiplier: str = "1",
+    multiplier: str | pl.Series = "1",
 ) -> pl.DataFrame:
     """Column lists (wire types, see `pipeline/rows.py`) -> a frame with exactly
     `models.SCHEMAS[dataset]`.
 
     Decimal strings are cast to Float64 by polars (correctly rounded, so equal to Python's
     `float(text)`). `quantity = raw_quantity × multiplier` is computed in Decimal, then
-    cast, so "3" × "0.1" is 0.3 and not 0.30000000000000004.
+    cast, so "3" × "0.1" is 0.3 and not 0.30000000000000004. `multiplier` may be one per
+    row (`frame_from_wire`).
     """
     return frame_from_wire(dataset, exchange, market, symbol, wire_frame(columns), multiplier)
 
@@ -581,10 +582,14 @@ def frame_from_wire(
     market: str,
     symbol: str,
     df: pl.DataFrame,
-    multiplier: str = "1",
+    multiplier: str | pl.Series = "1",
 ) -> pl.DataFrame:
     """A wire-typed frame (the columns of `frame_from_columns`, ints as Int64, text as
     String) -> the stored schema. Both the simple and the fast path end here.
+
+    `multiplier` is the contract multiplier of the frame's symbol, or a String Series with
+    one per row for a frame of several symbols (the writer's journal rounds); then a
+    `ValueError` when `scaled_per_row` cannot give every row its own exact product.
 
     One `select` with one expression per stored column (each cast straight to its stored
     type): polars' fixed cost per call matters, as the writer builds a frame per snapshot."""
@@ -600,7 +605,12 @@ def frame_from_wire(
         elif name in _NS_COLUMNS:
             expr = (pl.col(name) // 1000).cast(UTC_US)
         elif name == "quantity":
-            if _is_unit(multiplier):
+            if isinstance(multiplier, pl.Series):
+                scaled = scaled_per_row(df, multiplier)
+                if scaled is None:
+                    raise ValueError("multipliers too wide for one exact decimal product")
+                expr = scaled
+            elif _is_unit(multiplier):
                 expr = pl.col("raw_quantity").cast(pl.Float64)
             else:
                 expr = _scaled(df, multiplier)
@@ -614,12 +624,42 @@ def frame_from_wire(
 
 def _scaled(df: pl.DataFrame, multiplier: str) -> pl.Expr:
     """raw × multiplier in exact decimal arithmetic (scales chosen to fit 38 digits)."""
-    mult_scale = len(multiplier.split(".", 1)[1]) if "." in multiplier else 0
-    raw_scale = int(df.select(_scale_of(pl.col("raw_quantity")).max()).item() or 0)
+    mult_scale = _decimals(multiplier)
+    raw_scale = _raw_scale(df)
     raw_scale = min(raw_scale, 38 - mult_scale)
+    return _product(raw_scale, pl.lit(multiplier), mult_scale)
+
+
+def scaled_per_row(df: pl.DataFrame, multipliers: pl.Series) -> pl.Expr | None:
+    """`quantity` for a frame of several symbols, each row with its own multiplier: the
+    writer builds a journal round's rows of every symbol of a venue in one frame, and each
+    KuCoin or OKX contract has its own multiplier (one build per multiplier was ~0.5-1 ms
+    of fixed polars work per symbol, ~25 ms a round).
+
+    A row gets exactly the value `_scaled` gives it in a frame of its own symbol: the
+    scales here are at least the ones it would use, so every product is the exact decimal
+    product either way, and polars casts an exact decimal to the nearest Float64
+    (tests/test_journal.py checks both against Python's Decimal). None when the scales
+    would leave fewer than 18 integer digits (the caller then builds per multiplier)."""
+    mult_scale = max((_decimals(m) for m in multipliers.unique().to_list()), default=0)
+    raw_scale = _raw_scale(df)
+    if raw_scale + mult_scale > 20:
+        return None
+    return _product(raw_scale, pl.lit(multipliers), mult_scale)
+
+
+def _decimals(text: str) -> int:
+    return len(text.split(".", 1)[1]) if "." in text else 0
+
+
+def _raw_scale(df: pl.DataFrame) -> int:
+    return int(df.select(_scale_of(pl.col("raw_quantity")).max()).item() or 0)
+
+
+def _product(raw_scale: int, mult: pl.Expr, mult_scale: int) -> pl.Expr:
     # polars gives a product the larger of the two scales, not their sum: give the
     # multiplier the product's scale so nothing is cut ("45.02" x "0.01" = 0.4502, not 0.45)
-    mult = pl.lit(multiplier).str.to_decimal(scale=raw_scale + mult_scale)
+    mult = mult.str.to_decimal(scale=raw_scale + mult_scale)
     return (pl.col("raw_quantity").str.to_decimal(scale=raw_scale) * mult).cast(pl.Float64)
 
 
