@@ -117,8 +117,9 @@ def _one_by_one(
         except ExchangeError as exc:  # MalformedMessage; or a venue error code in a body
             rejected.append(str(exc))
         except (pl.exceptions.PolarsError, TypeError, OverflowError) as exc:
-            # a price or size that is not a number, an id beyond Int64: the venue parser
-            # let it through, the stored types cannot hold it
+            # a price or size that is not a number: the venue parser let it through, the
+            # stored types cannot hold it (ids beyond Int64 are refused by the parsers
+            # now, `fields.INT64_MAX`; this stays the backstop for any value)
             rejected.append(f"{exchange}/{symbol}: a value does not fit its column ({exc})")
     if not frames:
         return None, rejected
