@@ -348,3 +348,33 @@ def test_split_of_a_journal_with_interleaved_partitions(tmp_path):
     assert after.columns == before.columns
     key = ["symbol", "last_update_id"]
     assert after.sort(key).equals(before.sort(key))
+
+
+def test_raw_sizes_that_are_not_plain_decimals_are_scaled_exactly():
+    """polars reads "1e-5" at the scale found from the digits after a '.' (none): 0. Such
+    a size is multiplied in Python's Decimal instead, in a symbol's own frame, and makes
+    a journal round fall back to one build per buffer (same rows either way)."""
+    from cryptoflow.pipeline.normalize import scaled_per_row
+    from cryptoflow.pipeline.writer import _Buffer, journal_frame
+
+    sizes = ["1e-5", "3", "0.25", "2E+2"]
+    wire = pl.DataFrame({"raw_quantity": sizes})
+    assert scaled_per_row(wire, pl.Series(["1", "0.1", "0.1", "0.1"])) is None
+
+    def make() -> list[_Buffer]:
+        out = []
+        for i, (sym, mult) in enumerate([("AUSDT", "0.1"), ("BUSDT", "1")]):
+            b = delta_batch(1 + 10 * i, 4, T0, sym)
+            b.exchange, b.multiplier = "okx", mult
+            b.columns["raw_quantity"] = list(sizes)
+            buf = _Buffer((Dataset.DELTAS, "okx", "futures", sym), mult, 0.0)
+            buf.append(b)
+            out.append(buf)
+        return out
+
+    got = journal_frame(make(), frame_from_columns)
+    assert got.equals(pl.concat([b.frame(frame_from_columns) for b in make()]))
+    assert got["quantity"].to_list() == [
+        *(float(Decimal(s) * Decimal("0.1")) for s in sizes),
+        *(float(s) for s in sizes),
+    ]

@@ -22,6 +22,7 @@ parser, or anything unusual in the batch); the output is then identical.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal
 from operator import itemgetter
 
 import attrs
@@ -623,9 +624,17 @@ def frame_from_wire(
 
 
 def _scaled(df: pl.DataFrame, multiplier: str) -> pl.Expr:
-    """raw × multiplier in exact decimal arithmetic (scales chosen to fit 38 digits)."""
+    """raw × multiplier in exact decimal arithmetic (scales chosen to fit 38 digits).
+
+    A raw size that is not a plain decimal ("1e-5": polars' decimal parse would cut it to
+    the scale found, i.e. 0) is multiplied in Python's Decimal instead, row by row."""
     mult_scale = _decimals(multiplier)
-    raw_scale = _raw_scale(df)
+    raw_scale, plain = _raw_scale(df)
+    if not plain:
+        factor = Decimal(multiplier)
+        return pl.col("raw_quantity").map_elements(
+            lambda raw: float(Decimal(raw) * factor), return_dtype=pl.Float64
+        )
     raw_scale = min(raw_scale, 38 - mult_scale)
     return _product(raw_scale, pl.lit(multiplier), mult_scale)
 
@@ -639,11 +648,12 @@ def scaled_per_row(df: pl.DataFrame, multipliers: pl.Series) -> pl.Expr | None:
     A row gets exactly the value `_scaled` gives it in a frame of its own symbol: the
     scales here are at least the ones it would use, so every product is the exact decimal
     product either way, and polars casts an exact decimal to the nearest Float64
-    (tests/test_journal.py checks both against Python's Decimal). None when the scales
-    would leave fewer than 18 integer digits (the caller then builds per multiplier)."""
+    (tests/test_journal.py checks both against Python's Decimal). None (the caller then
+    builds per symbol) when a raw size is not a plain decimal, or when the scales would
+    leave fewer than 18 integer digits."""
     mult_scale = max((_decimals(m) for m in multipliers.unique().to_list()), default=0)
-    raw_scale = _raw_scale(df)
-    if raw_scale + mult_scale > 20:
+    raw_scale, plain = _raw_scale(df)
+    if not plain or raw_scale + mult_scale > 20:
         return None
     return _product(raw_scale, pl.lit(multipliers), mult_scale)
 
@@ -652,8 +662,17 @@ def _decimals(text: str) -> int:
     return len(text.split(".", 1)[1]) if "." in text else 0
 
 
-def _raw_scale(df: pl.DataFrame) -> int:
-    return int(df.select(_scale_of(pl.col("raw_quantity")).max()).item() or 0)
+#: what polars' `str.to_decimal` reads exactly at the scale `_scale_of` finds
+_PLAIN_DECIMAL = r"^-?[0-9]+(\.[0-9]*)?$"
+
+
+def _raw_scale(df: pl.DataFrame) -> tuple[int, bool]:
+    """(most digits after the point in `raw_quantity`, every value a plain decimal)."""
+    raw = pl.col("raw_quantity")
+    scale, plain = df.select(
+        _scale_of(raw).max().alias("scale"), raw.str.contains(_PLAIN_DECIMAL).all().alias("plain")
+    ).row(0)
+    return int(scale or 0), bool(plain)
 
 
 def _product(raw_scale: int, mult: pl.Expr, mult_scale: int) -> pl.Expr:
