@@ -247,9 +247,9 @@ async def run_shard(
             install_rest_hook(http)
 
         async def fetch(sym: str, source_kind: SnapshotSource) -> DepthSnapshot | SnapshotBody:
-            get = rest.fetch_snapshot
+            get: Callable[..., Awaitable[DepthSnapshot | SnapshotBody]] = rest.fetch_snapshot
             if codec is not None and source_kind is SnapshotSource.POLL:
-                get = rest.fetch_snapshot_body  # type: ignore[attr-defined]
+                get = rest.fetch_snapshot_body
             if raw is None:
                 return await get(
                     sym, venue_of[sym], depth_limit=source.depth_limit, source=source_kind

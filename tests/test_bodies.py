@@ -208,3 +208,23 @@ def test_a_reader_that_fails_inside_polars_falls_back_to_the_checked_parser():
     codec = attrs.evolve(CODEC, read=broken)
     frame, rejected = frame_from_bodies(EX, MKT, SYM, "1", codec, items)
     assert rejected == [] and frame.equals(simple_frame(items))
+
+
+@pytest.mark.parametrize("name", registry.available())
+def test_every_venue_rest_client_has_the_protocol_methods(name):
+    """`runtime.fetch` calls `fetch_snapshot_body` for polls of a venue with a
+    `snapshot_codec` (`registry.VenueRestClient`): each venue's client must have every
+    method of the protocol, with the same keyword arguments."""
+    import inspect
+
+    import httpx
+
+    from cryptoflow.net.ratelimit import RateBudget
+
+    venue = registry.get_venue(name)
+    assert venue.snapshot_codec is not None
+    client = venue.make_rest(httpx.AsyncClient(), RateBudget(1000))
+    for method in ("fetch_snapshot", "fetch_snapshot_body", "fetch_instruments"):
+        want = inspect.signature(getattr(registry.VenueRestClient, method)).parameters
+        got = inspect.signature(getattr(client, method)).parameters
+        assert list(got) == [p for p in want if p != "self"], (name, method)

@@ -16,7 +16,7 @@ from cryptoflow.book.sync import SyncRules
 from cryptoflow.config_schema import VenueSource
 from cryptoflow.errors import UsageError
 from cryptoflow.exchanges.base import Instrument, SymbolMap
-from cryptoflow.models import DepthSnapshot, SnapshotSource
+from cryptoflow.models import DepthSnapshot, SnapshotBody, SnapshotSource
 from cryptoflow.net.ratelimit import RateBudget
 from cryptoflow.pipeline.bodies import SnapshotCodec
 from cryptoflow.pipeline.stream import VenueStream
@@ -32,6 +32,18 @@ class VenueRestClient(Protocol):
         source: SnapshotSource = ...,
     ) -> DepthSnapshot: ...
 
+    async def fetch_snapshot_body(
+        self,
+        symbol: str,
+        venue_symbol: str,
+        *,
+        depth_limit: int = ...,
+        source: SnapshotSource = ...,
+    ) -> SnapshotBody:
+        """The same request, the body left unparsed (used when the venue has a
+        `snapshot_codec`: the writer reads poll bodies in batches at its flush)."""
+        ...
+
     async def fetch_instruments(self) -> dict[str, Instrument]: ...
 
 
@@ -46,7 +58,7 @@ class Venue:
     #: (cfg, ws_url, venue symbol -> normalized, the shard's REST client of this venue)
     make_stream: Callable[[VenueSource, str, SymbolMap, VenueRestClient], VenueStream]
     #: poll snapshots read in batches at the writer's flush (`pipeline/bodies.py`); venues
-    #: without one parse each body on arrival. The REST client then has `fetch_snapshot_body`.
+    #: without one parse each body on arrival (`VenueRestClient.fetch_snapshot_body` unused).
     snapshot_codec: SnapshotCodec | None = None
 
 
