@@ -8,16 +8,19 @@ root nursery
 └── exchange nursery (one per venue)
     └── shard nursery (one per source IP)
         ├── normalizer (book sync + flatten)      raw channel -> rows channel
+        ├── graceful readers (end on stop, within request_timeout)
+        │   ├── snapshot poller per symbol        -> raw channel (blocking send)
+        │   └── WebSocket stream per symbol group -> raw channel (never blocks)
         └── readers scope (cancelled on stop)
-            ├── snapshot poller per symbol        -> raw channel (blocking send)
-            ├── WebSocket stream per symbol group -> raw channel (never blocks)
             └── resync fetcher                    -> raw channel (blocking send)
 ```
 
-Shutdown is two-stage (design.md): stop cancels only the readers; each closes its clone
-of the raw channel, so the normalizers drain and close their clones of the rows channel,
-and the writer flushes every buffer to the spool and uploads under `shutdown_timeout`
-(what misses the deadline stays in the spool for the next start). A second signal
+Shutdown is two-stage (design.md): stop ends only the readers (a poller after its poll
+in flight, a stream once the venue has answered its close frame, so every frame sent
+before that is kept; the resync fetcher at once); each closes its clone of the raw
+channel, so the normalizers drain and close their clones of the rows channel, and the
+writer flushes every buffer to the spool and uploads under `shutdown_timeout` (what
+misses the deadline stays in the spool for the next start). A second signal
 cancels the root scope at once.
 """
 
@@ -266,8 +269,9 @@ async def run_shard(
                 _run_normalizer, raw_recv, rows_send, normalizer, resync, stats.polls
             )
             async with raw_send:
-                # pollers stop gracefully (a poll in flight is finished, within
-                # request_timeout); streams and the resync fetcher are cancelled at once
+                # pollers and streams stop gracefully, within request_timeout (a poll in
+                # flight is finished; a stream reads up to the venue's close answer); the
+                # resync fetcher is cancelled at once
                 with trio.CancelScope() as polling:
                     async with trio.open_nursery() as pollers:
                         with stop.reader_scope():
@@ -309,9 +313,10 @@ def _start_readers(
     pollers: trio.Nursery | None = None,
     stopping: trio.Event | None = None,
 ) -> None:
-    """Start the shard's readers: a poller per symbol (in `pollers` when given: they
-    stop on `stopping` after their poll in flight), a stream per symbol group, and the
-    REST resync fetcher; each under `supervised` so one crash restarts only that task."""
+    """Start the shard's readers: a poller per symbol and a stream per symbol group (in
+    `pollers` when given: on `stopping` a poller ends after its poll in flight, a stream
+    after the venue's answer to its close frame), and the REST resync fetcher; each under
+    `supervised` so one crash restarts only that task."""
     app = settings.app
     source = plan.source
     interval = source.snapshot_interval or app.reader.snapshot_interval
@@ -350,7 +355,7 @@ def _start_readers(
             if venue.rules.resync_by == "resubscribe" and can_resubscribe(stream):
                 conn_queue = ResyncQueue()
                 resync.route([symbol_of[v] for v in group], conn_queue)
-            readers.start_soon(
+            (pollers or readers).start_soon(
                 functools.partial(
                     supervised,
                     f"{plan.label} stream #{i // size}",
@@ -368,6 +373,7 @@ def _start_readers(
                         resync=conn_queue,
                         fallback=resync.request_rest,
                         raw_sink=raw_sink,
+                        stopping=stopping,
                     ),
                 )
             )

@@ -411,3 +411,29 @@ def test_decoder_refuses_an_oversized_frame_from_its_header():
     with pytest.raises(FrameError, match="larger than 1000") as err:
         decoder.feed(bytes((0x82, 126)) + (1001).to_bytes(2, "big"), [])  # no payload yet
     assert err.value.code == 1009
+
+
+async def test_start_close_still_hands_out_what_came_before_the_answer():
+    """A graceful stop: our close goes out, every frame the server sent before it saw
+    the close is still read, then the server's answer ends the connection."""
+    sent = trio.Event()
+
+    async def script(stream, conn):
+        await stream.send_all(b"".join(conn.send(Message(data=f"m{i}")) for i in range(30)))
+        sent.set()
+        await _answer_close(stream, conn)
+
+    got: list[str | bytes] = []
+    async with trio.open_nursery() as nursery:
+        url = await _raw_server(nursery, script)
+        async with open_ws(url) as ws:
+            await sent.wait()
+            await ws.start_close()
+            with pytest.raises(WsClosed, match="connection is not open"):
+                await ws.send_message("nothing may follow our close")
+            with pytest.raises(WsClosed) as closed, trio.fail_after(5):
+                while True:
+                    got.extend(await ws.receive_burst())
+        nursery.cancel_scope.cancel()
+    assert got == [f"m{i}" for i in range(30)]
+    assert closed.value.code == 1000

@@ -170,6 +170,17 @@ class WsConnection:
             frame = encode_frame(OP_BINARY, message)
         await self._send_bytes(frame)
 
+    async def start_close(self, code: int = 1000) -> None:
+        """Send our close frame and return; go on reading as before.
+
+        What the server sent before it saw our close still comes out of `receive_burst`
+        and `get_message`, then its close answer ends the connection (`WsClosed`). Why:
+        a graceful stop reads to the end of what the venue sent instead of dropping the
+        frames already on the wire. No message may be sent after this."""
+        if self._open and self._closed is None:
+            self._open = False
+            await self._send_bytes(close_frame(code))
+
     async def aclose(self, code: int = 1000) -> None:
         """Close handshake (send ours, read until the server's), then close the stream.
 

@@ -19,6 +19,12 @@ connection (unsubscribe + subscribe). A request right after a (re)subscribe whos
 snapshot has not come yet does not subscribe again. When no snapshot arrives within the
 venue's `snapshot_timeout` (OKX announced dropping the in-stream snapshot), `fallback`
 asks for a REST snapshot instead.
+
+Graceful stop (`stopping` set): an open connection is not cut. The runner sends its close
+frame and goes on reading until the venue's close answer (at most `drain_timeout`), so
+every frame the venue sent before it saw our close is handed on; a frame cut off at
+stop would otherwise be lost between the socket buffer and the store. A runner that is
+connecting or backing off when the stop comes ends at once.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from typing import Protocol
 
 import attrs
@@ -36,7 +43,7 @@ import trio
 from cryptoflow.errors import ExchangeError, MalformedMessage
 from cryptoflow.exchanges.base import Control, WsItem
 from cryptoflow.models import MARKET_FUTURES, GapKind, StreamEvent
-from cryptoflow.net.ws import WsConnection, open_ws
+from cryptoflow.net.ws import WsClosed, WsConnection, open_ws
 from cryptoflow.pipeline.resync import ResyncQueue
 from cryptoflow.pipeline.supervise import backoff_delay
 
@@ -85,6 +92,36 @@ class StreamStats:
     dropped: int = 0
     malformed: int = 0
     last_error: str = ""
+
+
+@attrs.define
+class _Drain:
+    """The graceful stop of one runner (see the module docstring)."""
+
+    life: trio.CancelScope  # the runner's whole life: cancelled when there is no drain
+    timeout: float
+    draining: bool = False
+    closing: bool = False  # our close frame is on its way: the drain has begun
+    ws: WsConnection | None = None  # the connection being read, while there is one
+    side: trio.CancelScope | None = None  # its keepalive and resubscribe tasks
+
+    def attach(self, ws: WsConnection | None, side: trio.CancelScope | None = None) -> None:
+        self.ws, self.side = ws, side
+
+    async def watch(self, stopping: trio.Event) -> None:
+        await stopping.wait()
+        self.draining = True
+        if self.ws is None:
+            self.life.cancel()  # connecting or backing off: nothing to drain
+            return
+        self.life.deadline = min(self.life.deadline, trio.current_time() + self.timeout)
+        if self.ws.closed is not None:
+            return  # already ending: the reader hands out what is pending, then ends
+        self.closing = True
+        if self.side is not None:
+            self.side.cancel()  # no pings or subscribes after our close frame
+        with suppress(WsClosed):  # failed meanwhile: the reader sees it and ends
+            await self.ws.start_close()
 
 
 class _Reconnect(Exception):
@@ -146,8 +183,11 @@ async def run_stream(
     resync: ResyncQueue | None = None,
     fallback: Callable[[str], None] | None = None,
     raw_sink: Callable[[str, str | bytes, int], None] | None = None,
+    stopping: trio.Event | None = None,
+    drain_timeout: float = 2.0,
 ) -> None:
-    """Keep one connection for `venue_symbols` alive forever, feeding `out`.
+    """Keep one connection for `venue_symbols` alive, feeding `out`, until `stopping`
+    (then drain the open connection, see the module docstring) or cancellation.
 
     `raw_sink(symbol, frame, recv_ns)` (raw capture, off = None) gets every frame that
     parsed to diffs, with the receive time the diffs carry.
@@ -155,63 +195,116 @@ async def run_stream(
     `resync` (normalized symbols) is served by `venue.resubscribe` on the live
     connection; `fallback(symbol)` asks for a REST snapshot when none came in-stream."""
     stats = stats if stats is not None else StreamStats()
-    rng = rng or random.Random()
-    emitter = _Emitter(out, venue.exchange, stats)
+    async with out:
+        with trio.CancelScope() as life:
+            drain = _Drain(life, drain_timeout)
+            async with trio.open_nursery() as nursery:
+                if stopping is not None:
+                    nursery.start_soon(drain.watch, stopping)
+                await _connect_loop(
+                    venue,
+                    venue_symbols,
+                    symbol_of,
+                    _Emitter(out, venue.exchange, stats),
+                    stats,
+                    drain,
+                    source_ip=source_ip,
+                    reconnect_after=reconnect_after,
+                    stall_timeout=stall_timeout,
+                    backoff_initial=backoff_initial,
+                    backoff_max=backoff_max,
+                    rng=rng or random.Random(),
+                    resync=resync,
+                    fallback=fallback,
+                    raw_sink=raw_sink,
+                )
+                nursery.cancel_scope.cancel()  # the stop watcher
+        if drain.draining and life.cancelled_caught and drain.closing:
+            log.warning(
+                "%s: no close answer within %gs of stopping; frames after that are not read",
+                venue.exchange,
+                drain_timeout,
+            )
+
+
+async def _connect_loop(
+    venue: VenueStream,
+    venue_symbols: Sequence[str],
+    symbol_of: dict[str, str],
+    emitter: _Emitter,
+    stats: StreamStats,
+    drain: _Drain,
+    *,
+    source_ip: str | None,
+    reconnect_after: float,
+    stall_timeout: float,
+    backoff_initial: float,
+    backoff_max: float,
+    rng: random.Random,
+    resync: ResyncQueue | None,
+    fallback: Callable[[str], None] | None,
+    raw_sink: Callable[[str, str | bytes, int], None] | None,
+) -> None:
+    """Connect, pump, reconnect (back-off on failures) until the drain ends a connection."""
     symbols = [symbol_of.get(s, s) for s in venue_symbols]
     failures = 0
-    async with out:
-        while True:
-            try:
-                url = await venue.url(list(venue_symbols))
-                async with open_ws(url, source_ip=source_ip) as ws:
-                    await venue.on_open(ws, list(venue_symbols))
-                    opened = trio.current_time()
-                    conn = _ConnState(subscribed_at=dict.fromkeys(symbols, opened))
-                    stats.connects += 1
-                    if stats.connects > 1:
-                        for sym in symbols:
-                            emitter.emit(
+    while not drain.draining:
+        delay = 0.0
+        try:
+            url = await venue.url(list(venue_symbols))
+            async with open_ws(url, source_ip=source_ip) as ws:
+                drain.attach(ws)
+                await venue.on_open(ws, list(venue_symbols))
+                opened = trio.current_time()
+                conn = _ConnState(subscribed_at=dict.fromkeys(symbols, opened))
+                stats.connects += 1
+                if stats.connects > 1:
+                    for sym in symbols:
+                        emitter.emit(
+                            sym,
+                            StreamEvent(
+                                venue.exchange,
+                                MARKET_FUTURES,
                                 sym,
-                                StreamEvent(
-                                    venue.exchange,
-                                    MARKET_FUTURES,
-                                    sym,
-                                    GapKind.RECONNECT,
-                                    time.time_ns(),
-                                    reason=stats.last_error or "planned reconnect",
-                                ),
-                            )
-                    log.info(
-                        "%s: connected (%d streams)%s",
-                        venue.exchange,
-                        len(venue_symbols),
-                        f" from {source_ip}" if source_ip else "",
-                    )
-                    with trio.move_on_after(reconnect_after):
-                        await _pump(
-                            ws,
-                            venue,
-                            emitter,
-                            stats,
-                            stall_timeout,
-                            conn=conn,
-                            resync=resync,
-                            fallback=fallback,
-                            venue_of={s: v for v, s in zip(venue_symbols, symbols, strict=True)},
-                            raw_sink=raw_sink,
+                                GapKind.RECONNECT,
+                                time.time_ns(),
+                                reason=stats.last_error or "planned reconnect",
+                            ),
                         )
-                    stats.last_error = "planned reconnect"
-                    failures = 0
-                    continue
-            except* (
-                OSError,
-                trio.TooSlowError,
-                ExchangeError,
-                _Reconnect,
-            ) as group:
-                # except*: these arrive wrapped in the ExceptionGroups of the nurseries
-                # in open_ws and _pump (a plain except never saw them)
-                exc = _first_leaf(group)
+                log.info(
+                    "%s: connected (%d streams)%s",
+                    venue.exchange,
+                    len(venue_symbols),
+                    f" from {source_ip}" if source_ip else "",
+                )
+                with trio.move_on_after(reconnect_after):
+                    await _pump(
+                        ws,
+                        venue,
+                        emitter,
+                        stats,
+                        stall_timeout,
+                        conn=conn,
+                        resync=resync,
+                        fallback=fallback,
+                        venue_of={s: v for v, s in zip(venue_symbols, symbols, strict=True)},
+                        raw_sink=raw_sink,
+                        drain=drain,
+                    )
+                stats.last_error = "planned reconnect"
+                failures = 0
+        except* (
+            OSError,
+            trio.TooSlowError,
+            ExchangeError,
+            _Reconnect,
+        ) as group:
+            # except*: these arrive wrapped in the ExceptionGroups of the nurseries
+            # in open_ws and _pump (a plain except never saw them)
+            exc = _first_leaf(group)
+            if drain.draining:
+                log.info("%s: stream closed for the stop (%s)", venue.exchange, exc)
+            else:
                 stats.disconnects += 1
                 stats.last_error = f"{type(exc).__name__}: {exc}"
                 failures += 1
@@ -224,7 +317,10 @@ async def run_stream(
                     stats.last_error,
                     delay,
                 )
-            await trio.sleep(delay)  # reached only through the handler above
+        finally:
+            drain.attach(None)
+        if delay:
+            await trio.sleep(delay)
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
@@ -245,15 +341,14 @@ async def _pump(
     fallback: Callable[[str], None] | None = None,
     venue_of: dict[str, str] | None = None,
     raw_sink: Callable[[str, str | bytes, int], None] | None = None,
+    drain: _Drain | None = None,
 ) -> None:
     conn = conn if conn is not None else _ConnState()
     async with trio.open_nursery() as nursery:
-        if venue.keepalive_interval:
-            nursery.start_soon(_keepalive, ws, venue)
-        if resync is not None and can_resubscribe(venue):
-            nursery.start_soon(
-                _serve_resubscribe, ws, venue, resync, conn, venue_of or {}, fallback, nursery
-            )
+        side = trio.CancelScope()  # keepalive and resubscribes: they end first on a drain
+        if drain is not None:
+            drain.attach(ws, side)
+        nursery.start_soon(_side_tasks, side, ws, venue, conn, resync, venue_of or {}, fallback)
         # Stall watch: one cancel scope for the whole loop, its deadline moved forward as
         # frames arrive, instead of a `fail_after` scope per frame (entering and closing
         # one per frame was ~6 s of a 60 s profiled soak at ~1,400 frames/s). The
@@ -273,6 +368,27 @@ async def _pump(
                     _handle_frame(raw, venue, emitter, stats, conn, raw_sink)
         if stall.cancelled_caught:
             raise trio.TooSlowError(f"no frame for {stall_timeout:g}s (stalled)")
+
+
+async def _side_tasks(
+    side: trio.CancelScope,
+    ws: WsConnection,
+    venue: VenueStream,
+    conn: _ConnState,
+    resync: ResyncQueue | None,
+    venue_of: dict[str, str],
+    fallback: Callable[[str], None] | None,
+) -> None:
+    """The tasks that send on a connection, in one scope: a drain cancels them before it
+    sends the close frame (nothing may follow it)."""
+    with side:
+        async with trio.open_nursery() as nursery:
+            if venue.keepalive_interval:
+                nursery.start_soon(_keepalive, ws, venue)
+            if resync is not None and can_resubscribe(venue):
+                nursery.start_soon(
+                    _serve_resubscribe, ws, venue, resync, conn, venue_of, fallback, nursery
+                )
 
 
 def _handle_frame(

@@ -1,0 +1,142 @@
+"""A stream runner's graceful stop (`stopping`), over real sockets on 127.0.0.1.
+
+What it must hold: every frame the venue sent before it saw our close frame is handed
+on (none left in the socket buffer), the stop is bounded when the venue never answers,
+and a runner with no open connection ends at once."""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import partial
+
+import trio
+from test_ws_client import _raw_server
+from trio_websocket import ConnectionClosed
+from wsfake import start_fake, wait_for
+from wsproto.events import Message
+
+from cryptoflow.exchanges.bybit.ws import BybitStream
+from cryptoflow.models import DepthDiff
+from cryptoflow.pipeline.stream import StreamStats, run_stream
+
+SYM = {"BTCUSDT": "BTCUSDT"}
+
+
+def push(kind: str, u: int) -> str:
+    return json.dumps(
+        {
+            "topic": "orderbook.50.BTCUSDT",
+            "type": kind,
+            "ts": 1671179923028 + u,
+            "data": {"s": "BTCUSDT", "b": [["100.0", "1"]], "a": [["101.0", "2"]], "u": u},
+            "cts": 1671179923026,
+        }
+    )
+
+
+def _drained(recv: trio.MemoryReceiveChannel) -> list[object]:
+    items = []
+    while True:
+        try:
+            items.append(recv.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return items
+
+
+async def test_stop_reads_every_frame_sent_before_the_venue_saw_our_close(caplog):
+    sent = 0
+
+    async def script(ws, conn, fake):
+        nonlocal sent
+        await fake.recv(ws, conn)  # the subscribe
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fake.drain, ws, conn)  # reads pings, and our close
+            try:
+                await ws.send_message(push("snapshot", 1))
+                sent = 1
+                while True:  # as fast as the socket takes them: frames are always in flight
+                    await ws.send_message(push("delta", sent + 1))
+                    sent += 1
+            except ConnectionClosed:
+                pass  # our close arrived: trio-websocket has answered it
+
+    stopping = trio.Event()
+    stats = StreamStats()
+    send, recv = trio.open_memory_channel(1_000_000)
+    async with trio.open_nursery() as nursery:
+        fake = await start_fake(nursery, script)
+        stream = BybitStream(fake.url, 50, SYM)
+        stream.keepalive_interval = 0.01  # pings right up to the stop: none after our close
+        with trio.fail_after(10):
+            async with trio.open_nursery() as runner:
+                runner.start_soon(
+                    partial(
+                        run_stream, stream, ["BTCUSDT"], SYM, send, stats=stats, stopping=stopping
+                    )
+                )
+                await wait_for(lambda: sent >= 2000)
+                stopping.set()  # the runner must end by itself
+        nursery.cancel_scope.cancel()
+    diffs = [i for i in _drained(recv) if isinstance(i, DepthDiff)]
+    assert [d.last_update_id for d in diffs] == list(range(1, sent + 1))
+    assert stats.disconnects == 0 and stats.connects == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_stop_is_bounded_when_the_venue_never_answers_our_close(caplog):
+    async def script(stream, conn):
+        await stream.send_all(conn.send(Message(data=push("snapshot", 1))))
+        await trio.sleep_forever()  # reads nothing: our close is never answered
+
+    stopping = trio.Event()
+    send, recv = trio.open_memory_channel(100)
+    async with trio.open_nursery() as nursery:
+        url = await _raw_server(nursery, script)
+        stream = BybitStream(url, 50, SYM)
+        with trio.fail_after(5):
+            async with trio.open_nursery() as runner:
+                runner.start_soon(
+                    partial(
+                        run_stream,
+                        stream,
+                        ["BTCUSDT"],
+                        SYM,
+                        send,
+                        drain_timeout=0.3,
+                        stopping=stopping,
+                    )
+                )
+                await wait_for(lambda: recv.statistics().current_buffer_used >= 1)
+                stopping.set()
+        nursery.cancel_scope.cancel()
+    assert any("no close answer within 0.3s" in r.getMessage() for r in caplog.records)
+    assert [type(i) for i in _drained(recv)] == [DepthDiff]  # what came before is kept
+
+
+async def test_stop_while_backing_off_ends_at_once():
+    with trio.socket.socket() as probe:  # a port nobody listens on: connect is refused
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    stopping = trio.Event()
+    stats = StreamStats()
+    send, recv = trio.open_memory_channel(10)
+    stream = BybitStream(f"ws://127.0.0.1:{port}", 50, SYM)
+    with trio.fail_after(5):  # the back-off below is 60 s
+        async with trio.open_nursery() as runner:
+            runner.start_soon(
+                partial(
+                    run_stream,
+                    stream,
+                    ["BTCUSDT"],
+                    SYM,
+                    send,
+                    stats=stats,
+                    backoff_initial=60,
+                    backoff_max=60,
+                    stopping=stopping,
+                )
+            )
+            await wait_for(lambda: stats.disconnects == 1)
+            stopping.set()
+    assert _drained(recv) == []  # and the channel is closed (EndOfChannel)
