@@ -33,3 +33,13 @@ def test_auto_is_readable_on_a_terminal(monkeypatch):
     line = buf.getvalue().strip().splitlines()[-1]
     assert "WARNING" in line and "binance/BTCUSDT: gap" in line
     assert not line.startswith("{")
+
+
+def test_log_lines_follow_a_swapped_stderr_and_never_hit_a_closed_one(monkeypatch):
+    first = _capture(monkeypatch, tty=False, fmt="console")
+    logging.getLogger("cryptoflow.test").warning("one")
+    later = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", later)  # e.g. a CLI test runner's capture ended
+    first.close()
+    logging.getLogger("cryptoflow.test").warning("two")
+    assert "two" in later.getvalue() and "Logging error" not in later.getvalue()

@@ -49,6 +49,27 @@ class ConsoleFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
 
 
+class StdStreamHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stdout`/`sys.stderr` is when a record is written.
+
+    Why: a plain StreamHandler keeps the stream object it was given. When something
+    swaps the process's stderr for a while (a test runner's CLI capture, an embedding
+    tool) and closes it, every later record failed with "I/O operation on closed file";
+    this handler follows the swap, as `logging.lastResort` does."""
+
+    def __init__(self, name: str) -> None:
+        logging.Handler.__init__(self)
+        self._name = name
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return getattr(sys, self._name)
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.setStream; the name decides
+        pass
+
+
 def setup_logging(
     *,
     level: str = "INFO",
@@ -75,10 +96,8 @@ def setup_logging(
         handler.addFilter(RedactSecrets(secrets))
         _install(handler, level, debug)
         return
-    if output == "stdout":
-        handler = logging.StreamHandler(sys.stdout)
-    elif output in ("stderr", ""):
-        handler = logging.StreamHandler(sys.stderr)
+    if output in ("stdout", "stderr", ""):
+        handler = StdStreamHandler(output or "stderr")
     else:
         handler = logging.FileHandler(output, encoding="utf-8")
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
