@@ -2,6 +2,8 @@
 
 - `s3_server` (session): starts `ThreadedMotoServer` on a free port, yields its endpoint
   URL (`http://127.0.0.1:<port>`). No environment variable is set.
+- `clock` (function): a MockClock for the writer's timing tests that never jumps while a
+  worker thread runs (`threadclock.py`); pytest-trio runs a test on it when asked for.
 - `s3_bucket` (function): a fresh, uniquely named bucket on that server; yields an
   `S3Bucket` with the name, endpoint, fake credentials as an `Environment`, and
   `client()` to build a boto3 client with those credentials passed explicitly.
@@ -132,3 +134,12 @@ def tiny_frame_from_columns(dataset, exchange, market, symbol, columns, multipli
 @pytest.fixture
 def frame_builder():
     return tiny_frame_from_columns
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """Virtual time that jumps after 20 ms of real idleness, never during a worker thread
+    (flushes and uploads run in threads: see tests/threadclock.py)."""
+    import threadclock
+
+    return threadclock.install(monkeypatch)

@@ -81,14 +81,6 @@ class RestartableMoto:
 
 
 @pytest.fixture
-def clock():
-    """Jumps only after 20 ms of real idleness (flushes run in threads)."""
-    from trio.testing import MockClock
-
-    return MockClock(autojump_threshold=0.02)
-
-
-@pytest.fixture
 def moto_restartable():
     m = RestartableMoto()
     try:
@@ -396,7 +388,7 @@ async def test_spool_full_warns_counts_backpressures_never_drops(tmp_path, clock
                 break  # back-pressure: the writer stopped reading
             sent += 10
             await trio.sleep(0.5)
-        # flushes run in threads the MockClock cannot see: wait for them in real time
+        # wait in real time (virtual time holds while a thread runs: tests/threadclock.py)
         for _ in range(1000):
             if w.stats.spool_full_events > 0 and w.stats.spool_warnings >= 1:
                 break

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import threadclock
 import trio
 from test_writer import T0, FlakyStore, delta_batch, setup, stored
-from trio.testing import MockClock
 
 from cryptoflow.errors import StorageUnavailable
 from cryptoflow.models import Dataset
@@ -20,11 +20,6 @@ from cryptoflow.storage.local import LocalStore
 from cryptoflow.storage.spool import Spool
 
 HOUR_MS = 3_600_000
-
-
-@pytest.fixture
-def clock():
-    return MockClock(autojump_threshold=0.02)  # as in test_writer.py
 
 
 def objects(root: Path) -> list[Path]:
@@ -223,7 +218,7 @@ def _spool_with_files(tmp_path: Path, n: int, frame_builder) -> tuple[Spool, lis
     return spool, keys
 
 
-def test_crash_after_merged_upload_no_duplicates_same_key(tmp_path, frame_builder):
+def test_crash_after_merged_upload_no_duplicates_same_key(tmp_path, frame_builder, monkeypatch):
     """Crash after the merged object is stored but before the spool is cleaned up (S3:
     the merged spool file stays): the next start re-uploads the SAME key, no duplicates."""
     out = tmp_path / "out"
@@ -238,7 +233,7 @@ def test_crash_after_merged_upload_no_duplicates_same_key(tmp_path, frame_builde
             await trio.sleep(5)
             await send.aclose()
 
-    trio.run(first, clock=MockClock(autojump_threshold=0.02))
+    trio.run(first, clock=threadclock.install(monkeypatch))
     assert len(store.puts) == 1
     first_key = store.puts[0]
     # the merged file is still in the spool (sources already gone)

@@ -4,9 +4,7 @@ import time
 from pathlib import Path
 
 import polars as pl
-import pytest
 import trio
-from trio.testing import MockClock
 
 from cryptoflow.config_schema import BufferSection
 from cryptoflow.errors import StorageUnavailable
@@ -42,16 +40,9 @@ def delta_batch(first_id: int, n: int, ts: int, symbol: str = "BTCUSDT") -> RowB
     )
 
 
-@pytest.fixture
-def clock():
-    """MockClock that jumps only after 20 ms of real idleness: flushes and uploads run in
-    worker threads, which an autojump_threshold=0 clock would treat as idle time (and
-    jump straight past every deadline while a file is being written)."""
-    return MockClock(autojump_threshold=0.02)
-
-
 async def eventually(cond, real_seconds: float = 10.0) -> None:
-    """Wait (in real time: flushes run in threads, which MockClock cannot see) for cond."""
+    """Wait for cond in real time (the `clock` fixture holds virtual time meanwhile: it
+    never jumps while a thread, such as this wait's, runs)."""
     for _ in range(int(real_seconds / 0.01)):
         if cond():
             return
