@@ -10,7 +10,8 @@ becomes a gap only if the stream did not continue across the reconnect.
 
 Reconnects: on any connection failure or stall (no frame for `stall_timeout`) the runner
 reconnects with capped exponential back-off and jitter; a healthy connection is
-replaced after `reconnect_after` (before the venues' 24 h cut).
+replaced after `reconnect_after` (before the venues' 24 h cut), closed the graceful way
+below and reopened at once.
 
 Resync by resubscribe (Bybit, OKX: the venue sends a fresh in-stream snapshot after a
 subscribe): a venue stream with a `resubscribe(ws, venue_symbol)` method gets a
@@ -20,11 +21,12 @@ snapshot has not come yet does not subscribe again. When no snapshot arrives wit
 venue's `snapshot_timeout` (OKX announced dropping the in-stream snapshot), `fallback`
 asks for a REST snapshot instead.
 
-Graceful stop (`stopping` set): an open connection is not cut. The runner sends its close
-frame and goes on reading until the venue's close answer (at most `drain_timeout`), so
-every frame the venue sent before it saw our close is handed on; a frame cut off at
-stop would otherwise be lost between the socket buffer and the store. A runner that is
-connecting or backing off when the stop comes ends at once.
+Graceful close (on stop, `stopping` set, and on the planned reconnect): an open
+connection is not cut. The runner sends its close frame and goes on reading until the
+venue's close answer (at most `drain_timeout`), so every frame the venue sent before it
+saw our close is handed on; a cut would lose the frames between the socket buffer and
+the store (on a planned reconnect that made a gap where the stream could have continued
+across it). A runner that is connecting or backing off when the stop comes ends at once.
 """
 
 from __future__ import annotations
@@ -95,33 +97,53 @@ class StreamStats:
 
 
 @attrs.define
-class _Drain:
-    """The graceful stop of one runner (see the module docstring)."""
+class _Closer:
+    """Closes a runner's open connection the graceful way (see the module docstring)."""
 
-    life: trio.CancelScope  # the runner's whole life: cancelled when there is no drain
+    life: trio.CancelScope  # the runner's whole life: cancelled on a stop with no drain
     timeout: float
-    draining: bool = False
-    closing: bool = False  # our close frame is on its way: the drain has begun
+    stopping: bool = False  # the runner ends after this connection
+    planned: bool = False  # the connection is being replaced (`reconnect_after`)
+    closing: bool = False  # our close frame is on its way
     ws: WsConnection | None = None  # the connection being read, while there is one
     side: trio.CancelScope | None = None  # its keepalive and resubscribe tasks
+    scope: trio.CancelScope | None = None  # its whole life (the drain's deadline)
 
-    def attach(self, ws: WsConnection | None, side: trio.CancelScope | None = None) -> None:
-        self.ws, self.side = ws, side
+    def attach(
+        self,
+        ws: WsConnection | None,
+        scope: trio.CancelScope | None = None,
+        side: trio.CancelScope | None = None,
+    ) -> None:
+        self.ws, self.scope, self.side = ws, scope or self.scope, side
+        if ws is None:
+            self.planned = self.closing = False
 
-    async def watch(self, stopping: trio.Event) -> None:
-        await stopping.wait()
-        self.draining = True
-        if self.ws is None:
-            self.life.cancel()  # connecting or backing off: nothing to drain
-            return
-        self.life.deadline = min(self.life.deadline, trio.current_time() + self.timeout)
+    async def close(self) -> bool:
+        """Send our close frame and bound the drain; False when nothing is open."""
+        if self.ws is None or self.scope is None:
+            return False
+        self.scope.deadline = min(self.scope.deadline, trio.current_time() + self.timeout)
         if self.ws.closed is not None:
-            return  # already ending: the reader hands out what is pending, then ends
+            return True  # already ending: the reader hands out what is pending, then ends
         self.closing = True
         if self.side is not None:
             self.side.cancel()  # no pings or subscribes after our close frame
         with suppress(WsClosed):  # failed meanwhile: the reader sees it and ends
             await self.ws.start_close()
+        return True
+
+    async def watch(self, stopping: trio.Event) -> None:
+        await stopping.wait()
+        self.stopping = True
+        if not await self.close():
+            self.life.cancel()  # connecting or backing off: nothing to drain
+
+    async def replace_after(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+        if not self.stopping:
+            self.planned = True
+            await self.close()
 
 
 class _Reconnect(Exception):
@@ -197,17 +219,17 @@ async def run_stream(
     stats = stats if stats is not None else StreamStats()
     async with out:
         with trio.CancelScope() as life:
-            drain = _Drain(life, drain_timeout)
+            closer = _Closer(life, drain_timeout)
             async with trio.open_nursery() as nursery:
                 if stopping is not None:
-                    nursery.start_soon(drain.watch, stopping)
+                    nursery.start_soon(closer.watch, stopping)
                 await _connect_loop(
                     venue,
                     venue_symbols,
                     symbol_of,
                     _Emitter(out, venue.exchange, stats),
                     stats,
-                    drain,
+                    closer,
                     source_ip=source_ip,
                     reconnect_after=reconnect_after,
                     stall_timeout=stall_timeout,
@@ -219,12 +241,6 @@ async def run_stream(
                     raw_sink=raw_sink,
                 )
                 nursery.cancel_scope.cancel()  # the stop watcher
-        if drain.draining and life.cancelled_caught and drain.closing:
-            log.warning(
-                "%s: no close answer within %gs of stopping; frames after that are not read",
-                venue.exchange,
-                drain_timeout,
-            )
 
 
 async def _connect_loop(
@@ -233,7 +249,7 @@ async def _connect_loop(
     symbol_of: dict[str, str],
     emitter: _Emitter,
     stats: StreamStats,
-    drain: _Drain,
+    closer: _Closer,
     *,
     source_ip: str | None,
     reconnect_after: float,
@@ -245,80 +261,88 @@ async def _connect_loop(
     fallback: Callable[[str], None] | None,
     raw_sink: Callable[[str, str | bytes, int], None] | None,
 ) -> None:
-    """Connect, pump, reconnect (back-off on failures) until the drain ends a connection."""
+    """Connect, pump, reconnect (back-off on failures) until a stop closes a connection."""
     symbols = [symbol_of.get(s, s) for s in venue_symbols]
     failures = 0
-    while not drain.draining:
+    while not closer.stopping:
         delay = 0.0
-        try:
-            url = await venue.url(list(venue_symbols))
-            async with open_ws(url, source_ip=source_ip) as ws:
-                drain.attach(ws)
-                await venue.on_open(ws, list(venue_symbols))
-                opened = trio.current_time()
-                conn = _ConnState(subscribed_at=dict.fromkeys(symbols, opened))
-                stats.connects += 1
-                if stats.connects > 1:
-                    for sym in symbols:
-                        emitter.emit(
-                            sym,
-                            StreamEvent(
-                                venue.exchange,
-                                MARKET_FUTURES,
+        with trio.CancelScope() as scope:  # the connection's life; a drain sets a deadline
+            try:
+                url = await venue.url(list(venue_symbols))
+                async with open_ws(url, source_ip=source_ip) as ws:
+                    closer.attach(ws, scope)
+                    await venue.on_open(ws, list(venue_symbols))
+                    opened = trio.current_time()
+                    conn = _ConnState(subscribed_at=dict.fromkeys(symbols, opened))
+                    stats.connects += 1
+                    if stats.connects > 1:
+                        for sym in symbols:
+                            emitter.emit(
                                 sym,
-                                GapKind.RECONNECT,
-                                time.time_ns(),
-                                reason=stats.last_error or "planned reconnect",
-                            ),
-                        )
-                log.info(
-                    "%s: connected (%d streams)%s",
-                    venue.exchange,
-                    len(venue_symbols),
-                    f" from {source_ip}" if source_ip else "",
-                )
-                with trio.move_on_after(reconnect_after):
+                                StreamEvent(
+                                    venue.exchange,
+                                    MARKET_FUTURES,
+                                    sym,
+                                    GapKind.RECONNECT,
+                                    time.time_ns(),
+                                    reason=stats.last_error or "planned reconnect",
+                                ),
+                            )
+                    log.info(
+                        "%s: connected (%d streams)%s",
+                        venue.exchange,
+                        len(venue_symbols),
+                        f" from {source_ip}" if source_ip else "",
+                    )
                     await _pump(
                         ws,
                         venue,
                         emitter,
                         stats,
                         stall_timeout,
+                        closer,
+                        reconnect_after,
                         conn=conn,
                         resync=resync,
                         fallback=fallback,
                         venue_of={s: v for v, s in zip(venue_symbols, symbols, strict=True)},
                         raw_sink=raw_sink,
-                        drain=drain,
                     )
-                stats.last_error = "planned reconnect"
-                failures = 0
-        except* (
-            OSError,
-            trio.TooSlowError,
-            ExchangeError,
-            _Reconnect,
-        ) as group:
-            # except*: these arrive wrapped in the ExceptionGroups of the nurseries
-            # in open_ws and _pump (a plain except never saw them)
-            exc = _first_leaf(group)
-            if drain.draining:
-                log.info("%s: stream closed for the stop (%s)", venue.exchange, exc)
-            else:
-                stats.disconnects += 1
-                stats.last_error = f"{type(exc).__name__}: {exc}"
-                failures += 1
-                delay = backoff_delay(
-                    failures, initial=backoff_initial, maximum=backoff_max, rng=rng
-                )
-                log.warning(
-                    "%s: stream lost (%s); reconnecting in %.1fs",
-                    venue.exchange,
-                    stats.last_error,
-                    delay,
-                )
-        finally:
-            drain.attach(None)
+            except* (
+                OSError,
+                trio.TooSlowError,
+                ExchangeError,
+                _Reconnect,
+            ) as group:
+                # except*: these arrive wrapped in the ExceptionGroups of the nurseries
+                # in open_ws and _pump (a plain except never saw them)
+                exc = _first_leaf(group)
+                if closer.stopping or closer.planned:
+                    why = "the stop" if closer.stopping else "a planned reconnect"
+                    log.info("%s: stream closed for %s (%s)", venue.exchange, why, exc)
+                else:
+                    stats.disconnects += 1
+                    stats.last_error = f"{type(exc).__name__}: {exc}"
+                    failures += 1
+                    delay = backoff_delay(
+                        failures, initial=backoff_initial, maximum=backoff_max, rng=rng
+                    )
+                    log.warning(
+                        "%s: stream lost (%s); reconnecting in %.1fs",
+                        venue.exchange,
+                        stats.last_error,
+                        delay,
+                    )
+        if scope.cancelled_caught:  # only a drain sets this scope a deadline
+            log.warning(
+                "%s: no close answer within %gs of our close frame; frames after it are not read",
+                venue.exchange,
+                closer.timeout,
+            )
+        if closer.planned:
+            stats.last_error = "planned reconnect"
+            failures = 0
+        closer.attach(None)
         if delay:
             await trio.sleep(delay)
 
@@ -335,20 +359,23 @@ async def _pump(
     emitter: _Emitter,
     stats: StreamStats,
     stall_timeout: float,
+    closer: _Closer,
+    reconnect_after: float,
     *,
     conn: _ConnState | None = None,
     resync: ResyncQueue | None = None,
     fallback: Callable[[str], None] | None = None,
     venue_of: dict[str, str] | None = None,
     raw_sink: Callable[[str, str | bytes, int], None] | None = None,
-    drain: _Drain | None = None,
 ) -> None:
+    """Read the connection until it ends (an exception: a failure, or the venue's answer
+    to our close frame)."""
     conn = conn if conn is not None else _ConnState()
     async with trio.open_nursery() as nursery:
-        side = trio.CancelScope()  # keepalive and resubscribes: they end first on a drain
-        if drain is not None:
-            drain.attach(ws, side)
+        side = trio.CancelScope()  # keepalive and resubscribes: they end first on a close
+        closer.attach(ws, side=side)
         nursery.start_soon(_side_tasks, side, ws, venue, conn, resync, venue_of or {}, fallback)
+        nursery.start_soon(closer.replace_after, reconnect_after)
         # Stall watch: one cancel scope for the whole loop, its deadline moved forward as
         # frames arrive, instead of a `fail_after` scope per frame (entering and closing
         # one per frame was ~6 s of a 60 s profiled soak at ~1,400 frames/s). The
@@ -379,8 +406,8 @@ async def _side_tasks(
     venue_of: dict[str, str],
     fallback: Callable[[str], None] | None,
 ) -> None:
-    """The tasks that send on a connection, in one scope: a drain cancels them before it
-    sends the close frame (nothing may follow it)."""
+    """The tasks that send on a connection, in one scope: a graceful close cancels them
+    before it sends the close frame (nothing may follow it)."""
     with side:
         async with trio.open_nursery() as nursery:
             if venue.keepalive_interval:

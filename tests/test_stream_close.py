@@ -1,8 +1,10 @@
-"""A stream runner's graceful stop (`stopping`), over real sockets on 127.0.0.1.
+"""A stream runner's graceful close, on stop (`stopping`) and on the planned reconnect
+(`reconnect_after`), over real sockets on 127.0.0.1.
 
 What it must hold: every frame the venue sent before it saw our close frame is handed
-on (none left in the socket buffer), the stop is bounded when the venue never answers,
-and a runner with no open connection ends at once."""
+on (none left in the socket buffer), the close is bounded when the venue never answers,
+a runner with no open connection stops at once, and a planned reconnect is no failure.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from wsfake import start_fake, wait_for
 from wsproto.events import Message
 
 from cryptoflow.exchanges.bybit.ws import BybitStream
-from cryptoflow.models import DepthDiff
+from cryptoflow.models import DepthDiff, GapKind, StreamEvent
 from cryptoflow.pipeline.stream import StreamStats, run_stream
 
 SYM = {"BTCUSDT": "BTCUSDT"}
@@ -44,22 +46,30 @@ def _drained(recv: trio.MemoryReceiveChannel) -> list[object]:
             return items
 
 
-async def test_stop_reads_every_frame_sent_before_the_venue_saw_our_close(caplog):
-    sent = 0
-
-    async def script(ws, conn, fake):
-        nonlocal sent
-        await fake.recv(ws, conn)  # the subscribe
+async def _flood(ws, conn, fake, ids: list[int], start: int, limit: int | None = None) -> None:
+    """After the subscribe: pushes as fast as the socket takes them (so frames are always
+    in flight) until our close arrives; `ids` gets each id once its send has returned."""
+    await fake.recv(ws, conn)
+    try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fake.drain, ws, conn)  # reads pings, and our close
-            try:
-                await ws.send_message(push("snapshot", 1))
-                sent = 1
-                while True:  # as fast as the socket takes them: frames are always in flight
-                    await ws.send_message(push("delta", sent + 1))
-                    sent += 1
-            except ConnectionClosed:
-                pass  # our close arrived: trio-websocket has answered it
+            u = start
+            await ws.send_message(push("snapshot", u))
+            ids.append(u)
+            while limit is None or len(ids) < limit:
+                u += 1
+                await ws.send_message(push("delta", u))
+                ids.append(u)
+            await trio.sleep_forever()
+    except* ConnectionClosed:
+        pass  # our close arrived: trio-websocket has answered it
+
+
+async def test_stop_reads_every_frame_sent_before_the_venue_saw_our_close(caplog):
+    sent: list[int] = []
+
+    async def script(ws, conn, fake):
+        await _flood(ws, conn, fake, sent, 1)
 
     stopping = trio.Event()
     stats = StreamStats()
@@ -75,11 +85,11 @@ async def test_stop_reads_every_frame_sent_before_the_venue_saw_our_close(caplog
                         run_stream, stream, ["BTCUSDT"], SYM, send, stats=stats, stopping=stopping
                     )
                 )
-                await wait_for(lambda: sent >= 2000)
+                await wait_for(lambda: len(sent) >= 2000)
                 stopping.set()  # the runner must end by itself
         nursery.cancel_scope.cancel()
     diffs = [i for i in _drained(recv) if isinstance(i, DepthDiff)]
-    assert [d.last_update_id for d in diffs] == list(range(1, sent + 1))
+    assert [d.last_update_id for d in diffs] == sent
     assert stats.disconnects == 0 and stats.connects == 1
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -140,3 +150,36 @@ async def test_stop_while_backing_off_ends_at_once():
             await wait_for(lambda: stats.disconnects == 1)
             stopping.set()
     assert _drained(recv) == []  # and the channel is closed (EndOfChannel)
+
+
+async def test_planned_reconnect_reads_the_old_connection_to_its_end(caplog):
+    sent: dict[int, list[int]] = {}
+
+    async def script(ws, conn, fake):
+        start = max((u for ids in sent.values() for u in ids), default=0) + 1
+        # the venue's stream goes on across connections
+        await _flood(ws, conn, fake, sent.setdefault(conn, []), start, 200 if conn > 1 else None)
+
+    stats = StreamStats()
+    send, recv = trio.open_memory_channel(1_000_000)
+    async with trio.open_nursery() as nursery:
+        fake = await start_fake(nursery, script)
+        stream = BybitStream(fake.url, 50, SYM)
+        stream.keepalive_interval = 0.01
+        runner = partial(
+            run_stream, stream, ["BTCUSDT"], SYM, send, stats=stats, reconnect_after=0.3
+        )
+        nursery.start_soon(runner)
+        with trio.fail_after(10):
+            await wait_for(lambda: len(sent.get(2, ())) >= 200)
+        nursery.cancel_scope.cancel()
+    items = _drained(recv)
+    marker = next(i for i, x in enumerate(items) if isinstance(x, StreamEvent))
+    assert items[marker].kind is GapKind.RECONNECT
+    assert items[marker].reason == "planned reconnect"
+    before = [d.last_update_id for d in items[:marker]]
+    assert before == sent[1]  # the first connection's every frame, its tail included
+    after = [d.last_update_id for d in items[marker + 1 :] if isinstance(d, DepthDiff)]
+    assert after[:200] == sent[2][:200]
+    assert stats.connects == 2 and stats.disconnects == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
