@@ -46,6 +46,14 @@ def _drained(recv: trio.MemoryReceiveChannel) -> list[object]:
             return items
 
 
+def _runner(url: str, send: trio.MemorySendChannel, keepalive: float | None = None, **kw):
+    """`run_stream` of one Bybit symbol at `url` (the runner under test)."""
+    stream = BybitStream(url, 50, SYM)
+    if keepalive is not None:
+        stream.keepalive_interval = keepalive  # pings right up to the close: none after it
+    return partial(run_stream, stream, ["BTCUSDT"], SYM, send, **kw)
+
+
 async def _flood(ws, conn, fake, ids: list[int], start: int, limit: int | None = None) -> None:
     """After the subscribe: pushes as fast as the socket takes them (so frames are always
     in flight) until our close arrives; `ids` gets each id once its send has returned."""
@@ -76,15 +84,9 @@ async def test_stop_reads_every_frame_sent_before_the_venue_saw_our_close(caplog
     send, recv = trio.open_memory_channel(1_000_000)
     async with trio.open_nursery() as nursery:
         fake = await start_fake(nursery, script)
-        stream = BybitStream(fake.url, 50, SYM)
-        stream.keepalive_interval = 0.01  # pings right up to the stop: none after our close
         with trio.fail_after(10):
             async with trio.open_nursery() as runner:
-                runner.start_soon(
-                    partial(
-                        run_stream, stream, ["BTCUSDT"], SYM, send, stats=stats, stopping=stopping
-                    )
-                )
+                runner.start_soon(_runner(fake.url, send, 0.01, stats=stats, stopping=stopping))
                 await wait_for(lambda: len(sent) >= 2000)
                 stopping.set()  # the runner must end by itself
         nursery.cancel_scope.cancel()
@@ -103,20 +105,9 @@ async def test_stop_is_bounded_when_the_venue_never_answers_our_close(caplog):
     send, recv = trio.open_memory_channel(100)
     async with trio.open_nursery() as nursery:
         url = await _raw_server(nursery, script)
-        stream = BybitStream(url, 50, SYM)
         with trio.fail_after(5):
             async with trio.open_nursery() as runner:
-                runner.start_soon(
-                    partial(
-                        run_stream,
-                        stream,
-                        ["BTCUSDT"],
-                        SYM,
-                        send,
-                        drain_timeout=0.3,
-                        stopping=stopping,
-                    )
-                )
+                runner.start_soon(_runner(url, send, drain_timeout=0.3, stopping=stopping))
                 await wait_for(lambda: recv.statistics().current_buffer_used >= 1)
                 stopping.set()
         nursery.cancel_scope.cancel()
@@ -131,20 +122,12 @@ async def test_stop_while_backing_off_ends_at_once():
     stopping = trio.Event()
     stats = StreamStats()
     send, recv = trio.open_memory_channel(10)
-    stream = BybitStream(f"ws://127.0.0.1:{port}", 50, SYM)
+    url = f"ws://127.0.0.1:{port}"
     with trio.fail_after(5):  # the back-off below is 60 s
         async with trio.open_nursery() as runner:
             runner.start_soon(
-                partial(
-                    run_stream,
-                    stream,
-                    ["BTCUSDT"],
-                    SYM,
-                    send,
-                    stats=stats,
-                    backoff_initial=60,
-                    backoff_max=60,
-                    stopping=stopping,
+                _runner(
+                    url, send, stats=stats, backoff_initial=60, backoff_max=60, stopping=stopping
                 )
             )
             await wait_for(lambda: stats.disconnects == 1)
@@ -164,12 +147,7 @@ async def test_planned_reconnect_reads_the_old_connection_to_its_end(caplog):
     send, recv = trio.open_memory_channel(1_000_000)
     async with trio.open_nursery() as nursery:
         fake = await start_fake(nursery, script)
-        stream = BybitStream(fake.url, 50, SYM)
-        stream.keepalive_interval = 0.01
-        runner = partial(
-            run_stream, stream, ["BTCUSDT"], SYM, send, stats=stats, reconnect_after=0.3
-        )
-        nursery.start_soon(runner)
+        nursery.start_soon(_runner(fake.url, send, 0.01, stats=stats, reconnect_after=0.3))
         with trio.fail_after(10):
             await wait_for(lambda: len(sent.get(2, ())) >= 200)
         nursery.cancel_scope.cancel()
