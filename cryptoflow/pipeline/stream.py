@@ -104,7 +104,6 @@ class _Closer:
     timeout: float
     stopping: bool = False  # the runner ends after this connection
     planned: bool = False  # the connection is being replaced (`reconnect_after`)
-    closing: bool = False  # our close frame is on its way
     ws: WsConnection | None = None  # the connection being read, while there is one
     side: trio.CancelScope | None = None  # its keepalive and resubscribe tasks
     scope: trio.CancelScope | None = None  # its whole life (the drain's deadline)
@@ -117,7 +116,7 @@ class _Closer:
     ) -> None:
         self.ws, self.scope, self.side = ws, scope or self.scope, side
         if ws is None:
-            self.planned = self.closing = False
+            self.planned = False
 
     async def close(self) -> bool:
         """Send our close frame and bound the drain; False when nothing is open."""
@@ -126,7 +125,6 @@ class _Closer:
         self.scope.deadline = min(self.scope.deadline, trio.current_time() + self.timeout)
         if self.ws.closed is not None:
             return True  # already ending: the reader hands out what is pending, then ends
-        self.closing = True
         if self.side is not None:
             self.side.cancel()  # no pings or subscribes after our close frame
         with suppress(WsClosed):  # failed meanwhile: the reader sees it and ends
