@@ -165,7 +165,7 @@ def test_ws_id_whose_prev_would_underflow_is_malformed(venue: str, field: str) -
     """Bybit and KuCoin store prev = id - 1: id = INT64_MIN would give a prev Int64 cannot
     hold, so it is refused; one more parses."""
     parse, diff = WS[venue]
-    with pytest.raises(MalformedMessage, match=f"'{field}' is out of the 64-bit range"):
+    with pytest.raises(MalformedMessage, match=f"'{field}' is .*: the id before it would not"):
         parse(diff(field, INT64_MIN), 1)
     (d,) = parse(diff(field, INT64_MIN + 1), 1)
     assert d.prev_update_id == INT64_MIN
@@ -235,7 +235,7 @@ def test_fields_int_bounds_json_ints_and_decimal_strings(wire: Callable[[int], A
     for v in (TOO_SMALL, TOO_BIG, 10**30):
         with pytest.raises(MalformedMessage, match=f"'k' is out of the 64-bit range: {v}"):
             f.int({"k": wire(v)}, "k", "S")
-    with pytest.raises(MalformedMessage, match="out of the 64-bit range"):
+    with pytest.raises(MalformedMessage, match=f"'k' is {INT64_MIN}: the id before it would"):
         f.int({"k": wire(INT64_MIN)}, "k", "S", lo=INT64_MIN + 1)
     assert f.opt_int({"k": None}, "k", "S") is None
     with pytest.raises(MalformedMessage, match="out of the 64-bit range"):

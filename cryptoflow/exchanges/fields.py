@@ -87,6 +87,11 @@ class Fields:
                 ) from None
         if lo <= v <= INT64_MAX:
             return v
+        if INT64_MIN <= v < lo:  # fits, but the id before it would not
+            raise self.malformed(
+                f"field {where}{field!r} is {v!r}: the id before it would not fit in 64 bits",
+                symbol,
+            )
         raise self.malformed(f"field {where}{field!r} is out of the 64-bit range: {v!r}", symbol)
 
     def opt_int(self, obj: Any, field: str, symbol: str, *, where: str = "") -> int | None:
