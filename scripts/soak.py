@@ -215,7 +215,12 @@ def start_sim(table: dict, venues: list[str], log: Path) -> tuple[subprocess.Pop
 
 
 def write_config(
-    workdir: Path, sim: dict, table: dict, venues: list[str], tree: Path = ROOT
+    workdir: Path,
+    sim: dict,
+    table: dict,
+    venues: list[str],
+    tree: Path = ROOT,
+    ws_reconnect_after: float | None = None,
 ) -> Path:
     """The collector's config from `tree`'s shipped one (its schema: a --tree build may
     not know newer keys)."""
@@ -223,6 +228,8 @@ def write_config(
     cfg = yaml.load((tree / "configs/config.yml").read_text())
     cfg["cryptoflow"]["exchanges"] = venues
     cfg["reader"]["snapshot_interval"] = 10.0
+    if ws_reconnect_after is not None:
+        cfg["reader"]["ws_reconnect_after"] = ws_reconnect_after
     for v in VENUES:
         src = cfg["source"][v]
         src.update(
@@ -433,6 +440,14 @@ def main(argv: list[str] | None = None) -> int:
         "the JSON, `naive_rows_s` and `cpu_pct_at_reference` (an estimate: cpu_pct scaled "
         "to the issue's 1.0 M rows/s reference machine) on the final line",
     )
+    ap.add_argument(
+        "--ws-reconnect-after",
+        type=float,
+        default=None,
+        help="replace every WebSocket connection after this many seconds (the collector's "
+        "`reader.ws_reconnect_after`, 23 h by default): planned reconnects under load, "
+        "their gaps counted in the `gaps` rows",
+    )
     args = ap.parse_args(argv)
 
     loaded: tuple[object, list] | str | None = None
@@ -457,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     venues = [v for v in wanted if v in sim.get("venues", {"binance": []})]
     skipped = [v for v in wanted if v not in venues]
-    cfg = write_config(workdir, sim, table, venues, Path(args.tree))
+    cfg = write_config(workdir, sim, table, venues, Path(args.tree), args.ws_reconnect_after)
     shards = subprocess.run(
         [str(VENV_BIN / "cryptoflow"), "shards", "list", "-c", str(cfg)],
         capture_output=True,
@@ -547,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "soak",
         "duration_s": args.duration,
         "gc": args.gc,
+        "ws_reconnect_after": args.ws_reconnect_after,
         "elapsed_s": elapsed,
         "venues": venues,
         "venues_skipped": skipped,
