@@ -160,9 +160,8 @@ async def test_backpressure_slow_store_bounded_memory(tmp_path, clock, frame_bui
                 upload_concurrency=1,
                 retry_initial=0.5,
                 retry_max=2.0,
-                # this test is about memory and exactly-once, not the deadline: under
-                # MockClock the virtual clock races ahead while threads encode on a
-                # loaded machine, so a 30 s deadline can pass before the spool drains
+                # this test is about memory and exactly-once, not the shutdown deadline
+                # (test_shutdown_deadline_keeps_spool is): a deadline it never reaches
                 shutdown_timeout=3600.0,
                 task_status=task_status,
             )

@@ -17,42 +17,33 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import attrs
 import trio
 from trio.testing import MockClock
 
 assert callable(getattr(MockClock, "_autojump", None)), "trio.testing.MockClock changed"
 
 
-@attrs.define
-class ThreadCount:
-    in_flight: int = 0
-    held_jumps: int = 0  # idle moments with a thread running (no jump then)
-
-
 def install(monkeypatch: Any, autojump_threshold: float = 0.02) -> MockClock:
-    """A MockClock whose autojump waits for worker threads; `clock.threads` counts them."""
+    """A MockClock whose autojump waits until no worker thread is in flight."""
     clock = MockClock(autojump_threshold=autojump_threshold)
-    count = ThreadCount()
+    in_flight = 0
     jump = clock._autojump
 
     def autojump_unless_a_thread_runs() -> None:
-        if count.in_flight:
-            count.held_jumps += 1
-        else:
+        if not in_flight:
             jump()
 
     run_sync = trio.to_thread.run_sync
 
     @functools.wraps(run_sync)
     async def counted(*args: Any, **kwargs: Any) -> Any:
-        count.in_flight += 1
+        nonlocal in_flight
+        in_flight += 1
         try:
             return await run_sync(*args, **kwargs)
         finally:
-            count.in_flight -= 1
+            in_flight -= 1
 
     clock._autojump = autojump_unless_a_thread_runs  # type: ignore[method-assign]
-    clock.threads = count  # type: ignore[attr-defined]
     monkeypatch.setattr(trio.to_thread, "run_sync", counted)
     return clock
