@@ -53,7 +53,7 @@ from cryptoflow.pipeline.raw import RawCapture, install_rest_hook
 from cryptoflow.pipeline.resync import ResyncQueue, ResyncRouter, run_resync_fetcher
 from cryptoflow.pipeline.rows import RowBatch
 from cryptoflow.pipeline.stream import StreamStats, can_resubscribe, run_stream
-from cryptoflow.pipeline.supervise import supervised
+from cryptoflow.pipeline.supervise import backoff_delay, supervised
 from cryptoflow.pipeline.writer import WriterStats, run_writer
 from cryptoflow.storage.spool import Spool
 
@@ -245,7 +245,19 @@ async def run_shard(
         plan.rest_url, source_ip=source_ip, timeout=app.reader.request_timeout
     ) as http:
         rest = venue.make_rest(http, budget)
-        symbols = await _check_instruments(rest, plan, normalizer)
+        symbols = await _check_instruments(
+            rest,
+            plan,
+            normalizer,
+            required=venue.sizes_in_contracts,
+            retry=functools.partial(
+                backoff_delay,
+                initial=app.reader.backoff_initial,
+                maximum=app.reader.backoff_max,
+                rng=random.Random(),
+            ),
+            stopping=stop.requested,
+        )
         if raw is not None:
             install_rest_hook(http)
 
@@ -396,17 +408,46 @@ async def _fetch_resync(fetch: Fetch, sym: str) -> DepthSnapshot:
 
 
 async def _check_instruments(
-    rest: registry.VenueRestClient, plan: ShardPlan, normalizer: Normalizer
+    rest: registry.VenueRestClient,
+    plan: ShardPlan,
+    normalizer: Normalizer,
+    *,
+    required: bool,
+    retry: Callable[[int], float],
+    stopping: trio.Event,
 ) -> tuple[tuple[str, str], ...]:
-    """Warn about (and skip) symbols the venue does not list; set contract multipliers.
+    """Warn about (and skip) symbols the venue does not list, and log and skip contracts
+    whose sizes cannot be stored in base units (inverse); set contract multipliers.
 
-    A failed instruments request is not fatal: the symbols are tried as configured.
+    A failed instruments request is not fatal where sizes are base units (the symbols are
+    tried as configured). Where they are contracts (`required`) it is retried until it
+    succeeds or the stop: rows stored without the multiplier would hold contracts
+    labelled as base units, silently wrong by the contract size.
     """
-    try:
-        instruments = await rest.fetch_instruments()
-    except CryptoflowError as exc:
-        log.warning("%s: instruments check skipped: %s", plan.label, exc)
-        return plan.symbols
+    failures = 0
+    while True:
+        try:
+            instruments = await rest.fetch_instruments()
+            break
+        except CryptoflowError as exc:
+            if not required:
+                log.warning("%s: instruments check skipped: %s", plan.label, exc)
+                return plan.symbols
+            failures += 1
+            delay = retry(failures)
+            log.warning(
+                "%s: cannot read the instruments list (%s); sizes are in contracts, so "
+                "nothing is collected until it is read: retry in %.3gs",
+                plan.label,
+                exc,
+                delay,
+            )
+        with trio.move_on_after(delay):
+            await stopping.wait()
+        if stopping.is_set():
+            return ()
+    if failures:
+        log.info("%s: instruments list read after %d failed tries", plan.label, failures)
     kept = []
     for sym, venue_sym in plan.symbols:
         inst = instruments.get(venue_sym)
@@ -417,6 +458,9 @@ async def _check_instruments(
                 sym,
                 venue_sym,
             )
+            continue
+        if inst.unsupported:
+            log.error("%s: %s (%s) not collected: %s", plan.label, sym, venue_sym, inst.unsupported)
             continue
         normalizer.set_multiplier(plan.exchange, sym, inst.multiplier_text)
         kept.append((sym, venue_sym))

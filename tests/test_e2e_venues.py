@@ -10,6 +10,7 @@ REST snapshot for KuCoin); OKX also without an in-stream snapshot (REST seqId an
 from __future__ import annotations
 
 import functools
+import logging
 from decimal import Decimal
 from pathlib import Path
 
@@ -80,7 +81,8 @@ async def wait_for(cond, timeout: float, what: str) -> None:
             await trio.sleep(0.05)
 
 
-async def run_venue(tmp_path: Path, venue: str, **sim_kwargs):
+async def run_venue(tmp_path: Path, venue: str, faults=(), **sim_kwargs):
+    """`faults`: (kind, count, params) queued on the simulator before the collector starts."""
     vsyms = [VENUE_SYMS[venue][s] for s in SYMS]
     shard: dict = {}
     real_shard = runtime.run_shard
@@ -109,6 +111,8 @@ async def run_venue(tmp_path: Path, venue: str, **sim_kwargs):
         seed=5,
         **sim_kwargs,
     ) as sim:
+        for kind, count, params in faults:
+            sim.faults.add(kind, count, **params)
         settings = settings_for(tmp_path, venue, sim)
         plans = runtime.build_plans(settings, [venue], settings.shards)
         with pytest.MonkeyPatch.context() as mp:
@@ -183,6 +187,80 @@ async def test_okx_without_in_stream_snapshot_anchors_on_rest(tmp_path):
     check_rows(tmp_path / "out", "okx")
     snaps = read(tmp_path / "out", "snapshots", "okx")
     assert "stream" not in set(snaps["source"])
+
+
+@pytest.mark.parametrize(
+    ("venue", "path"),
+    [("okx", "/api/v5/public/instruments"), ("kucoin", "/api/v1/contracts/active")],
+)
+async def test_contract_sizes_wait_for_the_instruments_list(tmp_path, venue, path, caplog):
+    """The instruments endpoint fails twice: the shard waits and retries, and every stored
+    quantity is still raw size x the contract multiplier (never x 1)."""
+    caplog.set_level(logging.INFO, logger="cryptoflow.runtime")
+    run, _stats = await run_venue(
+        tmp_path, venue, faults=[("rest_5xx", 2, {"path": path, "venue": venue})]
+    )
+    assert run.writer is not None
+    check_rows(tmp_path / "out", venue)
+    retries = [r for r in caplog.records if "cannot read the instruments list" in r.getMessage()]
+    assert len(retries) == 2 and "instruments list read after 2 failed tries" in caplog.text
+
+
+async def test_inverse_contracts_are_refused_by_check_and_skipped_by_collect(tmp_path, caplog):
+    """OKX BTC-USD-SWAP and KuCoin XBTUSDM size in USD: no base-asset quantity without the
+    price, so `validate-config --online` names them and `collect` leaves them out."""
+    inverse = {"okx": "BTC-USD-SWAP", "kucoin": "XBTUSDM"}
+    async with open_simulator(
+        venues=list(inverse),
+        venue_symbols={v: [VENUE_SYMS[v]["BTCUSDT"], inverse[v]] for v in inverse},
+        tick_interval=0.02,
+        ping_interval=None,
+        depth=100,
+    ) as sim:
+        cfg = make_config(
+            tmp_path / "cfg",
+            shards=[
+                {
+                    "name": "main",
+                    "source_ip": None,
+                    "symbols": {v: ["BTCUSDT", "BTCUSD"] for v in inverse},
+                }
+            ],
+            overrides={
+                "cryptoflow.exchanges": list(inverse),
+                "cryptoflow.shutdown_timeout": 10.0,
+                "storage.local_path": str(tmp_path / "out"),
+                "storage.spool.path": str(tmp_path / "spool"),
+                **{f"source.{v}.rest_url": sim.rest_url for v in inverse},
+                **{f"source.{v}.ws_url": sim.ws_url for v in inverse},
+            },
+        )
+        with (cfg.parent / "symbols.yml").open("a") as fh:
+            fh.write("  BTCUSD: {okx: BTC-USD-SWAP, kucoin: XBTUSDM}\n")
+        settings = load_settings(cfg, env={}, env_file=cfg.parent / ".env")
+        problems = await trio.to_thread.run_sync(functools.partial(validate.check_online, settings))
+        assert sorted(problems) == [
+            "kucoin: BTCUSD -> 'XBTUSDM' cannot be collected: an inverse contract (multiplier -1, "
+            "sizes in quote currency): base-asset sizes would need each level's price; only "
+            "linear contracts are supported",
+            "okx: BTCUSD -> 'BTC-USD-SWAP' cannot be collected: an inverse swap (ctVal 10 USD a "
+            "contract): base-asset sizes would need each level's price; only linear swaps are "
+            "supported",
+        ]
+        plans = runtime.build_plans(settings, list(inverse), settings.shards)
+        run = await runtime.collect_main(
+            settings,
+            plans,
+            output=tmp_path / "out",
+            duration=2.0,
+            simulate=False,
+            install_signal_handlers=False,
+        )
+    assert run.writer is not None
+    for venue in inverse:
+        for dataset in ("deltas", "snapshots"):
+            assert set(read(tmp_path / "out", dataset, venue)["symbol"]) == {"BTCUSDT"}
+        assert f"{venue}/main: BTCUSD ({inverse[venue]}) not collected: an inverse" in caplog.text
 
 
 async def test_check_online_names_unlisted_symbols(tmp_path):

@@ -217,6 +217,10 @@ def test_instruments() -> None:
     assert inst["ETHUSDTM"].multiplier_text == "0.01"
     pepe = inst["1000PEPEUSDTM"]
     assert not pepe.status_ok and pepe.tick_size == "0.0000001"
+    assert btc.unsupported == "" and pepe.unsupported == ""
+    inverse = inst["XBTUSDM"]  # lots of 1 USD: lots x multiplier is not a base-asset size
+    assert inverse.status_ok and inverse.multiplier_text == "-1"
+    assert "inverse contract (multiplier -1" in inverse.unsupported
     with pytest.raises(RateLimited):
         parse_instruments(b'{"code":"429000","msg":"Too Many Requests"}')
 

@@ -317,8 +317,25 @@ def test_instruments() -> None:
     assert btc.status_ok and btc.multiplier == 0.01 and btc.multiplier_text == "0.01"
     assert btc.tick_size == "0.1" and btc.step_size == "0.01"
     assert not inst["XMR-USDT-SWAP"].status_ok
+    assert btc.unsupported == "" and inst["XMR-USDT-SWAP"].unsupported == ""
     with pytest.raises(RateLimited):
         parse_instruments(b'{"code":"50011","msg":"Too Many Requests","data":[]}')
+
+
+def test_instruments_mark_inverse_and_non_positive_contracts_unsupported() -> None:
+    """An inverse swap's ctVal is USD: contracts x ctVal is not a base-asset size."""
+    entries = [
+        {"instId": "UNI-USD-SWAP", "ctVal": "10", "ctValCcy": "USD", "ctType": "inverse"},
+        {"instId": "BTC-USDT-SWAP", "ctVal": "0.01", "ctValCcy": "BTC", "ctType": "linear"},
+        {"instId": "ODD-USDT-SWAP", "ctVal": "0", "ctValCcy": "ODD", "ctType": "linear"},
+        {"instId": "NEG-USDT-SWAP", "ctVal": "-1", "ctValCcy": "NEG", "ctType": "linear"},
+    ]
+    body = orjson.dumps({"code": "0", "msg": "", "data": [{**e, "state": "live"} for e in entries]})
+    inst = parse_instruments(body)
+    assert "inverse swap (ctVal 10 USD a contract)" in inst["UNI-USD-SWAP"].unsupported
+    assert inst["BTC-USDT-SWAP"].unsupported == ""
+    assert inst["ODD-USDT-SWAP"].unsupported == "contract value ctVal 0 is not positive"
+    assert inst["NEG-USDT-SWAP"].unsupported == "contract value ctVal -1 is not positive"
 
 
 def test_rules_diff_ids() -> None:

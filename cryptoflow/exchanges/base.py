@@ -45,3 +45,6 @@ class Instrument:
     multiplier_text: str = "1"  # as the venue wrote it, for exact decimal scaling
     tick_size: str = ""
     step_size: str = ""
+    #: why its sizes cannot be stored in base-asset units ("" = they can): an inverse
+    #: contract's size unit is quote currency, so base size would need each level's price
+    unsupported: str = ""

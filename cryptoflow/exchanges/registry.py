@@ -60,6 +60,9 @@ class Venue:
     #: poll snapshots read in batches at the writer's flush (`pipeline/bodies.py`); venues
     #: without one parse each body on arrival (`VenueRestClient.fetch_snapshot_body` unused).
     snapshot_codec: SnapshotCodec | None = None
+    #: sizes on the wire are contracts (lots): a row's base-asset quantity needs the
+    #: instruments list's multiplier, so a shard collects nothing until it has read it
+    sizes_in_contracts: bool = False
 
 
 def _binance() -> Venue:
@@ -108,6 +111,7 @@ def _okx() -> Venue:
 
     return Venue(
         name="okx",
+        sizes_in_contracts=True,
         default_rest_url=rest.DEFAULT_REST_URL,
         default_ws_url=ws.DEFAULT_WS_URL,
         weight_limit_per_minute=rest.WEIGHT_LIMIT_PER_MINUTE,
@@ -127,6 +131,7 @@ def _kucoin() -> Venue:
 
     return Venue(
         name="kucoin",
+        sizes_in_contracts=True,
         default_rest_url=rest.DEFAULT_REST_URL,
         default_ws_url=ws.DEFAULT_WS_URL,
         weight_limit_per_minute=rest.WEIGHT_LIMIT_PER_MINUTE,

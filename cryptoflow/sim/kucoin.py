@@ -231,8 +231,9 @@ class KucoinVenue(SimVenue):
                     "lotSize": 1,
                     "tickSize": num(book.spec.tick_size),
                     "indexPriceTickSize": num(book.spec.tick_size),
-                    "multiplier": num(multiplier(sym)),
-                    "isInverse": False,
+                    # an inverse contract (XBTUSDM): one lot is 1 USD, multiplier -1
+                    "multiplier": -1 if quote == "USD" else num(multiplier(sym)),
+                    "isInverse": quote == "USD",
                     "isQuanto": False,
                     "status": "Open",
                 }

@@ -51,6 +51,8 @@ CONTRACTS: dict[str, tuple[str, str]] = {
     "XRP": ("100", "1"),
     "DOGE": ("1000", "1"),
 }
+#: ctVal of an inverse swap (…-USD-SWAP), in USD
+INVERSE_CT_VAL = "10"
 #: channel -> levels in the view
 CHANNELS = {"books": 400, "books-l2-tbt": 400, "books50-l2-tbt": 50}
 #: path -> (max sz, default sz, requests per 2 s)
@@ -211,17 +213,21 @@ class OkxVenue(SimVenue):
                 continue
             ct_val, lot = contract(inst)
             base, quote = split_quote(normalized(inst))
+            # an inverse swap (BTC-USD-SWAP): a contract is worth ctVal USD, settled in base
+            inverse = quote == "USD"
+            if inverse:
+                ct_val = INVERSE_CT_VAL
             data.append(
                 {
                     "instType": "SWAP",
                     "instId": inst,
                     "uly": f"{base}-{quote}",
                     "instFamily": f"{base}-{quote}",
-                    "settleCcy": quote,
+                    "settleCcy": base if inverse else quote,
                     "ctVal": ct_val,
                     "ctMult": "1",
-                    "ctValCcy": base,
-                    "ctType": "linear",
+                    "ctValCcy": quote if inverse else base,
+                    "ctType": "inverse" if inverse else "linear",
                     "lotSz": lot,
                     "minSz": lot,
                     "tickSz": book.spec.tick_size,

@@ -104,6 +104,10 @@ async def _check_online(settings: Settings) -> list[str]:
                 problems.append(
                     f"{exchange}: {sym} -> {venue_sym!r} is listed but not trading on {exchange}"
                 )
+            elif inst.unsupported:
+                problems.append(
+                    f"{exchange}: {sym} -> {venue_sym!r} cannot be collected: {inst.unsupported}"
+                )
     return problems
 
 

@@ -228,6 +228,9 @@ def parse_instruments(body: bytes) -> dict[str, Instrument]:
 
     multiplier = `multiplier` (base units per lot; its JSON text kept exactly in
     multiplier_text), status_ok = `status == "Open"`, tick = `tickSize`, step = `lotSize`.
+    An inverse contract (`isInverse`, e.g. XBTUSDM: the multiplier is -1, one lot is
+    1 USD, so a base size would need each level's price) or a multiplier that is not
+    positive is marked `unsupported`.
     """
     obj = _loads_exact(body)
     check_code(obj)
@@ -249,8 +252,21 @@ def parse_instruments(body: bytes) -> dict[str, Instrument]:
             multiplier_text=mult_text,
             tick_size=_num_text(tick, "tickSize", sym) if tick is not None else "",
             step_size=_num_text(lot, "lotSize", sym) if lot is not None else "",
+            unsupported=_unsupported(it, mult_text),
         )
     return out
+
+
+def _unsupported(contract: dict, mult_text: str) -> str:
+    if contract.get("isInverse") is True:
+        return (
+            f"an inverse contract (multiplier {mult_text}, sizes in quote currency): "
+            "base-asset sizes would need each level's price; only linear contracts are "
+            "supported"
+        )
+    if not float(mult_text) > 0:
+        return f"multiplier {mult_text} is not positive"
+    return ""
 
 
 @attrs.frozen(slots=True)

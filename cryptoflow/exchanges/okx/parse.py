@@ -210,8 +210,9 @@ def parse_instruments(body: bytes) -> dict[str, Instrument]:
     """`/api/v5/public/instruments?instType=SWAP` body -> instId -> Instrument.
 
     multiplier = `ctVal` (contract value in `ctValCcy`: base currency for linear USDT
-    swaps; for inverse swaps, e.g. UNI-USD-SWAP, it is USD, so base size also needs the
-    price), status_ok = `state == "live"`, tick = `tickSz`, step = `lotSz`.
+    swaps), status_ok = `state == "live"`, tick = `tickSz`, step = `lotSz`. An inverse
+    swap (`ctType` "inverse", e.g. UNI-USD-SWAP: `ctVal` is USD, so a base size would
+    need each level's price) or a `ctVal` that is not positive is marked `unsupported`.
     """
     obj = _loads(body)
     check_code(obj)
@@ -237,5 +238,18 @@ def parse_instruments(body: bytes) -> dict[str, Instrument]:
             multiplier_text=ct_val,
             tick_size=str(it.get("tickSz", "")),
             step_size=str(it.get("lotSz", "")),
+            unsupported=_unsupported(it, ct_val, mult),
         )
     return out
+
+
+def _unsupported(inst: dict, ct_val: str, mult: float) -> str:
+    ccy = str(inst.get("ctValCcy") or "")
+    if inst.get("ctType") == "inverse":
+        return (
+            f"an inverse swap (ctVal {ct_val} {ccy or '?'} a contract): base-asset sizes "
+            "would need each level's price; only linear swaps are supported"
+        )
+    if not mult > 0:
+        return f"contract value ctVal {ct_val} is not positive"
+    return ""
