@@ -176,6 +176,37 @@ CASES = {
         50,
         {"breaks": 1, "resyncs": 1},
     ),
+    "reconnect, the venue restarted its ids lower: the new chain is followed and healed": (
+        # OKX restarts seqId after maintenance; no in-stream snapshot: a REST one anchors
+        [
+            *(s(105), d(101, 110, 100), ev(GapKind.RECONNECT)),
+            *(d(11, 20, 10), d(21, 30, 20), s(25), d(31, 40, 30)),
+        ],
+        [(GapKind.RECONNECT, 110, 11), (RESYNC, 110, 25)],
+        BookState.SYNCED,
+        40,
+        {"breaks": 1, "resyncs": 1, "snapshot_requests": 1, "stale_dropped": 1},
+    ),
+    "ids restart lower after overload and reconnect markers: followed too": (
+        [
+            *(s(105), d(101, 110, 100), ev(GapKind.CONSUMER_OVERLOAD), ev(GapKind.RECONNECT)),
+            *(d(11, 20, 10), d(21, 30, 20), s(25), d(31, 40, 30)),
+        ],
+        [(GapKind.CONSUMER_OVERLOAD, 110, 11), (RESYNC, 110, 25)],
+        BookState.SYNCED,
+        40,
+        {"breaks": 1, "resyncs": 1},
+    ),
+    "an older diff later on the same connection is out of order, not a restart": (
+        [
+            *(s(105), d(101, 110, 100), ev(GapKind.RECONNECT)),
+            *(d(111, 120, 110), d(11, 20, 10), d(121, 130, 120)),
+        ],
+        [(SEQ, 120, 11)],
+        BookState.WAITING,
+        None,
+        {"breaks": 1},
+    ),
     "overload marker wins over a later reconnect marker": (
         [s(5), d(1, 10, 0), ev(GapKind.CONSUMER_OVERLOAD), ev(GapKind.RECONNECT), d(11, 20, 10)],
         [(GapKind.CONSUMER_OVERLOAD, 10, 11)],

@@ -365,3 +365,36 @@ def test_shared_sync_machine_on_seq_ids() -> None:
         assert not sync.on_diff(d).gaps
     (d,) = parse_ws_message(_upd(31, 40), 0)
     assert sync.on_diff(d).gaps and sync.counters.breaks == 1
+
+
+def test_seq_id_restart_across_a_reconnect_resyncs_on_a_rest_anchor() -> None:
+    """Maintenance: the connection is lost and seqId restarts low on the new one, which
+    sends no in-stream snapshot. The new chain must be followed so a REST `books`
+    snapshot anchors it (it used to stay on the old, higher id: every update a break)."""
+    from cryptoflow.book.sync import BookState, BookSync
+    from cryptoflow.models import GapKind, SnapshotSource, StreamEvent
+
+    sync = BookSync("okx", "futures", "BTCUSDT", rules.RULES)
+    for f in (SNAP, _upd(123456, 123471)):
+        (d,) = parse_ws_message(f, 0)
+        assert not sync.on_diff(d).gaps
+    sync.on_event(StreamEvent("okx", "futures", "BTCUSDT", GapKind.RECONNECT, time=0))
+    gaps = []
+    for f in (_upd(10, 20), _upd(20, 30)):
+        (d,) = parse_ws_message(f, 0)
+        gaps += [(g.kind, g.last_good_id) for g in sync.on_diff(d).gaps]
+    rest = (
+        b'{"code": "0", "msg": "", "data": [{"asks": [["8476.98", "5", "0", "1"]],'
+        b' "bids": [["8470", "1", "0", "1"]], "ts": "1597026400005", "seqId": 30}]}'
+    )
+    gaps += [
+        (g.kind, g.last_good_id)
+        for g in sync.on_snapshot(
+            parse_rest_snapshot(rest, "BTCUSDT", 0, SnapshotSource.RESYNC)
+        ).gaps
+    ]
+    for f in (_upd(30, 45), _upd(45, 45), _upd(45, 61)):
+        (d,) = parse_ws_message(f, 0)
+        gaps += [(g.kind, g.last_good_id) for g in sync.on_diff(d).gaps]
+    assert gaps == [(GapKind.RECONNECT, 123471), (GapKind.RESYNC, 123471)]
+    assert sync.state is BookState.SYNCED and sync.book_id == 61

@@ -14,6 +14,8 @@ Two independent checks:
    gives `Gap(SEQUENCE_BREAK, last_good_id, first_id_after, start/end event times)`.
    A diff that is *older* than the previous one (out of order) is a break too, and does
    not move the chain back: the next in-order diff continues from the newest id seen.
+   Except the first diff after a `RECONNECT` marker: a venue may restart its ids on the
+   new connection (OKX seqId after maintenance), so the chain moves to it, lower or not.
    *Exact duplicates* (same first and last id as the previous diff, and not continuing
    it) are dropped and counted (`duplicates`): they carry the same absolute sizes, so
    they add nothing, and writing them would store the same rows twice.
@@ -155,6 +157,7 @@ class BookSync:
         self._last_id: int | None = None
         self._last_time: int | None = None
         self._pending: StreamEvent | None = None
+        self._reconnected = False  # a RECONNECT marker came since the last diff
         # book
         self._buffer: deque[DepthDiff] = deque()
         self._anchor: DepthSnapshot | None = None
@@ -174,6 +177,8 @@ class BookSync:
 
     def on_event(self, event: StreamEvent) -> Decision:
         """Remember a marker; it takes effect at the next diff. Overload wins over reconnect."""
+        if event.kind is GapKind.RECONNECT:
+            self._reconnected = True
         if self._pending is None or self._pending.kind is not GapKind.CONSUMER_OVERLOAD:
             self._pending = event
         return NOTHING
@@ -191,6 +196,7 @@ class BookSync:
                 self._apply(diff)
                 return RECORD
             return self._book_continue(diff)
+        reconnected, self._reconnected = self._reconnected, False
         if last is None:
             self._pending = None
             self._advance(diff)
@@ -208,7 +214,11 @@ class BookSync:
             self.counters.duplicates += 1
             return DROP
         self._pending = None
-        return self._break(diff, pending, last, advance=diff.last_update_id > last)
+        # an older diff is out of order and moves nothing, except as the first diff of a
+        # new connection: a venue may restart its ids (OKX seqId after maintenance), and
+        # the new connection's chain is the one to follow and resync on
+        advance = reconnected or diff.last_update_id > last
+        return self._break(diff, pending, last, advance=advance)
 
     def _on_diff_checked(self, diff: DepthDiff) -> Decision:
         """`on_diff`, then the venue checksum of the book against the diff's (non-zero)
@@ -337,6 +347,7 @@ class BookSync:
         """An in-stream snapshot replaces the book and restarts the chain (Bybit, OKX)."""
         gaps: list[Gap] = []
         pending, self._pending = self._pending, None
+        self._reconnected = False
         if pending is not None and (
             pending.kind is GapKind.CONSUMER_OVERLOAD
             # after a reconnect, a snapshot at another id than the last one seen means
@@ -393,7 +404,7 @@ class BookSync:
         """The stream broke at `diff`: record the gap, start waiting from this diff."""
         gap = self._break_gap(diff, pending, last)
         self._note_broken()
-        if advance:  # an out-of-order (older) diff neither moves the chain nor is buffered
+        if advance:  # not advanced: an out-of-order (older) diff, neither chained nor buffered
             self._advance(diff)
             self._buffer.append(diff)
         d = self._request()
