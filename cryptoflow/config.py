@@ -37,6 +37,7 @@ from cryptoflow.config_schema import (
 )
 from cryptoflow.errors import ConfigError
 from cryptoflow.exchanges.limits import depth_limit_problem
+from cryptoflow.symbols import unit_scale
 
 SHARDS_FILE = "ip_shards.yml"
 SYMBOLS_FILE = "symbols.yml"
@@ -338,6 +339,10 @@ def _top_list_or_map(node: Any, key: str, rep: _Report) -> Any:
     return node[key]
 
 
+def _per(coins: int) -> str:
+    return "per coin" if coins == 1 else f"per {coins:,} coins"
+
+
 def _load_symbols(node: Any, rep: _Report) -> dict[str, SymbolEntry] | None:
     table = _top_list_or_map(node, "symbols", rep)
     if table is None:
@@ -383,6 +388,15 @@ def _load_symbols(node: Any, rep: _Report) -> dict[str, SymbolEntry] | None:
                 venues[key] = value
                 if value is None:
                     continue
+                scale, own = unit_scale(value), unit_scale(name)
+                if scale != own:
+                    hint = f" (name the row {scale}{name})" if own == 1 else ""
+                    rep.add(
+                        kline,
+                        f"{dotted}.{key}",
+                        f"{value!r} is quoted {_per(scale)} and {name} {_per(own)}: one "
+                        f"row's venues must share a price and size unit{hint}",
+                    )
                 first = owner.setdefault((key, value), name)
                 if first != name:
                     rep.add(

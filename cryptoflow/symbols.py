@@ -7,11 +7,25 @@ names are decided; adapters look names up here instead of guessing. The fallback
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from cryptoflow.config_schema import SymbolEntry
 
 SymbolTable = Mapping[str, SymbolEntry]
+
+#: a contract quoted per 10**k coins: a `1000` prefix (Binance/Bybit `1000PEPEUSDT`,
+#: KuCoin `1000BONKUSDTM`) or a suffix before the quote (Bybit `SHIB1000USDT`); a token
+#: named with a lone 1 (`1INCHUSDT`) is no scale
+_SCALE = re.compile(r"^(10{3,})(?=[A-Z])|^[A-Z]+?(10{3,})(?=USDT|USDC|USD|PERP)")
+
+
+def unit_scale(symbol: str) -> int:
+    """How many coins one quoted unit is (price per that many, sizes in them): 1000 for
+    `1000PEPEUSDT` and `SHIB1000USDT`, 1 otherwise. Rows of one normalized name must
+    share it: stored prices and sizes carry no unit of their own."""
+    m = _SCALE.match(symbol)
+    return int(m.group(1) or m.group(2)) if m else 1
 
 
 def listed_on(table: SymbolTable, exchange: str) -> list[str]:

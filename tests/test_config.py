@@ -60,7 +60,9 @@ def test_shipped_configs_validate(tmp_path: Path) -> None:
     (tmp_path / ".env").touch()
     settings = load_settings(SHIPPED, env={}, env_file=tmp_path / ".env")
     assert settings.app.source.binance.depth_limit == 1000
-    assert len(settings.symbols) == 34
+    assert (
+        len(settings.symbols) == 37
+    )  # the 34 coins; BONK, PEPE, SHIB also per 1000 (test_symbols)
     assert [s.name for s in settings.shards] == ["main"]
 
 
@@ -218,6 +220,24 @@ def test_unknown_exchange_in_symbol_table(tmp_path: Path) -> None:
     cfg = write(tmp_path, symbols=symbols)
     (p,) = problems(cfg)
     assert p.startswith(f"{tmp_path / 'symbols.yml'}:2: symbols.BTCUSDT.kukoin: unknown exchange")
+
+
+def test_a_row_mixing_quote_scales_is_refused(tmp_path: Path) -> None:
+    """Binance 1000PEPEUSDT is priced per 1000 PEPE, OKX PEPE-USDT-SWAP per PEPE: one
+    name for both would store prices and sizes 1000x apart under one symbol."""
+    symbols = SYMBOLS + (
+        "  PEPEUSDT: {binance: 1000PEPEUSDT, okx: PEPE-USDT-SWAP}\n"
+        "  1000SHIBUSDT:\n    bybit: SHIB1000USDT\n    kucoin: SHIBUSDTM\n"
+    )
+    cfg = write(tmp_path, symbols=symbols)
+    f = tmp_path / "symbols.yml"
+    assert problems(cfg) == [
+        f"{f}:6: symbols.PEPEUSDT.binance: '1000PEPEUSDT' is quoted per 1,000 coins and "
+        "PEPEUSDT per coin: one row's venues must share a price and size unit "
+        "(name the row 1000PEPEUSDT)",
+        f"{f}:9: symbols.1000SHIBUSDT.kucoin: 'SHIBUSDTM' is quoted per coin and "
+        "1000SHIBUSDT per 1,000 coins: one row's venues must share a price and size unit",
+    ]
 
 
 def test_bad_binance_depth(tmp_path: Path) -> None:
