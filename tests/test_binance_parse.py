@@ -122,6 +122,7 @@ def test_missing_diff_field_is_named(field):
         ("a", [["7.5", 3]]),
         ("a", [["7.5", "1", "x"]]),
         ("a", ["7.5"]),
+        ("b", ["12", "34"]),  # two-character strings: not split into ("1", "2")
     ],
 )
 def test_bad_diff_field_is_named(field, value):

@@ -216,6 +216,11 @@ def test_rest_malformed(body: bytes, field: str) -> None:
             b'{"topic":"orderbook.50.BTCUSDT","type":"delta","ts":1,"data":{"b":{},"a":[],"u":3}}',
             "data.b",
         ),
+        (  # a string level: not split into ("1", "6")
+            b'{"topic":"orderbook.50.BTCUSDT","type":"delta","ts":1,'
+            b'"data":{"b":["16493.50"],"a":[],"u":3}}',
+            "data.b",
+        ),
         (b'{"topic":"orderbook.50.BTCUSDT","type":"weird","ts":1,"data":{"u":3}}', "type"),
         (b'{"topic":"orderbook.50.BTCUSDT","type":"delta","ts":1}', "data"),
         (b"[1,2]", "object"),

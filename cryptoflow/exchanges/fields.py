@@ -52,7 +52,9 @@ class Fields:
         if type(raw) is not list:
             raise self.malformed(f"field {field!r} is not a list", symbol)
         try:
-            out = [(lv[0], lv[1]) for lv in raw]
+            out = [(lv[0], lv[1]) for lv in raw if type(lv) is list]
+            if len(out) != len(raw):  # a level that is not a list (a string would index)
+                raise TypeError
         except (IndexError, KeyError, TypeError):
             raise self.malformed(
                 f"field {field!r} has a level that is not [price, size, ...]", symbol
