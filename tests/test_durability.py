@@ -505,3 +505,61 @@ def test_spool_status_and_flush_commands(tmp_path, s3_bucket, monkeypatch):
     assert sorted(s3_bucket.keys("cf/")) == sorted(f"cf/{k}" for k in written)
     res = runner.invoke(cli_app, ["spool", "status", "--config", str(cfg)])
     assert "0 files" in res.output
+
+
+def test_spool_write_whose_dir_fsync_fails_leaves_no_file(tmp_path, monkeypatch) -> None:
+    """A journal renamed into place whose directory fsync then fails is reported as not
+    written, and the writer spools its rows again in a later journal. The first file
+    must not stay behind: the next start's scan would upload it too (rows twice)."""
+    import errno
+
+    import polars as pl
+    from test_writer import T0, delta_batch
+
+    from cryptoflow.pipeline.writer import drain_spool
+
+    real_fsync_dir = spool_mod.fsync_dir
+    failed = []
+
+    def flaky_fsync_dir(path) -> None:
+        p = Path(path)
+        written = p.name == "deltas" and any(not f.name.startswith(".") for f in p.iterdir())
+        if not failed and p.parent.name == "journal" and written:
+            failed.append(p)
+            raise OSError(errno.EIO, "Input/output error (injected, dir fsync)")
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(spool_mod, "fsync_dir", flaky_fsync_dir)
+    out, sp = tmp_path / "out", tmp_path / "spool"
+
+    async def collect() -> None:
+        spool = Spool(sp, max_bytes=10**9)
+        spool.scan()
+        w = Writer(
+            LocalStore(out),
+            spool,
+            BufferSection(delta_flush_interval=0.2),
+            limiter=trio.CapacityLimiter(2),
+            upload_interval=0.0,
+            retry_initial=0.3,
+        )
+        send, recv = trio.open_memory_channel(100)
+        async with trio.open_nursery() as n:
+            n.start_soon(w.run, recv)
+            for r in range(3):  # 3 rounds x 2 symbols x 5 rows
+                for sym in ("BTCUSDT", "ETHUSDT"):
+                    await send.send(delta_batch(1 + 5 * r, 5, T0 + 1000 * r, sym))
+                await trio.sleep(0.5)
+            await send.aclose()
+        assert w.stats.flush_failures >= 1
+
+    trio.run(collect)
+    assert failed
+    monkeypatch.setattr(spool_mod, "fsync_dir", real_fsync_dir)
+    assert not list(sp.rglob("*.parquet"))  # nothing left behind by the failed write
+    restarted = Spool(sp, max_bytes=10**9)  # what the next start does
+    restarted.scan()
+    trio.run(lambda: drain_spool(restarted, LocalStore(out)))
+    rows = pl.concat([pl.read_parquet(p) for p in out.rglob("*.parquet")])
+    assert rows.height == 30
+    assert rows.unique(subset=["symbol", "last_update_id"]).height == 30

@@ -260,7 +260,12 @@ def makedirs_durable(path: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """temp in the same dir -> write -> fsync -> rename -> fsync dir."""
+    """temp in the same dir -> write -> fsync -> rename -> fsync dir.
+
+    If it raises, no new file is left at `path`: a failed directory fsync takes the
+    renamed file back. The caller keeps the rows and retries them, possibly in a file
+    of another name (a journal of a later round), so a file left in place would be
+    found by the next start's scan and uploaded beside the retry: rows twice."""
     makedirs_durable(path.parent)
     tmp = path.parent / f".{path.name}{TMP_MARK}{secrets.token_hex(4)}"
     try:
@@ -268,11 +273,18 @@ def write_atomic(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        existed = os.path.lexists(path)  # same name = same content (content-derived)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    try:
+        fsync_dir(path.parent)
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):  # a failing disk may refuse this too
+                path.unlink()
+        raise
 
 
 class Spool:
