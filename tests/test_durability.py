@@ -563,3 +563,60 @@ def test_spool_write_whose_dir_fsync_fails_leaves_no_file(tmp_path, monkeypatch)
     rows = pl.concat([pl.read_parquet(p) for p in out.rglob("*.parquet")])
     assert rows.height == 30
     assert rows.unique(subset=["symbol", "last_update_id"]).height == 30
+
+
+def test_merged_source_that_cannot_be_deleted_is_deleted_by_the_next_scan(
+    tmp_path, monkeypatch
+) -> None:
+    """A journal whose split outputs were written (and then uploaded) but which could not
+    be deleted: nothing in the spool names it any more, so the next start would split
+    and upload its rows again. Its key is recorded and the next scan deletes it."""
+    import errno
+    import pathlib
+
+    import polars as pl
+    from test_writer import T0, delta_batch
+
+    from cryptoflow.pipeline.writer import drain_spool
+
+    real_unlink = pathlib.Path.unlink
+    failed = []
+
+    def flaky_unlink(self, missing_ok=False):
+        if not failed and "/journal/" in str(self) and spool_mod.TMP_MARK not in self.name:
+            failed.append(self)
+            raise OSError(errno.EIO, "injected unlink EIO")
+        return real_unlink(self, missing_ok=missing_ok)
+
+    out, sp = tmp_path / "out", tmp_path / "spool"
+
+    async def collect() -> None:
+        spool = Spool(sp, max_bytes=10**9)
+        spool.scan()
+        w = Writer(
+            LocalStore(out),
+            spool,
+            BufferSection(delta_flush_interval=0.2),
+            limiter=trio.CapacityLimiter(2),
+            upload_interval=60.0,  # one split of several journals at the drain
+        )
+        send, recv = trio.open_memory_channel(100)
+        async with trio.open_nursery() as n:
+            n.start_soon(w.run, recv)
+            for r in range(3):
+                for sym in ("BTCUSDT", "ETHUSDT"):
+                    await send.send(delta_batch(1 + 5 * r, 5, T0 + 1000 * r, sym))
+                await trio.sleep(0.5)
+            await send.aclose()
+
+    with monkeypatch.context() as m:
+        m.setattr(pathlib.Path, "unlink", flaky_unlink)
+        trio.run(collect)
+    assert failed and failed[0].exists()  # the undeleted journal is still there
+    restarted = Spool(sp, max_bytes=10**9)
+    restarted.scan()
+    assert not failed[0].exists()
+    trio.run(lambda: drain_spool(restarted, LocalStore(out)))
+    rows = pl.concat([pl.read_parquet(p) for p in out.rglob("*.parquet")])
+    assert rows.height == 30
+    assert rows.unique(subset=["symbol", "last_update_id"]).height == 30

@@ -78,6 +78,8 @@ MIN_FREE_BYTES = 64 * 1024**2
 #: how many merged-away source keys a Spool remembers (a retried flush rewrites within
 #: the writer's retry back-off, <= 60 s; this covers minutes of 125 symbols' files, ~10 MB)
 MERGED_AWAY_MAX = 50_000
+#: keys of merged-away sources a run could not delete (the next scan deletes them)
+DOOMED_FILE = ".doomed"
 #: merged rows are sorted by these columns (those present), stably
 SORT_COLUMNS = ("timestamp", "first_update_id", "last_update_id")
 
@@ -372,6 +374,7 @@ class Spool:
         temp_removed = quarantined = merges_completed = 0
         replaced: set[str] = set()
         split_groups: set[tuple[str, ...]] = set()  # journal groups of split outputs
+        buried = self._bury_doomed() if validate else 0
         for path in self._walk():
             if TMP_MARK in path.name:
                 if validate:
@@ -421,7 +424,7 @@ class Spool:
             total = self._bytes
         for group in sorted(groups):
             merges_completed += self._complete_split(group)
-        if temp_removed or merges_completed:
+        if temp_removed or merges_completed or buried:
             fsync_dir(self.root)
         report = ScanReport(len(found), total, temp_removed, quarantined)
         if validate:
@@ -651,7 +654,9 @@ class Spool:
 
     def _forget_sources(self, keys: list[str]) -> None:
         """Delete merged-away sources (their rows are durable elsewhere); must not fail:
-        a source that cannot be deleted now is deleted by the next scan."""
+        a source that cannot be deleted now is listed in `DOOMED_FILE` and deleted by the
+        next scan (its outputs may be uploaded and gone by then, so nothing else would
+        tell the scan that its rows are stored: it would be uploaded again)."""
         with self._lock:
             for k in keys:
                 self._merged_away[k] = None
@@ -659,6 +664,7 @@ class Spool:
                 del self._merged_away[next(iter(self._merged_away))]
             entries = [self._entries.get(k) for k in keys]
         dirs = set()
+        doomed: list[str] = []
         for k, e in zip(keys, entries, strict=True):
             try:
                 if e is not None:
@@ -667,10 +673,43 @@ class Spool:
                     (self.root / k).unlink(missing_ok=True)
             except OSError as exc:
                 log.error("spool: cannot delete merged source %s (next scan will): %s", k, exc)
+                doomed.append(k)
             dirs.add((self.root / k).parent)
         for d in dirs:
             with contextlib.suppress(OSError):
                 fsync_dir(d)
+        if doomed:
+            self._doom(doomed)
+
+    def _doom(self, keys: list[str]) -> None:
+        path = self.root / DOOMED_FILE
+        try:
+            with open(path, "a") as fh:
+                fh.write("".join(f"{k}\n" for k in keys))
+                fh.flush()
+                os.fsync(fh.fileno())
+            fsync_dir(self.root)
+        except OSError as exc:
+            log.error(
+                "spool: cannot record %d undeleted merged sources (%s): after a restart "
+                "their rows may be uploaded a second time",
+                len(keys),
+                exc,
+            )
+
+    def _bury_doomed(self) -> int:
+        """Startup: delete the merged-away sources a run could not delete."""
+        path = self.root / DOOMED_FILE
+        try:
+            keys = [k for k in path.read_text().splitlines() if k]
+        except FileNotFoundError:
+            return 0
+        for k in keys:
+            if (self.root / k).exists():
+                log.warning("spool: deleting merged source %s (already stored)", k)
+            (self.root / k).unlink(missing_ok=True)
+        path.unlink()
+        return len(keys)
 
     def _complete_split(self, group: tuple[str, ...]) -> int:
         """Startup: finish a split a crash interrupted. All journals of the group still
