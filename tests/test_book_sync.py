@@ -150,7 +150,8 @@ CASES = {
     ),
     "out of order: two breaks, chain keeps the newest id": (
         [s(5), d(1, 10, 0), d(21, 30, 20), d(11, 20, 10), d(31, 40, 30)],
-        [(SEQ, 10, 21), (SEQ, 30, 11)],
+        # the late diff's row spans it up to the newest id, ascending (10 -> 30)
+        [(SEQ, 10, 21), (SEQ, 10, 30)],
         BookState.WAITING,
         None,
         {"breaks": 2, "snapshot_requests": 1},
@@ -202,7 +203,7 @@ CASES = {
             *(s(105), d(101, 110, 100), ev(GapKind.RECONNECT)),
             *(d(111, 120, 110), d(11, 20, 10), d(121, 130, 120)),
         ],
-        [(SEQ, 120, 11)],
+        [(SEQ, 10, 120)],
         BookState.WAITING,
         None,
         {"breaks": 1},
@@ -264,6 +265,30 @@ def test_gap_times_are_event_times():
     (gap,) = sync.on_diff(d(31, 40, 30)).gaps
     assert (gap.start_time, gap.end_time, gap.detected_at) == (100, 400, 400_000_000)
     assert "30" in gap.reason and "10" in gap.reason
+
+
+def test_out_of_order_gap_row_is_ascending():
+    """A late diff's row must read forwards (ids and times), or a reader's interval test
+    is empty and the tools print inverted ranges."""
+    sync = BookSync("binance", "futures", "BTCUSDT", RULES)
+    for diff in (d(1, 10, 0), d(21, 30, 20)):
+        sync.on_diff(diff)
+    (gap,) = sync.on_diff(d(11, 20, 10)).gaps
+    assert (gap.last_good_id, gap.first_id_after) == (10, 30)
+    assert (gap.start_time, gap.end_time) == (200, 300)
+    assert gap.reason == "out of order: updates 11..20 came after 30"
+
+
+def test_resync_is_detected_when_the_snapshot_came():
+    """The resync row's `detected_at` is when the book lined up: the snapshot's receive
+    time if it came after the buffered diffs (it used to be the last diff's)."""
+    sync = BookSync("binance", "futures", "BTCUSDT", RULES)
+    sync.on_snapshot(s(5))
+    sync.on_diff(d(1, 10, 0))
+    sync.on_diff(d(31, 40, 30))  # break: waits for a snapshot, diff buffered
+    late = attrs.evolve(s(35), receive_time=999_000_000_000)
+    (resync,) = sync.on_snapshot(late).gaps
+    assert resync.kind is RESYNC and resync.detected_at == late.receive_time
 
 
 def test_buffer_is_bounded():

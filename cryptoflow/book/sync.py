@@ -280,7 +280,8 @@ class BookSync:
             self.counters.snapshots_too_old += 1
             return self._request()
         self._anchor = snap
-        return self._synced(snap, list(buf), buf[-1].receive_time)
+        # detected when the later of the two came: the snapshot, or the last diff
+        return self._synced(snap, list(buf), max(snap.receive_time, buf[-1].receive_time))
 
     # --- internals --------------------------------------------------------------------
 
@@ -312,7 +313,7 @@ class BookSync:
                 self.counters.stale_dropped += 1
                 return RECORD
             if self.rules.aligns(anchor.last_update_id, diff):
-                return self._synced(anchor, [diff], diff.receive_time)
+                return self._synced(anchor, [diff], max(anchor.receive_time, diff.receive_time))
             self.counters.snapshots_too_old += 1
             self.state = BookState.WAITING
             self._anchor = None
@@ -383,8 +384,21 @@ class BookSync:
             reason = pending.reason or f"{kind.value} before this diff"
             if pending.dropped:
                 reason += f" ({pending.dropped} dropped)"
-        elif diff.last_update_id <= (last or 0):
-            kind, reason = GapKind.SEQUENCE_BREAK, "out of order: older than the previous diff"
+        elif last is not None and diff.last_update_id <= last:
+            # out of order: the row spans the late diff up to the newest id seen, ids and
+            # times ascending (the late diff's own ids after the newest id read backwards)
+            before = diff.prev_update_id
+            times = sorted(t for t in (diff.event_time, self._last_time) if t is not None)
+            return self._gap(
+                GapKind.SEQUENCE_BREAK,
+                before if before is not None else diff.first_update_id - 1,
+                last,
+                times[0] if times else None,
+                times[-1] if times else None,
+                diff.receive_time,
+                f"out of order: updates {diff.first_update_id}..{diff.last_update_id} came "
+                f"after {last}",
+            )
         else:
             kind = GapKind.SEQUENCE_BREAK
             reason = f"prev_update_id {diff.prev_update_id} != previous last_update_id {last}"
