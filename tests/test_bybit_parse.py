@@ -221,6 +221,11 @@ def test_rest_malformed(body: bytes, field: str) -> None:
             b'"data":{"b":["16493.50"],"a":[],"u":3}}',
             "data.b",
         ),
+        (  # a symbol that is not a string (was a TypeError: the connection dropped)
+            b'{"topic":"orderbook.50.BTCUSDT","type":"delta","ts":1,'
+            b'"data":{"s":["BTCUSDT"],"b":[],"a":[],"u":3}}',
+            "data.s",
+        ),
         (b'{"topic":"orderbook.50.BTCUSDT","type":"weird","ts":1,"data":{"u":3}}', "type"),
         (b'{"topic":"orderbook.50.BTCUSDT","type":"delta","ts":1}', "data"),
         (b"[1,2]", "object"),

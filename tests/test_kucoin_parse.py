@@ -68,6 +68,20 @@ def test_canonical_decimal_rejects_garbage() -> None:
     for bad in ("abc", "nan", "inf", ""):
         with pytest.raises(ValueError):
             rules.canonical_decimal(bad)
+    # a hostile exponent would expand into a billion-digit string
+    for huge in ("1e999999999", "1E-999999999", "1e41"):
+        with pytest.raises(ValueError, match="out of range"):
+            rules.canonical_decimal(huge)
+    assert rules.canonical_decimal("1e40") == "1" + "0" * 40
+
+
+def test_ws_change_with_a_huge_exponent_is_malformed() -> None:
+    raw = (
+        b'{"type":"message","topic":"/contractMarket/level2:XBTUSDTM","subject":"level2",'
+        b'"data":{"sequence":5,"change":"1e999999999,buy,1","timestamp":1}}'
+    )
+    with pytest.raises(MalformedMessage, match="bad number"):
+        parse_ws_message(raw, 0)
 
 
 def test_ws_level_is_keyed_like_the_snapshot() -> None:

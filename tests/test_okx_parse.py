@@ -398,3 +398,16 @@ def test_seq_id_restart_across_a_reconnect_resyncs_on_a_rest_anchor() -> None:
         gaps += [(g.kind, g.last_good_id) for g in sync.on_diff(d).gaps]
     assert gaps == [(GapKind.RECONNECT, 123471), (GapKind.RESYNC, 123471)]
     assert sync.state is BookState.SYNCED and sync.book_id == 61
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"event": "subscribe", "arg": "books:BTC-USDT-SWAP"}',  # arg not an object
+        b'{"arg": {"channel": ["books"], "instId": "BTC-USDT-SWAP"}, "action": "update",'
+        b' "data": []}',  # channel not a string
+    ],
+)
+def test_odd_shapes_are_controls_not_crashes(raw: bytes) -> None:
+    """These raised AttributeError / TypeError, which dropped the whole connection."""
+    assert isinstance(parse_ws_message(raw, 0), Control)

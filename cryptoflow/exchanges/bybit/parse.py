@@ -134,7 +134,10 @@ def parse_ws_message(raw: bytes | str, receive_ns: int, symbols: SymbolMap | Non
     venue_sym = topic.rsplit(".", 1)[-1]
     if type(data) is not dict:
         raise _malformed("missing field 'data'", venue_sym)
-    venue_sym = data.get("s") or venue_sym
+    named = data.get("s")
+    if named is not None and type(named) is not str:
+        raise _malformed(f"field 'data.s' is not a string: {named!r}", venue_sym)
+    venue_sym = named or venue_sym
     symbol = symbols.get(venue_sym, venue_sym) if symbols is not None else venue_sym
     kind = obj.get("type")
     if kind not in ("snapshot", "delta"):

@@ -61,6 +61,10 @@ _CANONICAL = re.compile(r"(?:0|-?[1-9][0-9]*)(?:\.[0-9]*[1-9])?")
 is_canonical = _CANONICAL.fullmatch
 
 
+#: an exponent form beyond 10**±40 is refused (no price or size comes near it)
+MAX_EXPONENT = 40
+
+
 def canonical_decimal(text: str) -> str:
     """Decimal text without exponent or trailing zeros: "5000.0" -> "5000", "1e-05" ->
     "0.00001", "27690.50" -> "27690.5". Exact (no float in between). ValueError if not a
@@ -78,6 +82,10 @@ def _canonical_decimal_slow(text: str) -> str:
         raise ValueError(f"not a decimal number: {text!r}") from None
     if not d.is_finite():
         raise ValueError(f"not a finite number: {text!r}")
+    if not -MAX_EXPONENT <= d.adjusted() <= MAX_EXPONENT and "e" in text.lower():
+        # "1e999999999" would become a billion-digit string (memory, and the loop); a
+        # long plain number is only as long as its text
+        raise ValueError(f"out of range: {text!r}")
     s = format(d, "f")
     if "." in s:
         s = s.rstrip("0").rstrip(".")

@@ -118,7 +118,8 @@ def _event(obj: dict[str, Any]) -> Control:
     code = str(obj.get("code", "") or "")
     msg = str(obj.get("msg", "") or "")
     if event in ("subscribe", "unsubscribe"):
-        arg = obj.get("arg") or {}
+        arg = obj.get("arg")
+        arg = arg if type(arg) is dict else {}
         detail = f"{event} {arg.get('channel', '')}:{arg.get('instId', '')}"
         return Control("ack", detail=detail)
     if event == "error":
@@ -158,7 +159,7 @@ def parse_ws_message(
         raise _malformed("missing field 'arg.instId'")
     channel = arg.get("channel")
     symbol = (symbols.get(inst_id) if symbols is not None else None) or default_symbol(inst_id)
-    if channel not in rules.BOOK_CHANNELS:
+    if type(channel) is not str or channel not in rules.BOOK_CHANNELS:
         return Control("other", detail=f"{channel}:{inst_id}")
     action = obj.get("action", "snapshot")  # books5 pushes carry no action: full books
     if action not in ("snapshot", "update"):
