@@ -109,7 +109,8 @@ class StreamEvent:
 
     It tells the normalizer that continuity may be lost before the next diff: the
     connection was replaced (`RECONNECT`) or the reader dropped messages because the
-    channel was full (`CONSUMER_OVERLOAD`, with how many).
+    channel was full (`CONSUMER_OVERLOAD`, with how many). A `final` marker comes at the
+    stop, when no next diff will: its gap is recorded at once.
     """
 
     exchange: str
@@ -119,6 +120,7 @@ class StreamEvent:
     time: int  # ns, local clock
     reason: str = ""
     dropped: int = 0
+    final: bool = False
 
 
 @attrs.frozen(slots=True)

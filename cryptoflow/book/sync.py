@@ -176,7 +176,16 @@ class BookSync:
     # --- inputs ---------------------------------------------------------------------
 
     def on_event(self, event: StreamEvent) -> Decision:
-        """Remember a marker; it takes effect at the next diff. Overload wins over reconnect."""
+        """Remember a marker; it takes effect at the next diff. Overload wins over reconnect.
+        A `final` one (the stream stopped; no next diff) is a gap at once."""
+        if event.final:
+            self.counters.breaks += 1
+            reason = event.reason or f"{event.kind.value} at the end of the stream"
+            gap = self._gap(
+                event.kind, self._last_id, None, self._last_time, None, event.time, reason
+            )
+            self._note_broken()
+            return Decision(False, gaps=(gap,))
         if event.kind is GapKind.RECONNECT:
             self._reconnected = True
         if self._pending is None or self._pending.kind is not GapKind.CONSUMER_OVERLOAD:

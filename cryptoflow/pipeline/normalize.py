@@ -238,7 +238,11 @@ class Normalizer:
                 rows[key] += _snapshot_rows(cols, item, item.last_update_id, item.source)
                 decided(s.on_snapshot(item), item)
             elif cls is StreamEvent:
-                self.sync(item.exchange, item.market, item.symbol).on_event(item)
+                d = self.sync(item.exchange, item.market, item.symbol).on_event(item)
+                for gap in d.gaps:  # a final marker: no diff will follow to carry it
+                    out.gaps.append(gap)
+                    _gap_rows(cols_for(Dataset.GAPS, gap.exchange, gap.market, gap.symbol), gap)
+                    rows[(Dataset.GAPS, gap.exchange, gap.market, gap.symbol)] += 1
             else:
                 raise TypeError(f"cannot normalize {cls.__name__}")
 

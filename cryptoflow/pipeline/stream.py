@@ -8,8 +8,9 @@ a resync, so the lost stretch is recorded, never silently skipped. A connection 
 opens after a previous one sends `StreamEvent(RECONNECT)` per symbol the same way; it
 becomes a gap only if the stream did not continue across the reconnect.
 
-Reconnects: on any connection failure or stall (no frame for `stall_timeout`) the runner
-reconnects with capped exponential back-off and jitter; a healthy connection is
+Reconnects: on any connection failure or stall (no book data for `stall_timeout`; pongs
+do not count) the runner reconnects with capped exponential back-off and jitter, counted
+from zero again once a connection has lasted `backoff_max`; a healthy connection is
 replaced after `reconnect_after` (before the venues' 24 h cut), closed the graceful way
 below and reopened at once.
 
@@ -180,6 +181,36 @@ class _Emitter:
         except trio.WouldBlock:
             self._drop(symbol)
 
+    async def flush_drops(self, timeout: float) -> None:
+        """At the stop: no next diff will carry the drop markers still owed, so send them
+        as `final` ones (recorded as gaps at once), waiting for room at most `timeout`."""
+        with trio.move_on_after(timeout):
+            for symbol, n in list(self.dropped.items()):
+                if not n:
+                    continue
+                await self.out.send(
+                    StreamEvent(
+                        self.exchange,
+                        MARKET_FUTURES,
+                        symbol,
+                        GapKind.CONSUMER_OVERLOAD,
+                        time.time_ns(),
+                        reason=f"normalizer channel full; dropped {n} messages before the stop",
+                        dropped=n,
+                        final=True,
+                    )
+                )
+                self.dropped[symbol] = 0
+        for symbol, n in self.dropped.items():
+            if n:
+                log.error(
+                    "%s/%s: %d diffs dropped before the stop are not recorded as a gap "
+                    "(no room in the normalizer channel)",
+                    self.exchange,
+                    symbol,
+                    n,
+                )
+
     def _drop(self, symbol: str) -> None:
         if not self.dropped.get(symbol):
             log.warning("%s/%s: consumer overloaded, dropping diffs", self.exchange, symbol)
@@ -216,6 +247,7 @@ async def run_stream(
     connection; `fallback(symbol)` asks for a REST snapshot when none came in-stream."""
     stats = stats if stats is not None else StreamStats()
     async with out:
+        emitter = _Emitter(out, venue.exchange, stats)
         with trio.CancelScope() as life:
             closer = _Closer(life, drain_timeout)
             async with trio.open_nursery() as nursery:
@@ -225,7 +257,7 @@ async def run_stream(
                     venue,
                     venue_symbols,
                     symbol_of,
-                    _Emitter(out, venue.exchange, stats),
+                    emitter,
                     stats,
                     closer,
                     source_ip=source_ip,
@@ -239,6 +271,8 @@ async def run_stream(
                     raw_sink=raw_sink,
                 )
                 nursery.cancel_scope.cancel()  # the stop watcher
+        if closer.stopping:
+            await emitter.flush_drops(drain_timeout)
 
 
 async def _connect_loop(
@@ -262,8 +296,11 @@ async def _connect_loop(
     """Connect, pump, reconnect (back-off on failures) until a stop closes a connection."""
     symbols = [symbol_of.get(s, s) for s in venue_symbols]
     failures = 0
+    if stats.connects:  # restarted by `supervised` after an error this loop did not expect
+        stats.last_error = "the stream task restarted after an error"
     while not closer.stopping:
         delay = 0.0
+        opened: float | None = None
         with trio.CancelScope() as scope:  # the connection's life; a drain sets a deadline
             try:
                 url = await venue.url(list(venue_symbols))
@@ -321,6 +358,8 @@ async def _connect_loop(
                 else:
                     stats.disconnects += 1
                     stats.last_error = f"{type(exc).__name__}: {exc}"
+                    if opened is not None and trio.current_time() - opened >= backoff_max:
+                        failures = 0  # it was healthy: this loss is a first one again
                     failures += 1
                     delay = backoff_delay(
                         failures, initial=backoff_initial, maximum=backoff_max, rng=rng
@@ -378,21 +417,25 @@ async def _pump(
         # frames arrive, instead of a `fail_after` scope per frame (entering and closing
         # one per frame was ~6 s of a 60 s profiled soak at ~1,400 frames/s). The
         # deadline moves only when it is `slack` old, so a stall fires between
-        # `stall_timeout` and `stall_timeout + slack` after the last frame (never early).
+        # `stall_timeout` and `stall_timeout + slack` after the last data (never early).
         slack = stall_timeout / 8
         with trio.CancelScope() as stall:
             moved = trio.current_time()
             stall.deadline = moved + stall_timeout + slack
             while True:
                 burst = await ws.receive_burst()
-                now = trio.current_time()
-                if now - moved > slack:
-                    moved = now
-                    stall.deadline = now + stall_timeout + slack
+                data = False
                 for raw in burst:
-                    _handle_frame(raw, venue, emitter, stats, conn, raw_sink)
+                    data |= _handle_frame(raw, venue, emitter, stats, conn, raw_sink)
+                # only book data: a venue that still answers our pings while the
+                # subscription has gone silent is stalled too
+                if data:
+                    now = trio.current_time()
+                    if now - moved > slack:
+                        moved = now
+                        stall.deadline = now + stall_timeout + slack
         if stall.cancelled_caught:
-            raise trio.TooSlowError(f"no frame for {stall_timeout:g}s (stalled)")
+            raise trio.TooSlowError(f"no book data for {stall_timeout:g}s (stalled)")
 
 
 async def _side_tasks(
@@ -423,8 +466,9 @@ def _handle_frame(
     stats: StreamStats,
     conn: _ConnState,
     raw_sink: Callable[[str, str | bytes, int], None] | None,
-) -> None:
-    """Parse one frame and hand its diffs on (no awaits: never blocks the socket)."""
+) -> bool:
+    """Parse one frame and hand its diffs on (no awaits: never blocks the socket).
+    True if it carried book data (what the stall watch counts: pongs do not)."""
     stats.frames += 1
     recv_ns = time.time_ns()
     try:
@@ -432,13 +476,25 @@ def _handle_frame(
     except MalformedMessage as exc:
         stats.malformed += 1
         log.warning("%s: malformed frame skipped: %s", venue.exchange, exc)
-        return
+        return False
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError) as exc:
+        # a frame of a shape the parser did not foresee: skipped like a malformed one,
+        # not a crash that drops the connection (and every other symbol's stream)
+        stats.malformed += 1
+        log.warning(
+            "%s: malformed frame skipped (%s: %s): %.200r",
+            venue.exchange,
+            type(exc).__name__,
+            exc,
+            raw,
+        )
+        return False
     if isinstance(item, Control):
         if item.kind == "error":
             log.warning("%s: venue error frame: %s", venue.exchange, item.detail)
         if item.reconnect:
             raise _Reconnect(item.detail or item.kind)
-        return
+        return False
     if raw_sink is not None and item:
         raw_sink(item[0].symbol, raw, recv_ns)
     for diff in item:
@@ -446,6 +502,7 @@ def _handle_frame(
         if diff.is_snapshot:
             conn.snapshot_at[diff.symbol] = trio.current_time()
         emitter.emit(diff.symbol, diff)
+    return bool(item)
 
 
 async def _serve_resubscribe(

@@ -1,0 +1,196 @@
+"""A stream runner under trouble, over real sockets on 127.0.0.1 (found by an audit with
+the simulator's faults): back-off that forgets old failures once a connection was
+healthy, a stall seen through pongs, a frame of an odd shape skipped without dropping
+the connection, and diffs dropped for overload recorded even when the stop comes next.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import trio
+from test_stream_close import _drained, _runner, push
+from wsfake import start_fake, wait_for
+
+from cryptoflow.book.sync import BookSync
+from cryptoflow.exchanges.bybit import rules as bybit_rules
+from cryptoflow.exchanges.bybit.ws import BybitStream
+from cryptoflow.models import DepthDiff, GapKind, StreamEvent
+from cryptoflow.pipeline.stream import StreamStats, run_stream
+from cryptoflow.pipeline.supervise import supervised
+
+SYM = {"BTCUSDT": "BTCUSDT"}
+
+
+async def test_backoff_starts_over_after_a_healthy_connection():
+    """Each connection streams for longer than `backoff_max`, then drops: every drop is
+    a first failure again (it used to double up to the cap: minutes lost per drop)."""
+    spans: list[tuple[float, float]] = []
+
+    async def script(ws, conn, fake):
+        start = trio.current_time()
+        await fake.recv(ws, conn)  # the subscribe
+        await ws.send_message(push("snapshot", conn * 1000))
+        u = conn * 1000
+        while trio.current_time() - start < 0.6:
+            u += 1
+            await ws.send_message(push("delta", u))
+            await trio.sleep(0.02)
+        spans.append((start, trio.current_time()))
+        await ws.aclose()  # a lost connection
+
+    stopping = trio.Event()
+    stats = StreamStats()
+    send, _recv = trio.open_memory_channel(100_000)
+    async with trio.open_nursery() as nursery:
+        fake = await start_fake(nursery, script)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as runner:
+                runner.start_soon(
+                    _runner(
+                        fake.url,
+                        send,
+                        stats=stats,
+                        backoff_initial=0.05,
+                        backoff_max=0.5,
+                        stopping=stopping,
+                    )
+                )
+                await wait_for(lambda: len(spans) >= 5, timeout=15)
+                stopping.set()
+        nursery.cancel_scope.cancel()
+    waits = [nxt[0] - prev[1] for prev, nxt in itertools.pairwise(spans)]
+    # a first failure waits 0.025-0.05 s; without the reset the 4th would be >= 0.2 s
+    assert max(waits) < 0.2, waits
+    assert stats.disconnects >= 4
+
+
+async def test_a_stall_is_seen_when_only_pongs_come():
+    """The venue answers our pings but sends no book data: that is a stall (any frame
+    used to count, so such a connection was never replaced)."""
+
+    async def script(ws, conn, fake):
+        await fake.recv(ws, conn)  # the subscribe
+        await ws.send_message(push("snapshot", conn * 1000))
+        while True:  # pongs only
+            msg = json.loads(await fake.recv(ws, conn))
+            if msg.get("op") == "ping":
+                await ws.send_message(json.dumps({"op": "pong", "success": True}))
+
+    stopping = trio.Event()
+    stats = StreamStats()
+    send, _recv = trio.open_memory_channel(10_000)
+    async with trio.open_nursery() as nursery:
+        fake = await start_fake(nursery, script)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as runner:
+                runner.start_soon(
+                    _runner(
+                        fake.url,
+                        send,
+                        0.05,  # a ping every 50 ms: a pong every 50 ms
+                        stats=stats,
+                        stall_timeout=0.5,
+                        backoff_initial=0.01,
+                        backoff_max=0.02,
+                        stopping=stopping,
+                    )
+                )
+                await wait_for(lambda: stats.connects >= 2, timeout=8)
+                stopping.set()
+        nursery.cancel_scope.cancel()
+    assert "no book data for 0.5s (stalled)" in stats.last_error
+
+
+class _OddStream(BybitStream):
+    """Bybit whose parser meets a frame shape it did not foresee (a TypeError)."""
+
+    def parse(self, raw, receive_ns):
+        if "odd" in str(raw):
+            raise TypeError("unhashable type: 'list'")
+        return super().parse(raw, receive_ns)
+
+
+async def test_a_frame_the_parser_trips_on_is_skipped_not_a_reconnect(caplog):
+    async def script(ws, conn, fake):
+        await fake.recv(ws, conn)
+        await ws.send_message(push("snapshot", 1))
+        await ws.send_message(json.dumps({"topic": "orderbook.50.BTCUSDT", "odd": [1]}))
+        await ws.send_message(push("delta", 2))
+        await trio.sleep_forever()
+
+    stopping = trio.Event()
+    stats = StreamStats()
+    send, recv = trio.open_memory_channel(100)
+    async with trio.open_nursery() as nursery:
+        fake = await start_fake(nursery, script)
+        stream = _OddStream(fake.url, 50, SYM)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as runner:
+                runner.start_soon(
+                    lambda: run_stream(
+                        stream, ["BTCUSDT"], SYM, send, stats=stats, stopping=stopping
+                    )
+                )
+                await wait_for(lambda: stats.diffs >= 2)
+                stopping.set()
+        nursery.cancel_scope.cancel()
+    diffs = [i.last_update_id for i in _drained(recv) if isinstance(i, DepthDiff)]
+    assert diffs == [1, 2]
+    assert (stats.malformed, stats.connects, stats.disconnects) == (1, 1, 0)
+    assert "malformed frame skipped (TypeError: unhashable type: 'list')" in caplog.text
+
+
+async def test_diffs_dropped_just_before_the_stop_are_still_a_gap():
+    """The drop marker used to wait for the symbol's next diff; at the stop none comes,
+    so the drops vanished. Now a `final` marker goes out at the stop, a gap at once."""
+
+    async def script(ws, conn, fake):
+        await fake.recv(ws, conn)
+        await ws.send_message(push("snapshot", 1))
+        for u in range(2, 12):
+            await ws.send_message(push("delta", u))
+        await fake.drain(ws, conn)
+
+    stopping = trio.Event()
+    stats = StreamStats()
+    send, recv = trio.open_memory_channel(5)  # nobody reads until the stop: 6 dropped
+    got: list[object] = []
+    async with trio.open_nursery() as nursery:
+        fake = await start_fake(nursery, script)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as runner:
+                runner.start_soon(_runner(fake.url, send, stats=stats, stopping=stopping))
+                await wait_for(lambda: stats.diffs >= 11)
+                stopping.set()
+                async for item in recv:  # the normalizer drains on the stop
+                    got.append(item)
+        nursery.cancel_scope.cancel()
+    assert stats.dropped == 6
+    (marker,) = [i for i in got if isinstance(i, StreamEvent)]
+    assert marker.final and marker.dropped == 6 and marker.kind is GapKind.CONSUMER_OVERLOAD
+
+    sync = BookSync("bybit", "futures", "BTCUSDT", bybit_rules.RULES)
+    gaps = []
+    for item in got:
+        d = sync.on_diff(item) if isinstance(item, DepthDiff) else sync.on_event(item)
+        gaps.extend(d.gaps)
+    (gap,) = gaps
+    assert gap.kind is GapKind.CONSUMER_OVERLOAD and gap.last_good_id == 5
+    assert "dropped 6 messages before the stop" in gap.reason
+
+
+async def test_supervised_backoff_starts_over_after_a_healthy_run(clock):
+    starts: list[float] = []
+
+    async def task() -> None:
+        starts.append(trio.current_time())
+        if len(starts) < 6:
+            await trio.sleep(10.0)  # ran as long as the longest back-off: healthy
+            raise RuntimeError("boom")
+
+    await supervised("t", task, initial=1.0, maximum=10.0, rng=random.Random(7))
+    waits = [b - a - 10.0 for a, b in itertools.pairwise(starts)]
+    assert len(waits) == 5 and max(waits) <= 1.0, waits  # was 1, 2, 4, 8, 10 (jittered)
