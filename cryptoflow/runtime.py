@@ -34,7 +34,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -58,6 +58,7 @@ from cryptoflow.pipeline.writer import WriterStats, run_writer
 from cryptoflow.storage.spool import Spool
 
 log = logging.getLogger("cryptoflow.runtime")
+T = TypeVar("T")
 
 #: at most this many queued raw items are normalized in one `feed_many` call
 NORMALIZE_BATCH = 1024
@@ -407,6 +408,27 @@ async def _fetch_resync(fetch: Fetch, sym: str) -> DepthSnapshot:
     return await fetch(sym, SnapshotSource.RESYNC)
 
 
+async def _unless_stopped(stopping: trio.Event, fn: Callable[[], Awaitable[T]]) -> T | None:
+    """`fn()`, or None as soon as `stopping` is set (then `fn` is cancelled). An error of
+    `fn` comes out as itself, not wrapped in the nursery's ExceptionGroup."""
+    result: list[T] = []
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                await stopping.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            result.append(await fn())
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+            raise group.exceptions[0] from None
+        raise
+    return result[0] if result else None
+
+
 async def _check_instruments(
     rest: registry.VenueRestClient,
     plan: ShardPlan,
@@ -427,7 +449,10 @@ async def _check_instruments(
     failures = 0
     while True:
         try:
-            instruments = await rest.fetch_instruments()
+            # raced with the stop: a ban can hold the budget for minutes
+            instruments = await _unless_stopped(stopping, rest.fetch_instruments)
+            if instruments is None:
+                return ()
             break
         except CryptoflowError as exc:
             if not required:

@@ -103,3 +103,35 @@ async def test_base_unit_sizes_go_on_without_the_instruments_list(clock, caplog)
     kept = await _check(rest, norm, required=False)
     assert kept == PLAN.symbols and len(rest.calls) == 1  # as configured, no retry
     assert "okx/main: instruments check skipped: HTTP 503" in caplog.text
+
+
+class BannedRest:
+    """The instruments request waits on a banned budget (minutes)."""
+
+    async def fetch_instruments(self) -> dict[str, Instrument]:
+        await trio.sleep(600)
+        raise AssertionError("unreachable")
+
+
+async def test_the_stop_ends_a_fetch_held_by_a_ban(clock) -> None:
+    stopping = trio.Event()
+    result: list[tuple] = []
+
+    async def check() -> None:
+        result.append(
+            await runtime._check_instruments(
+                BannedRest(),  # type: ignore[arg-type]
+                PLAN,  # type: ignore[arg-type]
+                _normalizer(),
+                required=True,
+                retry=lambda failures: 1.0,
+                stopping=stopping,
+            )
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(check)
+        await trio.sleep(3.0)
+        stopping.set()
+        start = trio.current_time()
+    assert result == [()] and trio.current_time() - start < 0.1  # not after the ban
