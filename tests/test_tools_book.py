@@ -61,6 +61,19 @@ def test_at_before_any_snapshot(tmp_path: Path) -> None:
         book.run(str(tmp_path), "binance", "BTCUSDT", str(T - 7_200_000))
 
 
+def test_at_long_after_the_data_is_refused(tmp_path: Path) -> None:
+    """A moment the collector did not record: a book from the last snapshot plus the
+    last deltas would be printed as if it were the book then (silently wrong)."""
+    _hand_data(tmp_path)
+    last = T + 300  # the last stored update
+    df, _ = book.rebuild(tmp_path, "binance", "BTCUSDT", last + book.NO_DATA_AFTER_MS)
+    assert df.height
+    with pytest.raises(DataError, match=r"no data near .* 60 s earlier"):
+        book.rebuild(tmp_path, "binance", "BTCUSDT", last + book.NO_DATA_AFTER_MS + 1)
+    with pytest.raises(DataError, match="no data near"):
+        book.run(str(tmp_path), "binance", "BTCUSDT", "2030-01-01T00:00:00Z")
+
+
 def test_refuses_gap_between(tmp_path: Path) -> None:
     g = generate(tmp_path, minutes=10, gap_at_s=125)
     _, first_after, _start, end = g.gap

@@ -127,6 +127,11 @@ def _break_text(b: Break) -> str:
     )
 
 
+#: --at this long after the last stored snapshot or update: refused, not a stale book
+#: (polls come every 10-25 s, so a running collector stores something well within it)
+NO_DATA_AFTER_MS = 60_000
+
+
 def rebuild(
     root: Root,
     exchange: str,
@@ -171,6 +176,13 @@ def rebuild(
 
     deltas, bad = collect_per_file(delta_files, select, label="deltas")
     _readable(deltas, bad, "delta")
+    latest = max(snap_ts, int(deltas["ts"].max()) if deltas.height else snap_ts)
+    if at_ms - latest > NO_DATA_AFTER_MS:
+        raise DataError(
+            f"no data near {fmt_ms(at_ms)}: the last stored snapshot or update of "
+            f"{exchange}/{symbol} before it is at {fmt_ms(latest)}, "
+            f"{(at_ms - latest) / 1000:.0f} s earlier (the collector was not recording then)"
+        )
     bids: Side = {}
     asks: Side = {}
     for side, price, qty in (
