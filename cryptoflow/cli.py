@@ -1,12 +1,14 @@
 """Typer commands only: parse arguments, call into the package, map errors to exit codes.
 
 Exit codes: 0 ok, 1 a check found problems (verify) or the run failed, 2 bad config or
-arguments, 130 interrupted. Errors print as one line; `--debug` adds the traceback.
+arguments (also a configured path that cannot be used), 130 interrupted. Errors print as
+one line; `--debug` adds the traceback and keeps the exit code.
 """
 
 from __future__ import annotations
 
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -45,28 +47,34 @@ def _root(
     _state["debug"] = debug
 
 
+def _fail(code: int, *lines: str) -> typer.Exit:
+    """Print the error lines (and, with --debug, the traceback first); the exit code is
+    the same either way."""
+    if _state["debug"]:
+        traceback.print_exc()
+    for line in lines:
+        typer.echo(line, err=True)
+    return typer.Exit(code)
+
+
 def _run(fn: Callable[[], Any]) -> None:
-    """Run a command body and turn our errors into one line + exit code."""
+    """Run a command body and turn errors into one line + exit code (traceback: --debug)."""
     try:
         code = fn()
     except ConfigError as exc:
-        for line in exc.problems:
-            typer.echo(line, err=True)
-        if _state["debug"]:
-            raise
-        raise typer.Exit(2) from None
+        raise _fail(2, *exc.problems) from None
     except UsageError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        if _state["debug"]:
-            raise
-        raise typer.Exit(2) from None
+        raise _fail(2, f"error: {exc}") from None
     except CryptoflowError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        if _state["debug"]:
-            raise
-        raise typer.Exit(1) from None
+        raise _fail(1, f"error: {exc}") from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except OSError as exc:  # a path the system refuses (log file, spool folder...)
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in str(exc) else ""
+        raise _fail(1, f"error: {exc}{where}") from None
+    except Exception as exc:
+        hint = "" if _state["debug"] else " (run with --debug for the traceback)"
+        raise _fail(1, f"error: unexpected {type(exc).__name__}: {exc}{hint}") from None
     raise typer.Exit(int(code or 0))
 
 

@@ -10,6 +10,7 @@ S3 needs a bucket) run after the per-file checks.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import ipaddress
 import os
@@ -114,6 +115,19 @@ def load_settings(
     return Settings(
         app=app, shards=shards, symbols=symbols, env=environment, config_path=str(config_path)
     )
+
+
+def key_location(config_path: Path | str, dotted: str) -> str:
+    """`file:line: dotted` for a key of config.yml (`file: dotted` when the key is not
+    written there and its default applies): where a check made after loading points."""
+    path = Path(config_path)
+    node: Any = None
+    with contextlib.suppress(OSError, YAMLError, UnicodeDecodeError):
+        node = YAML(typ="rt").load(path.read_text(encoding="utf-8"))
+    *parents, last = dotted.split(".")
+    parent = _dig(node, *parents)
+    line = _key_line(parent, last) if isinstance(parent, Mapping) and last in parent else None
+    return f"{path}:{line}: {dotted}" if line else f"{path}: {dotted}"
 
 
 def load_environment(

@@ -8,6 +8,9 @@ retries, resyncs or stops. Venue and storage backends translate their library er
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class CryptoflowError(Exception):
     """Base of every error cryptoflow raises on purpose."""
@@ -118,3 +121,15 @@ class CorruptSpoolFile(StorageError):
 
 class DataError(CryptoflowError):
     """Stored data is missing, corrupt or cannot answer the question (inspect/verify/book)."""
+
+
+@contextlib.contextmanager
+def single_error_unwrapped() -> Iterator[None]:
+    """A nursery's ExceptionGroup of exactly one Exception comes out as that exception,
+    so callers (and the CLI's error mapping) see e.g. a ServerError, not a group."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+            raise group.exceptions[0] from None
+        raise

@@ -29,9 +29,12 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import math
+import os
 import random
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,7 +43,7 @@ import attrs
 import trio
 
 from cryptoflow.config_schema import EXCHANGES, Settings, Shard, VenueSource
-from cryptoflow.errors import CryptoflowError, StorageError, UsageError
+from cryptoflow.errors import ConfigError, CryptoflowError, UsageError, single_error_unwrapped
 from cryptoflow.exchanges import registry
 from cryptoflow.exchanges.limits import VENUE_LIMITS, snapshot_cost
 from cryptoflow.models import DepthSnapshot, SnapshotBody, SnapshotSource
@@ -158,6 +161,7 @@ class StopControl:
         self.requested = trio.Event()
         self.reason = ""
         self.forced = False
+        self.force_requested = trio.Event()  # a second signal: the writer's drain ends too
 
     def reader_scope(self) -> trio.CancelScope:
         """A new cancel scope for one shard's readers, cancelled by `stop`."""
@@ -186,8 +190,18 @@ async def _watch_signals(stop: StopControl, root: trio.CancelScope) -> None:
             else:
                 log.warning("second %s: exiting now; unflushed buffers are lost", name)
                 stop.forced = True
+                stop.force_requested.set()
                 root.cancel()
+                # a worker thread blocked in a call (an S3 request to a hung endpoint)
+                # cannot be cancelled: past this grace the process ends regardless
+                watchdog = threading.Timer(FORCE_GRACE_S, os._exit, args=(130,))
+                watchdog.daemon = True
+                watchdog.start()
                 return
+
+
+#: after a second signal, the process exits within this many seconds whatever runs
+FORCE_GRACE_S = 3.0
 
 
 async def _stop_after(stop: StopControl, seconds: float) -> None:
@@ -412,7 +426,7 @@ async def _unless_stopped(stopping: trio.Event, fn: Callable[[], Awaitable[T]]) 
     """`fn()`, or None as soon as `stopping` is set (then `fn` is cancelled). An error of
     `fn` comes out as itself, not wrapped in the nursery's ExceptionGroup."""
     result: list[T] = []
-    try:
+    with single_error_unwrapped():
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
@@ -422,10 +436,6 @@ async def _unless_stopped(stopping: trio.Event, fn: Callable[[], Awaitable[T]]) 
             nursery.start_soon(watch)
             result.append(await fn())
             nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
-            raise group.exceptions[0] from None
-        raise
     return result[0] if result else None
 
 
@@ -580,13 +590,15 @@ async def collect_main(
     result.writer = WriterStats()
     stop = StopControl()
     limiter = trio.CapacityLimiter(max(1, app.writer.encode_threads))
-    _check_spool_or_raise(app.storage)  # before any task: a plain, clear error
+    # before any task: plain, clear errors (exit 2) for paths that cannot be used
+    _check_spool_or_raise(app.storage, settings.config_path)
+    store = build_store(app.storage, settings.env, output)
+    _check_output_or_raise(store, output, settings.config_path)
     async with trio.open_nursery() as root:
         if simulate:
             plans = await _start_simulator(root, plans)
         if install_signal_handlers:
             root.start_soon(_watch_signals, stop, root.cancel_scope)
-        store = build_store(app.storage, settings.env, output)
         spool: Spool = build_spool(app.storage)
         result.spool = spool
         report = await trio.to_thread.run_sync(spool.scan)
@@ -618,6 +630,7 @@ async def collect_main(
                 max_age=app.storage.spool.max_age,
                 raw=raw,
                 upload_interval=app.storage.upload_interval,
+                forced=stop.force_requested,
             )
             writer_done.set()
 
@@ -697,15 +710,36 @@ async def _start_ops(
         )
 
 
-def _check_spool_or_raise(storage) -> None:
-    """Spool dir creatable + writable + free space, or a clear error before collecting."""
+def _check_output_or_raise(store: object, output: Path | None, config_path: str) -> None:
+    """A local output tree must be creatable and writable before anything is collected:
+    else every upload fails and the rows wait in the spool while the run looks fine."""
+    from cryptoflow.config import key_location
+    from cryptoflow.storage.local import LocalStore
+
+    if not isinstance(store, LocalStore):
+        return
+    problem = store.check_writable()
+    if problem is None:
+        return
+    if output is not None:
+        raise UsageError(f"--output {str(output)!r}: {problem}")
+    raise ConfigError([f"{key_location(config_path, 'storage.local_path')}: {problem}"])
+
+
+def _check_spool_or_raise(storage, config_path: str = "") -> None:
+    """Spool dir creatable + writable + free space, or a clear error before collecting
+    (a ConfigError naming the key: exit 2, like any unusable setting)."""
+    from cryptoflow.config import key_location
     from cryptoflow.storage.spool import check_spool_dir
 
     errors, warnings = check_spool_dir(Path(storage.spool.path), storage.spool.max_bytes)
     for line in warnings:
         log.warning("%s", line)
     if errors:
-        raise StorageError("; ".join(errors))
+        where = key_location(config_path, "storage.spool.path") if config_path else ""
+        raise ConfigError(
+            [f"{where}: {e.removeprefix('storage.spool.path ')}" if where else e for e in errors]
+        )
 
 
 async def _start_simulator(nursery: trio.Nursery, plans: list[ShardPlan]) -> list[ShardPlan]:
@@ -769,15 +803,21 @@ def run_collect(
         from rich.console import Console
 
         console = Console()
-    setup_logging(
-        level=settings.env.log_level or lg.level,
-        fmt=lg.format,
-        output=lg.output,
-        debug=debug,
-        secrets=(settings.env.aws_secret_access_key, settings.env.aws_access_key_id),
-        console=console,
-    )
-    if duration is not None and duration <= 0:
+    try:
+        setup_logging(
+            level=settings.env.log_level or lg.level,
+            fmt=lg.format,
+            output=lg.output,
+            debug=debug,
+            secrets=(settings.env.aws_secret_access_key, settings.env.aws_access_key_id),
+            console=console,
+        )
+    except OSError as exc:  # a log file that cannot be opened
+        from cryptoflow.config import key_location
+
+        where = key_location(config_path, "logging.output")
+        raise ConfigError([f"{where}: cannot open {lg.output!r}: {exc.strerror or exc}"]) from exc
+    if duration is not None and not (math.isfinite(duration) and duration > 0):
         raise UsageError(f"--duration {duration:g}: must be a positive number of seconds")
     exchanges = select_exchanges(settings, exchange)
     plans = build_plans(settings, exchanges, select_shards(settings, shards))

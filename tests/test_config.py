@@ -340,3 +340,49 @@ def test_duplicate_within_shard_and_default_route(tmp_path: Path) -> None:
         f"{f}:5: shards.b.source_ip: the default route (null) is already used by shards.a"
         " (line 2), expected one shard per source IP",
     ]
+
+
+# --- paths that cannot be used, and the exit codes ----------------------------------------
+
+
+def _cli(*args: str):
+    return CliRunner(env={"TYPER_USE_RICH": "0"}).invoke(app, list(args))
+
+
+def test_collect_refuses_an_output_folder_it_cannot_write(tmp_path: Path) -> None:
+    """Every upload used to fail while the run reported success (exit 0)."""
+    (tmp_path / "afile").write_text("x")
+    cfg = write(tmp_path, config=f"storage:\n  spool:\n    path: {tmp_path / 'spool'}\n")
+    out = tmp_path / "afile" / "data"
+    res = _cli("collect", "-c", str(cfg), "-e", "binance", "--simulate", "--output", str(out))
+    assert res.exit_code == 2
+    assert (
+        res.output.strip() == f"error: --output {str(out)!r}: cannot write there: Not a directory"
+    )
+
+
+def test_a_log_file_that_cannot_be_opened_names_its_key(tmp_path: Path) -> None:
+    config = f"logging:\n  output: {tmp_path / 'afile' / 'x.log'}\n"
+    (tmp_path / "afile").write_text("x")
+    cfg = write(tmp_path, config=config)
+    res = _cli("collect", "-c", str(cfg), "-e", "binance", "--simulate", "--duration", "1")
+    assert res.exit_code == 2
+    assert res.output.startswith(f"{cfg}:2: logging.output: cannot open ")
+    assert "Traceback" not in res.output
+
+
+def test_debug_adds_the_traceback_but_keeps_the_exit_code(tmp_path: Path) -> None:
+    cfg = write(tmp_path)
+    for args in (("collect", "-c", str(cfg), "-e", "kraken"),):
+        plain, debug = _cli(*args), _cli("--debug", *args)
+        assert plain.exit_code == debug.exit_code == 2
+        assert "Traceback" not in plain.output and "unknown exchange" in plain.output
+        assert "Traceback" in debug.output
+
+
+def test_duration_must_be_a_finite_positive_number(tmp_path: Path) -> None:
+    cfg = write(tmp_path)
+    for bad in ("nan", "inf", "-1", "0"):
+        res = _cli("collect", "-c", str(cfg), "-e", "binance", "--simulate", "--duration", bad)
+        assert res.exit_code == 2, (bad, res.output)
+        assert "must be a positive number of seconds" in res.output

@@ -246,13 +246,15 @@ def test_unwritable_spool_is_a_clear_error(tmp_path):
     blocker.write_text("x")
     cfg = write_config(tmp_path / "cfg", sim=None, spool=blocker / "spool")
     res = CliRunner().invoke(cli_app, ["validate-config", "--config", str(cfg)])
-    assert res.exit_code == 1
-    assert "storage.spool.path" in res.output and "not a directory" in res.output
+    assert res.exit_code == 2  # a configured path that cannot be used: file:line: key
+    assert f"{cfg}:" in res.output and ": storage.spool.path: " in res.output
+    assert "not a directory" in res.output and "disk full" not in res.output
     res = CliRunner().invoke(
         cli_app, ["collect", "--config", str(cfg), "--exchange", "binance", "--simulate"]
     )
-    assert res.exit_code == 1
+    assert res.exit_code == 2
     assert "storage.spool.path" in res.output and "cannot create" in res.output
+    assert "Traceback" not in res.output
 
 
 def test_full_disk_is_a_clear_error(tmp_path, monkeypatch):

@@ -97,3 +97,30 @@ def test_quarantine_entry(tmp_path):
     dest = spool.quarantine(e, "manual")
     assert dest.exists() and spool.files == 0
     assert dest.with_name(dest.name + ".reason").read_text().strip() == "manual"
+
+
+async def test_local_put_names_the_destination_when_it_cannot_be_made(
+    tmp_path, monkeypatch
+) -> None:
+    """A destination folder that cannot be created (FileNotFoundError, e.g. under /proc)
+    was reported as the *source* file missing."""
+    from cryptoflow.errors import StorageRejected
+    from cryptoflow.storage import local
+
+    src = tmp_path / "spool" / "a.parquet"
+    src.parent.mkdir()
+    src.write_bytes(b"x")
+
+    def no_dirs(path):
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(local, "makedirs_durable", no_dirs)
+    with pytest.raises(StorageRejected, match=r"cannot write .*deltas/k\.parquet"):
+        await local.LocalStore(tmp_path / "out").put_file("deltas/k.parquet", src)
+    assert src.exists()
+    monkeypatch.undo()
+    with pytest.raises(StorageRejected, match="source file missing"):
+        await local.LocalStore(tmp_path / "out").put_file("deltas/k.parquet", tmp_path / "gone")
+    (tmp_path / "afile").write_text("x")
+    assert "Not a directory" in local.LocalStore(tmp_path / "afile" / "o").check_writable()
+    assert local.LocalStore(tmp_path / "out2").check_writable() is None

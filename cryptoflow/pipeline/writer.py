@@ -447,8 +447,11 @@ class Writer:
         max_age: float | None = None,
         raw=None,
         upload_interval: float = 0.0,
+        forced: trio.Event | None = None,
     ) -> None:
         self.store = store
+        #: set on a forced stop (second Ctrl-C): the final drain ends at once
+        self.forced = forced
         self.spool = spool
         self.cfg = buffer_cfg
         self.limiter = limiter
@@ -975,9 +978,13 @@ class Writer:
                 with trio.CancelScope(
                     deadline=trio.current_time() + shutdown_timeout, shield=True
                 ) as cs:
-                    upl_scope.cancel()
-                    await upl_done.wait()
-                    await self._final_drain()
+                    async with trio.open_nursery() as drain:
+                        if self.forced is not None:  # a second Ctrl-C ends the drain too
+                            drain.start_soon(_cancel_on, self.forced, cs)
+                        upl_scope.cancel()
+                        await upl_done.wait()
+                        await self._final_drain()
+                        drain.cancel_scope.cancel()
                 self._log_final(timed_out=cs.cancelled_caught)
 
     def _log_final(self, *, timed_out: bool) -> None:
@@ -1015,6 +1022,11 @@ class Writer:
             )
 
 
+async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
 async def run_writer(
     receive_rows: trio.MemoryReceiveChannel[RowBatch],
     store: ObjectStore,
@@ -1032,6 +1044,7 @@ async def run_writer(
     max_age: float | None = None,
     raw=None,
     upload_interval: float = 0.0,
+    forced: trio.Event | None = None,
     task_status: trio.TaskStatus[Writer] = trio.TASK_STATUS_IGNORED,
 ) -> WriterStats:
     """Run the writer stage until `receive_rows` closes (then flush + upload, bounded by
@@ -1050,6 +1063,7 @@ async def run_writer(
         max_age=max_age,
         raw=raw,
         upload_interval=upload_interval,
+        forced=forced,
     )
     await writer.run(receive_rows, shutdown_timeout=shutdown_timeout, task_status=task_status)
     return writer.stats

@@ -53,14 +53,28 @@ class LocalStore:
     def describe(self) -> str:
         return f"local:{self.root.resolve()}"
 
+    def check_writable(self) -> str | None:
+        """Why files cannot be put under the root (None: they can): it is created if
+        missing, and a probe file is written and removed."""
+        try:
+            makedirs_durable(self.root)
+            probe = self.root / f".probe{TMP_MARK}{secrets.token_hex(4)}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            return f"cannot write there: {exc.strerror or exc}"
+        return None
+
     async def put_file(self, key: str, path: Path) -> None:
         dest = self.root / key
         try:
             await trio.to_thread.run_sync(_move_verified, Path(path), dest, limiter=self._limiter)
         except UploadVerificationFailed:
             raise
-        except FileNotFoundError:
-            if dest.exists() and not Path(path).exists():
+        except FileNotFoundError as exc:
+            if Path(path).exists():  # the destination's folder could not be made
+                raise StorageRejected(f"cannot write {dest}: {exc}") from exc
+            if dest.exists():
                 return  # already moved by an earlier attempt that died before bookkeeping
             raise StorageRejected(f"{path}: source file missing") from None
         except PermissionError as exc:

@@ -195,6 +195,7 @@ def check_spool_dir(
             os.fsync(fh.fileno())
     except OSError as exc:
         errors.append(f"{where}: not writable: {exc}")
+        return errors, warnings  # its free space says nothing then
     finally:
         with contextlib.suppress(OSError):
             probe.unlink(missing_ok=True)

@@ -2,9 +2,50 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import trio
+
+from cryptoflow.errors import single_error_unwrapped
+
+T = TypeVar("T")
+
+
+#: after Ctrl-C, the process ends within this many seconds even if an upload thread is
+#: blocked (an S3 endpoint that does not answer): nothing is lost, a spool file is only
+#: deleted after its verified upload, and an upload repeated later overwrites itself
+INTERRUPT_GRACE_S = 3.0
+
+
+async def _until_signal(fn: Callable[[], Awaitable[T]]) -> T | None:
+    """`fn()`, or None once SIGINT/SIGTERM arrives (then it is cancelled)."""
+    result: list[T] = []
+    with (
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        single_error_unwrapped(),
+    ):
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    print(f"{name}: stopping the flush", file=sys.stderr)
+                    nursery.cancel_scope.cancel()
+                    timer = threading.Timer(INTERRUPT_GRACE_S, os._exit, args=(130,))
+                    timer.daemon = True
+                    timer.start()
+                    return
+
+            nursery.start_soon(watch)
+            result.append(await fn())
+            nursery.cancel_scope.cancel()
+    return result[0] if result else None
 
 
 def _load(config_path: Path):
@@ -46,14 +87,19 @@ def flush(config_path: Path, output: Path | None = None) -> int:
     async def main():
         store = build_store(storage, settings.env, output)
         print(f"flushing {report.files} files ({report.bytes} bytes) to {store.describe()}")
-        return await drain_spool(
-            spool,
-            store,
-            concurrency=max(1, storage.s3.max_concurrency),
-            merge=storage.upload_interval > 0,  # batching on: one object per partition
+        return await _until_signal(
+            lambda: drain_spool(
+                spool,
+                store,
+                concurrency=max(1, storage.s3.max_concurrency),
+                merge=storage.upload_interval > 0,  # batching on: one object per partition
+            )
         )
 
     result = trio.run(main)
+    if result is None:
+        print(f"interrupted: the files not uploaded yet stay in the spool {spool.root}")
+        return 130
     print(
         f"uploaded {result.uploaded} files ({result.bytes} bytes), {result.failed} failed, "
         f"{result.remaining} left in the spool"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from cryptoflow.config import load_settings
+from cryptoflow.config import key_location, load_settings
 from cryptoflow.config_schema import Settings
 from cryptoflow.errors import CryptoflowError
 from cryptoflow.exchanges import registry
@@ -23,8 +23,8 @@ from cryptoflow.symbols import listed_on
 def run(config_path: Path, online: bool = False) -> int:
     settings = load_settings(config_path)
     print("\n".join(summary(settings)))
-    if not _check_spool(settings):
-        return 1
+    if not _check_spool(settings, config_path):
+        return 2  # a path of the configuration that cannot be used
     if online:
         try:
             problems = check_online(settings)
@@ -39,14 +39,17 @@ def run(config_path: Path, online: bool = False) -> int:
     return 0
 
 
-def _check_spool(settings: Settings) -> bool:
-    """Spool directory creatable/writable with free space (errors -> stderr, exit 1)."""
+def _check_spool(settings: Settings, config_path: Path) -> bool:
+    """Spool directory creatable/writable with free space (errors -> stderr, exit 2)."""
     from cryptoflow.storage.spool import check_spool_dir
 
     spool = settings.app.storage.spool
     errors, warnings = check_spool_dir(Path(spool.path), spool.max_bytes, create=False)
-    for line in [*warnings, *errors]:
-        print(("error: " if line in errors else "warning: ") + line, file=sys.stderr)
+    where = key_location(config_path, "storage.spool.path")
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    for line in errors:
+        print(f"{where}: {line.removeprefix('storage.spool.path ')}", file=sys.stderr)
     return not errors
 
 
