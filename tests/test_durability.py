@@ -40,7 +40,7 @@ from cryptoflow.cli import app as cli_app
 from cryptoflow.config_schema import BufferSection
 from cryptoflow.models import Dataset
 from cryptoflow.pipeline.rows import RowBatch
-from cryptoflow.pipeline.writer import Writer
+from cryptoflow.pipeline.writer import Writer, WriterStats
 from cryptoflow.storage import layout, parquet
 from cryptoflow.storage import spool as spool_mod
 from cryptoflow.storage.local import LocalStore
@@ -509,16 +509,49 @@ def test_spool_status_and_flush_commands(tmp_path, s3_bucket, monkeypatch):
     assert "0 files" in res.output
 
 
+async def _three_rounds(out: Path, sp: Path, *, upload_interval: float) -> WriterStats:
+    """A writer on a fresh spool: 3 flush rounds x 2 symbols x 5 delta rows (30), then
+    its drain (the start scan and the stop, as `collect` does)."""
+    from test_writer import T0, delta_batch
+
+    spool = Spool(sp, max_bytes=10**9)
+    spool.scan()
+    w = Writer(
+        LocalStore(out),
+        spool,
+        BufferSection(delta_flush_interval=0.2),
+        limiter=trio.CapacityLimiter(2),
+        upload_interval=upload_interval,
+        retry_initial=0.3,
+    )
+    send, recv = trio.open_memory_channel(100)
+    async with trio.open_nursery() as n:
+        n.start_soon(w.run, recv)
+        for r in range(3):
+            for sym in ("BTCUSDT", "ETHUSDT"):
+                await send.send(delta_batch(1 + 5 * r, 5, T0 + 1000 * r, sym))
+            await trio.sleep(0.5)
+        await send.aclose()
+    return w.stats
+
+
+def _restart_and_read(out: Path, sp: Path):
+    """What the next start does (scan, then upload what waits); all stored rows."""
+    import polars as pl
+
+    from cryptoflow.pipeline.writer import drain_spool
+
+    restarted = Spool(sp, max_bytes=10**9)
+    restarted.scan()
+    trio.run(lambda: drain_spool(restarted, LocalStore(out)))
+    return pl.concat([pl.read_parquet(p) for p in out.rglob("*.parquet")])
+
+
 def test_spool_write_whose_dir_fsync_fails_leaves_no_file(tmp_path, monkeypatch) -> None:
     """A journal renamed into place whose directory fsync then fails is reported as not
     written, and the writer spools its rows again in a later journal. The first file
     must not stay behind: the next start's scan would upload it too (rows twice)."""
     import errno
-
-    import polars as pl
-    from test_writer import T0, delta_batch
-
-    from cryptoflow.pipeline.writer import drain_spool
 
     real_fsync_dir = spool_mod.fsync_dir
     failed = []
@@ -533,36 +566,11 @@ def test_spool_write_whose_dir_fsync_fails_leaves_no_file(tmp_path, monkeypatch)
 
     monkeypatch.setattr(spool_mod, "fsync_dir", flaky_fsync_dir)
     out, sp = tmp_path / "out", tmp_path / "spool"
-
-    async def collect() -> None:
-        spool = Spool(sp, max_bytes=10**9)
-        spool.scan()
-        w = Writer(
-            LocalStore(out),
-            spool,
-            BufferSection(delta_flush_interval=0.2),
-            limiter=trio.CapacityLimiter(2),
-            upload_interval=0.0,
-            retry_initial=0.3,
-        )
-        send, recv = trio.open_memory_channel(100)
-        async with trio.open_nursery() as n:
-            n.start_soon(w.run, recv)
-            for r in range(3):  # 3 rounds x 2 symbols x 5 rows
-                for sym in ("BTCUSDT", "ETHUSDT"):
-                    await send.send(delta_batch(1 + 5 * r, 5, T0 + 1000 * r, sym))
-                await trio.sleep(0.5)
-            await send.aclose()
-        assert w.stats.flush_failures >= 1
-
-    trio.run(collect)
-    assert failed
+    stats = trio.run(lambda: _three_rounds(out, sp, upload_interval=0.0))
+    assert failed and stats.flush_failures >= 1
     monkeypatch.setattr(spool_mod, "fsync_dir", real_fsync_dir)
     assert not list(sp.rglob("*.parquet"))  # nothing left behind by the failed write
-    restarted = Spool(sp, max_bytes=10**9)  # what the next start does
-    restarted.scan()
-    trio.run(lambda: drain_spool(restarted, LocalStore(out)))
-    rows = pl.concat([pl.read_parquet(p) for p in out.rglob("*.parquet")])
+    rows = _restart_and_read(out, sp)
     assert rows.height == 30
     assert rows.unique(subset=["symbol", "last_update_id"]).height == 30
 
@@ -576,11 +584,6 @@ def test_merged_source_that_cannot_be_deleted_is_deleted_by_the_next_scan(
     import errno
     import pathlib
 
-    import polars as pl
-    from test_writer import T0, delta_batch
-
-    from cryptoflow.pipeline.writer import drain_spool
-
     real_unlink = pathlib.Path.unlink
     failed = []
 
@@ -591,34 +594,12 @@ def test_merged_source_that_cannot_be_deleted_is_deleted_by_the_next_scan(
         return real_unlink(self, missing_ok=missing_ok)
 
     out, sp = tmp_path / "out", tmp_path / "spool"
-
-    async def collect() -> None:
-        spool = Spool(sp, max_bytes=10**9)
-        spool.scan()
-        w = Writer(
-            LocalStore(out),
-            spool,
-            BufferSection(delta_flush_interval=0.2),
-            limiter=trio.CapacityLimiter(2),
-            upload_interval=60.0,  # one split of several journals at the drain
-        )
-        send, recv = trio.open_memory_channel(100)
-        async with trio.open_nursery() as n:
-            n.start_soon(w.run, recv)
-            for r in range(3):
-                for sym in ("BTCUSDT", "ETHUSDT"):
-                    await send.send(delta_batch(1 + 5 * r, 5, T0 + 1000 * r, sym))
-                await trio.sleep(0.5)
-            await send.aclose()
-
     with monkeypatch.context() as m:
         m.setattr(pathlib.Path, "unlink", flaky_unlink)
-        trio.run(collect)
+        # upload_interval 60: one split of several journals at the drain
+        trio.run(lambda: _three_rounds(out, sp, upload_interval=60.0))
     assert failed and failed[0].exists()  # the undeleted journal is still there
-    restarted = Spool(sp, max_bytes=10**9)
-    restarted.scan()
+    rows = _restart_and_read(out, sp)
     assert not failed[0].exists()
-    trio.run(lambda: drain_spool(restarted, LocalStore(out)))
-    rows = pl.concat([pl.read_parquet(p) for p in out.rglob("*.parquet")])
     assert rows.height == 30
     assert rows.unique(subset=["symbol", "last_update_id"]).height == 30

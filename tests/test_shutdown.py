@@ -5,10 +5,12 @@ Real processes: the simulator runs standalone, the collector is `cryptoflow coll
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -113,72 +115,63 @@ def test_sigterm_flushes_everything_and_exits_within_deadline(tmp_path: Path) ->
     assert not list((tmp_path / "spool").rglob("*.parquet"))
 
 
+@contextlib.contextmanager
+def _hung_s3_env():
+    """The environment of a collector whose S3 endpoint accepts connections (backlog)
+    and never answers: uploads hang."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
+    env.update(
+        S3_BUCKET="b",
+        S3_ENDPOINT_URL=f"http://127.0.0.1:{hung.getsockname()[1]}",
+        AWS_ACCESS_KEY_ID="x",
+        AWS_SECRET_ACCESS_KEY="y",
+        AWS_REGION="us-east-1",
+    )
+    try:
+        yield env
+    finally:
+        hung.close()
+
+
 def test_second_signal_exits_at_once_even_with_a_hung_s3(tmp_path: Path) -> None:
     """The first SIGINT drains (bounded by shutdown_timeout, 30 s here); the second must
     end the process at once, also while uploads hang on an S3 endpoint that accepts
     connections and never answers (the drain used to run on to its deadline)."""
-    import socket
-
-    hung = socket.socket()  # accepts (backlog) and never answers: a hung S3 endpoint
-    hung.bind(("127.0.0.1", 0))
-    hung.listen(64)
-    collector = None
-    try:
-        cfg = make_config(
-            tmp_path / "configs",
-            shards=[{"name": "a", "source_ip": None, "symbols": {"binance": SYMBOLS}}],
-            overrides={
-                "storage.s3.enabled": True,
-                "storage.upload_interval": 0.0,
-                "storage.spool.path": str(tmp_path / "spool"),
-                "cryptoflow.shutdown_timeout": 30.0,
-            },
-        )
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
-        env.update(
-            S3_BUCKET="b",
-            S3_ENDPOINT_URL=f"http://127.0.0.1:{hung.getsockname()[1]}",
-            AWS_ACCESS_KEY_ID="x",
-            AWS_SECRET_ACCESS_KEY="y",
-            AWS_REGION="us-east-1",
-        )
-        collector = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "cryptoflow", "collect", "--exchange", "binance"),
-                *("--config", str(cfg), "--simulate", "--duration", "60"),
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-        )
+    cfg = make_config(
+        tmp_path / "configs",
+        shards=[{"name": "a", "source_ip": None, "symbols": {"binance": SYMBOLS}}],
+        overrides={
+            "storage.s3.enabled": True,
+            "storage.upload_interval": 0.0,
+            "storage.spool.path": str(tmp_path / "spool"),
+            "cryptoflow.shutdown_timeout": 30.0,
+        },
+    )
+    args = [sys.executable, "-m", "cryptoflow", "collect", "--exchange", "binance"]
+    args += ["--config", str(cfg), "--simulate", "--duration", "60"]
+    with _hung_s3_env() as env, _killed_at_end(args, env, tmp_path) as collector:
         deadline = time.monotonic() + 40
-        spool = tmp_path / "spool"
-        while time.monotonic() < deadline and not list(spool.rglob("*.parquet")):
-            assert collector.poll() is None, collector.stderr.read()
+        while time.monotonic() < deadline and not list(tmp_path.glob("spool/**/*.parquet")):
+            assert collector.poll() is None, collector.stdout.read()
             time.sleep(0.25)
         collector.send_signal(signal.SIGINT)  # drain: uploads hang
         time.sleep(1.0)
         assert collector.poll() is None  # still draining
         sent = time.monotonic()
         collector.send_signal(signal.SIGINT)
-        _, err = collector.communicate(timeout=25)
+        out, _ = collector.communicate(timeout=25)
         took = time.monotonic() - sent
-    finally:
-        hung.close()
-        if collector is not None and collector.poll() is None:
-            collector.kill()
-            collector.wait()
-    assert collector.returncode == 130, err
-    assert "second SIGINT: exiting now" in err
+    assert collector.returncode == 130, out
+    assert "second SIGINT: exiting now" in out
     assert took < 8.0, f"took {took:.1f}s after the second signal"  # was ~29 s
 
 
 def test_ctrl_c_stops_spool_flush_against_a_hung_s3(tmp_path: Path) -> None:
     """`cryptoflow spool flush` ignored Ctrl-C while uploads hung (only SIGTERM ended it);
     now it stops within a few seconds and the file stays in the spool."""
-    import socket
-
     from cryptoflow.storage import parquet
     from cryptoflow.storage.spool import Spool
 
@@ -187,42 +180,32 @@ def test_ctrl_c_stops_spool_flush_against_a_hung_s3(tmp_path: Path) -> None:
     key = "deltas/exchange=binance/market=futures/symbol=BTCUSDT/year=2025/month=03/"
     key += "day=04/hour=10/BTCUSDT-1-1-1741082400000-1741082400000.parquet"
     spool.write(key, parquet.encode(frame), rows=1)
-    hung = socket.socket()
-    hung.bind(("127.0.0.1", 0))
-    hung.listen(64)
-    proc = None
-    try:
-        cfg = make_config(
-            tmp_path / "configs",
-            overrides={"storage.s3.enabled": True, "storage.spool.path": str(tmp_path / "spool")},
-        )
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
-        env.update(
-            S3_BUCKET="b",
-            S3_ENDPOINT_URL=f"http://127.0.0.1:{hung.getsockname()[1]}",
-            AWS_ACCESS_KEY_ID="x",
-            AWS_SECRET_ACCESS_KEY="y",
-            AWS_REGION="us-east-1",
-        )
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cryptoflow", "spool", "flush", "--config", str(cfg)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-        )
+    cfg = make_config(
+        tmp_path / "configs",
+        overrides={"storage.s3.enabled": True, "storage.spool.path": str(tmp_path / "spool")},
+    )
+    args = [sys.executable, "-m", "cryptoflow", "spool", "flush", "--config", str(cfg)]
+    with _hung_s3_env() as env, _killed_at_end(args, env, tmp_path) as proc:
         time.sleep(3.0)  # scanning done, the upload hangs
         assert proc.poll() is None
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=20)
         took = time.monotonic() - sent
-    finally:
-        hung.close()
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 130, out
     assert took < 8.0, f"took {took:.1f}s"
     assert list((tmp_path / "spool").rglob("*.parquet")), "the file must stay in the spool"
+
+
+@contextlib.contextmanager
+def _killed_at_end(args: list[str], env: dict[str, str], cwd: Path):
+    """A child process (stdout and stderr together, text) that is killed if still alive."""
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
