@@ -27,6 +27,18 @@ def test_auto_is_json_lines_when_not_a_terminal(monkeypatch):
     assert doc["msg"] == "uploading with key ***"
 
 
+def test_secrets_are_redacted_in_tracebacks_too(monkeypatch):
+    for fmt, tty in (("json", False), ("console", True)):
+        buf = _capture(monkeypatch, tty=tty, fmt=fmt, secrets=["SEKRETmarkerXYZ987"])
+        try:
+            raise RuntimeError("signature mismatch for SEKRETmarkerXYZ987")
+        except RuntimeError:
+            logging.getLogger("cryptoflow.test").exception("upload failed")
+        out = buf.getvalue()
+        assert "SEKRETmarkerXYZ987" not in out, fmt
+        assert "RuntimeError: signature mismatch for ***" in out, fmt
+
+
 def test_auto_is_readable_on_a_terminal(monkeypatch):
     buf = _capture(monkeypatch, tty=True, fmt="auto")
     logging.getLogger("cryptoflow.test").warning("binance/BTCUSDT: gap")

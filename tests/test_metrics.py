@@ -247,6 +247,12 @@ def test_check_health_with_receive_times_and_spool(tmp_path: Path):
     assert [r["reason"] for r in check_health(result, spool=spool, freshness=fresh)] == [
         "writer_backpressure"
     ]
+    # the spool refuses before it passes its limit: the writer's state says it is full
+    result.writer.backpressure = False
+    result.writer.spool_refusing = True
+    assert [r["reason"] for r in check_health(result, spool=spool, freshness=fresh)] == [
+        "spool_full"
+    ]
 
 
 async def test_http_metrics_and_healthz(mock_clock, tmp_path: Path):

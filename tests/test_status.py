@@ -75,3 +75,18 @@ async def test_live_status_draws_on_a_terminal():
     with trio.move_on_after(0.25):
         await run_live_status(lambda: result, console=console, interval=0.05)
     assert "BTCUSDT" in out.getvalue() and "spool" in out.getvalue()
+
+
+async def test_live_status_leaves_the_final_counts_on_the_screen():
+    """The table is redrawn once more when cancelled (after the writer's drain): the
+    last one on screen used to show the spool and uploads of a second before the stop."""
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=120, color_system=None)
+    result, _send = make_result()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: run_live_status(lambda: result, console=console, interval=60))
+        await trio.sleep(0.1)  # drawn once; the next redraw would be in a minute
+        result.writer.files_uploaded = 424242  # the drain uploads after the last redraw
+        assert "424242" not in out.getvalue()
+        nursery.cancel_scope.cancel()
+    assert "424242" in out.getvalue()

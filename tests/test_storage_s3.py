@@ -46,7 +46,7 @@ async def test_missing_bucket_is_rejected_without_retries(s3_server, s3_bucket, 
         await store.put_file(KEY, src)
 
 
-async def test_connection_refused_is_unavailable_after_bounded_retries(tmp_path):
+async def test_connection_refused_is_unavailable_after_bounded_retries(tmp_path, caplog):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -69,6 +69,11 @@ async def test_connection_refused_is_unavailable_after_bounded_retries(tmp_path)
     with stamina.set_testing(True, attempts=3), pytest.raises(StorageUnavailable):
         await store.put_file(KEY, src)  # set_testing: no real sleeping
     assert len(calls) == 3
+    # every failed attempt says which object and why (stamina's own line said neither)
+    tries = [r.getMessage() for r in caplog.records if r.name == "cryptoflow.storage.s3"]
+    assert len(tries) == 3 and all(f"s3 upload of {KEY}: attempt" in t for t in tries)
+    assert "attempt 1 of 3 failed (" in tries[0]
+    assert not [r for r in caplog.records if r.name == "stamina"]
 
 
 async def test_factory_picks_backend(s3_bucket, tmp_path):

@@ -147,6 +147,7 @@ async def test_backpressure_slow_store_bounded_memory(tmp_path, clock, frame_bui
     send, recv = trio.open_memory_channel(4)
     cap = 400
     depth: list[int] = []
+    refusing: list[bool] = []
     async with trio.open_nursery() as nursery:
         writer = await nursery.start(
             lambda task_status: run_writer(
@@ -172,10 +173,13 @@ async def test_backpressure_slow_store_bounded_memory(tmp_path, clock, frame_bui
                 await send.send(delta_batch(1 + 50 * i, 50, T0 + i))
                 sent += 50
             depth.append(send.statistics().current_buffer_used)
+            refusing.append(writer.stats.spool_refusing)
         await send.aclose()
     assert max(depth) <= 4
     assert writer.stats.max_buffered_rows_seen <= cap + 50
     assert writer.stats.spool_full_events > 0  # the small spool did refuse data
+    # /healthz's `spool_full` state: on while refused, off once flushes go through again
+    assert any(refusing) and not writer.stats.spool_refusing
     df = stored(out)
     assert df.height == sent == 3000
     assert df["last_update_id"].n_unique() == 3000

@@ -11,8 +11,11 @@ when any of:
   the `snapshots` lane only where a REST poller runs for the symbol, since without one
   snapshots come only on resync);
 - `spool_over_limit`: the spool holds more than its `max_bytes`;
-- `writer_backpressure`: the writer has paused its input because the spool refuses new
-  files (the spool is full in practice: it refuses writes *before* passing its limit).
+- `spool_full`: the spool refused the writer's last flush as full (it refuses writes
+  *before* passing its limit, so `spool_over_limit` alone never fires for that): rows
+  pile up in memory until uploads free room;
+- `writer_backpressure`: the writer has paused its input (its memory cap is reached,
+  with the spool refusing new files).
 """
 
 from __future__ import annotations
@@ -65,6 +68,14 @@ def check_health(
         if limit is not None and used > limit:
             reasons.append({"reason": "spool_over_limit", "bytes": used, "max_bytes": int(limit)})
     writer = getattr(result, "writer", None) if result is not None else None
+    if writer is not None and getattr(writer, "spool_refusing", False):
+        reasons.append(
+            {
+                "reason": "spool_full",
+                "spool_bytes": int(getattr(writer, "spool_bytes", 0)),
+                "buffered_rows": int(getattr(writer, "buffered_rows", 0)),
+            }
+        )
     if writer is not None and getattr(writer, "backpressure", False):
         reasons.append(
             {

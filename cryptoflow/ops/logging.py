@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import traceback
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,11 +24,16 @@ class RedactSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:
-            msg = record.getMessage()
-            for secret in self.secrets:
-                msg = msg.replace(secret, "***")
-            record.msg, record.args = msg, None
+            record.msg, record.args = self._redact(record.getMessage()), None
+            if record.exc_info:  # the traceback is text too: format it here, redacted
+                text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+                record.exc_text, record.exc_info = self._redact(text), None
         return True
+
+    def _redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
 
 
 class JsonFormatter(logging.Formatter):
@@ -41,6 +47,8 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # formatted (and redacted) by RedactSecrets
+            doc["exc"] = record.exc_text
         return orjson.dumps(doc).decode()
 
 

@@ -435,7 +435,11 @@ class RunCollector(Collector):
                 ("bytes_spooled", "Bytes written to the spool"),
                 ("files_uploaded", "Files uploaded and verified"),
                 ("bytes_uploaded", "Bytes uploaded and verified"),
-                ("upload_failures", "Failed upload attempts (retried)"),
+                (
+                    "upload_failures",
+                    "Uploads that failed after the store's own retries (each failed S3 "
+                    "attempt is a WARNING log line)",
+                ),
                 (
                     "snapshot_bodies_rejected",
                     "Poll snapshot bodies left out at the flush (malformed; logged)",

@@ -194,10 +194,16 @@ async def run_live_status(
         redirect_stdout=False,
         redirect_stderr=False,
     ) as live:
-        while True:
-            result = result_getter()
-            now = time.monotonic()
-            table = render_table(result, previous, now - last, freshness=freshness)
-            live.update(table, refresh=True)
-            previous, last = take_snapshot(result), now
-            await trio.sleep(interval)
+        try:
+            while True:
+                result = result_getter()
+                now = time.monotonic()
+                table = render_table(result, previous, now - last, freshness=freshness)
+                live.update(table, refresh=True)
+                previous, last = take_snapshot(result), now
+                await trio.sleep(interval)
+        finally:
+            # cancelled once the writer has stopped: the table left on the screen shows
+            # the final counts (uploads of the drain, an empty spool), not those of a
+            # second before the stop; rates are not shown for it
+            live.update(render_table(result_getter(), None, 0.0, freshness=freshness), refresh=True)

@@ -66,6 +66,7 @@ class RawBuffer:
     nbytes: int = 0
     retry_at: float = float("-inf")
     failures: int = 0
+    refused_full: bool = False  # its last flush was refused by a full spool
 
 
 @attrs.define

@@ -144,6 +144,9 @@ class WriterStats:
     spool_files: int = 0
     spool_bytes: int = 0
     backpressure: bool = False  # True while the writer refuses to read its input
+    #: rows are held because the spool refused them as full: they pile up in memory
+    #: until uploads free room (/healthz says `spool_full`)
+    spool_refusing: bool = False
 
 
 #: rows kept as Python lists before a buffer compacts them into a typed polars frame:
@@ -172,6 +175,7 @@ class _Buffer:
     counted_bytes: int = 0  # what the writer's memory gauge holds for this buffer
     retry_at: float = float("-inf")
     failures: int = 0
+    refused_full: bool = False  # its last flush was refused by a full spool
 
     def compact(self, builder: FrameBuilder) -> None:
         if self.list_rows:
@@ -580,8 +584,10 @@ class Writer:
         delay = self.backoff.delay(buf.failures)
         buf.retry_at = trio.current_time() + delay
         self.stats.flush_failures += 1
-        if isinstance(exc, SpoolFull):
+        buf.refused_full = isinstance(exc, SpoolFull)
+        if buf.refused_full:
             self.stats.spool_full_events += 1
+            self.stats.spool_refusing = True
         return delay
 
     def _flushed(self, buf: _Buffer, result: FlushResult, counted: set[str]) -> bool:
@@ -677,6 +683,8 @@ class Writer:
         counted: set[str] = set()  # a journal holds many buffers: count its file once
         for buf, result in zip(due, results, strict=True):
             self._flushed(buf, result, counted)
+        # rows held because the spool refused them as full (not for a disk error)
+        self.stats.spool_refusing = any(b.refused_full for b in self._rotated)
         for since, counts in delays.items():
             s = self.stats
             hist = s.spool_delay if since == "event" else s.spool_delay_from_receive

@@ -10,7 +10,9 @@
 - Retries: stamina, capped exponential back-off with jitter, StorageUnavailable only,
   `attempts` configurable. botocore's own retries are disabled. Tests can make waits
   zero with `stamina.set_testing(True)` or pass `wait_initial=0, wait_jitter=0`; under a
-  Trio MockClock the waits are virtual anyway.
+  Trio MockClock the waits are virtual anyway. Each failed attempt is logged here with
+  the key and the error; stamina's own hooks are turned off (`quiet_stamina`, when an
+  S3Store is made): its WARNING `stamina.retry_scheduled` named neither.
 - Blocking boto3 calls run in `trio.to_thread.run_sync` behind the CapacityLimiter, and
   are abandoned on cancellation (shutdown deadline) rather than waited for.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,14 @@ from cryptoflow.errors import (
     UploadVerificationFailed,
 )
 from cryptoflow.storage.layout import join_key
+
+log = logging.getLogger(__name__)
+
+
+def quiet_stamina() -> None:
+    """No retry hooks: `S3Store.put_file` logs each failed attempt with its details."""
+    stamina.instrumentation.set_on_retry_hooks([])
+
 
 _UNAVAILABLE_CODES = frozenset(
     {
@@ -143,6 +154,7 @@ class S3Store:
         self.prefix = prefix.strip("/")
         self._limiter = limiter or trio.CapacityLimiter(4)
         self.attempts = max(1, attempts)
+        quiet_stamina()
         self.wait_initial = wait_initial
         self.wait_max = wait_max
         self.wait_jitter = wait_jitter
@@ -199,10 +211,22 @@ class S3Store:
                 # abandon_on_cancel: a shutdown deadline must not wait for a hung socket
                 # (up to read_timeout). An abandoned put is harmless: the spool file stays,
                 # and the next attempt overwrites the same content-named key.
-                await trio.to_thread.run_sync(
-                    self._put_blocking,
-                    key,
-                    Path(path),
-                    limiter=self._limiter,
-                    abandon_on_cancel=True,
-                )
+                try:
+                    await trio.to_thread.run_sync(
+                        self._put_blocking,
+                        key,
+                        Path(path),
+                        limiter=self._limiter,
+                        abandon_on_cancel=True,
+                    )
+                except StorageUnavailable as exc:
+                    # each failed attempt, with what and why (stamina's own retry log
+                    # line names neither: its hooks are off, see module docstring)
+                    log.warning(
+                        "s3 upload of %s: attempt %d of %d failed (%s)",
+                        key,
+                        attempt.num,
+                        self.attempts,
+                        exc,
+                    )
+                    raise

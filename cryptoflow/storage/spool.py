@@ -450,7 +450,8 @@ class Spool:
                 self.refusals += 1
             log.error(
                 "SPOOL FULL: %s holds %d bytes in %d files, limit %d; refusing %d new bytes "
-                "(data kept in memory, input back-pressured; nothing dropped)",
+                "(data kept in memory, input paused at the writer's memory cap; nothing "
+                "dropped)",
                 self.root,
                 used,
                 self.files,
