@@ -386,3 +386,15 @@ def test_duration_must_be_a_finite_positive_number(tmp_path: Path) -> None:
         res = _cli("collect", "-c", str(cfg), "-e", "binance", "--simulate", "--duration", bad)
         assert res.exit_code == 2, (bad, res.output)
         assert "must be a positive number of seconds" in res.output
+
+
+def test_data_tools_refuse_an_unknown_exchange_as_a_usage_error(tmp_path: Path) -> None:
+    """book said 'no snapshots for kraken/...' (exit 1) where collect says 'unknown'."""
+    for args in (
+        ("book", str(tmp_path), "-e", "kraken", "-s", "BTCUSDT", "--at", "1"),
+        ("inspect", str(tmp_path), "--exchange", "kraken"),
+        ("verify", str(tmp_path), "--exchange", "kraken"),
+    ):
+        res = _cli(*args)
+        assert res.exit_code == 2, (args, res.output)
+        assert "--exchange 'kraken': unknown exchange; expected one of binance" in res.output

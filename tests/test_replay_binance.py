@@ -17,7 +17,7 @@ import polars as pl
 import pytest
 from paths import RECORDED
 
-from cryptoflow.errors import UsageError
+from cryptoflow.errors import DataError, UsageError
 from cryptoflow.exchanges.binance.rules import RULES
 from cryptoflow.pipeline.normalize import Normalizer
 from cryptoflow.tools.recording import iter_records
@@ -227,3 +227,6 @@ def test_usage_errors(tmp_path):
         run("binance", tmp_path / "nope.jsonl", tmp_path / "out")
     with pytest.raises(UsageError, match="unknown exchange"):
         run("nasdaq", SUSHI, tmp_path / "out")
+    # a Binance recording replayed as OKX: nothing readable is no replay (was exit 0)
+    with pytest.raises(DataError, match="none of its 446 records could be read as okx"):
+        run("okx", SUSHI, tmp_path / "out")

@@ -166,3 +166,11 @@ def get_venue(name: str) -> Venue:
         raise UsageError(
             f"exchange {name!r} is not supported yet; available: {', '.join(available())}"
         ) from None
+
+
+def check_exchange(name: str | None, option: str = "--exchange") -> None:
+    """A usage error (exit 2) for a venue name the project does not know (None: no filter)."""
+    if name is not None and name not in _FACTORIES:
+        raise UsageError(
+            f"{option} {name!r}: unknown exchange; expected one of {', '.join(available())}"
+        )

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cryptoflow.errors import DataError, UsageError
+from cryptoflow.exchanges import registry
 from cryptoflow.models import Dataset
 from cryptoflow.tools.datasets import (
     FileInfo,
@@ -248,6 +249,7 @@ def run(
     `output` ending in .parquet or .csv gets the top `depth` levels of both sides as rows
     (exchange, market, symbol, at, last_update_id, side, level, price, quantity).
     """
+    registry.check_exchange(exchange)
     if depth < 1:
         raise UsageError("--depth must be at least 1")
     if output is not None and output.suffix.lower() not in (".parquet", ".csv"):

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cryptoflow.errors import DataError
+from cryptoflow.exchanges import registry
 from cryptoflow.models import Dataset
 from cryptoflow.tools.datasets import (
     FILE_COL,
@@ -92,6 +93,7 @@ def run(
     console: Console | None = None,
 ) -> int:
     """Print the coverage report for `path` (see the module doc for exit codes)."""
+    registry.check_exchange(exchange)
     start_ms = parse_time(start) if start is not None else None
     end_ms = parse_time(end) if end is not None else None
     with open_root(path) as root:

@@ -294,11 +294,18 @@ def replay_summary(
 
 
 def run(exchange: str, input_path: Path, output: Path) -> int:
-    """CLI entry: replay, print the one summary line, return the exit code (0)."""
+    """CLI entry: replay, print the one summary line, return the exit code: 0, or 1
+    when the file had records and not one of them could be read (the wrong --exchange
+    for the recording, or not a recording at all): that is no replay."""
     summary = replay_summary(exchange, input_path, output)
     if summary.bad_records:
         log.warning("%d bad records skipped", summary.bad_records)
     print(summary.line())
+    if summary.messages and summary.bad_records == summary.messages:
+        raise DataError(
+            f"{input_path}: none of its {summary.messages} records could be read as {exchange} "
+            "messages (is --exchange right for this recording?)"
+        )
     return 0
 
 

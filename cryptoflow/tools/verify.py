@@ -23,6 +23,7 @@ import polars as pl
 from rich.console import Console
 from rich.table import Table
 
+from cryptoflow.exchanges import registry
 from cryptoflow.models import Dataset
 from cryptoflow.tools.datasets import (
     FILE_COL,
@@ -246,6 +247,7 @@ def run(
     Raises DataError when `path` is missing or holds no deltas or snapshots at all
     (nothing verified must not look like "clean").
     """
+    registry.check_exchange(exchange)
     with open_root(path) as root:
         return _verify(root, path, exchange, symbol, market, console or report_console())
 
