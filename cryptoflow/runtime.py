@@ -30,20 +30,18 @@ import functools
 import gc
 import logging
 import math
-import os
 import random
 import signal
 import sys
-import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 import trio
 
 from cryptoflow.config_schema import EXCHANGES, Settings, Shard, VenueSource
-from cryptoflow.errors import ConfigError, CryptoflowError, UsageError, single_error_unwrapped
+from cryptoflow.errors import ConfigError, CryptoflowError, UsageError
 from cryptoflow.exchanges import registry
 from cryptoflow.exchanges.limits import VENUE_LIMITS, snapshot_cost
 from cryptoflow.models import DepthSnapshot, SnapshotBody, SnapshotSource
@@ -56,12 +54,11 @@ from cryptoflow.pipeline.raw import RawCapture, install_rest_hook
 from cryptoflow.pipeline.resync import ResyncQueue, ResyncRouter, run_resync_fetcher
 from cryptoflow.pipeline.rows import RowBatch
 from cryptoflow.pipeline.stream import StreamStats, can_resubscribe, run_stream
-from cryptoflow.pipeline.supervise import backoff_delay, supervised
+from cryptoflow.pipeline.supervise import backoff_delay, exit_after, supervised, unless_stopped
 from cryptoflow.pipeline.writer import WriterStats, run_writer
 from cryptoflow.storage.spool import Spool
 
 log = logging.getLogger("cryptoflow.runtime")
-T = TypeVar("T")
 
 #: at most this many queued raw items are normalized in one `feed_many` call
 NORMALIZE_BATCH = 1024
@@ -192,11 +189,7 @@ async def _watch_signals(stop: StopControl, root: trio.CancelScope) -> None:
                 stop.forced = True
                 stop.force_requested.set()
                 root.cancel()
-                # a worker thread blocked in a call (an S3 request to a hung endpoint)
-                # cannot be cancelled: past this grace the process ends regardless
-                watchdog = threading.Timer(FORCE_GRACE_S, os._exit, args=(130,))
-                watchdog.daemon = True
-                watchdog.start()
+                exit_after(FORCE_GRACE_S)  # a thread stuck in a call must not hold it
                 return
 
 
@@ -422,23 +415,6 @@ async def _fetch_resync(fetch: Fetch, sym: str) -> DepthSnapshot:
     return await fetch(sym, SnapshotSource.RESYNC)
 
 
-async def _unless_stopped(stopping: trio.Event, fn: Callable[[], Awaitable[T]]) -> T | None:
-    """`fn()`, or None as soon as `stopping` is set (then `fn` is cancelled). An error of
-    `fn` comes out as itself, not wrapped in the nursery's ExceptionGroup."""
-    result: list[T] = []
-    with single_error_unwrapped():
-        async with trio.open_nursery() as nursery:
-
-            async def watch() -> None:
-                await stopping.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(watch)
-            result.append(await fn())
-            nursery.cancel_scope.cancel()
-    return result[0] if result else None
-
-
 async def _check_instruments(
     rest: registry.VenueRestClient,
     plan: ShardPlan,
@@ -460,7 +436,7 @@ async def _check_instruments(
     while True:
         try:
             # raced with the stop: a ban can hold the budget for minutes
-            instruments = await _unless_stopped(stopping, rest.fetch_instruments)
+            instruments = await unless_stopped(stopping, rest.fetch_instruments)
             if instruments is None:
                 return ()
             break

@@ -1,14 +1,21 @@
-"""Restart a crashed per-symbol task with back-off instead of taking the process down."""
+"""Task helpers: restart a crashed per-symbol task with back-off instead of taking the
+process down; run a call unless a stop comes first; end the process when a stop cannot."""
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import threading
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import trio
 
+from cryptoflow.errors import single_error_unwrapped
+
 log = logging.getLogger("cryptoflow.supervise")
+T = TypeVar("T")
 
 
 def backoff_delay(attempt: int, *, initial: float, maximum: float, rng: random.Random) -> float:
@@ -44,3 +51,28 @@ async def supervised(
             delay = backoff_delay(attempt, initial=initial, maximum=maximum, rng=rng)
             log.exception("%s crashed (attempt %d); restarting in %.1fs", name, attempt, delay)
             await trio.sleep(delay)
+
+
+async def unless_stopped(stopping: trio.Event, fn: Callable[[], Awaitable[T]]) -> T | None:
+    """`fn()`, or None as soon as `stopping` is set (then `fn` is cancelled). An error of
+    `fn` comes out as itself, not wrapped in the nursery's ExceptionGroup."""
+    result: list[T] = []
+    with single_error_unwrapped():
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                await stopping.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            result.append(await fn())
+            nursery.cancel_scope.cancel()
+    return result[0] if result else None
+
+
+def exit_after(seconds: float, code: int = 130) -> None:
+    """End the process in `seconds` whatever runs then: a worker thread blocked in a call
+    (an S3 request to a hung endpoint) cannot be cancelled, and a forced stop must end."""
+    timer = threading.Timer(seconds, os._exit, args=(code,))
+    timer.daemon = True
+    timer.start()

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
-import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
 import trio
 
-from cryptoflow.errors import single_error_unwrapped
+from cryptoflow.pipeline.supervise import exit_after, unless_stopped
 
 T = TypeVar("T")
 
@@ -25,27 +23,21 @@ INTERRUPT_GRACE_S = 3.0
 
 async def _until_signal(fn: Callable[[], Awaitable[T]]) -> T | None:
     """`fn()`, or None once SIGINT/SIGTERM arrives (then it is cancelled)."""
-    result: list[T] = []
-    with (
-        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
-        single_error_unwrapped(),
-    ):
-        async with trio.open_nursery() as nursery:
+    stopping = trio.Event()
 
-            async def watch() -> None:
-                async for signum in signals:
-                    name = signal.Signals(signum).name
-                    print(f"{name}: stopping the flush", file=sys.stderr)
-                    nursery.cancel_scope.cancel()
-                    timer = threading.Timer(INTERRUPT_GRACE_S, os._exit, args=(130,))
-                    timer.daemon = True
-                    timer.start()
-                    return
+    async def watch() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                print(f"{signal.Signals(signum).name}: stopping the flush", file=sys.stderr)
+                stopping.set()
+                exit_after(INTERRUPT_GRACE_S)
+                return
 
-            nursery.start_soon(watch)
-            result.append(await fn())
-            nursery.cancel_scope.cancel()
-    return result[0] if result else None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        result = await unless_stopped(stopping, fn)
+        nursery.cancel_scope.cancel()
+    return result
 
 
 def _load(config_path: Path):
