@@ -587,7 +587,6 @@ class Writer:
         buf.refused_full = isinstance(exc, SpoolFull)
         if buf.refused_full:
             self.stats.spool_full_events += 1
-            self.stats.spool_refusing = True
         return delay
 
     def _flushed(self, buf: _Buffer, result: FlushResult, counted: set[str]) -> bool:
