@@ -18,6 +18,7 @@ from rich.table import Table
 from cryptoflow.config import load_settings
 from cryptoflow.config_schema import EXCHANGES, Settings
 from cryptoflow.errors import UsageError
+from cryptoflow.exchanges import registry
 from cryptoflow.exchanges.limits import VENUE_LIMITS, snapshot_cost
 
 #: REST snapshots the delta lane needs to (re)sync a book on venues whose stream starts
@@ -97,8 +98,7 @@ def _venue_budget(
 
 def run(config_path: Path, exchange: str | None = None, fmt: str = "table") -> int:
     """Print the budget table; 1 if any shard is over its venue's limit."""
-    if exchange is not None and exchange not in EXCHANGES:
-        raise UsageError(f"unknown exchange {exchange!r}, expected one of {', '.join(EXCHANGES)}")
+    registry.check_exchange(exchange)
     if fmt not in ("table", "k8s", "compose"):
         raise UsageError(f"unknown format {fmt!r}, expected table, k8s or compose")
     settings = load_settings(config_path)
