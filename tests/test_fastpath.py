@@ -481,6 +481,8 @@ def _expected_diff_rows(frames: list[bytes]) -> pl.DataFrame:
         d = d.get("data", d)
         for side, key in (("bid", "b"), ("ask", "a")):
             rows += [(i, d["E"], d["T"], d["U"], d["u"], d["pu"], side, p, q) for p, q in d[key]]
+        if not d["b"] and not d["a"] and d["pu"] != d["u"]:  # the marker of a no-level diff
+            rows.append((i, d["E"], d["T"], d["U"], d["u"], d["pu"], None, None, None))
     schema = {
         "_i": pl.UInt32,
         "timestamp": pl.Int64,
@@ -587,6 +589,16 @@ def test_batches_with_empty_sides_keep_the_row_order():
     none = batch.read_snapshot_bodies([_snapshot_raw(b"[]", b"[]")], [1], "poll")
     assert none is not None and none.rows.height == 0
     _assert_frame(none.rows, _expected_snapshot_rows([_snapshot_raw(b"[]", b"[]")], [1], "poll"))
+
+
+def test_a_frame_without_levels_is_a_marker_row_unless_a_heartbeat():
+    """As the simple path: a frame with no level whose ids move on (pu 9 -> u 12) is one
+    row with side, price and quantity null; one that repeats its id (pu == u) is none."""
+    frames = [_diff_raw(b"[]", b"[]", u=9), _diff_raw(b"[]", b"[]", u=12)]
+    got = batch.read_diff_frames(frames)
+    assert got is not None
+    _assert_frame(got.rows, _expected_diff_rows(frames))
+    assert got.rows.select("_i", "last_update_id", "side").rows() == [(1, 12, None)]
 
 
 def test_recorded_levels_are_read_exactly():

@@ -171,3 +171,55 @@ def test_one_change_diffs_give_the_same_rows_as_the_general_path(side):
     assert cols_one == {name: values[:1] for name, values in cols_two.items()}
     assert cols_one["side"] == [side] and cols_one["price"] == ["100.5"]
     assert cols_one["raw_quantity"] == ["2"] and cols_one["prev_update_id"] == [4]
+
+
+def test_a_diff_without_levels_is_one_marker_row_unless_it_repeats_its_id():
+    """KuCoin's price-0 change and an empty OKX update move the id chain on: one row with
+    side, price and quantity null keeps the stored chain whole (`verify` and `book` check
+    it on the stored rows alone); an OKX heartbeat (seqId == prevSeqId) moves nothing."""
+    from cryptoflow.exchanges.kucoin import parse as kucoin_parse
+    from cryptoflow.exchanges.kucoin.rules import RULES as KUCOIN
+    from cryptoflow.exchanges.okx import parse as okx_parse
+    from cryptoflow.exchanges.okx.rules import RULES as OKX
+
+    def kucoin(seq: int, change: str) -> DepthDiff:
+        raw = (
+            '{"type":"message","topic":"/contractMarket/level2:XBTUSDTM","subject":"level2",'
+            f'"data":{{"sequence":{seq},"change":"{change}","timestamp":1551770400000}}}}'
+        )
+        (d,) = kucoin_parse.parse_ws_message(raw, seq * 1000, {"XBTUSDTM": "BTCUSDT"})
+        return d
+
+    n = Normalizer({"kucoin": KUCOIN})
+    n.set_multiplier("kucoin", "BTCUSDT", "0.001")
+    out = n.feed_many(
+        [kucoin(17, "5000.0,sell,83"), kucoin(18, "0,sell,0"), kucoin(19, "4999,buy,2")]
+    )
+    (batch,) = out.batches
+    frame = frame_from_batch(batch)
+    assert frame.schema == SCHEMAS[Dataset.DELTAS]
+    assert frame["last_update_id"].to_list() == [17, 18, 19]
+    assert frame["prev_update_id"].to_list() == [16, 17, 18]
+    assert frame["side"].to_list() == ["ask", None, "bid"]
+    assert frame["price"].to_list() == [5000.0, None, 4999.0]
+    assert frame["quantity"].to_list() == [0.083, None, 0.002]
+    assert frame["raw_quantity"].to_list() == [83.0, None, 2.0]
+    assert out.counters["delta_rows"] == 3 and out.gaps == []
+
+    def okx(prev: int, seq: int) -> bytes:
+        return (
+            b'{"arg": {"channel": "books", "instId": "BTC-USDT-SWAP"}, "action": "update",'
+            b' "data": [{"asks": [], "bids": [], "ts": "1597026383185", "checksum": 0,'
+            b' "prevSeqId": %d, "seqId": %d}]}' % (prev, seq)
+        )
+
+    n = Normalizer({"okx": OKX})
+    items = [
+        d
+        for raw in (okx(10, 12), okx(12, 12), okx(12, 15))
+        for d in okx_parse.parse_ws_message(raw, 1)
+    ]
+    out = n.feed_many(items)
+    (batch,) = out.batches
+    assert batch.columns["last_update_id"] == [12, 15]  # the heartbeat at 12 left no row
+    assert batch.columns["side"] == [None, None] and out.gaps == []

@@ -74,7 +74,8 @@ def okx_crc(bids: dict, asks: dict) -> int:
 
 def okx_expect(lines: list[str]) -> dict:
     """OKX legacy (no seqId): the checksum is the only check; after the first mismatch the
-    book is broken until the next snapshot (a resync)."""
+    book is broken until the next snapshot (a resync). An update without levels is one
+    marker row (the legacy ids move on with every frame, so it is never a heartbeat)."""
     out = dict(messages=0, rows=0, gaps=0, resyncs=0, snapshot_rows=0)
     bids: dict = {}
     asks: dict = {}
@@ -92,7 +93,7 @@ def okx_expect(lines: list[str]) -> dict:
                     out["resyncs"] += 1
                 broken = False
             else:
-                out["rows"] += n
+                out["rows"] += n or 1
                 for side, levels in ((bids, d["bids"]), (asks, d["asks"])):
                     for p, q, *_ in levels:
                         if Decimal(q):
@@ -233,11 +234,11 @@ def kucoin_lines() -> list[str]:
 def test_kucoin_example_payloads(tmp_path):
     lines = kucoin_lines()
     path = write(tmp_path, "kc.jsonl", lines)
-    # 5 diffs (102 changes no level: 0 rows), 4 snapshot levels, no break
+    # 5 diffs (102 changes no level: its marker row), 4 snapshot levels, no break
     assert summary_dict("kucoin", path) == dict(
-        messages=6, rows=4, gaps=0, resyncs=0, snapshot_rows=4
+        messages=6, rows=5, gaps=0, resyncs=0, snapshot_rows=4
     )
     cut = [ln for ln in lines if '"sequence": 101' not in ln]
     assert summary_dict("kucoin", write(tmp_path, "kc_cut.jsonl", cut)) == dict(
-        messages=5, rows=3, gaps=1, resyncs=0, snapshot_rows=4
+        messages=5, rows=4, gaps=1, resyncs=0, snapshot_rows=4
     )

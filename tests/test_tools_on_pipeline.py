@@ -103,3 +103,62 @@ async def test_tools_agree_with_what_collect_wrote(tmp_path):
         assert len(list(hour_dir.glob("*.parquet"))) == 1, hour_dir
     c = _console()
     assert verify.run(str(out), console=c) == 0, c.export_text()
+
+
+def test_a_message_without_levels_keeps_the_stored_chain_whole(tmp_path):
+    """KuCoin's price-0 change moves the sequence on but changes no level. Stored as a
+    marker row (side null), `verify` sees an unbroken chain; stored as nothing (before),
+    it reported a continuity break 17 -> 19 where nothing was lost."""
+    from cryptoflow.exchanges.kucoin import parse as kucoin_parse
+    from cryptoflow.exchanges.kucoin.rules import RULES
+    from cryptoflow.models import Dataset
+    from cryptoflow.pipeline.normalize import Normalizer, frame_from_batch
+    from cryptoflow.storage.layout import files_for_frame
+    from cryptoflow.tools.datasets import open_root
+
+    t0 = 1_767_314_000_000
+
+    def msg(seq: int, change: str) -> bytes:
+        return (
+            b'{"type":"message","topic":"/contractMarket/level2:XBTUSDTM","subject":"level2",'
+            b'"data":{"sequence":%d,"change":"%s","timestamp":%d}}'
+            % (seq, change.encode(), t0 + seq)
+        )
+
+    snapshot = kucoin_parse.parse_rest_snapshot(
+        b'{"code":"200000","data":{"symbol":"XBTUSDTM","sequence":16,'
+        b'"asks":[[5000.0,80]],"bids":[[4999.0,1]],"ts":%d}}' % ((t0 + 16) * 10**6),
+        "BTCUSDT",
+        (t0 + 16) * 10**6,
+    )
+    norm = Normalizer({"kucoin": RULES})
+    norm.set_multiplier("kucoin", "BTCUSDT", "0.001")
+    changes = [(17, "5000.0,sell,83"), (18, "0,sell,0"), (19, "4999,buy,2")]
+    diffs = [
+        d
+        for seq, change in changes
+        for d in kucoin_parse.parse_ws_message(
+            msg(seq, change), (t0 + seq) * 10**6, {"XBTUSDTM": "BTCUSDT"}
+        )
+    ]
+    out = norm.feed_many([snapshot, *diffs])
+    assert out.gaps == []
+    for b in out.batches:  # as the writer stores them
+        for key, _, data in files_for_frame(
+            b.dataset, b.exchange, b.market, b.symbol, frame_from_batch(b)
+        ):
+            (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / key).write_bytes(data)
+    stored = pl.read_parquet(list((tmp_path / Dataset.DELTAS.value).rglob("*.parquet")))
+    assert stored["last_update_id"].to_list() == [17, 18, 19]
+    assert stored["side"].to_list() == ["ask", None, "bid"]
+
+    c = _console()
+    assert verify.run(str(tmp_path), console=c) == 0, c.export_text()
+    assert "continuity break" not in c.export_text()
+    with open_root(str(tmp_path)) as root:
+        rows, _ = book.rebuild(root, "kucoin", "BTCUSDT", t0 + 19)
+    assert rows.select("side", "price", "quantity").rows() == [
+        ("bid", 4999.0, 0.002),
+        ("ask", 5000.0, 0.083),
+    ]

@@ -197,7 +197,25 @@ def read_diff_frames(frames: Sequence[bytes | str]) -> DiffBatch | None:
         "last_update_id": heads["u"],
         "prev_update_id": heads["pu"],
     }
-    return DiffBatch(heads, _rows(m, head, level=False))
+    return DiffBatch(heads, _with_markers(_rows(m, head, level=False), m, head))
+
+
+def _with_markers(rows: pl.DataFrame, m: pl.DataFrame, head: dict[str, pl.Series]) -> pl.DataFrame:
+    """`rows` and one marker row (side, price, raw_quantity null) for each frame with no
+    level whose ids move the chain on, in frame order: as `normalize._delta_rows`."""
+    empty = pl.col("b").is_null() & pl.col("a").is_null() & (pl.col("pu") != pl.col("u"))
+    idx = m.select(pl.int_range(pl.len(), dtype=pl.UInt32).filter(empty).alias("_i"))
+    if idx.is_empty():
+        return rows
+    i = idx.get_column("_i")
+    markers = pl.DataFrame(
+        [i, *(v.gather(i).alias(name) for name, v in head.items())]
+    ).with_columns(
+        pl.lit(None, pl.String).alias("side"),
+        pl.lit(None, pl.String).alias("price"),
+        pl.lit(None, pl.String).alias("raw_quantity"),
+    )
+    return pl.concat([rows, markers.select(rows.columns)]).sort("_i", maintain_order=True)
 
 
 @attrs.frozen

@@ -175,8 +175,10 @@ class Normalizer:
         items: Iterable[DepthSnapshot | SnapshotBody | DepthDiff | StreamEvent],
         *,
         recorded: list[bool] | None = None,
+        header_only: bool = False,
     ) -> NormalizeOutput:
-        """`recorded`, when given, receives `Decision.record` of every diff in order."""
+        """`recorded`, when given, receives `Decision.record` of every diff in order;
+        `header_only`: the diffs carry only their ids (the batch path builds their rows)."""
         out = NormalizeOutput()
         acc: dict[tuple[Dataset, str, str, str], dict[str, list]] = {}
         rows: dict[tuple[Dataset, str, str, str], int] = {}
@@ -217,7 +219,7 @@ class Normalizer:
                         rows[key] += _snapshot_rows(
                             cols, item, item.last_update_id, SnapshotSource.STREAM
                         )
-                    else:
+                    elif not header_only:
                         cols = cols_for(Dataset.DELTAS, item.exchange, item.market, item.symbol)
                         rows[(Dataset.DELTAS, item.exchange, item.market, item.symbol)] += (
                             _delta_rows(cols, item)
@@ -340,7 +342,7 @@ class Normalizer:
             )
         ]
         recorded: list[bool] = []
-        out = self.feed_many(diffs, recorded=recorded)
+        out = self.feed_many(diffs, recorded=recorded, header_only=True)
         rows = parsed.rows
         per_frame = pl.DataFrame(
             {
@@ -453,7 +455,7 @@ def _delta_rows(cols: dict[str, list], d: DepthDiff) -> int:
         cols["raw_quantity"].append(qty)
         return 1
     if not n:
-        return 0
+        return _marker_row(cols, d)
     cols["timestamp"].extend([d.event_time] * n)
     cols["transaction_time"].extend([d.transaction_time] * n)
     cols["receive_time"].extend([d.receive_time] * n)
@@ -470,6 +472,26 @@ def _delta_rows(cols: dict[str, list], d: DepthDiff) -> int:
     qty.extend(map(_qty, b))
     qty.extend(map(_qty, a))
     return n
+
+
+def _marker_row(cols: dict[str, list], d: DepthDiff) -> int:
+    """A diff that changes no level (KuCoin's price-0 change, an empty OKX update) but
+    moves the id chain on is stored as one row with side, price and quantity null: without
+    it the stored ids would show a hole where nothing was lost, and `verify` and `book`
+    (which check the chain on the stored rows alone) could not tell it from a lost file.
+    A heartbeat that repeats its id (OKX `seqId == prevSeqId`) moves nothing: no row."""
+    if d.prev_update_id is None or d.prev_update_id == d.last_update_id:
+        return 0
+    cols["timestamp"].append(d.event_time)
+    cols["transaction_time"].append(d.transaction_time)
+    cols["receive_time"].append(d.receive_time)
+    cols["first_update_id"].append(d.first_update_id)
+    cols["last_update_id"].append(d.last_update_id)
+    cols["prev_update_id"].append(d.prev_update_id)
+    cols["side"].append(None)
+    cols["price"].append(None)
+    cols["raw_quantity"].append(None)
+    return 1
 
 
 def _snapshot_rows(

@@ -113,6 +113,8 @@ def apply_deltas(bids: Side, asks: Side, deltas: pl.DataFrame, snapshot_id: int)
         raise DataError(f"continuity break between the snapshot and --at: {_break_text(breaks[0])}")
     ordered = deltas.sort("last_update_id", maintain_order=True)
     for side, price, qty in ordered.select("side", "price", "quantity").iter_rows():
+        if side is None:  # the marker row of a message that changed no level
+            continue
         book = bids if side == "bid" else asks
         if qty == 0:
             book.pop(price, None)
