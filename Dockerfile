@@ -47,10 +47,11 @@ WORKDIR /var/lib/cryptoflow
 VOLUME ["/var/lib/cryptoflow"]
 EXPOSE 9108
 
-# /healthz on the metrics port (config.yml: metrics.enabled: true). slim has no curl.
-# Set CRYPTOFLOW_METRICS_PORT if metrics.port is not 9108.
+# /livez on the metrics port (config.yml: metrics.enabled: true): liveness only, so a
+# stale symbol or a full spool (/healthz 503, for alerts) never marks the container
+# unhealthy. slim has no curl. Set CRYPTOFLOW_METRICS_PORT if metrics.port is not 9108.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('CRYPTOFLOW_METRICS_PORT', '9108') + '/healthz', timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('CRYPTOFLOW_METRICS_PORT', '9108') + '/livez', timeout=4)"]
 
 # SIGTERM: readers stop, stages drain, buffers flush and upload within
 # cryptoflow.shutdown_timeout (default 30 s); give the container longer than that to stop.

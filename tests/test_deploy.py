@@ -96,8 +96,10 @@ def check_k8s(text: str, shards: list[Shard], shutdown_timeout: float, port: int
         ann = spec["template"]["metadata"]["annotations"]
         assert ann["prometheus.io/scrape"] == "true"
         assert ann["prometheus.io/port"] == str(port)
-        for probe in ("livenessProbe", "readinessProbe"):
-            assert container[probe]["httpGet"] == {"path": "/healthz", "port": port}
+        # restart only a dead process (/livez); a stale symbol or a full spool (/healthz)
+        # makes the pod not ready, never restarts it
+        assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": port}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": port}
         assert container["envFrom"][0]["secretRef"]["name"]
         # spool on this shard's own PVC, config from the ConfigMap
         volumes = {v["name"]: v for v in pod["volumes"]}
@@ -116,7 +118,16 @@ def check_k8s(text: str, shards: list[Shard], shutdown_timeout: float, port: int
     assert len(set(claims)) == len(claims)  # never two writers on one spool
 
 
-def check_compose(text: str, shards: list[Shard], shutdown_timeout: float) -> None:
+def assert_liveness_healthcheck(test: list[str], port: int) -> None:
+    """The container healthcheck asks /livez (is the process alive), never /healthz: an
+    unhealthy container may be restarted, and /healthz is 503 for one stale symbol."""
+    code = " ".join(test)
+    assert f"http://127.0.0.1:{port}/livez" in code and "/healthz" not in code
+
+
+def check_compose(
+    text: str, shards: list[Shard], shutdown_timeout: float, port: int = 9108
+) -> None:
     doc = load_all(text)[0]
     services = doc["services"]
     assert len(services) == len(shards)
@@ -130,7 +141,7 @@ def check_compose(text: str, shards: list[Shard], shutdown_timeout: float) -> No
         assert svc["profiles"] == [name]
         assert svc["restart"] == "unless-stopped"
         assert _seconds(svc["stop_grace_period"]) > shutdown_timeout
-        assert "/healthz" in " ".join(svc["healthcheck"]["test"])
+        assert_liveness_healthcheck(svc["healthcheck"]["test"], port)
         state = [v for v in svc["volumes"] if v.endswith(":/var/lib/cryptoflow")]
         assert len(state) == 1 and state[0].split(":")[0] in doc["volumes"]
     assert sorted(seen) == sorted(s.name for s in shards)
@@ -242,7 +253,8 @@ def test_shipped_shards_render_without_drift() -> None:
     check_k8s(text, shards, timeout, port)
     (cm,) = by_kind(load_all(text), "ConfigMap")
     assert cm["data"]["ip_shards.yml"] == (path.parent / "ip_shards.yml").read_text()
-    check_compose(render.render_compose_for_settings(settings, "img:test"), shards, timeout)
+    compose = render.render_compose_for_settings(settings, "img:test")
+    check_compose(compose, shards, timeout, port)
     # the raw file lists the same shard names the manifests were rendered from
     raw = load(path.parent / "ip_shards.yml")
     assert sorted(s["name"] for s in raw["shards"]) == sorted(s.name for s in shards)
@@ -265,7 +277,7 @@ def test_compose_file() -> None:
     assert mounts["/etc/cryptoflow"] == "../configs"
     assert svc["volumes"][0].endswith(":ro")
     assert mounts["/var/lib/cryptoflow"] in doc["volumes"]
-    assert "/healthz" in " ".join(svc["healthcheck"]["test"])
+    assert_liveness_healthcheck(svc["healthcheck"]["test"], 9108)
     assert (ROOT / "configs").is_dir()  # the mounted directory exists in the repo
 
 
@@ -308,7 +320,7 @@ def test_dockerfile_base_user_entrypoint() -> None:
     (cmd,) = [r for i, r in final if i == "CMD"]
     assert json.loads(cmd)[:1] == ["collect"] and "/etc/cryptoflow/config.yml" in json.loads(cmd)
     (health,) = [r for i, r in final if i == "HEALTHCHECK"]
-    assert "/healthz" in health and "urllib" in health
+    assert "'/livez'" in health and "/healthz" not in health and "urllib" in health
     assert ("STOPSIGNAL", "SIGTERM") in final
     vols = [r for i, r in final if i == "VOLUME"]
     assert vols and "/var/lib/cryptoflow" in vols[0]

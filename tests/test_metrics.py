@@ -1,4 +1,5 @@
-"""Ops metrics: the collector reads the real stats objects; /metrics and /healthz over HTTP."""
+"""Ops metrics: the collector reads the real stats objects; /metrics, /healthz and /livez
+over HTTP."""
 
 from __future__ import annotations
 
@@ -322,6 +323,34 @@ async def test_http_metrics_and_healthz(mock_clock, tmp_path: Path):
             assert (await client.post("/metrics")).status_code == 405
             r = await client.head("/healthz")
             assert r.status_code == 503 and r.content == b""
+        nursery.cancel_scope.cancel()
+
+
+async def test_livez_stays_ok_while_healthz_is_unhealthy(mock_clock, tmp_path: Path):
+    """Liveness (what restarts the pod) must not follow /healthz: one stale symbol or a
+    full spool is a 503 there, and a restart would gap every symbol for it."""
+    result, _send = make_result()
+    spool = Spool(tmp_path / "spool", max_bytes=1000)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            functools.partial(serve_ops, lambda: result, port=0, stale_after=60.0, spool=spool)
+        )
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            assert (await client.get("/healthz")).status_code == 200  # first sight
+            mock_clock.jump(61)  # every symbol that had data goes stale
+            r = await client.get("/healthz")
+            assert r.status_code == 503
+            assert {x["reason"] for x in r.json()["reasons"]} == {"stale"}
+            r = await client.get("/livez")
+            assert r.status_code == 200 and r.json() == {"status": "alive"}
+            # the writer held up by a full spool: still alive
+            result.writer.spool_refusing = True
+            result.writer.backpressure = True
+            assert (await client.get("/healthz")).status_code == 503
+            assert (await client.get("/livez")).status_code == 200
+            r = await client.head("/livez")
+            assert r.status_code == 200 and r.content == b""
+            assert (await client.post("/livez")).status_code == 405
         nursery.cancel_scope.cancel()
 
 

@@ -132,9 +132,16 @@ def _dump(docs: Sequence[tuple[str, Any]]) -> str:
     return "---\n" + "---\n".join(chunks)
 
 
-def _health_probe(metrics_port: int, *, period: int, failures: int, delay: int) -> dict:
+#: liveness restarts the pod, so it asks only "is the process alive" (`/livez`); `/healthz`
+#: (a stale symbol, a full spool) only marks the pod unready: a restart would gap every
+#: symbol and drop the rows held in memory, and cures neither
+LIVENESS_PATH = "/livez"
+READINESS_PATH = "/healthz"
+
+
+def _health_probe(metrics_port: int, path: str, *, period: int, failures: int, delay: int) -> dict:
     return {
-        "httpGet": {"path": "/healthz", "port": metrics_port},
+        "httpGet": {"path": path, "port": metrics_port},
         "initialDelaySeconds": delay,
         "periodSeconds": period,
         "timeoutSeconds": 5,
@@ -162,8 +169,12 @@ def _deployment(
         "envFrom": [{"secretRef": {"name": secret_name}}],
         "env": [{"name": "CRYPTOFLOW_METRICS_PORT", "value": str(metrics_port)}],
         "ports": [{"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"}],
-        "livenessProbe": _health_probe(metrics_port, period=20, failures=6, delay=60),
-        "readinessProbe": _health_probe(metrics_port, period=10, failures=3, delay=10),
+        "livenessProbe": _health_probe(
+            metrics_port, LIVENESS_PATH, period=20, failures=6, delay=60
+        ),
+        "readinessProbe": _health_probe(
+            metrics_port, READINESS_PATH, period=10, failures=3, delay=10
+        ),
         "resources": {
             "requests": {"cpu": "250m", "memory": "512Mi"},
             "limits": {"memory": "2Gi"},
@@ -258,7 +269,7 @@ def render_k8s(
             f"Secret {secret_name}: kubectl -n {namespace} create secret generic "
             f"{secret_name} --from-env-file=.env\n"
             f"The deployed config.yml needs metrics.enabled: true and metrics.host: 0.0.0.0\n"
-            f"(probes and Prometheus reach /healthz and /metrics on port {metrics_port}).",
+            f"(probes and Prometheus reach /livez, /healthz and /metrics on port {metrics_port}).",
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
         )
     )
@@ -321,9 +332,11 @@ def render_k8s(
 
 
 def _healthcheck_test(metrics_port: int) -> list[str]:
+    """Liveness only (`/livez`): `(healthy)` means the process runs; whether the data
+    is flowing is `/healthz`, for alerts."""
     code = (
         "import urllib.request; "
-        f"urllib.request.urlopen('http://127.0.0.1:{metrics_port}/healthz', timeout=4)"
+        f"urllib.request.urlopen('http://127.0.0.1:{metrics_port}{LIVENESS_PATH}', timeout=4)"
     )
     return ["CMD", "python", "-c", code]
 
@@ -428,7 +441,7 @@ def settings_warnings(settings: Settings, fmt: str) -> list[str]:
     metrics = settings.app.metrics
     if not metrics.enabled:
         out.append(
-            "metrics.enabled is false: the /healthz healthcheck"
+            f"metrics.enabled is false: the {LIVENESS_PATH} healthcheck"
             + (" and the liveness probe will fail (restart loop)" if fmt == "k8s" else " fails")
             + "; set metrics.enabled: true in the deployed config.yml"
         )

@@ -1,4 +1,5 @@
-"""The ops HTTP endpoint: `/metrics` (Prometheus text) and `/healthz` (JSON), on trio + h11.
+"""The ops HTTP endpoint: `/metrics` (Prometheus text), `/healthz` and `/livez` (JSON), on
+trio + h11.
 
 `serve_ops` binds 127.0.0.1:9108 by default (`metrics.host/port` in config.yml). Each
 request is answered on the trio thread (reading the stats is a few dict walks), then the
@@ -16,6 +17,15 @@ when any of:
   pile up in memory until uploads free room;
 - `writer_backpressure`: the writer has paused its input (its memory cap is reached,
   with the spool refusing new files).
+It is for readiness and alerting, never for restarts: a restart cures none of these (one
+venue's silent symbol, an S3 outage) but gaps every symbol and loses the rows the writer
+holds in memory when the spool is full.
+
+`/livez` answers 200 `{"status": "alive"}` whenever it is answered at all: the request is
+served on the trio thread, so an answer proves the process and its event loop run. That is
+what a liveness probe / container healthcheck may restart on (no answer = wedged). The
+writer needs no check of its own: it runs unsupervised in the run's root nursery, so if it
+dies the whole process ends and the probe's connection is refused.
 """
 
 from __future__ import annotations
@@ -112,6 +122,8 @@ class OpsApp:
             return 405, "text/plain; charset=utf-8", b"method not allowed\n"
         if path == "/metrics":
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        if path == "/livez":
+            return 200, "application/json", b'{"status": "alive"}\n'
         if path == "/healthz":
             reasons = check_health(
                 self.result_getter(),
@@ -124,7 +136,7 @@ class OpsApp:
                 return 503, "application/json", json.dumps(body).encode() + b"\n"
             return 200, "application/json", b'{"status": "ok"}\n'
         if path == "/":
-            return 200, "text/plain; charset=utf-8", b"cryptoflow: /metrics /healthz\n"
+            return 200, "text/plain; charset=utf-8", b"cryptoflow: /metrics /healthz /livez\n"
         return 404, "text/plain; charset=utf-8", b"not found\n"
 
     async def serve_connection(self, stream: trio.abc.Stream) -> None:
@@ -177,7 +189,7 @@ async def serve_ops(
     spool: Any = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `/metrics` and `/healthz` until cancelled; `task_status.started(bound_port)`.
+    """Serve `/metrics`, `/healthz` and `/livez` until cancelled; `task_status.started(bound_port)`.
 
     `result_getter()` returns the live `RunResult` (or None before the run exists);
     `spool` is the `Spool` (anything with `.bytes` and `.max_bytes`), else `result.spool`.
@@ -185,7 +197,7 @@ async def serve_ops(
     app = OpsApp(result_getter, stale_after=stale_after, spool=spool)
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
-    log.info("ops endpoint on http://%s:%d (/metrics, /healthz)", host, bound)
+    log.info("ops endpoint on http://%s:%d (/metrics, /healthz, /livez)", host, bound)
     async with trio.open_nursery() as nursery:
         task_status.started(bound)
         await trio.serve_listeners(app.serve_connection, listeners, handler_nursery=nursery)
