@@ -26,12 +26,14 @@ cancels the root scope at once.
 
 from __future__ import annotations
 
+import errno
 import functools
 import gc
 import logging
 import math
 import random
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -40,7 +42,7 @@ from typing import Any
 import attrs
 import trio
 
-from cryptoflow.config_schema import EXCHANGES, Settings, Shard, VenueSource
+from cryptoflow.config_schema import EXCHANGES, MetricsSection, Settings, Shard, VenueSource
 from cryptoflow.errors import ConfigError, CryptoflowError, UsageError
 from cryptoflow.exchanges import registry
 from cryptoflow.exchanges.limits import VENUE_LIMITS, snapshot_cost
@@ -570,7 +572,10 @@ async def collect_main(
     _check_spool_or_raise(app.storage, settings.config_path)
     store = build_store(app.storage, settings.env, output)
     _check_output_or_raise(store, output, settings.config_path)
+    ops_listeners = await _open_ops_or_raise(app.metrics, settings.config_path)
     async with trio.open_nursery() as root:
+        if ops_listeners is not None:  # first: from here on serve_ops owns (closes) them
+            await _start_ops_server(root, settings, result, ops_listeners)
         if simulate:
             plans = await _start_simulator(root, plans)
         if install_signal_handlers:
@@ -633,6 +638,65 @@ async def collect_main(
     return result
 
 
+async def _open_ops_or_raise(
+    metrics: MetricsSection, config_path: str
+) -> list[trio.SocketListener] | None:
+    """Bind the ops endpoint (when enabled) before anything is collected: a busy port or a
+    host that is not an address of this machine is a ConfigError naming the key (exit 2),
+    not an anonymous error out of the running service's nursery."""
+    if not metrics.enabled:
+        return None
+    from cryptoflow.config import key_location
+    from cryptoflow.ops.health import open_ops_listeners
+
+    try:
+        return await open_ops_listeners(metrics.host, metrics.port)
+    except OSError as exc:
+        key, problem = _ops_bind_problem(exc, metrics.host, metrics.port)
+        where = key_location(config_path, key) if config_path else key
+        raise ConfigError([f"{where}: {problem}"]) from exc
+
+
+def _ops_bind_problem(exc: OSError, host: str, port: int) -> tuple[str, str]:
+    """(config key to blame, one-line reason) for a failed bind of `host:port`."""
+    reason = exc.strerror or str(exc)
+    if isinstance(exc, socket.gaierror):
+        return "metrics.host", f"{host!r} does not resolve to an address ({reason})"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "metrics.host", f"{host} is not an address of this host ({reason})"
+    if exc.errno == errno.EADDRINUSE:
+        return "metrics.port", f"{host}:{port} is in use ({reason}): another process listens there"
+    if exc.errno == errno.EACCES:
+        return "metrics.port", f"{host}:{port}: not allowed to listen there ({reason})"
+    return "metrics.port", f"cannot listen on {host}:{port} ({reason})"
+
+
+async def _start_ops_server(
+    nursery: trio.Nursery,
+    settings: Settings,
+    result: RunResult,
+    listeners: list[trio.SocketListener],
+) -> None:
+    """/metrics, /healthz and /livez on the listeners bound by `_open_ops_or_raise`.
+
+    Started before the spool exists: the endpoint reads `result.spool` at each request.
+    """
+    from cryptoflow.ops.health import serve_ops
+
+    metrics = settings.app.metrics
+    result.ops_port = await nursery.start(
+        functools.partial(
+            serve_ops,
+            lambda: result,
+            host=metrics.host,
+            port=metrics.port,
+            stale_after=metrics.stale_after,
+            listeners=listeners,
+        )
+    )
+    log.info("metrics: http://%s:%d/metrics, /healthz and /livez", metrics.host, result.ops_port)
+
+
 async def _start_ops(
     nursery: trio.Nursery,
     settings: Settings,
@@ -641,25 +705,12 @@ async def _start_ops(
     live_status: bool,
     console: Any = None,
 ) -> None:
-    """Metrics + /healthz, the live terminal table, CloudWatch: each only when asked for.
+    """The live terminal table, CloudWatch: each only when asked for (the metrics
+    endpoint is started first, by `_start_ops_server`).
 
-    They read the run's stats objects when scraped or ticked, never on the hot path.
+    They read the run's stats objects when ticked, never on the hot path.
     """
     metrics = settings.app.metrics
-    if metrics.enabled:
-        from cryptoflow.ops.health import serve_ops
-
-        result.ops_port = await nursery.start(
-            functools.partial(
-                serve_ops,
-                lambda: result,
-                host=metrics.host,
-                port=metrics.port,
-                stale_after=metrics.stale_after,
-                spool=result.spool,
-            )
-        )
-        log.info("metrics: http://%s:%d/metrics and /healthz", metrics.host, result.ops_port)
     if live_status:
         from cryptoflow.ops.status import run_live_status
 

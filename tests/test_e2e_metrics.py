@@ -1,13 +1,18 @@
-"""Scrape /metrics and /healthz during a real collect run; counters match rows written."""
+"""Scrape /metrics and /healthz during a real collect run; counters match rows written.
+A metrics address that cannot be bound is a config error before anything is collected."""
 
 from __future__ import annotations
 
 import re
+import socket
 
 import httpx
+import pytest
 import trio
 from configtools import make_config
+from typer.testing import CliRunner
 
+from cryptoflow.cli import app as cli_app
 from cryptoflow.config import load_settings
 from cryptoflow.runtime import RunResult, build_plans, collect_main
 from cryptoflow.sim.server import open_simulator
@@ -83,3 +88,59 @@ async def test_metrics_move_during_a_run_and_match_rows_written(tmp_path):
         final_rows = ws.rows_by_symbol[("deltas", "binance", sym)]
         assert 0 < scraped <= final_rows
     assert sum(ws.rows_uploaded.values()) == sum(ws.rows_received.values())
+
+
+def _collect_with_metrics_at(tmp_path, host: str, port: int):
+    cfg = make_config(
+        tmp_path / "configs",
+        shards=[{"name": "a", "source_ip": None, "symbols": {"binance": SYMBOLS}}],
+        overrides={
+            "storage.spool.path": str(tmp_path / "spool"),
+            "storage.local_path": str(tmp_path / "data"),
+            "metrics.enabled": True,
+            "metrics.host": host,
+            "metrics.port": port,
+        },
+    )
+    args = ["collect", "--config", str(cfg), "--exchange", "binance", "--simulate"]
+    return cfg, CliRunner().invoke(cli_app, [*args, "--duration", "5", "--no-status"])
+
+
+def _assert_nothing_collected(tmp_path, output: str) -> None:
+    assert "ExceptionGroup" not in output and "Traceback" not in output
+    assert "collecting" not in output and "simulator:" not in output
+    assert not list(tmp_path.glob("spool/**/*.parquet"))
+    assert not list(tmp_path.glob("data/**/*.parquet"))
+
+
+def test_busy_metrics_port_is_a_config_error_before_collecting(tmp_path):
+    with socket.socket() as other:  # another process's listener on the port
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        cfg, res = _collect_with_metrics_at(tmp_path, "127.0.0.1", port)
+    assert res.exit_code == 2, res.output
+    assert re.search(
+        rf"^{re.escape(str(cfg))}:\d+: metrics\.port: 127\.0\.0\.1:{port} is in use \(",
+        res.output,
+        re.M,
+    ), res.output
+    _assert_nothing_collected(tmp_path, res.output)
+
+
+@pytest.mark.parametrize(
+    ("host", "says"),
+    [
+        ("metrics.invalid", "does not resolve to an address"),  # RFC 6761: never resolves
+        ("192.0.2.1", "is not an address of this host"),  # TEST-NET-1: on no host
+    ],
+)
+def test_unusable_metrics_host_is_a_config_error_before_collecting(tmp_path, host, says):
+    cfg, res = _collect_with_metrics_at(tmp_path, host, 0)
+    assert res.exit_code == 2, res.output
+    assert re.search(
+        rf"^{re.escape(str(cfg))}:\d+: metrics\.host: .*{re.escape(host)}.* {says} \(",
+        res.output,
+        re.M,
+    ), res.output
+    _assert_nothing_collected(tmp_path, res.output)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import h11
@@ -180,6 +180,13 @@ async def _next_request(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Re
         return None  # ConnectionClosed or anything unexpected
 
 
+async def open_ops_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """Bind `host:port` for `serve_ops`. Raises `OSError` (`socket.gaierror` for a host
+    that does not resolve): the run binds before it starts collecting, so that becomes
+    a config error rather than a failure inside the running service."""
+    return await trio.open_tcp_listeners(port, host=host)
+
+
 async def serve_ops(
     result_getter: Callable[[], Any],
     *,
@@ -187,15 +194,19 @@ async def serve_ops(
     port: int = 9108,
     stale_after: float = 60.0,
     spool: Any = None,
+    listeners: Sequence[trio.SocketListener] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `/metrics`, `/healthz` and `/livez` until cancelled; `task_status.started(bound_port)`.
 
     `result_getter()` returns the live `RunResult` (or None before the run exists);
     `spool` is the `Spool` (anything with `.bytes` and `.max_bytes`), else `result.spool`.
+    `listeners` from `open_ops_listeners` are served (and closed at the end) instead of
+    binding `host:port` here.
     """
     app = OpsApp(result_getter, stale_after=stale_after, spool=spool)
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    if listeners is None:
+        listeners = await open_ops_listeners(host, port)
     bound = listeners[0].socket.getsockname()[1]
     log.info("ops endpoint on http://%s:%d (/metrics, /healthz, /livez)", host, bound)
     async with trio.open_nursery() as nursery:
