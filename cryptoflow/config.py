@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import ipaddress
+import math
 import os
 import re
 import types
@@ -306,6 +307,10 @@ def _check_value(value: Any, tp: Any, dotted: str, line: int | None, rep: _Repor
 
 
 def _range_problem(leaf: str, value: float) -> str | None:
+    # YAML's .nan / .inf are floats: NaN slips through every comparison below (NaN <= 0
+    # is false) and an infinite interval or timeout never ends (or breaks the renderers)
+    if not math.isfinite(value):
+        return f"expected a finite number, got {value}"
     if leaf == "weight_safety":
         return None if 0 < value <= 1 else f"{value} is out of range, expected 0 < share <= 1"
     if leaf == "port":

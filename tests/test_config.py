@@ -398,3 +398,22 @@ def test_data_tools_refuse_an_unknown_exchange_as_a_usage_error(tmp_path: Path) 
         res = _cli(*args)
         assert res.exit_code == 2, (args, res.output)
         assert "--exchange 'kraken': unknown exchange; expected one of binance" in res.output
+
+
+def test_nan_and_infinite_numbers_are_refused(tmp_path: Path) -> None:
+    """`.nan` passed every `> 0` check (NaN compares false): the poller crash-looped,
+    shutdown ended in an anonymous ExceptionGroup, `.inf` broke the k8s renderer."""
+    text = (
+        "cryptoflow:\n  shutdown_timeout: .nan\n"
+        "reader:\n  snapshot_interval: .inf\n  jitter: .nan\n"
+        "metrics:\n  stale_after: -.inf\n"
+        "source:\n  okx:\n    weight_safety: .nan\n"
+    )
+    cfg = write(tmp_path, config=text)
+    assert problems(cfg) == [
+        f"{cfg}:2: cryptoflow.shutdown_timeout: expected a finite number, got nan",
+        f"{cfg}:4: reader.snapshot_interval: expected a finite number, got inf",
+        f"{cfg}:5: reader.jitter: expected a finite number, got nan",
+        f"{cfg}:7: metrics.stale_after: expected a finite number, got -inf",
+        f"{cfg}:10: source.okx.weight_safety: expected a finite number, got nan",
+    ]
