@@ -327,10 +327,21 @@ def _check_app_rules(node: Mapping[str, Any], rep: _Report) -> None:
     """Rules that need more than one value's type: venue names and per-venue depths."""
     exchanges = _dig(node, "cryptoflow", "exchanges")
     if isinstance(exchanges, list):
+        first: dict[str, int | None] = {}
         for i, name in enumerate(exchanges):
+            line = _item_line(exchanges, i)
             if isinstance(name, str) and name not in EXCHANGES:
-                line = _item_line(exchanges, i)
                 rep.add(line, "cryptoflow.exchanges", _did_you_mean(name, EXCHANGES, "exchange"))
+            elif isinstance(name, str) and name in first:
+                # a venue listed twice ran twice: every row was stored twice
+                before = f" (first on line {first[name]})" if first[name] != line else ""
+                rep.add(
+                    line,
+                    "cryptoflow.exchanges",
+                    f"{name} is listed twice{before}, expected each exchange once",
+                )
+            elif isinstance(name, str):
+                first[name] = line
     source = node.get("source")
     if not isinstance(source, Mapping):
         return

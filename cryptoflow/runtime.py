@@ -84,7 +84,7 @@ class ShardPlan:
 
 
 def select_exchanges(settings: Settings, exchange: str) -> list[str]:
-    enabled = list(settings.app.cryptoflow.exchanges)
+    enabled = list(dict.fromkeys(settings.app.cryptoflow.exchanges))  # never one twice
     if exchange == "all":
         chosen = [e for e in enabled if e in registry.available()]
         skipped = [e for e in enabled if e not in registry.available()]

@@ -417,3 +417,30 @@ def test_nan_and_infinite_numbers_are_refused(tmp_path: Path) -> None:
         f"{cfg}:7: metrics.stale_after: expected a finite number, got -inf",
         f"{cfg}:10: source.okx.weight_safety: expected a finite number, got nan",
     ]
+
+
+def test_an_exchange_listed_twice_is_refused(tmp_path: Path) -> None:
+    """`exchanges: [binance, binance]` passed and collect ran binance twice: every delta
+    and snapshot row was stored twice."""
+    cfg = write(
+        tmp_path, config="cryptoflow:\n  exchanges:\n    - binance\n    - okx\n    - binance\n"
+    )
+    assert problems(cfg) == [
+        f"{cfg}:5: cryptoflow.exchanges: binance is listed twice (first on line 3),"
+        " expected each exchange once"
+    ]
+    cfg = write(tmp_path, config="cryptoflow:\n  exchanges: [okx, okx]\n")
+    assert problems(cfg) == [
+        f"{cfg}:2: cryptoflow.exchanges: okx is listed twice, expected each exchange once"
+    ]
+
+
+def test_select_exchanges_never_yields_one_twice(tmp_path: Path) -> None:
+    import attrs
+
+    from cryptoflow.runtime import select_exchanges
+
+    settings = load(write(tmp_path))
+    service = attrs.evolve(settings.app.cryptoflow, exchanges=["binance", "okx", "binance"])
+    settings = attrs.evolve(settings, app=attrs.evolve(settings.app, cryptoflow=service))
+    assert select_exchanges(settings, "all") == ["binance", "okx"]
