@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import io
 import ipaddress
 import math
 import os
@@ -618,7 +619,10 @@ def _load_env(
     path = env_file if env_file is not None else Path.cwd() / ".env"
     values: dict[str, str] = {}
     if path.is_file():
-        values.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+        text = _read_dotenv(path, problems)
+        if text is not None:
+            parsed = dotenv_values(stream=io.StringIO(text))
+            values.update({k: v for k, v in parsed.items() if v is not None})
     elif env_file is not None:
         problems.append(f"{env_file}: file not found")
     source = os.environ if env is None else env
@@ -633,3 +637,19 @@ def _load_env(
             )
         fields["log_level"] = level.upper()
     return Environment(**fields)
+
+
+def _read_dotenv(path: Path, problems: list[str]) -> str | None:
+    """The text of `.env`, or None after recording why not (the bytes are never shown:
+    they may be a secret)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        problems.append(f"{path}: cannot be read: {exc.strerror or exc}")
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        problems.append(f"{path}:{line}: not UTF-8 text, expected KEY=value lines in UTF-8")
+        return None

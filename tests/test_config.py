@@ -444,3 +444,19 @@ def test_select_exchanges_never_yields_one_twice(tmp_path: Path) -> None:
     service = attrs.evolve(settings.app.cryptoflow, exchanges=["binance", "okx", "binance"])
     settings = attrs.evolve(settings, app=attrs.evolve(settings.app, cryptoflow=service))
     assert select_exchanges(settings, "all") == ["binance", "okx"]
+
+
+def test_a_dotenv_that_is_not_utf8_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It ended as `error: unexpected UnicodeDecodeError` (exit 1)."""
+    cfg = write(tmp_path)
+    (tmp_path / ".env").write_bytes(b"LOG_LEVEL=INFO\nS3_BUCKET=b\xe9ucket\n")
+    monkeypatch.chdir(tmp_path)  # validate-config reads .env from the CWD
+    res = CliRunner(env={"TYPER_USE_RICH": "0"}).invoke(
+        app, ["validate-config", "--config", str(cfg)]
+    )
+    assert res.exit_code == 2
+    assert res.output.splitlines() == [
+        f"{tmp_path / '.env'}:2: not UTF-8 text, expected KEY=value lines in UTF-8"
+    ]
