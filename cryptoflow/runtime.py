@@ -561,7 +561,7 @@ async def collect_main(
     task_status: trio.TaskStatus[StopControl] = trio.TASK_STATUS_IGNORED,
 ) -> RunResult:
     """Run the whole collector until stopped. Pass `result` to watch it while it runs."""
-    from cryptoflow.storage.factory import build_spool, build_store, describe
+    from cryptoflow.storage.factory import build_spool, build_store, check_spool_apart, describe
 
     app = settings.app
     result = result if result is not None else RunResult()
@@ -569,6 +569,7 @@ async def collect_main(
     stop = StopControl()
     limiter = trio.CapacityLimiter(max(1, app.writer.encode_threads))
     # before any task: plain, clear errors (exit 2) for paths that cannot be used
+    check_spool_apart(app.storage, settings.env, output, settings.config_path)
     _check_spool_or_raise(app.storage, settings.config_path)
     store = build_store(app.storage, settings.env, output)
     _check_output_or_raise(store, output, settings.config_path)

@@ -7,6 +7,7 @@ from pathlib import Path
 import trio
 
 from cryptoflow.config_schema import Environment, StorageSection
+from cryptoflow.errors import ConfigError, UsageError
 from cryptoflow.storage.base import ObjectStore
 from cryptoflow.storage.local import LocalStore
 from cryptoflow.storage.s3 import S3Store, make_client, resolve_endpoint
@@ -38,6 +39,71 @@ def build_store(
         )
     root = output_override if output_override is not None else Path(storage.local_path)
     return LocalStore(root, limiter=limiter)
+
+
+def local_root(
+    storage: StorageSection, env: Environment, output_override: Path | None = None
+) -> Path | None:
+    """The local tree `build_store` moves files into; None when they go to S3."""
+    if s3_enabled(storage, env):
+        return None
+    return output_override if output_override is not None else Path(storage.local_path)
+
+
+def _overlap(spool: Path, output: Path) -> str | None:
+    """ "same", "spool inside" or "output inside" (resolved: `.`, `..` and symlinks do
+    not hide it), or None when neither folder holds the other."""
+    spool, output = spool.resolve(), output.resolve()
+    if spool == output:
+        return "same"
+    if output in spool.parents:
+        return "spool inside"
+    if spool in output.parents:
+        return "output inside"
+    return None
+
+
+_AS_OUTPUT = {"same": "is the spool folder", "spool inside": "contains the spool"}
+_AS_SPOOL = {"same": "is the same folder as", "spool inside": "is inside"}
+
+
+def check_spool_apart(
+    storage: StorageSection,
+    env: Environment,
+    output_override: Path | None = None,
+    config_path: str | Path = "",
+) -> None:
+    """Refuse a spool and a local output tree that overlap (exit 2).
+
+    Uploaded files land in the output tree with the spool's own layout: output = spool
+    made every upload a file the spool deleted as uploaded (the run reported the rows
+    uploaded, none were left); a spool holding the output took the uploaded files for
+    waiting ones at each start and moved them one level deeper; an output holding the
+    spool mixes in-flight files into the data. Raises UsageError for `--output`,
+    ConfigError naming the key's file:line for the configured paths.
+    """
+    from cryptoflow.config import key_location
+
+    output = local_root(storage, env, output_override)
+    if output is None:
+        return
+    spool = Path(storage.spool.path)
+    relation = _overlap(spool, output)
+    if relation is None:
+        return
+    where = key_location(config_path, "storage.spool.path") if config_path else ""
+    if output_override is not None:
+        raise UsageError(
+            f"--output {str(output)!r}: {_AS_OUTPUT.get(relation, 'is inside the spool')} "
+            f"({where or 'storage.spool.path'} {storage.spool.path!r}); expected an output folder "
+            "apart from the spool"
+        )
+    problem = (
+        f"{storage.spool.path!r} {_AS_SPOOL.get(relation, 'contains')} storage.local_path "
+        f"{storage.local_path!r}; expected two folders apart (uploaded files would be taken for "
+        "spool files, or spool files for data)"
+    )
+    raise ConfigError([f"{where}: {problem}" if where else f"storage.spool.path: {problem}"])
 
 
 def build_spool(storage: StorageSection) -> Spool:

@@ -66,10 +66,11 @@ def status(config_path: Path) -> int:
 def flush(config_path: Path, output: Path | None = None) -> int:
     """Scan the spool (quarantining corrupt files), upload/move everything; 0 if empty after."""
     from cryptoflow.pipeline.writer import drain_spool
-    from cryptoflow.storage.factory import build_spool, build_store
+    from cryptoflow.storage.factory import build_spool, build_store, check_spool_apart
 
     settings = _load(config_path)
     storage = settings.app.storage
+    check_spool_apart(storage, settings.env, output, config_path)  # before the scan moves anything
     spool = build_spool(storage)
     report = spool.scan()
     if report.files == 0:

@@ -13,7 +13,7 @@ import trio
 
 from cryptoflow.config import key_location, load_settings
 from cryptoflow.config_schema import Settings
-from cryptoflow.errors import CryptoflowError
+from cryptoflow.errors import ConfigError, CryptoflowError
 from cryptoflow.exchanges import registry
 from cryptoflow.net.http import make_http_client
 from cryptoflow.net.ratelimit import RateBudget
@@ -23,7 +23,10 @@ from cryptoflow.symbols import listed_on
 def run(config_path: Path, online: bool = False) -> int:
     settings = load_settings(config_path)
     print("\n".join(summary(settings)))
-    if not _check_spool(settings, config_path):
+    problems = host_problems(settings, config_path)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
         return 2  # a path of the configuration that cannot be used
     if online:
         try:
@@ -39,8 +42,21 @@ def run(config_path: Path, online: bool = False) -> int:
     return 0
 
 
-def _check_spool(settings: Settings, config_path: Path) -> bool:
-    """Spool directory creatable/writable with free space (errors -> stderr, exit 2)."""
+def host_problems(settings: Settings, config_path: Path) -> list[str]:
+    """What `collect` would refuse on this host before collecting (exit 2 there too):
+    one `file:line: key: ...` line each. Warnings go to stderr directly."""
+    from cryptoflow.storage.factory import check_spool_apart
+
+    problems = _check_spool(settings, config_path)
+    try:
+        check_spool_apart(settings.app.storage, settings.env, None, config_path)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    return problems
+
+
+def _check_spool(settings: Settings, config_path: Path) -> list[str]:
+    """Spool directory creatable/writable with free space (warnings -> stderr)."""
     from cryptoflow.storage.spool import check_spool_dir
 
     spool = settings.app.storage.spool
@@ -48,9 +64,7 @@ def _check_spool(settings: Settings, config_path: Path) -> bool:
     where = key_location(config_path, "storage.spool.path")
     for line in warnings:
         print(f"warning: {line}", file=sys.stderr)
-    for line in errors:
-        print(f"{where}: {line.removeprefix('storage.spool.path ')}", file=sys.stderr)
-    return not errors
+    return [f"{where}: {line.removeprefix('storage.spool.path ')}" for line in errors]
 
 
 def check_online(settings: Settings) -> list[str]:
