@@ -39,7 +39,7 @@ from cryptoflow.config_schema import (
     SymbolEntry,
 )
 from cryptoflow.errors import ConfigError
-from cryptoflow.exchanges.limits import depth_limit_problem
+from cryptoflow.exchanges.limits import depth_limit_problem, stream_setting_problem
 from cryptoflow.symbols import unit_scale
 
 SHARDS_FILE = "ip_shards.yml"
@@ -325,7 +325,8 @@ def _range_problem(leaf: str, value: float) -> str | None:
 
 
 def _check_app_rules(node: Mapping[str, Any], rep: _Report) -> None:
-    """Rules that need more than one value's type: venue names and per-venue depths."""
+    """Rules that need more than one value's type: venue names, per-venue depths and
+    stream choices."""
     exchanges = _dig(node, "cryptoflow", "exchanges")
     if isinstance(exchanges, list):
         first: dict[str, int | None] = {}
@@ -353,6 +354,12 @@ def _check_app_rules(node: Mapping[str, Any], rep: _Report) -> None:
             if problem:
                 line = _key_line(source[exchange], "depth_limit")
                 rep.add(line, f"source.{exchange}.depth_limit", problem)
+        for key, tp in (("stream_speed", str), ("stream_depth", int)):
+            value = _dig(source, exchange, key)
+            if isinstance(value, tp) and not isinstance(value, bool):  # else: a type problem
+                problem = stream_setting_problem(exchange, key, value)
+                if problem:
+                    rep.add(_key_line(source[exchange], key), f"source.{exchange}.{key}", problem)
 
 
 # --- symbols.yml ---------------------------------------------------------------------

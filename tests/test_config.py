@@ -460,3 +460,41 @@ def test_a_dotenv_that_is_not_utf8_names_the_file(
     assert res.output.splitlines() == [
         f"{tmp_path / '.env'}:2: not UTF-8 text, expected KEY=value lines in UTF-8"
     ]
+
+
+def test_stream_depths_and_speeds_the_venues_do_not_offer_are_refused(tmp_path: Path) -> None:
+    """Bybit `stream_depth: 300` silently became 200; any stream_speed string passed."""
+    text = (
+        "source:\n"
+        "  bybit:\n    stream_depth: 300\n"
+        "  binance:\n    stream_speed: 250\n"
+        "  okx:\n    stream_speed: fast\n    stream_depth: 400\n"
+    )
+    cfg = write(tmp_path, config=text)
+    assert problems(cfg) == [
+        f"{cfg}:5: source.binance.stream_speed: expected a string, got 250",
+        f"{cfg}:3: source.bybit.stream_depth: 300 is not a Bybit stream depth,"
+        " expected one of 1, 50, 200, 1000",
+        f"{cfg}:7: source.okx.stream_speed: 'fast' is not a stream speed,"
+        " expected one of 100ms, 250ms, 500ms (only Binance reads it)",
+        f"{cfg}:8: source.okx.stream_depth: 400 is not a stream depth,"
+        " expected one of 1, 50, 200, 1000 (only Bybit reads it)",
+    ]
+    cfg = write(tmp_path, config="source:\n  binance:\n    stream_speed: 250 ms\n")
+    assert problems(cfg) == [
+        f"{cfg}:3: source.binance.stream_speed: '250 ms' is not a Binance stream speed,"
+        " expected one of 100ms, 250ms, 500ms"
+    ]
+    ok = "source:\n  binance: {stream_speed: 500ms}\n  bybit: {stream_depth: 1000}\n"
+    app_cfg = load(write(tmp_path, config=ok)).app
+    assert (app_cfg.source.binance.stream_speed, app_cfg.source.bybit.stream_depth) == (
+        "500ms",
+        1000,
+    )
+
+
+def test_the_stream_choices_match_the_venue_clients() -> None:
+    from cryptoflow.exchanges.bybit import rules as bybit_rules
+    from cryptoflow.exchanges.limits import BYBIT_STREAM_DEPTHS
+
+    assert tuple(bybit_rules.WS_DEPTHS) == BYBIT_STREAM_DEPTHS

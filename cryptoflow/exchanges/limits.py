@@ -1,8 +1,10 @@
-"""Per-venue REST cost facts, as data, so budgets and validation share one source.
+"""Per-venue REST cost facts and stream choices, as data, so budgets and validation
+share one source.
 
 The numbers are the venues' documented public per-IP limits at the time of writing
-(see docs/exchanges.md). They drive `cryptoflow shards list` and the depth checks in
-`cryptoflow.config`; the live rate limiter still trusts the venues' usage headers first.
+(see docs/exchanges.md). They drive `cryptoflow shards list` and the depth and stream
+checks in `cryptoflow.config`; the live rate limiter still trusts the venues' usage
+headers first.
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ from __future__ import annotations
 import attrs
 
 BINANCE_DEPTH_LIMITS: tuple[int, ...] = (5, 10, 20, 50, 100, 500, 1000)
+#: Binance diff-depth stream speeds: `<sym>@depth@<speed>` (250ms is plain `@depth`)
+BINANCE_STREAM_SPEEDS: tuple[str, ...] = ("100ms", "250ms", "500ms")
+#: Bybit linear `orderbook.<depth>.<sym>` topics (push intervals in bybit/rules.WS_DEPTHS)
+BYBIT_STREAM_DEPTHS: tuple[int, ...] = (1, 50, 200, 1000)
 
 
 @attrs.frozen
@@ -90,3 +96,27 @@ def depth_limit_problem(exchange: str, depth_limit: int) -> str | None:
     if exchange == "okx" and not 1 <= depth_limit <= OKX_BOOKS_FULL_MAX:
         return f"{depth_limit} is out of range, expected 1..{OKX_BOOKS_FULL_MAX} for OKX"
     return None
+
+
+def stream_setting_problem(exchange: str, key: str, value: object) -> str | None:
+    """Why `source.<exchange>.<key>` (stream_speed / stream_depth) names a stream the
+    venue does not offer, as '<wrong>, <expected>'; None if fine.
+
+    Only Binance reads stream_speed and only Bybit stream_depth (the schema is shared),
+    but a value no venue offers is refused in every block: the Bybit client used to
+    replace an unknown depth with 200 without a word.
+    """
+    if key == "stream_speed":
+        allowed: tuple[object, ...] = BINANCE_STREAM_SPEEDS
+        what = "a Binance stream speed" if exchange == "binance" else "a stream speed"
+        note = "" if exchange == "binance" else " (only Binance reads it)"
+    elif key == "stream_depth":
+        allowed = BYBIT_STREAM_DEPTHS
+        what = "a Bybit stream depth" if exchange == "bybit" else "a stream depth"
+        note = "" if exchange == "bybit" else " (only Bybit reads it)"
+    else:
+        return None
+    if value in allowed:
+        return None
+    shown = repr(value) if isinstance(value, str) else str(value)
+    return f"{shown} is not {what}, expected one of {', '.join(map(str, allowed))}{note}"
