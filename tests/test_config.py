@@ -498,3 +498,23 @@ def test_the_stream_choices_match_the_venue_clients() -> None:
     from cryptoflow.exchanges.limits import BYBIT_STREAM_DEPTHS
 
     assert tuple(bybit_rules.WS_DEPTHS) == BYBIT_STREAM_DEPTHS
+
+
+def test_validate_config_names_a_log_file_collect_could_not_open(tmp_path: Path) -> None:
+    """It passed validate-config, then collect exited 2 on it."""
+    (tmp_path / "afile").write_text("x")
+    for output, why in (
+        (tmp_path / "missing" / "cf.log", "No such file or directory"),
+        (tmp_path / "afile" / "cf.log", "Not a directory"),
+        (tmp_path, "Is a directory"),
+    ):
+        cfg = write(tmp_path, config=f"reader:\n  jitter: 0.5\nlogging:\n  output: {output}\n")
+        res = _cli("validate-config", "-c", str(cfg))
+        assert res.exit_code == 2, res.output
+        assert f"{cfg}:4: logging.output: cannot open {str(output)!r}: {why}" in res.output
+        collect = _cli("collect", "-c", str(cfg), "-e", "binance", "--simulate", "--duration", "1")
+        assert collect.exit_code == 2
+        assert collect.output.startswith(f"{cfg}:4: logging.output: cannot open ")
+    cfg = write(tmp_path, config=f"logging:\n  output: {tmp_path / 'logs.txt'}\n")
+    assert _cli("validate-config", "-c", str(cfg)).exit_code == 0
+    assert not (tmp_path / "logs.txt").exists()  # checked, not created

@@ -6,6 +6,8 @@ lets an operator eyeball the result. It never prints secrets: only the bucket an
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from pathlib import Path
 
@@ -52,7 +54,30 @@ def host_problems(settings: Settings, config_path: Path) -> list[str]:
         check_spool_apart(settings.app.storage, settings.env, None, config_path)
     except ConfigError as exc:
         problems.extend(exc.problems)
+    problem = _log_output_problem(settings.app.logging.output)
+    if problem:
+        where = key_location(config_path, "logging.output")
+        problems.append(f"{where}: cannot open {settings.app.logging.output!r}: {problem}")
     return problems
+
+
+def _log_output_problem(output: str) -> str | None:
+    """Why collect could not open this log file (its OSError text), without creating it."""
+    if output in ("stderr", "stdout", ""):
+        return None
+    path = Path(output)
+    folder = path.parent
+    if path.is_dir():
+        code = errno.EISDIR
+    elif not folder.exists():
+        code = errno.ENOENT
+    elif not folder.is_dir():
+        code = errno.ENOTDIR
+    elif not os.access(path if path.exists() else folder, os.W_OK):
+        code = errno.EACCES
+    else:
+        return None
+    return os.strerror(code)
 
 
 def _check_spool(settings: Settings, config_path: Path) -> list[str]:
