@@ -132,6 +132,37 @@ def key_location(config_path: Path | str, dotted: str) -> str:
     return f"{path}:{line}: {dotted}" if line else f"{path}: {dotted}"
 
 
+def stale_after_warnings(settings: Settings) -> list[str]:
+    """`metrics.stale_after` shorter than a venue's snapshot polls can be apart.
+
+    /healthz judges the snapshot lane of a polled symbol on its own: polls further apart
+    than stale_after make a healthy run answer 503 between them (not ready, alerts
+    firing). Two polls' responses can be `interval + 2 x jitter +
+    request_timeout` apart. A warning, not an error: the run itself collects fine.
+    """
+    app = settings.app
+    stale = app.metrics.stale_after
+    reader = app.reader
+    out = []
+    for exchange in dict.fromkeys(app.cryptoflow.exchanges):
+        source = app.source.for_exchange(exchange)
+        if not source.snapshots or not any(s.symbols.get(exchange) for s in settings.shards):
+            continue
+        interval = source.snapshot_interval or reader.snapshot_interval
+        worst = interval + 2 * reader.jitter + reader.request_timeout
+        if stale > worst:
+            continue
+        key = f"source.{exchange}" if source.snapshot_interval else "reader"
+        out.append(
+            f"{key_location(settings.config_path, 'metrics.stale_after')}: {stale:g} s is "
+            f"not longer than {exchange}'s snapshot polls can be apart ({worst:g} s = "
+            f"{key}.snapshot_interval {interval:g} + 2 x reader.jitter {reader.jitter:g} + "
+            f"reader.request_timeout {reader.request_timeout:g}): /healthz would report a "
+            f"healthy run stale (503) between polls; expected stale_after > {worst:g}"
+        )
+    return out
+
+
 def load_environment(
     env: Mapping[str, str] | None = None, env_file: Path | None = None
 ) -> Environment:

@@ -518,3 +518,37 @@ def test_validate_config_names_a_log_file_collect_could_not_open(tmp_path: Path)
     cfg = write(tmp_path, config=f"logging:\n  output: {tmp_path / 'logs.txt'}\n")
     assert _cli("validate-config", "-c", str(cfg)).exit_code == 0
     assert not (tmp_path / "logs.txt").exists()  # checked, not created
+
+
+def test_snapshot_polls_further_apart_than_stale_after_are_warned(tmp_path: Path) -> None:
+    """A healthy run answered /healthz 503 between polls (audit: slowpoll_test.sh:
+    binance polled every 8 s, stale_after 3 s) and nothing said so beforehand."""
+    config = (
+        "reader:\n  snapshot_interval: 10\n  jitter: 0.5\n  request_timeout: 4\n"
+        "source:\n  binance:\n    snapshot_interval: 8\n"
+        "metrics:\n  enabled: true\n  stale_after: 14\n"
+    )
+    shards = SHARDS.replace(
+        "binance: [BTCUSDT, ETHUSDT]", "binance: [BTCUSDT]\n      okx: [ETHUSDT]"
+    )
+    cfg = write(tmp_path, config=config, shards=shards)
+    okx = (
+        f"warning: {cfg}:10: metrics.stale_after: 14 s is not longer than okx's snapshot polls"
+        " can be apart (15 s = reader.snapshot_interval 10 + 2 x reader.jitter 0.5 +"
+        " reader.request_timeout 4): /healthz would report a healthy run stale (503) between"
+        " polls; expected stale_after > 15"
+    )
+    for args in (["validate-config"], ["shards", "list"], ["shards", "list", "--format", "k8s"]):
+        res = _cli(*args, "-c", str(cfg))
+        assert res.exit_code == 0, (args, res.output)
+        assert [w for w in res.stderr.splitlines() if "stale_after" in w] == [okx]
+    # binance's polls can be 8 + 2 x 0.5 + 4 = 13 s apart
+    cfg.write_text(config.replace("stale_after: 14", "stale_after: 13"))
+    lines = [w for w in _cli("validate-config", "-c", str(cfg)).stderr.splitlines() if "stale" in w]
+    assert [w.split("(")[1].split(")")[0] for w in lines] == [
+        "13 s = source.binance.snapshot_interval 8 + 2 x reader.jitter 0.5 +"
+        " reader.request_timeout 4",
+        "15 s = reader.snapshot_interval 10 + 2 x reader.jitter 0.5 + reader.request_timeout 4",
+    ]
+    cfg.write_text(config.replace("stale_after: 14", "stale_after: 15.5"))
+    assert "stale_after" not in _cli("validate-config", "-c", str(cfg)).stderr

@@ -15,7 +15,7 @@ import attrs
 from rich.console import Console
 from rich.table import Table
 
-from cryptoflow.config import load_settings
+from cryptoflow.config import load_settings, stale_after_warnings
 from cryptoflow.config_schema import EXCHANGES, Settings
 from cryptoflow.errors import UsageError
 from cryptoflow.exchanges import registry
@@ -102,6 +102,8 @@ def run(config_path: Path, exchange: str | None = None, fmt: str = "table") -> i
     if fmt not in ("table", "k8s", "compose"):
         raise UsageError(f"unknown format {fmt!r}, expected table, k8s or compose")
     settings = load_settings(config_path)
+    for warning in stale_after_warnings(settings):
+        print(f"warning: {warning}", file=sys.stderr)
     if fmt != "table":
         return _render_deploy(settings, config_path, fmt)
     rows = budget(settings, exchange)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import trio
 
-from cryptoflow.config import key_location, load_settings
+from cryptoflow.config import key_location, load_settings, stale_after_warnings
 from cryptoflow.config_schema import Settings
 from cryptoflow.errors import ConfigError, CryptoflowError
 from cryptoflow.exchanges import registry
@@ -25,6 +25,8 @@ from cryptoflow.symbols import listed_on
 def run(config_path: Path, online: bool = False) -> int:
     settings = load_settings(config_path)
     print("\n".join(summary(settings)))
+    for line in stale_after_warnings(settings):
+        print(f"warning: {line}", file=sys.stderr)
     problems = host_problems(settings, config_path)
     for line in problems:
         print(line, file=sys.stderr)
