@@ -31,6 +31,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from cryptoflow.config_schema import (
     EXCHANGES,
+    VENUE_DEFAULTS,
     AppConfig,
     Environment,
     Settings,
@@ -259,6 +260,7 @@ def _load_app(node: Any, rep: _Report) -> AppConfig | None:
         return None
     before = len(rep.problems)
     clean = _check_section(node, AppConfig, "", rep)
+    _fill_venue_defaults(clean)
     _check_app_rules(node, rep)
     if len(rep.problems) > before:
         return None
@@ -267,6 +269,19 @@ def _load_app(node: Any, rep: _Report) -> AppConfig | None:
     except (cattrs.BaseValidationError, TypeError, ValueError) as exc:  # a schema we missed
         rep.add(None, "(config)", f"cannot be structured ({exc}), expected the documented schema")
         return None
+
+
+def _fill_venue_defaults(clean: dict[str, Any]) -> None:
+    """A written `source.<venue>` block gets that venue's own defaults (VENUE_DEFAULTS)
+    for the keys it leaves out, not the shared class's: cattrs only knows the latter."""
+    source = clean.get("source")
+    if not isinstance(source, dict):
+        return
+    for exchange, defaults in VENUE_DEFAULTS.items():
+        block = source.get(exchange)
+        if isinstance(block, dict):
+            for key, value in defaults.items():
+                block.setdefault(key, value)
 
 
 def _check_section(node: Any, cls: type, path: str, rep: _Report) -> dict[str, Any]:

@@ -552,3 +552,38 @@ def test_snapshot_polls_further_apart_than_stale_after_are_warned(tmp_path: Path
     ]
     cfg.write_text(config.replace("stale_after: 14", "stale_after: 15.5"))
     assert "stale_after" not in _cli("validate-config", "-c", str(cfg)).stderr
+
+
+def _differences(a, b, path: str = "") -> list[str]:
+    import attrs
+
+    out = []
+    for f in attrs.fields(type(a)):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        dotted = f"{path}.{f.name}" if path else f.name
+        if attrs.has(type(x)):
+            out.extend(_differences(x, y, dotted))
+        elif x != y:
+            out.append(f"{dotted}: {x!r} vs {y!r}")
+    return out
+
+
+def test_the_shipped_config_spells_out_the_code_defaults(tmp_path: Path) -> None:
+    """config.yml says every knob is spelled with its default, but dropping
+    `upload_interval` gave 0 (one S3 object per flush, not per minute) and a Bybit block
+    without `depth_limit` asked for 1000 levels of a venue that serves 500."""
+    from cryptoflow.config_schema import AppConfig
+
+    (tmp_path / ".env").touch()
+    shipped = load_settings(SHIPPED, env={}, env_file=tmp_path / ".env").app
+    # the one commented exception: 33 symbols x 1000 levels do not fit one IP at 10 s
+    assert _differences(AppConfig(), shipped) == ["source.binance.snapshot_interval: None vs 25.0"]
+    assert "except source.binance.snapshot_interval" in SHIPPED.read_text().splitlines()[1]
+
+
+def test_a_written_venue_block_keeps_that_venues_own_defaults(tmp_path: Path) -> None:
+    text = "source:\n  bybit:\n    deltas: false\n  binance:\n    deltas: false\n"
+    source = load(write(tmp_path, config=text)).app.source
+    assert (source.bybit.depth_limit, source.binance.depth_limit) == (500, 1000)
+    assert load(write(tmp_path, config="")).app.source.bybit.depth_limit == 500
+    assert load(write(tmp_path, config="")).app.storage.upload_interval == 60.0

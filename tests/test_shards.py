@@ -121,3 +121,29 @@ def test_k8s_and_compose_formats_render_every_shard(runner: CliRunner) -> None:
     assert result.exit_code == 0, result.output
     compose = YAML(typ="safe").load(result.stdout)
     assert len(compose["services"]) == 1
+
+
+def test_the_k8s_readme_describes_the_renderer_as_it_is(tmp_path: Path) -> None:
+    """deploy/k8s/README.md named renderer options the command does not have: it now
+    says they are the Python function's keyword arguments; both halves must stay true."""
+    from ruamel.yaml import YAML
+
+    from cryptoflow.deploy.render import render_k8s_for_settings
+
+    readme = (REPO / "deploy" / "k8s" / "README.md").read_text()
+    assert "`shards list --format k8s` has no options for them" in readme
+    help_text = CliRunner(env={"TYPER_USE_RICH": "0"}).invoke(app, ["shards", "list", "--help"])
+    for option in ("--spool-size", "--storage-class", "--image", "--namespace"):
+        assert option not in help_text.output
+    (tmp_path / ".env").touch()
+    settings = load_settings(SHIPPED, env={}, env_file=tmp_path / ".env")
+    text = render_k8s_for_settings(
+        settings, image="img:1", namespace="ns", spool_size="50Gi", storage_class="local-path"
+    )
+    docs = [d for d in YAML(typ="safe").load_all(text) if d]
+    (pvc,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert pvc["metadata"]["namespace"] == "ns"
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    assert pvc["spec"]["storageClassName"] == "local-path"
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "img:1"
