@@ -554,11 +554,12 @@ def _check_ip(
     """The shard's source IP (None = default route); two shards may not share one.
 
     Two shards on the default route would also share one per-IP budget, so that counts
-    as a duplicate too.
+    as a duplicate too; so does an unspecified address (0.0.0.0, ::), which binds the
+    same route. An IPv4-mapped IPv6 address (::ffff:10.0.0.5) is its IPv4 address.
     """
     raw = item.get("source_ip")
     line = _key_line(item, "source_ip") if "source_ip" in item else _node_line(item)
-    key = "default"
+    key, what, address = "default", "the default route (null)", None
     if raw is not None:
         if not isinstance(raw, str):
             rep.add(
@@ -568,7 +569,7 @@ def _check_ip(
             )
             return None
         try:
-            key = str(ipaddress.ip_address(raw.strip()))
+            ip = ipaddress.ip_address(raw.strip())
         except ValueError:
             rep.add(
                 line,
@@ -576,16 +577,21 @@ def _check_ip(
                 f"{raw!r} is not a valid IP address, expected e.g. '10.0.0.5' or null",
             )
             return None
+        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+        address = str(mapped or ip)
+        key = "default" if ip.is_unspecified else address
+        what = address if mapped is None else f"{raw.strip()} (that is {address})"
+        if ip.is_unspecified:
+            what = f"{ip} (any address: the default route)"
     first = ips.setdefault(key, (label, line, id(item)))
     if first[2] != id(item):
-        what = "the default route (null)" if key == "default" else key
         rep.add(
             line,
             f"{label}.source_ip",
             f"{what} is already used by {first[0]} (line {first[1]}),"
             " expected one shard per source IP",
         )
-    return None if raw is None else key
+    return address
 
 
 def _check_shard_symbols(

@@ -587,3 +587,28 @@ def test_a_written_venue_block_keeps_that_venues_own_defaults(tmp_path: Path) ->
     assert (source.bybit.depth_limit, source.binance.depth_limit) == (500, 1000)
     assert load(write(tmp_path, config="")).app.source.bybit.depth_limit == 500
     assert load(write(tmp_path, config="")).app.storage.upload_interval == 60.0
+
+
+def test_source_ips_that_are_the_same_route_are_duplicates(tmp_path: Path) -> None:
+    """0.0.0.0 next to a null shard (same default route, same per-IP budget) and
+    ::ffff:10.0.0.5 next to 10.0.0.5 (the same address) both passed."""
+    shard = "  - name: {n}\n    source_ip: {ip}\n    symbols: {{binance: [{s}]}}\n"
+    f = tmp_path / "ip_shards.yml"
+    for first, second, what in (
+        ("null", "0.0.0.0", "0.0.0.0 (any address: the default route)"),
+        ("'::'", "null", "the default route (null)"),
+        ("10.0.0.5", "'::ffff:10.0.0.5'", "::ffff:10.0.0.5 (that is 10.0.0.5)"),
+        ("'::ffff:10.0.0.5'", "10.0.0.5", "10.0.0.5"),
+    ):
+        shards = (
+            "shards:\n"
+            + shard.format(n="a", ip=first, s="BTCUSDT")
+            + shard.format(n="b", ip=second, s="ETHUSDT")
+        )
+        cfg = write(tmp_path, shards=shards)
+        assert problems(cfg) == [
+            f"{f}:6: shards.b.source_ip: {what} is already used by shards.a (line 3),"
+            " expected one shard per source IP"
+        ], (first, second)
+    one = "shards:\n" + shard.format(n="a", ip="'::ffff:10.0.0.5'", s="BTCUSDT")
+    assert load(write(tmp_path, shards=one)).shards[0].source_ip == "10.0.0.5"
