@@ -396,6 +396,7 @@ def _start_readers(
                         fallback=resync.request_rest,
                         raw_sink=raw_sink,
                         stopping=stopping,
+                        label=plan.label,
                     ),
                 )
             )

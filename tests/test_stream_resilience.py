@@ -194,3 +194,23 @@ async def test_supervised_backoff_starts_over_after_a_healthy_run(clock):
     await supervised("t", task, initial=1.0, maximum=10.0, rng=random.Random(7))
     waits = [b - a - 10.0 for a, b in itertools.pairwise(starts)]
     assert len(waits) == 5 and max(waits) <= 1.0, waits  # was 1, 2, 4, 8, 10 (jittered)
+
+
+async def test_a_lost_stream_names_its_shard(caplog):
+    """`binance: stream lost (...)` did not say which shard, hence which source IP,
+    failed (audit: a shard on an address this host does not have)."""
+    send, _recv = trio.open_memory_channel(100)
+    stream = BybitStream("ws://127.0.0.1:9", 50, SYM)
+    with trio.move_on_after(1):
+        await run_stream(
+            stream,
+            ["BTCUSDT"],
+            SYM,
+            send,
+            source_ip="192.0.2.1",  # TEST-NET-1: on no host
+            backoff_initial=0.05,
+            backoff_max=0.1,
+            label="bybit/eip2",
+        )
+    lost = [r.getMessage() for r in caplog.records if "stream lost" in r.getMessage()]
+    assert lost and all(m.startswith("bybit/eip2: stream lost (OSError: ") for m in lost), lost

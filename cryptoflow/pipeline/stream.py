@@ -236,9 +236,13 @@ async def run_stream(
     raw_sink: Callable[[str, str | bytes, int], None] | None = None,
     stopping: trio.Event | None = None,
     drain_timeout: float = 2.0,
+    label: str | None = None,
 ) -> None:
     """Keep one connection for `venue_symbols` alive, feeding `out`, until `stopping`
     (then drain the open connection, see the module docstring) or cancellation.
+
+    `label` names the connection in its log lines (`binance/eip2`: which shard, hence
+    which source IP); default the venue.
 
     `raw_sink(symbol, frame, recv_ns)` (raw capture, off = None) gets every frame that
     parsed to diffs, with the receive time the diffs carry.
@@ -269,6 +273,7 @@ async def run_stream(
                     resync=resync,
                     fallback=fallback,
                     raw_sink=raw_sink,
+                    label=label or venue.exchange,
                 )
                 nursery.cancel_scope.cancel()  # the stop watcher
         if closer.stopping:
@@ -292,6 +297,7 @@ async def _connect_loop(
     resync: ResyncQueue | None,
     fallback: Callable[[str], None] | None,
     raw_sink: Callable[[str, str | bytes, int], None] | None,
+    label: str,
 ) -> None:
     """Connect, pump, reconnect (back-off on failures) until a stop closes a connection."""
     symbols = [symbol_of.get(s, s) for s in venue_symbols]
@@ -325,7 +331,7 @@ async def _connect_loop(
                             )
                     log.info(
                         "%s: connected (%d streams)%s",
-                        venue.exchange,
+                        label,
                         len(venue_symbols),
                         f" from {source_ip}" if source_ip else "",
                     )
@@ -354,7 +360,7 @@ async def _connect_loop(
                 exc = _first_leaf(group)
                 if closer.stopping or closer.planned:
                     why = "the stop" if closer.stopping else "a planned reconnect"
-                    log.info("%s: stream closed for %s (%s)", venue.exchange, why, exc)
+                    log.info("%s: stream closed for %s (%s)", label, why, exc)
                 else:
                     stats.disconnects += 1
                     stats.last_error = f"{type(exc).__name__}: {exc}"
@@ -366,14 +372,14 @@ async def _connect_loop(
                     )
                     log.warning(
                         "%s: stream lost (%s); reconnecting in %.1fs",
-                        venue.exchange,
+                        label,
                         stats.last_error,
                         delay,
                     )
         if scope.cancelled_caught:  # only a drain sets this scope a deadline
             log.warning(
                 "%s: no close answer within %gs of our close frame; frames after it are not read",
-                venue.exchange,
+                label,
                 closer.timeout,
             )
         if closer.planned:
