@@ -164,6 +164,21 @@ def stale_after_warnings(settings: Settings) -> list[str]:
     return out
 
 
+def shard_key_location(config_path: Path | str, shard: str, key: str) -> str:
+    """`file:line: shards.<shard>.<key>` in the ip_shards.yml beside `config_path`
+    (without the line when it cannot be found): where a check made after loading points."""
+    path = Path(config_path).parent / SHARDS_FILE
+    dotted = f"shards.{shard}.{key}"
+    items: Any = None
+    with contextlib.suppress(OSError, YAMLError, UnicodeDecodeError):
+        items = _dig(YAML(typ="rt").load(path.read_text(encoding="utf-8")), "shards")
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, Mapping) and item.get("name") == shard:
+            line = _key_line(item, key) if key in item else _node_line(item)
+            return f"{path}:{line}: {dotted}" if line else f"{path}: {dotted}"
+    return f"{path}: {dotted}"
+
+
 def load_environment(
     env: Mapping[str, str] | None = None, env_file: Path | None = None
 ) -> Environment:

@@ -612,3 +612,40 @@ def test_source_ips_that_are_the_same_route_are_duplicates(tmp_path: Path) -> No
         ], (first, second)
     one = "shards:\n" + shard.format(n="a", ip="'::ffff:10.0.0.5'", s="BTCUSDT")
     assert load(write(tmp_path, shards=one)).shards[0].source_ip == "10.0.0.5"
+
+
+def test_a_source_ip_this_host_does_not_have_is_named(tmp_path: Path) -> None:
+    """192.0.2.1 (TEST-NET-1: on no host) passed validate-config; collect then failed
+    every connection of that shard, forever, with warnings naming only the venue."""
+    shards = (
+        "shards:\n  - name: main\n    source_ip: null\n    symbols: {binance: [BTCUSDT]}\n"
+        "  - name: lo2\n    source_ip: 127.0.0.2\n    symbols: {binance: [BTCUSDC]}\n"
+        "  - name: eip2\n    source_ip: 192.0.2.1\n    symbols: {binance: [ETHUSDT]}\n"
+    )
+    cfg = write(tmp_path, shards=shards)
+    line = (
+        f"{tmp_path / 'ip_shards.yml'}:9: shards.eip2.source_ip: 192.0.2.1 is not usable on"
+        " this host (binding it: Cannot assign requested address), expected an address of"
+        " this host: collect here would fail every connection of this shard"
+    )
+    res = _cli("validate-config", "-c", str(cfg))
+    assert res.exit_code == 0, res.output  # the config may be meant for another node
+    assert [w for w in res.stderr.splitlines() if "source_ip" in w] == [f"warning: {line}"]
+
+
+def test_online_check_refuses_a_source_ip_this_host_does_not_have(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cryptoflow.tools import validate
+
+    monkeypatch.setattr(validate, "check_online", lambda settings: [])  # no venue reached
+    shards = (
+        "shards:\n  - name: eip2\n    source_ip: 192.0.2.1\n    symbols: {binance: [ETHUSDT]}\n"
+    )
+    cfg = write(tmp_path, shards=shards)
+    res = _cli("validate-config", "--online", "-c", str(cfg))
+    assert res.exit_code == 2, res.output
+    assert f"{tmp_path / 'ip_shards.yml'}:3: shards.eip2.source_ip: 192.0.2.1 is not usable" in (
+        res.stderr
+    )
+    assert not [w for w in res.stderr.splitlines() if w.startswith("warning: ") and "eip2" in w]

@@ -7,7 +7,24 @@ back-off), not the transport's.
 
 from __future__ import annotations
 
+import socket
+
 import httpx
+
+
+def source_ip_problem(address: str) -> str | None:
+    """Why connections cannot be bound to `address` on this host (None: they can).
+
+    An address the host does not have fails here with EADDRNOTAVAIL, as every REST and
+    WebSocket connection of its shard would.
+    """
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((address, 0))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def make_http_client(

@@ -13,11 +13,16 @@ from pathlib import Path
 
 import trio
 
-from cryptoflow.config import key_location, load_settings, stale_after_warnings
+from cryptoflow.config import (
+    key_location,
+    load_settings,
+    shard_key_location,
+    stale_after_warnings,
+)
 from cryptoflow.config_schema import Settings
 from cryptoflow.errors import ConfigError, CryptoflowError
 from cryptoflow.exchanges import registry
-from cryptoflow.net.http import make_http_client
+from cryptoflow.net.http import make_http_client, source_ip_problem
 from cryptoflow.net.ratelimit import RateBudget
 from cryptoflow.symbols import listed_on
 
@@ -25,7 +30,9 @@ from cryptoflow.symbols import listed_on
 def run(config_path: Path, online: bool = False) -> int:
     settings = load_settings(config_path)
     print("\n".join(summary(settings)))
-    for line in stale_after_warnings(settings):
+    foreign = source_ip_problems(settings, config_path)
+    # offline, the config may be meant for other hosts (one node per shard IP)
+    for line in stale_after_warnings(settings) + ([] if online else foreign):
         print(f"warning: {line}", file=sys.stderr)
     problems = host_problems(settings, config_path)
     for line in problems:
@@ -34,7 +41,7 @@ def run(config_path: Path, online: bool = False) -> int:
         return 2  # a path of the configuration that cannot be used
     if online:
         try:
-            problems = check_online(settings)
+            problems = foreign + check_online(settings)
         except NotImplementedError:
             print("online instrument check: not implemented yet", file=sys.stderr)
             return 0
@@ -80,6 +87,24 @@ def _log_output_problem(output: str) -> str | None:
     else:
         return None
     return os.strerror(code)
+
+
+def source_ip_problems(settings: Settings, config_path: Path) -> list[str]:
+    """Shards whose source IP this host does not have: collect here would fail every
+    connection of theirs (and retry forever). Warnings offline, problems with --online."""
+    out = []
+    for shard in settings.shards:
+        if shard.source_ip is None:
+            continue
+        problem = source_ip_problem(shard.source_ip)
+        if problem:
+            where = shard_key_location(config_path, shard.name, "source_ip")
+            out.append(
+                f"{where}: {shard.source_ip} is not usable on this host (binding it: "
+                f"{problem}), expected an address of this host: collect here would fail "
+                "every connection of this shard"
+            )
+    return out
 
 
 def _check_spool(settings: Settings, config_path: Path) -> list[str]:
