@@ -116,6 +116,11 @@ class CorruptSpoolFile(StorageError):
     """A spool file is unreadable or truncated; it is quarantined, never uploaded."""
 
 
+class UnplaceableTime(StorageError, ValueError):
+    """An event time the layout cannot partition (`year=YYYY` holds years 0001-9999 only):
+    such rows are set aside in the spool's quarantine, never written or uploaded."""
+
+
 # --- data tools ----------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@ per-partition files before upload, and a split a crash interrupted completed on 
 
 from __future__ import annotations
 
+import functools
 import json
 from decimal import Decimal
 
@@ -378,3 +379,136 @@ def test_raw_sizes_that_are_not_plain_decimals_are_scaled_exactly():
         *(float(Decimal(s) * Decimal("0.1")) for s in sizes),
         *(float(s) for s in sizes),
     ]
+
+
+FAR = 300_000_000_000_000  # year 11476: a valid Int64 ms the layout has no partition for
+
+
+def far_batch(first_id: int, n: int, symbol: str):
+    """Delta rows whose event time is FAR (received now-ish)."""
+    batch = delta_batch(first_id, n, FAR, symbol)
+    batch.columns["receive_time"] = [T0 * 1_000_000] * n
+    return batch
+
+
+def set_aside_files(spool: Spool) -> list:
+    return sorted((spool.quarantine_root / "unplaced").rglob("*.parquet"))
+
+
+def test_split_sets_aside_rows_it_cannot_place_and_the_rest_goes_on(tmp_path, caplog):
+    """A journal (written before the writer checked placement) holding one symbol's rows
+    with an event time past 9999: every split of the oldest journals failed on it, for
+    ever. Now those rows are set aside in the quarantine and the others are split."""
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    bad = journal_frame(1, T0, ("BTCUSDT", "ETHUSDT")).with_columns(
+        timestamp=pl.when(pl.col("symbol") == "ETHUSDT")
+        .then(pl.lit(FAR, pl.Int64).cast(pl.Datetime("ms", "UTC")))
+        .otherwise(pl.col("timestamp"))
+    )
+    journals = [
+        spool.write_journal(Dataset.DELTAS, bad),
+        spool.write_journal(Dataset.DELTAS, journal_frame(11, T0 + 1000, ("BTCUSDT", "ETHUSDT"))),
+    ]
+    outputs = spool.split(journals)
+    assert {layout.parse_key(o.key).symbol for o in outputs} == {"BTCUSDT", "ETHUSDT"}
+    stored = rows_of(spool)
+    assert stored.filter(pl.col("symbol") == "BTCUSDT").height == 20
+    assert stored.filter(pl.col("symbol") == "ETHUSDT")["last_update_id"].to_list() == list(
+        range(11, 21)
+    )
+    assert not any(j.path.exists() for j in journals)
+    [aside] = set_aside_files(spool)
+    assert "exchange=binance/market=futures/symbol=ETHUSDT" in aside.as_posix()
+    kept = pl.read_parquet(aside)
+    assert kept["last_update_id"].to_list() == list(range(1, 11))
+    assert "0001-9999" in aside.with_name(aside.name + ".reason").read_text()
+    assert "SET ASIDE 10 deltas rows of binance/futures/ETHUSDT" in caplog.text
+    assert spool.set_aside_counts() == {"deltas": 10} and spool.quarantined() == 1
+
+
+def test_a_journal_that_cannot_be_split_is_quarantined_and_the_others_are_split(tmp_path, caplog):
+    """A split failing for a reason that is not the disk's fails again on every try; a
+    group is always the oldest journals, so one such journal stopped every later one."""
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    first = spool.write_journal(Dataset.DELTAS, journal_frame(1, T0, ("BTCUSDT",)))
+    broken = spool.write_journal(  # no symbol column: its rows have no partition
+        Dataset.DELTAS, journal_frame(11, T0 + 1000, ("BTCUSDT",)).drop("symbol")
+    )
+    last = spool.write_journal(Dataset.DELTAS, journal_frame(21, T0 + 2000, ("BTCUSDT",)))
+    outputs = spool.split([first, broken, last])
+    assert rows_of(spool)["last_update_id"].to_list() == list(range(1, 11)) + list(range(21, 31))
+    assert merged_sources(outputs[0].path) == sorted([first.key, last.key])
+    assert spool.files == len(outputs) == 1
+    assert (spool.quarantine_root / broken.key).exists() and not broken.path.exists()
+    assert f"QUARANTINED {broken.key}" in caplog.text and "cannot be split" in caplog.text
+
+
+async def test_spool_flush_is_not_stuck_behind_an_unplaceable_journal(tmp_path):
+    """`cryptoflow spool flush` on a spool whose oldest journal holds a row past 9999."""
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    bad = frame_from_columns(
+        Dataset.DELTAS, "binance", "futures", "ETHUSDT", far_batch(1, 10, "ETHUSDT").columns
+    )
+    spool.write_journal(Dataset.DELTAS, bad)
+    three_journals(spool)
+    result = await drain_spool(spool, LocalStore(tmp_path / "out"))
+    assert result.remaining == 0 and result.uploaded == 6
+    got = pl.concat([pl.read_parquet(p) for p in (tmp_path / "out").rglob("*.parquet")])
+    assert got.height == 90 and len(set_aside_files(spool)) == 1
+
+
+async def test_writer_never_journals_a_row_it_cannot_place(tmp_path, caplog):
+    """The writer sets unplaceable rows aside before the journal is written (ERROR naming
+    exchange, symbol, count); the round's other rows are spooled and uploaded."""
+    out = tmp_path / "out"
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    w = Writer(
+        LocalStore(out),
+        spool,
+        BufferSection(delta_flush_interval=0.1),
+        limiter=trio.CapacityLimiter(2),
+    )
+    send, recv = trio.open_memory_channel(100)
+    written = []
+    real = spool.write_journal
+
+    def spy(dataset, frame):
+        written.append(frame)
+        return real(dataset, frame)
+
+    spool.write_journal = spy
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(w.run, recv, shutdown_timeout=5.0))
+        await send.send(delta_batch(1, 5, T0, "BTCUSDT"))
+        await send.send(far_batch(1, 3, "ETHUSDT"))
+        await send.send(delta_batch(4, 2, T0, "ETHUSDT"))
+        await trio.sleep(0.3)
+        await send.send(delta_batch(6, 5, T0 + 1000, "BTCUSDT"))
+        await send.aclose()
+    assert written and all(layout.split_placeable(f)[1].height == 0 for f in written)
+    got = pl.concat([pl.read_parquet(p) for p in out.rglob("*.parquet")])
+    assert got.filter(pl.col("symbol") == "BTCUSDT").height == 10
+    assert got.filter(pl.col("symbol") == "ETHUSDT")["last_update_id"].to_list() == [4, 5]
+    assert w.stats.rows_spooled["deltas"] == w.stats.rows_uploaded["deltas"] == 12
+    assert w.stats.rows_set_aside["deltas"] == 3 and w.stats.split_failures == 0
+    assert "SET ASIDE 3 deltas rows of binance/futures/ETHUSDT" in caplog.text
+    assert spool.files == 0 and len(set_aside_files(spool)) == 1
+
+
+def test_journals_that_only_fail_together_are_split_one_at_a_time(tmp_path, monkeypatch):
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    journals = three_journals(spool)
+    real = spool._split_files
+
+    def fails_together(keys, outputs, *, hold, dry_run=False):
+        if len(keys) > 1:
+            raise ValueError("cannot be concatenated (test)")
+        return real(keys, outputs, hold=hold, dry_run=dry_run)
+
+    monkeypatch.setattr(spool, "_split_files", fails_together)
+    outputs = spool.split(journals)
+    assert merged_sources(outputs[0].path) == [journals[0].key]
+    assert not journals[0].path.exists() and spool.quarantined() == 0
+    assert sorted(e.key for e in spool.pending() if is_journal(e.key)) == sorted(
+        j.key for j in journals[1:]
+    )

@@ -159,3 +159,36 @@ def test_raw_key_roundtrip():
 def test_parse_key_rejects_foreign_keys():
     with pytest.raises(ValueError):
         layout.parse_key("foo/bar.parquet")
+
+
+def test_hour_start_takes_any_int64_and_refuses_clearly_outside_the_years():
+    """The layout has partitions for years 0001-9999 (`year=YYYY`, datetime's range);
+    every other Int64 ms time is refused with UnplaceableTime naming it, never an
+    OverflowError or a bare 'year is out of range' from deep inside datetime."""
+    from cryptoflow.errors import UnplaceableTime
+
+    assert layout.hour_start(T0) == datetime(2025, 3, 4, 10, tzinfo=UTC)
+    assert layout.hour_start(layout.MIN_MS) == datetime(1, 1, 1, tzinfo=UTC)
+    assert layout.hour_start(layout.MAX_MS) == datetime(9999, 12, 31, 23, tzinfo=UTC)
+    assert layout.hour_start(-1) == datetime(1969, 12, 31, 23, tzinfo=UTC)
+    for ms in (layout.MAX_MS + 1, layout.MIN_MS - 1, 2**63 - 1, -(2**63), 300_000_000_000_000):
+        with pytest.raises(UnplaceableTime, match=f"event time {ms} ms is outside"):
+            layout.hour_start(ms)
+
+
+def test_split_by_hour_refuses_a_time_past_9999_and_split_placeable_sets_it_apart():
+    from cryptoflow.errors import UnplaceableTime
+    from cryptoflow.pipeline.normalize import frame_from_columns
+
+    far = 300_000_000_000_000  # year 11476: a valid Int64 ms
+    ts = [T0, far, T0 + 1, 2**63 - 1, layout.MAX_MS]
+    cols = {**delta_cols(ts, [1, 2, 3, 4, 5]), "receive_time": [T0 * 1_000_000] * 5}
+    frame = frame_from_columns(Dataset.DELTAS, "binance", "futures", "BTCUSDT", cols)
+    with pytest.raises(UnplaceableTime, match=str(2**63 - 1)):
+        layout.split_by_hour(frame)
+    ok, bad = layout.split_placeable(frame)
+    assert ok["last_update_id"].to_list() == [1, 3, 5]
+    assert bad["last_update_id"].to_list() == [2, 4]
+    assert [h.year for h, _ in layout.split_by_hour(ok)] == [2025, 9999]
+    same, none = layout.split_placeable(ok)
+    assert same is ok and none.height == 0 and none.columns == ok.columns

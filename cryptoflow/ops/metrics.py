@@ -45,7 +45,8 @@ Per shard (REST budget of its source IP, and its raw channel):
 
 Writer and spool (one per process):
 - `cryptoflow_rows_received_total{dataset}`, `cryptoflow_rows_spooled_total{dataset}`,
-  `cryptoflow_rows_uploaded_total{dataset}`
+  `cryptoflow_rows_uploaded_total{dataset}`, `cryptoflow_rows_set_aside_total{dataset}`
+  (rows the layout cannot place, kept in the spool's quarantine)
 - `cryptoflow_flushes_total`, `cryptoflow_flush_failures_total`,
   `cryptoflow_spool_full_events_total`, `cryptoflow_files_spooled_total`,
   `cryptoflow_bytes_spooled_total`, `cryptoflow_files_uploaded_total`,
@@ -421,6 +422,11 @@ class RunCollector(Collector):
                 ("rows_received", "rows_received", "Rows received by the writer"),
                 ("rows_spooled", "rows_spooled", "Rows in complete spool files"),
                 ("rows_uploaded", "rows_uploaded", "Rows verified in storage"),
+                (
+                    "rows_set_aside",
+                    "rows_set_aside",
+                    "Rows set aside in the spool's quarantine (never uploaded; logged)",
+                ),
             ):
                 fam = _counter(f"cryptoflow_{name}", doc, ("dataset",))
                 per = dict(getattr(ws, attr, {}) or {})

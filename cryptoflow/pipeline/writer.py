@@ -16,6 +16,9 @@ Flow per buffer key (dataset, exchange, market, symbol):
   entries are then picked up by uploader tasks that call `store.put_file` and delete the
   spool file only after a verified success. Failed uploads retry with capped exponential
   back-off + jitter while collection continues (the spool grows on disk, not in RAM).
+  Rows the layout cannot place (an event time outside the years 0001-9999) are set
+  aside in the spool's quarantine before a journal is written (`Spool.set_aside`), so
+  a journal never holds a row its split cannot place.
 - Spool full (or the spool disk failing): the flush is refused, the rows stay buffered and
   the flush is retried with back-off. Once the buffers reach the memory cap
   the writer stops reading its input channel, so the bounded channel fills and the
@@ -61,7 +64,14 @@ from cryptoflow.pipeline.bodies import BodyBatch, SnapshotCodec, frame_from_bodi
 from cryptoflow.pipeline.rows import RowBatch
 from cryptoflow.storage import layout, rawfile
 from cryptoflow.storage.base import ObjectStore
-from cryptoflow.storage.spool import Spool, SpoolEntry, concat_frames, dataset_of, is_journal
+from cryptoflow.storage.spool import (
+    UNPLACED_DIR,
+    Spool,
+    SpoolEntry,
+    concat_frames,
+    dataset_of,
+    is_journal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +115,9 @@ class WriterStats:
     rows_received: Counter[str] = attrs.field(factory=Counter)  # per dataset
     rows_spooled: Counter[str] = attrs.field(factory=Counter)  # rows in complete spool files
     rows_uploaded: Counter[str] = attrs.field(factory=Counter)  # rows verified in storage
+    #: rows set aside in the spool's quarantine (the layout cannot place them), never
+    #: uploaded; mirrors `Spool.set_aside_counts` (flushes and journal splits)
+    rows_set_aside: Counter[str] = attrs.field(factory=Counter)
     #: rows received per (dataset, exchange, symbol), for per-symbol metrics and rows/s
     rows_by_symbol: Counter[tuple[str, str, str]] = attrs.field(factory=Counter)
     upload_seconds_sum: float = 0.0
@@ -277,18 +290,33 @@ def _flush_many_blocking(
     for dataset, idxs in journaled.items():
         try:
             frame = journal_frame([bufs[i] for i in idxs], builder)
-            entry = spool.write_journal(dataset, frame)
+            # a journal must hold only rows its split can place: one that cannot be
+            # placed made every split of the oldest journals fail, forever
+            frame, unplaced = spool.set_aside_unplaceable(dataset, frame)
+            entry = spool.write_journal(dataset, frame) if frame.height else None
         except (SpoolFull, OSError) as exc:
             for i in idxs:
                 out[i] = exc
             continue
+        aside = _rows_per_partition(unplaced)
         for i in idxs:
-            out[i] = [(entry, bufs[i].rows)]
+            _, exchange, market, symbol = bufs[i].key
+            n = min(bufs[i].rows, aside[(exchange, market, symbol)])
+            aside[(exchange, market, symbol)] -= n
+            out[i] = [(entry, bufs[i].rows - n)] if entry is not None else []
         if dataset == Dataset.DELTAS:
             now = time.time()
             delays["event"] = delay_histogram(frame, now)
             delays["receive"] = delay_histogram(frame, now, "receive_time")
     return [out[i] for i in range(len(bufs))], delays
+
+
+def _rows_per_partition(frame: pl.DataFrame) -> Counter[tuple[str, str, str]]:
+    """Rows per (exchange, market, symbol) of a frame (empty: no work)."""
+    if not frame.height:
+        return Counter()
+    counts = frame.group_by(["exchange", "market", "symbol"]).len()
+    return Counter({(e, m, s): n for e, m, s, n in counts.iter_rows()})
 
 
 def journal_frame(bufs: list[_Buffer], builder: FrameBuilder) -> pl.DataFrame:
@@ -745,6 +773,7 @@ class Writer:
         self.stats.spool_files = self.spool.files
         self.stats.spool_bytes = self.spool.bytes
         self.stats.spool_warnings = self.spool.warnings
+        self.stats.rows_set_aside.update(self.spool.set_aside_counts() - self.stats.rows_set_aside)
 
     def _wake_uploaders(self) -> None:
         self._new_work.set()
@@ -1016,6 +1045,13 @@ class Writer:
             s.spool_bytes,
             self.spool.root,
         )
+        if s.rows_set_aside:
+            log.error(
+                "writer: %d rows were set aside in %s (never uploaded; see the SET ASIDE "
+                "lines for why)",
+                sum(s.rows_set_aside.values()),
+                self.spool.quarantine_root / UNPLACED_DIR,
+            )
         rows = sum(s.spool_delay)
         if rows:
             log.info(

@@ -5,6 +5,10 @@
 
 - The hour is the data's *event* time (the `timestamp` column, UTC), never the flush time.
   A frame that spans an hour boundary becomes one file per hour (`split_by_hour`).
+  Only times from 0001-01-01 to 9999-12-31 (UTC) have a partition (`MIN_MS`..`MAX_MS`):
+  the hour functions raise `UnplaceableTime` for any other Int64 ms time, and the writer
+  and the journal split check `placeable` first and set such rows aside
+  (`Spool.set_aside`), so one absurd time never blocks the rows of any other.
 - File names are deterministic from content, so a retried upload of the same rows
   overwrites the same key instead of adding a duplicate, and two *different* files can
   never share a name (the short content hash tells apart two flushes that happen to
@@ -25,15 +29,21 @@ from __future__ import annotations
 
 import hashlib
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import attrs
 import polars as pl
 
+from cryptoflow.errors import UnplaceableTime
 from cryptoflow.models import Dataset
 from cryptoflow.storage import parquet
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+HOUR_MS = 3_600_000
+#: the event times (epoch ms, UTC) the layout can place: `year=YYYY` has four digits,
+#: which is also Python's datetime range (0001-01-01 .. 9999-12-31 23:59:59.999)
+MIN_MS = -62_135_596_800_000
+MAX_MS = 253_402_300_799_999
 
 _KEY_RE = re.compile(
     r"^(?:(?P<prefix>.+)/)?(?P<dataset>[a-z_]+)/exchange=(?P<exchange>[^/]+)/"
@@ -124,11 +134,36 @@ def file_name(
     return f"{symbol}-{first_ts}-{last_ts}-{digest}.parquet"
 
 
+def hour_start(ms: int) -> datetime:
+    """The start of the UTC hour holding `ms` (epoch ms); `UnplaceableTime` outside
+    `MIN_MS`..`MAX_MS` (any Int64 is handled: no OverflowError, no platform limit)."""
+    if not MIN_MS <= ms <= MAX_MS:
+        raise UnplaceableTime(
+            f"event time {ms} ms is outside the years 0001-9999 the layout can partition"
+        )
+    return _EPOCH + timedelta(hours=ms // HOUR_MS)
+
+
+def placeable(frame: pl.DataFrame, column: str = "timestamp") -> pl.Series:
+    """Per row: can the layout place it (a null time goes to 1970, see `split_by_hour`)."""
+    ms = frame.get_column(column).cast(pl.Int64, strict=False)
+    return ms.is_null() | ms.is_between(MIN_MS, MAX_MS)
+
+
+def split_placeable(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(rows the layout can place, rows it cannot), each in the frame's order. Nearly
+    always the frame itself and an empty frame, without copying."""
+    ok = placeable(frame)
+    if ok.all():
+        return frame, frame.clear()
+    return frame.filter(ok), frame.filter(~ok)
+
+
 def raw_key(
     exchange: str, market: str, symbol: str, first_ns: int, last_ns: int, data: bytes
 ) -> str:
     """Relative key of one raw-capture file (receive-time hour partition)."""
-    hour = datetime.fromtimestamp((first_ns // 3_600_000_000_000) * 3600, tz=UTC)
+    hour = hour_start(first_ns // 1_000_000)
     name = (
         f"{symbol}-{first_ns // 1_000_000}-{last_ns // 1_000_000}-{content_hash(data)}{RAW_SUFFIX}"
     )
@@ -139,25 +174,26 @@ def split_by_hour(frame: pl.DataFrame) -> list[tuple[datetime, pl.DataFrame]]:
     """Split rows by the UTC hour of their `timestamp`, oldest hour first, row order kept.
 
     Rows with a null timestamp (should not happen: the normalizer fills gap timestamps)
-    go to the 1970-01-01 00h partition rather than being dropped.
+    go to the 1970-01-01 00h partition rather than being dropped. A time outside
+    `MIN_MS`..`MAX_MS` raises `UnplaceableTime` (callers check `split_placeable` first).
     """
     if frame.height == 0:
         return []
     ms = frame.get_column("timestamp").cast(pl.Int64, strict=False).fill_null(0)
-    first, last = ms.min(), ms.max()
-    if first // 3_600_000 == last // 3_600_000:  # type: ignore[operator]
+    first, last = int(ms.min()), int(ms.max())  # type: ignore[arg-type]
+    hour_start(first), hour_start(last)  # refuse the whole frame before any work
+    if first // HOUR_MS == last // HOUR_MS:
         # one hour (nearly every flush): no partition_by, which cost ~0.8 ms per call,
         # as much as encoding a one-second delta file (docs/benchmarks.md)
-        return [(datetime.fromtimestamp(first // 3_600_000 * 3600, tz=UTC), frame)]  # type: ignore[operator]
-    hour_idx = (ms // 3_600_000).alias("__hour")
+        return [(hour_start(first), frame)]
+    hour_idx = (ms // HOUR_MS).alias("__hour")
     tagged = frame.with_columns(hour_idx)
     out: list[tuple[datetime, pl.DataFrame]] = []
     for (h,), part in sorted(
         tagged.partition_by("__hour", as_dict=True, maintain_order=True).items(),
         key=lambda kv: kv[0][0],
     ):
-        hour = datetime.fromtimestamp(int(h) * 3600, tz=UTC)
-        out.append((hour, part.drop("__hour")))
+        out.append((hour_start(int(h) * HOUR_MS), part.drop("__hour")))
     return out
 
 

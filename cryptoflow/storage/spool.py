@@ -2,7 +2,11 @@
 
 Layout: `<spool>/<relative object key>` (the same hive tree as the destination), plus
 `<spool>/quarantine/<relative key>` for files that must never be uploaded, each with a
-`<file>.reason` text file beside it.
+`<file>.reason` text file beside it, and `<spool>/quarantine/unplaced/<dataset>/
+exchange=../market=../symbol=../<SYMBOL>-<hash8>.parquet` for rows set aside
+(`Spool.set_aside`): rows the layout cannot place (an event time outside the years
+0001-9999, `layout.MIN_MS`..`MAX_MS`). They are kept, never uploaded, and never stop
+the rows of any other symbol.
 
 Write protocol (`Spool.write`): write to `.<name>.tmp-<random>` in the final directory,
 fsync the file, `os.replace` onto the final name, fsync the directory (and any directory
@@ -55,6 +59,7 @@ import logging
 import os
 import secrets
 import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -68,6 +73,8 @@ from cryptoflow.storage import layout, parquet, rawfile
 log = logging.getLogger(__name__)
 
 QUARANTINE_DIR = "quarantine"
+#: under QUARANTINE_DIR: rows set aside at a flush or split (`Spool.set_aside`)
+UNPLACED_DIR = "unplaced"
 JOURNAL_DIR = "journal"
 TMP_MARK = ".tmp-"
 DATA_SUFFIXES = (".parquet", rawfile.SUFFIX)
@@ -307,6 +314,8 @@ class Spool:
         #: files written by a split still running: not pending until `release`d, so no
         #: uploader takes one before the splitting one does (or a failed split drops it)
         self._held: set[str] = set()
+        #: rows set aside in quarantine by this process, per dataset (`set_aside_counts`)
+        self._set_aside_rows: Counter[str] = Counter()
         makedirs_durable(self.root)
 
     # --- accounting ----------------------------------------------------------------
@@ -334,6 +343,11 @@ class Spool:
                 f, b = out.get(ds, (0, 0))
                 out[ds] = (f + 1, b + e.size)
         return out
+
+    def set_aside_counts(self) -> Counter[str]:
+        """Rows this process set aside (`set_aside`), per dataset."""
+        with self._lock:
+            return Counter(self._set_aside_rows)
 
     def quarantined(self) -> int:
         if not self.quarantine_root.exists():
@@ -587,12 +601,25 @@ class Spool:
         `hold` the outputs too, until it `release`s them.
 
         A split that fails deletes the outputs it wrote (never uploaded: held), so the
-        journals, which stay, are split later with whatever group they are in then."""
+        journals, which stay, are split later with whatever group they are in then. A
+        failure that is not the disk's (not an OSError) would come back on every try, and
+        a group is always the oldest journals: the journals that cannot be split on their
+        own are quarantined (ERROR) and the others split without them (`_split_around`),
+        so one journal never blocks every later one. Rows the layout cannot place are
+        set aside (`set_aside_unplaceable`), never a reason to fail."""
         keys = sorted(e.key for e in entries)
         if not keys or not all(is_journal(k) for k in keys):
             raise ValueError("split takes journal files only")
         if len({dataset_of(k) for k in keys}) != 1:
             raise ValueError("split sources span more than one dataset")
+        try:
+            return self._split_group(keys, hold=hold)
+        except OSError:
+            raise  # the disk: the same group may work later
+        except Exception as exc:
+            return self._split_around(keys, exc, hold=hold)
+
+    def _split_group(self, keys: list[str], *, hold: bool) -> list[SpoolEntry]:
         outputs: list[SpoolEntry] = []
         try:
             self._split_files(keys, outputs, hold=True)
@@ -606,11 +633,44 @@ class Spool:
         self._forget_sources(keys)
         return outputs
 
-    def _split_files(self, keys: list[str], outputs: list[SpoolEntry], *, hold: bool) -> None:
+    def _split_around(self, keys: list[str], exc: Exception, *, hold: bool) -> list[SpoolEntry]:
+        """The split of `keys` failed with `exc`, not for the disk: find the journals that
+        fail on their own (a dry run each: nothing written), quarantine them like a
+        corrupt file, and split the others. If none fails alone, only the oldest is split
+        (alone), so the spool still moves on."""
+        bad: dict[str, Exception] = {}
+        for k in keys:
+            try:
+                self._split_files([k], [], hold=True, dry_run=True)
+            except OSError:
+                raise
+            except Exception as why:
+                bad[k] = why
+        if not bad:
+            log.error(
+                "spool: %d journals cannot be split together (%s); splitting %s alone",
+                len(keys),
+                exc,
+                keys[0],
+            )
+            return self._split_group(keys[:1], hold=hold)
+        for k, why in bad.items():
+            with self._lock:
+                entry = self._entries.get(k) or SpoolEntry(k, self.root / k, 0, 0)
+            self.quarantine(entry, f"journal cannot be split: {type(why).__name__}: {why}")
+        rest = [k for k in keys if k not in bad]
+        return self._split_group(rest, hold=hold) if rest else []
+
+    def _split_files(
+        self, keys: list[str], outputs: list[SpoolEntry], *, hold: bool, dry_run: bool = False
+    ) -> None:
         """Write the group's per-partition files, appending each to `outputs` once it
-        is durable (on an error `outputs` is what to undo)."""
+        is durable (on an error `outputs` is what to undo). Rows the layout cannot place
+        are set aside once the outputs are durable. `dry_run`: everything but the writes
+        (does this group split?)."""
         dataset = dataset_of(keys[0])
         sources = json.dumps(keys)
+        unplaceable: list[pl.DataFrame] = []
         # Zero-copy slices: the writer puts each partition's rows of a round together, so
         # a journal is one run per partition. Gathering rows instead (partition_by or a
         # sort over the whole group) held ~3-5x the group's size at the peak (a minute of
@@ -643,16 +703,24 @@ class Spool:
             by = [c for c in SORT_COLUMNS if c in part.columns]
             if by:
                 part = part.sort(by, maintain_order=True, nulls_last=True)
+            part, bad = layout.split_placeable(part)
+            if bad.height:
+                unplaceable.append(bad)
             for hour, rows in layout.split_by_hour(part):
                 data = parquet.encode(rows, metadata={parquet.MERGED_FROM: sources})
                 key = layout.object_key(
                     dataset, exchange, market, symbol, hour, rows, digest=layout.content_hash(data)
                 )
+                if dry_run:
+                    continue
                 outputs.append(
                     self.write(
                         key, data, rows=rows.height, enforce_limit=False, merged=True, hold=hold
                     )
                 )
+        if unplaceable and not dry_run:
+            # after the outputs: a split that fails before this leaves nothing behind
+            self.set_aside_unplaceable(dataset, concat_frames(unplaceable))
 
     def _forget_sources(self, keys: list[str]) -> None:
         """Delete merged-away sources (their rows are durable elsewhere); must not fail:
@@ -734,7 +802,20 @@ class Spool:
             len(present),
         )
         if len(present) == len(group):
-            self._split_files(list(group), [], hold=False)
+            try:
+                self._split_files(list(group), [], hold=False)
+            except OSError:
+                raise
+            except Exception as exc:
+                # not for the disk: it would fail at every start; the journals stay for
+                # the uploaders' split, which quarantines one that cannot be split
+                log.error(
+                    "spool: cannot complete the interrupted split of %d journals (%s); "
+                    "they are kept for a new split (some of their rows may be stored twice)",
+                    len(group),
+                    exc,
+                )
+                return 0
         self._forget_sources(present)
         return len(present)
 
@@ -755,3 +836,75 @@ class Spool:
             if cur is not None:
                 self._bytes -= cur.size
         return dest
+
+    def set_aside(
+        self,
+        dataset: Dataset | str,
+        partition: tuple[str, str, str],
+        frame: pl.DataFrame,
+        reason: str,
+    ) -> Path | None:
+        """Durably keep rows of one (exchange, market, symbol) that must not be stored in
+        the layout (see the module doc) under `quarantine/unplaced/`, with an ERROR naming
+        them: never uploaded, never dropped. The name is content-derived, so setting the
+        same rows aside again (a retried flush, a redone split) is a no-op: None."""
+        data = parquet.encode(frame)
+        return self._set_aside(dataset, partition, data, ".parquet", frame.height, reason)
+
+    def _set_aside(
+        self,
+        dataset: Dataset | str,
+        partition: tuple[str, str, str],
+        data: bytes,
+        suffix: str,
+        rows: int,
+        reason: str,
+    ) -> Path | None:
+        ds = Dataset(dataset).value
+        exchange, market, symbol = partition
+        dest = (
+            self.quarantine_root
+            / UNPLACED_DIR
+            / ds
+            / f"exchange={exchange}"
+            / f"market={market}"
+            / f"symbol={symbol}"
+            / f"{symbol}-{layout.content_hash(data)}{suffix}"
+        )
+        if dest.exists():
+            return None
+        write_atomic(dest.with_name(dest.name + ".reason"), (reason + "\n").encode())
+        write_atomic(dest, data)
+        with self._lock:
+            self._set_aside_rows[ds] += rows
+        log.error(
+            "spool: SET ASIDE %d %s rows of %s/%s/%s -> %s (never uploaded): %s",
+            rows,
+            ds,
+            exchange,
+            market,
+            symbol,
+            dest,
+            reason,
+        )
+        return dest
+
+    def set_aside_unplaceable(
+        self, dataset: Dataset | str, frame: pl.DataFrame
+    ) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """(rows of `frame` the layout can place, rows it cannot); the latter are set
+        aside, one file per (exchange, market, symbol). `frame` has partition columns."""
+        ok, bad = layout.split_placeable(frame)
+        if bad.height:
+            for name, rows in bad.partition_by(
+                list(PARTITION_COLUMNS), as_dict=True, maintain_order=True
+            ).items():
+                ms = rows.get_column("timestamp").cast(pl.Int64, strict=False)
+                self.set_aside(
+                    dataset,
+                    tuple(str(v) for v in name),  # type: ignore[arg-type]
+                    rows,
+                    f"event time outside the years 0001-9999 the layout can partition "
+                    f"(timestamp {ms.min()}..{ms.max()} ms)",
+                )
+        return ok, bad
