@@ -345,3 +345,90 @@ async def test_snapshot_flushes_are_spread_over_the_interval(tmp_path, mock_cloc
 def symbols_stored(out: Path) -> set[str]:
     df = stored(out)
     return set(df["symbol"]) if df.height else set()
+
+
+FAR = 300_000_000_000_000  # year 11476: a valid Int64 ms the layout has no partition for
+
+
+def stored_all(root: Path) -> pl.DataFrame:
+    """Every dataset's rows (their columns differ)."""
+    return pl.concat([pl.read_parquet(f) for f in root.rglob("*.parquet")], how="diagonal")
+
+
+def set_aside(spool: Spool, pattern: str) -> list[Path]:
+    return sorted((spool.quarantine_root / "unplaced").rglob(pattern))
+
+
+async def test_one_snapshot_buffer_the_layout_cannot_place_never_stops_the_writer(
+    tmp_path, clock, frame_builder, caplog
+):
+    """A snapshot buffer with an event time past 9999 raised ValueError out of the flush:
+    the writer task died (the whole collector with it), the final drain hit it again and
+    the other buffers' rows were never spooled. Now its rows are set aside, named in an
+    ERROR, and every other row is stored."""
+    out, store, spool, cfg = setup(tmp_path, interval=5.0, snapshot_flush_interval=0.5)
+    far = snapshot_batch("ETHUSDT", FAR)
+    far.columns["receive_time"] = [T0 * 1_000_000] * far.rows
+    send, recv = trio.open_memory_channel(10)
+    async with trio.open_nursery() as nursery:
+        writer = await start_writer(nursery, recv, store, spool, cfg, frame_builder)
+        await send.send(delta_batch(1, 5, T0, "BTCUSDT"))  # due in 5 s
+        await send.send(far)  # due in <= 0.5 s
+        await send.send(snapshot_batch("BTCUSDT", T0))
+        await trio.sleep(2.0)
+        await eventually(lambda: writer.stats.rows_set_aside["snapshots"] == 4)
+        await send.aclose()
+    df = stored_all(out)
+    assert sorted(df["symbol"].unique()) == ["BTCUSDT"] and df.height == 5 + 4
+    assert writer.stats.rows_uploaded == {"deltas": 5, "snapshots": 4}
+    [kept] = set_aside(spool, "*.parquet")
+    assert "snapshots/exchange=binance/market=futures/symbol=ETHUSDT" in kept.as_posix()
+    assert pl.read_parquet(kept).height == 4
+    assert "SET ASIDE 4 snapshots rows of binance/futures/ETHUSDT" in caplog.text
+    assert "4 rows were set aside" in caplog.text
+
+
+async def test_a_buffer_whose_flush_fails_is_set_aside_and_the_others_are_stored(
+    tmp_path, clock, frame_builder, caplog
+):
+    """Any failure that is not the spool's (here a frame builder that cannot build one
+    symbol's rows) stays with that buffer: its rows are set aside as JSON lines, the
+    writer goes on, and the journal round still holds every other symbol."""
+    import zstandard
+
+    def builder(dataset, exchange, market, symbol, columns, mult="1"):
+        if "boom" in columns.get("price", []):
+            raise RuntimeError("cannot build this frame (test)")
+        return frame_builder(dataset, exchange, market, symbol, columns, mult)
+
+    out, store, spool, cfg = setup(tmp_path, interval=0.5, snapshot_flush_interval=0.5)
+    bad_delta = delta_batch(1, 3, T0, "BADUSDT")
+    bad_delta.columns["price"] = ["boom"] * 3
+    bad_snap = snapshot_batch("BADUSDT", T0)
+    bad_snap.columns["price"] = ["boom"] * 4
+    send, recv = trio.open_memory_channel(10)
+    async with trio.open_nursery() as nursery:
+        writer = await start_writer(nursery, recv, store, spool, cfg, builder)
+        for batch in (
+            delta_batch(1, 5, T0, "BTCUSDT"),
+            bad_delta,
+            delta_batch(1, 5, T0, "ETHUSDT"),
+        ):
+            await send.send(batch)
+        await send.send(bad_snap)
+        await send.send(snapshot_batch("BTCUSDT", T0))
+        await trio.sleep(2.0)
+        await send.send(delta_batch(6, 5, T0 + 1000, "BTCUSDT"))  # the writer goes on
+        await send.aclose()
+    df = stored_all(out)
+    assert df.filter(pl.col("symbol") == "BTCUSDT").height == 10 + 4
+    assert df.filter(pl.col("symbol") == "ETHUSDT").height == 5
+    assert "BADUSDT" not in set(df["symbol"])
+    assert writer.stats.rows_set_aside == {"deltas": 3, "snapshots": 4}
+    assert writer.stats.buffered_rows == 0 and spool.files == 0
+    for dataset, n in (("deltas", 3), ("snapshots", 4)):
+        [kept] = set_aside(spool, f"{dataset}/*/*/symbol=BADUSDT/*.jsonl.zst")
+        lines = zstandard.ZstdDecompressor().decompress(kept.read_bytes()).splitlines()
+        assert len(lines) == n and b'"price": "boom"' in lines[0]
+        assert "RuntimeError" in kept.with_name(kept.name + ".reason").read_text()
+        assert f"cannot flush {n} {dataset} rows of binance/futures/BADUSDT" in caplog.text

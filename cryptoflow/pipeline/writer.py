@@ -17,8 +17,10 @@ Flow per buffer key (dataset, exchange, market, symbol):
   spool file only after a verified success. Failed uploads retry with capped exponential
   back-off + jitter while collection continues (the spool grows on disk, not in RAM).
   Rows the layout cannot place (an event time outside the years 0001-9999) are set
-  aside in the spool's quarantine before a journal is written (`Spool.set_aside`), so
-  a journal never holds a row its split cannot place.
+  aside in the spool's quarantine before a journal or spool file is written
+  (`Spool.set_aside`), so a journal never holds a row its split cannot place. Any other
+  failure of one buffer's flush that is not the spool's sets that buffer's rows aside
+  (`_set_aside_buffer`): never the writer task, never the other buffers.
 - Spool full (or the spool disk failing): the flush is refused, the rows stay buffered and
   the flush is retried with back-off. Once the buffers reach the memory cap
   the writer stops reading its input channel, so the bounded channel fills and the
@@ -44,6 +46,7 @@ Flow per buffer key (dataset, exchange, market, symbol):
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import random
 import time
@@ -275,7 +278,12 @@ def _flush_many_blocking(
     spool: Spool, builder: FrameBuilder, bufs: list[_Buffer]
 ) -> tuple[list[FlushResult], dict[str, list[int]]]:
     """Flush several buffers in one thread hop: one result (or the error) per buffer, and
-    the event -> spool delay histogram of the rows spooled (`DELAY_EDGES_S`)."""
+    the event -> spool delay histogram of the rows spooled (`DELAY_EDGES_S`).
+
+    Never raises for one buffer's trouble: a spool refusal or disk error is that
+    buffer's result (kept, retried); any other failure sets the buffer's rows aside
+    (`_set_aside_buffer`). One bad buffer once killed the writer task, and with it the
+    collector, losing every other buffer's rows."""
     out: dict[int, FlushResult] = {}
     delays: dict[str, list[int]] = {}
     journaled: dict[Dataset, list[int]] = {}
@@ -287,28 +295,124 @@ def _flush_many_blocking(
             out[i] = _flush_blocking(spool, builder, buf)
         except (SpoolFull, OSError) as exc:
             out[i] = exc
+        except Exception as exc:
+            out[i] = _set_aside_buffer(spool, builder, buf, exc)
     for dataset, idxs in journaled.items():
-        try:
-            frame = journal_frame([bufs[i] for i in idxs], builder)
-            # a journal must hold only rows its split can place: one that cannot be
-            # placed made every split of the oldest journals fail, forever
-            frame, unplaced = spool.set_aside_unplaceable(dataset, frame)
-            entry = spool.write_journal(dataset, frame) if frame.height else None
-        except (SpoolFull, OSError) as exc:
-            for i in idxs:
-                out[i] = exc
-            continue
-        aside = _rows_per_partition(unplaced)
-        for i in idxs:
-            _, exchange, market, symbol = bufs[i].key
-            n = min(bufs[i].rows, aside[(exchange, market, symbol)])
-            aside[(exchange, market, symbol)] -= n
-            out[i] = [(entry, bufs[i].rows - n)] if entry is not None else []
-        if dataset == Dataset.DELTAS:
+        results, frame = _flush_journal(spool, builder, dataset, [bufs[i] for i in idxs])
+        out.update(zip(idxs, results, strict=True))
+        if dataset == Dataset.DELTAS and frame is not None:
             now = time.time()
             delays["event"] = delay_histogram(frame, now)
             delays["receive"] = delay_histogram(frame, now, "receive_time")
     return [out[i] for i in range(len(bufs))], delays
+
+
+def _flush_journal(
+    spool: Spool, builder: FrameBuilder, dataset: Dataset, bufs: list[_Buffer]
+) -> tuple[list[FlushResult], pl.DataFrame | None]:
+    """One round's buffers of a journaled dataset as ONE journal file: a result per
+    buffer, and the rows written (None: none). A failure that is not the spool's is
+    one buffer's (a frame that cannot be built or encoded): the buffers are then
+    written one journal each, so only that one is set aside."""
+    try:
+        frame = journal_frame(bufs, builder)
+        # a journal must hold only rows its split can place: one that cannot be
+        # placed made every split of the oldest journals fail, forever
+        frame, unplaced = spool.set_aside_unplaceable(dataset, frame)
+        entry = spool.write_journal(dataset, frame) if frame.height else None
+    except (SpoolFull, OSError) as exc:
+        return [exc] * len(bufs), None
+    except Exception as exc:
+        if len(bufs) == 1:
+            return [_set_aside_buffer(spool, builder, bufs[0], exc)], None
+        log.error(
+            "writer: cannot write a %s journal of %d buffers (%s: %s); writing each alone",
+            dataset.value,
+            len(bufs),
+            type(exc).__name__,
+            exc,
+        )
+        results: list[FlushResult] = []
+        frames: list[pl.DataFrame] = []
+        for buf in bufs:
+            [result], written = _flush_journal(spool, builder, dataset, [buf])
+            results.append(result)
+            if written is not None:
+                frames.append(written)
+        return results, concat_frames(frames) if frames else None
+    aside = _rows_per_partition(unplaced)
+    results = []
+    for buf in bufs:
+        _, exchange, market, symbol = buf.key
+        n = min(buf.rows, aside[(exchange, market, symbol)])
+        aside[(exchange, market, symbol)] -= n
+        results.append([(entry, buf.rows - n)] if entry is not None else [])
+    return results, frame if entry is not None else None
+
+
+def _set_aside_buffer(
+    spool: Spool, builder: FrameBuilder, buf: _Buffer, exc: Exception
+) -> FlushResult:
+    """A buffer whose flush failed for a reason a retry will not fix (a bug, or rows no
+    frame can hold): its rows go to the spool's quarantine (`Spool.set_aside`; as JSON
+    lines if even the frame cannot be built), with an ERROR naming the buffer, and the
+    writer goes on. A disk error while doing so is returned: the rows stay buffered."""
+    dataset, exchange, market, symbol = buf.key
+    reason = f"flush failed: {type(exc).__name__}: {exc}"
+    log.error(
+        "writer: cannot flush %d %s rows of %s/%s/%s (%s); setting them aside",
+        buf.rows,
+        dataset.value,
+        exchange,
+        market,
+        symbol,
+        reason,
+    )
+    partition = (exchange, market, symbol)
+    try:
+        try:
+            spool.set_aside(dataset, partition, buf.frame(builder), reason)
+        except OSError:
+            raise
+        except Exception:
+            spool.set_aside_lines(dataset, partition, _buffer_lines(buf), reason)
+    except OSError as err:
+        return err
+    except Exception as err:  # never the writer: say what is lost
+        log.error(
+            "writer: %d %s rows of %s/%s/%s LOST: they cannot even be set aside (%s)",
+            buf.rows,
+            dataset.value,
+            exchange,
+            market,
+            symbol,
+            err,
+        )
+    return []
+
+
+def _buffer_lines(buf: _Buffer) -> list[bytes]:
+    """A buffer's rows as JSON lines, whatever state they are in (frames, column lists,
+    unparsed snapshot bodies): what `_set_aside_buffer` keeps when no frame can."""
+
+    def line(obj: dict) -> bytes:
+        return json.dumps(obj, default=str).encode() + b"\n"
+
+    out = [line(row) for frame in buf.frames for row in frame.iter_rows(named=True)]
+    names, columns = list(buf.columns), list(buf.columns.values())
+    # lenient: the lists are aligned by `_Buffer.append`, but keep what there is if not
+    out += [line(dict(zip(names, row, strict=False))) for row in zip(*columns, strict=False)]
+    out += [
+        line(
+            {
+                "receive_time": b.receive_time,
+                "source": str(b.source),
+                "body": b.body.decode(errors="replace"),
+            }
+        )
+        for b in buf.bodies
+    ]
+    return out
 
 
 def _rows_per_partition(frame: pl.DataFrame) -> Counter[tuple[str, str, str]]:
@@ -396,7 +500,7 @@ def _flush_blocking(
     spool: Spool, builder: FrameBuilder, buf: _Buffer
 ) -> list[tuple[SpoolEntry, int]]:
     dataset, exchange, market, symbol = buf.key
-    frame = buf.frame(builder)
+    frame, _ = spool.set_aside_unplaceable(dataset, buf.frame(builder))
     parts = [
         (k, part.height, data)
         for k, part, data in layout.files_for_frame(dataset, exchange, market, symbol, frame)

@@ -5,8 +5,9 @@ Layout: `<spool>/<relative object key>` (the same hive tree as the destination),
 `<file>.reason` text file beside it, and `<spool>/quarantine/unplaced/<dataset>/
 exchange=../market=../symbol=../<SYMBOL>-<hash8>.parquet` for rows set aside
 (`Spool.set_aside`): rows the layout cannot place (an event time outside the years
-0001-9999, `layout.MIN_MS`..`MAX_MS`). They are kept, never uploaded, and never stop
-the rows of any other symbol.
+0001-9999, `layout.MIN_MS`..`MAX_MS`), or a writer buffer whose flush failed for a
+reason a retry cannot fix (then `.jsonl.zst` if no frame can hold its rows). They are
+kept, never uploaded, and never stop the rows of any other symbol.
 
 Write protocol (`Spool.write`): write to `.<name>.tmp-<random>` in the final directory,
 fsync the file, `os.replace` onto the final name, fsync the directory (and any directory
@@ -850,6 +851,18 @@ class Spool:
         same rows aside again (a retried flush, a redone split) is a no-op: None."""
         data = parquet.encode(frame)
         return self._set_aside(dataset, partition, data, ".parquet", frame.height, reason)
+
+    def set_aside_lines(
+        self,
+        dataset: Dataset | str,
+        partition: tuple[str, str, str],
+        lines: list[bytes],
+        reason: str,
+    ) -> Path | None:
+        """`set_aside` for rows that cannot even become a frame: one JSON object a line
+        (zstd, like raw capture)."""
+        data = rawfile.encode(lines)
+        return self._set_aside(dataset, partition, data, rawfile.SUFFIX, len(lines), reason)
 
     def _set_aside(
         self,
