@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+import polars as pl
 import pytest
 import trio
 from storage_support import (
@@ -509,7 +510,7 @@ def test_spool_status_and_flush_commands(tmp_path, s3_bucket, monkeypatch):
     assert "0 files" in res.output
 
 
-async def _three_rounds(out: Path, sp: Path, *, upload_interval: float) -> WriterStats:
+async def _three_rounds(out: Path, sp: Path, *, upload_interval: float, store=None) -> WriterStats:
     """A writer on a fresh spool: 3 flush rounds x 2 symbols x 5 delta rows (30), then
     its drain (the start scan and the stop, as `collect` does)."""
     from test_writer import T0, delta_batch
@@ -517,7 +518,7 @@ async def _three_rounds(out: Path, sp: Path, *, upload_interval: float) -> Write
     spool = Spool(sp, max_bytes=10**9)
     spool.scan()
     w = Writer(
-        LocalStore(out),
+        store or LocalStore(out),
         spool,
         BufferSection(delta_flush_interval=0.2),
         limiter=trio.CapacityLimiter(2),
@@ -537,8 +538,6 @@ async def _three_rounds(out: Path, sp: Path, *, upload_interval: float) -> Write
 
 def _restart_and_read(out: Path, sp: Path):
     """What the next start does (scan, then upload what waits); all stored rows."""
-    import polars as pl
-
     from cryptoflow.pipeline.writer import drain_spool
 
     restarted = Spool(sp, max_bytes=10**9)
@@ -603,3 +602,64 @@ def test_merged_source_that_cannot_be_deleted_is_deleted_by_the_next_scan(
     assert not failed[0].exists()
     assert rows.height == 30
     assert rows.unique(subset=["symbol", "last_update_id"]).height == 30
+
+
+class CopyStore:
+    """Stores a copy, like S3: the spool file is still there after the upload."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.puts = root, []
+
+    def describe(self) -> str:
+        return f"copy:{self.root}"
+
+    async def put_file(self, key: str, path: Path) -> None:
+        self.puts.append(key)
+        dest = self.root / key
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(Path(path).read_bytes())
+
+
+def test_spool_file_that_cannot_be_deleted_after_its_upload_is_doomed_not_fatal(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    """After a verified upload to S3 the spool copy is deleted. An unlink that fails
+    there (EIO, a read-only remount) ended the writer, and the collector, at every
+    start. The object is stored: the key is listed in .doomed, the writer goes on, the
+    next start neither fails nor uploads it again, and deletes it once it can."""
+    import errno
+    import pathlib
+
+    from cryptoflow.pipeline.writer import drain_spool
+
+    out, sp = tmp_path / "out", tmp_path / "spool"
+    real_unlink = pathlib.Path.unlink
+    stuck: list[Path] = []
+
+    def flaky_unlink(self, missing_ok=False):
+        data = self.name.endswith(".parquet") and "/journal/" not in str(self)
+        if self in stuck or (not stuck and data and spool_mod.TMP_MARK not in self.name):
+            stuck[:] = [self]
+            raise OSError(errno.EIO, "injected unlink EIO")
+        return real_unlink(self, missing_ok=missing_ok)
+
+    store = CopyStore(out)
+    with monkeypatch.context() as m:
+        m.setattr(pathlib.Path, "unlink", flaky_unlink)
+        stats = trio.run(lambda: _three_rounds(out, sp, upload_interval=0.0, store=store))
+        assert stats.rows_uploaded["deltas"] == 30 and stats.spool_files == 0
+        [kept] = stuck
+        key = kept.relative_to(sp).as_posix()
+        assert kept.exists() and (sp / ".doomed").read_text() == key + "\n"
+        assert f"cannot delete {key} after it was stored" in caplog.text
+        # the next start, the file still undeletable: no failure, not uploaded again
+        restarted = Spool(sp, max_bytes=10**9)
+        restarted.scan()
+        assert restarted.pending() == [] and Spool(sp, max_bytes=10**9).load().files == 0
+        puts = len(store.puts)
+        trio.run(lambda: drain_spool(restarted, store))
+        assert len(store.puts) == puts
+    rows = pl.concat([pl.read_parquet(p) for p in out.rglob("*.parquet")])
+    assert rows.height == rows.unique(subset=["symbol", "last_update_id"]).height == 30
+    Spool(sp, max_bytes=10**9).scan()  # deletable again: deleted
+    assert not kept.exists() and not (sp / ".doomed").exists()

@@ -390,7 +390,8 @@ class Spool:
         temp_removed = quarantined = merges_completed = 0
         replaced: set[str] = set()
         split_groups: set[tuple[str, ...]] = set()  # journal groups of split outputs
-        buried = self._bury_doomed() if validate else 0
+        # keys listed as already stored: deleted now (scan) or left out (load)
+        buried, doomed = self._bury_doomed() if validate else (0, set(self._doomed()))
         for path in self._walk():
             if TMP_MARK in path.name:
                 if validate:
@@ -400,8 +401,11 @@ class Spool:
                 continue
             if not is_data_file(path.name):
                 continue
+            key = self._key_of(path)
+            if key in doomed:
+                continue
             st = path.stat()
-            entry = SpoolEntry(self._key_of(path), path, st.st_size, st.st_mtime_ns)
+            entry = SpoolEntry(key, path, st.st_size, st.st_mtime_ns)
             if validate:
                 try:
                     rows = validate_file(path)
@@ -536,7 +540,12 @@ class Spool:
         """Forget and delete a file after its verified upload (tolerates it being moved).
 
         If the same key was rewritten since `entry` was taken (a retried flush, same
-        content by construction), the newer file is kept and stays pending."""
+        content by construction), the newer file is kept and stays pending.
+
+        Never fails for the disk: its rows are stored, so a file that cannot be deleted
+        (EIO, a read-only remount) is listed in `DOOMED_FILE` with an ERROR and deleted
+        by the next scan. Raising here once ended the writer (and the collector) after
+        every verified upload of that file, at every start."""
         with self._lock:
             self._held.discard(entry.key)
             cur = self._entries.get(entry.key)
@@ -545,7 +554,17 @@ class Spool:
             if cur is not None:
                 del self._entries[entry.key]
                 self._bytes -= cur.size
-            entry.path.unlink(missing_ok=True)
+            try:
+                entry.path.unlink(missing_ok=True)
+                return
+            except OSError as exc:
+                error = exc
+        log.error(
+            "spool: cannot delete %s after it was stored (the next start will): %s",
+            entry.key,
+            error,
+        )
+        self._doom([entry.key])
 
     def merge(self, entries: list[SpoolEntry]) -> SpoolEntry:
         """Replace several Parquet files of ONE partition by one merged file (see the
@@ -768,19 +787,38 @@ class Spool:
                 exc,
             )
 
-    def _bury_doomed(self) -> int:
-        """Startup: delete the merged-away sources a run could not delete."""
-        path = self.root / DOOMED_FILE
+    def _doomed(self) -> list[str]:
+        """Keys listed in `DOOMED_FILE` (stored elsewhere; to be deleted)."""
         try:
-            keys = [k for k in path.read_text().splitlines() if k]
+            return [k for k in (self.root / DOOMED_FILE).read_text().splitlines() if k]
         except FileNotFoundError:
-            return 0
+            return []
+
+    def _bury_doomed(self) -> tuple[int, set[str]]:
+        """Startup: delete the files a run could not delete (their rows are stored). The
+        count, and the keys that still cannot be deleted: they stay listed and are left
+        out of the index (never uploaded again, never a reason the start fails)."""
+        keys = self._doomed()
+        path = self.root / DOOMED_FILE
+        if not keys:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)  # an empty list
+            return 0, set()
+        stuck: list[str] = []
         for k in keys:
-            if (self.root / k).exists():
-                log.warning("spool: deleting merged source %s (already stored)", k)
-            (self.root / k).unlink(missing_ok=True)
-        path.unlink()
-        return len(keys)
+            try:
+                if (self.root / k).exists():
+                    log.warning("spool: deleting %s (already stored)", k)
+                (self.root / k).unlink(missing_ok=True)
+            except OSError as exc:
+                log.error("spool: cannot delete %s (stored; not uploaded again): %s", k, exc)
+                stuck.append(k)
+        with contextlib.suppress(OSError):  # if it cannot be rewritten, the next start retries
+            if stuck:
+                write_atomic(path, "".join(f"{k}\n" for k in stuck).encode())
+            else:
+                path.unlink()
+        return len(keys), set(stuck)
 
     def _complete_split(self, group: tuple[str, ...]) -> int:
         """Startup: finish a split a crash interrupted. All journals of the group still
