@@ -124,3 +124,24 @@ async def test_local_put_names_the_destination_when_it_cannot_be_made(
     (tmp_path / "afile").write_text("x")
     assert "Not a directory" in local.LocalStore(tmp_path / "afile" / "o").check_writable()
     assert local.LocalStore(tmp_path / "out2").check_writable() is None
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_a_file_deleted_between_the_walk_and_its_stat_is_skipped(tmp_path, validate):
+    """`spool status` runs while collect uploads and deletes spool files: one listed by
+    the directory walk and gone before its stat made status fail with exit 1."""
+    root = tmp_path / "spool"
+    Spool(root, max_bytes=10**9).write(KEY, pq_bytes())
+    gone = Spool(root, max_bytes=10**9).write(KEY.replace("1-2-3-4", "5-6-7-8"), pq_bytes())
+    spool = Spool(root, max_bytes=10**9)
+    walk = spool._walk
+
+    def racing_walk():
+        for path in walk():
+            if path == gone.path:
+                path.unlink()  # the collector's upload, just after the listing
+            yield path
+
+    spool._walk = racing_walk
+    report = spool.scan() if validate else spool.load()
+    assert report.files == 1 and [e.key for e in spool.pending()] == [KEY]

@@ -404,7 +404,12 @@ class Spool:
             key = self._key_of(path)
             if key in doomed:
                 continue
-            st = path.stat()
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                # gone since the walk listed it: a running collector uploaded it (`spool
+                # status` is safe while collect runs) or a merge replaced it
+                continue
             entry = SpoolEntry(key, path, st.st_size, st.st_mtime_ns)
             if validate:
                 try:
