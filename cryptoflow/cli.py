@@ -150,11 +150,34 @@ def replay(
     exchange: Annotated[str, typer.Option("--exchange", "-e")],
     input: Annotated[Path, typer.Option("--input", "-i", help=".jsonl or .jsonl.gz recording")],
     output: Annotated[Path, typer.Option(help="Output folder")] = Path("./replay-data"),
+    instruments: Annotated[
+        Path | None,
+        typer.Option(
+            help="OKX/KuCoin: the venue's instruments list saved as JSON (contract sizes)"
+        ),
+    ] = None,
+    multiplier: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="OKX/KuCoin: SYMBOL=VALUE, base units per contract (repeatable; wins over "
+            "--instruments)"
+        ),
+    ] = None,
 ) -> None:
-    """Re-normalize a recording through the same parse + book-sync + flatten code."""
+    """Re-normalize a recording through the same parse + book-sync + flatten code.
+
+    OKX/KuCoin sizes are contracts: writing their rows needs --instruments or --multiplier."""
     from cryptoflow.tools import replay as replay_tool
 
-    _run(lambda: replay_tool.run(exchange=exchange, input_path=input, output=output))
+    _run(
+        lambda: replay_tool.run(
+            exchange=exchange,
+            input_path=input,
+            output=output,
+            instruments=instruments,
+            multipliers=multiplier or (),
+        )
+    )
 
 
 PathArg = Annotated[

@@ -229,4 +229,4 @@ def test_usage_errors(tmp_path):
         run("nasdaq", SUSHI, tmp_path / "out")
     # a Binance recording replayed as OKX: nothing readable is no replay (was exit 0)
     with pytest.raises(DataError, match="none of its 446 records could be read as okx"):
-        run("okx", SUSHI, tmp_path / "out")
+        run("okx", SUSHI, tmp_path / "out", multipliers=["SUSHIUSDT=1"])

@@ -9,10 +9,14 @@ import zlib
 from decimal import Decimal
 from pathlib import Path
 
+import polars as pl
 import pytest
 from paths import RECORDED
+from typer.testing import CliRunner
 
-from cryptoflow.tools.replay import replay_summary
+from cryptoflow.cli import app as cli_app
+from cryptoflow.errors import UsageError
+from cryptoflow.tools.replay import replay_summary, run
 
 REC = RECORDED
 BYBIT1 = REC / "bybit/linear_orderbook1_BAND_RAD_SNT_AIOZ_2025-06-13.jsonl"
@@ -106,8 +110,8 @@ def okx_expect(lines: list[str]) -> dict:
     return out
 
 
-def summary_dict(exchange: str, path: Path, out: Path | None = None) -> dict:
-    s = replay_summary(exchange, path, out)
+def summary_dict(exchange: str, path: Path, out: Path | None = None, **kw) -> dict:
+    s = replay_summary(exchange, path, out, **kw)
     return dict(
         messages=s.messages,
         rows=s.rows,
@@ -177,7 +181,7 @@ def test_okx_removed_update_is_a_checksum_gap(tmp_path, path):
 
 
 def test_okx_writes_contract_rows_under_the_layout(tmp_path):
-    summary_dict("okx", OKX_XMR, tmp_path)
+    summary_dict("okx", OKX_XMR, tmp_path, multipliers=["XMRUSDT=0.1"])
     files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.parquet"))
     assert files and all(
         str(f).startswith(
@@ -242,3 +246,101 @@ def test_kucoin_example_payloads(tmp_path):
     assert summary_dict("kucoin", write(tmp_path, "kc_cut.jsonl", cut)) == dict(
         messages=5, rows=4, gaps=1, resyncs=0, snapshot_rows=4
     )
+
+
+# --- contract sizes: rows are base units, so a replay needs the multipliers -----------
+
+
+def okx_instruments(tmp_path: Path, *entries: tuple[str, str, str]) -> Path:
+    """An OKX `GET /api/v5/public/instruments?instType=SWAP` body: (instId, ctVal, ctType)."""
+    data = [
+        {"instType": "SWAP", "instId": inst, "ctVal": ct_val, "ctValCcy": inst.split("-")[0],
+         "ctType": ct_type, "lotSz": "1", "tickSz": "0.01", "state": "live"}
+        for inst, ct_val, ct_type in entries
+    ]  # fmt: skip
+    path = tmp_path / "okx-instruments.json"
+    path.write_text(json.dumps({"code": "0", "msg": "", "data": data}))
+    return path
+
+
+def stored(root: Path, dataset: str) -> pl.DataFrame:
+    return pl.read_parquet(root / dataset / "**" / "*.parquet", hive_partitioning=False)
+
+
+def assert_scaled(df: pl.DataFrame, multiplier: str) -> None:
+    """quantity == raw_quantity x multiplier exactly (the product in decimal)."""
+    assert df.height > 0
+    for raw, qty in df.select("raw_quantity", "quantity").iter_rows():
+        assert qty == float(Decimal(repr(raw)) * Decimal(multiplier)), (raw, qty)
+    assert (df["quantity"] != df["raw_quantity"]).any()
+
+
+def test_okx_replay_scales_contracts_with_the_instruments_list(tmp_path):
+    """Was: replay stored OKX contracts as base units (multiplier 1, 10x off for XMR)."""
+    inst = okx_instruments(tmp_path, ("XMR-USDT-SWAP", "0.1", "linear"), ("BTC-USDT-SWAP",
+                           "0.01", "linear"))  # fmt: skip
+    out = tmp_path / "out"
+    assert run("okx", OKX_XMR, out, instruments=inst) == 0
+    assert_scaled(stored(out, "deltas"), "0.1")
+    assert_scaled(stored(out, "snapshots"), "0.1")
+
+
+def test_kucoin_replay_scales_lots_with_multiplier_option(tmp_path):
+    path = write(tmp_path, "kc.jsonl", kucoin_lines())
+    out = tmp_path / "out"
+    # the venue's own name works as well as the stored one
+    assert run("kucoin", path, out, multipliers=["XBTUSDTM=0.001"]) == 0
+    assert_scaled(stored(out, "deltas"), "0.001")
+    assert_scaled(stored(out, "snapshots"), "0.001")
+
+
+def test_contract_venue_replay_without_multipliers_refuses(tmp_path):
+    out = tmp_path / "out"
+    for exchange, path in (
+        ("okx", OKX_XMR),
+        ("kucoin", write(tmp_path, "k.jsonl", kucoin_lines())),
+    ):
+        res = CliRunner().invoke(
+            cli_app, ["replay", "-e", exchange, "-i", str(path), "--output", str(out)]
+        )
+        assert res.exit_code == 2, res.output
+        assert "--instruments FILE" in res.output and "--multiplier SYMBOL=VALUE" in res.output
+        assert not out.exists()
+
+
+def test_symbol_without_multiplier_refuses(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match=r"xmr.jsonl:1: no contract multiplier for okx XMRUSDT"):
+        run(
+            "okx", write(tmp_path, "xmr.jsonl", lines_of(OKX_XMR)), out, multipliers=["ETHUSDT=0.1"]
+        )
+    assert not list(tmp_path.rglob("*.parquet"))
+    # an inverse swap in the instruments list is refused, not scaled by its USD ctVal
+    inst = okx_instruments(tmp_path, ("UNI-USD-SWAP", "10", "inverse"))
+    with pytest.raises(UsageError, match="UNIUSD not stored: UNI-USD-SWAP: an inverse swap"):
+        run("okx", OKX_UNI, out, instruments=inst)
+    assert not list(tmp_path.rglob("*.parquet"))
+    # counting only (no output) writes nothing, so needs nothing
+    assert replay_summary("okx", OKX_XMR, None).rows > 0
+
+
+@pytest.mark.parametrize(
+    ("exchange", "kw", "match"),
+    [
+        ("okx", {"multipliers": ["XMRUSDT"]}, "expected SYMBOL=VALUE"),
+        ("okx", {"multipliers": ["XMRUSDT=0"]}, "expected SYMBOL=VALUE"),
+        ("okx", {"multipliers": ["XMRUSDT=nan"]}, "expected SYMBOL=VALUE"),
+        ("okx", {"instruments": Path("/nonexistent.json")}, "cannot read it"),
+        ("binance", {"multipliers": ["BTCUSDT=1"]}, "binance sizes are base units already"),
+    ],
+)
+def test_multiplier_option_errors(tmp_path, exchange, kw, match):
+    with pytest.raises(UsageError, match=match):
+        run(exchange, OKX_XMR, tmp_path / "out", **kw)
+
+
+def test_instruments_file_of_another_venue_is_a_usage_error(tmp_path):
+    bad = tmp_path / "kucoin.json"
+    bad.write_text(json.dumps({"code": "200000", "data": []}))
+    with pytest.raises(UsageError, match="cannot be read as okx's instruments list"):
+        run("okx", OKX_XMR, tmp_path / "out", instruments=bad)

@@ -10,6 +10,15 @@ nothing else branches on the venue. Records are fed in chunks through
 `Normalizer.feed_frames` (same output; `fast=False` forces the simple path); the summary
 is the one line users (and the recorded README) compare:
 `messages=N rows=N gaps=N resyncs=N snapshot_rows=N`.
+
+Contract sizes: OKX and KuCoin send sizes in contracts (`Venue.sizes_in_contracts`), and
+rows store base units (raw size x the instruments list's multiplier). A recording (or a
+raw capture) keeps the book frames, not the instruments list, so a replay that writes
+rows of such a venue needs the multipliers given: `--instruments FILE` (the venue's
+instruments list saved as JSON, read by the venue's own instruments parser, exactly as a
+collector reads it at start) and/or `--multiplier SYMBOL=VALUE`. Without them it refuses
+(UsageError, exit 2) instead of storing contracts labelled as base units; a symbol of the
+recording that has none stops the replay at its first record.
 """
 
 from __future__ import annotations
@@ -17,7 +26,8 @@ from __future__ import annotations
 import importlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -27,8 +37,9 @@ import orjson
 import polars as pl
 
 from cryptoflow.book.sync import BREAK_KINDS, SyncRules
-from cryptoflow.errors import DataError, MalformedMessage, UsageError
-from cryptoflow.exchanges.base import Control
+from cryptoflow.errors import CryptoflowError, DataError, MalformedMessage, UsageError
+from cryptoflow.exchanges import registry
+from cryptoflow.exchanges.base import Control, Instrument
 from cryptoflow.exchanges.binance import parse as binance_parse
 from cryptoflow.exchanges.binance.rules import RULES as BINANCE_RULES
 from cryptoflow.models import (
@@ -133,6 +144,119 @@ VENUES: dict[str, ReplayVenue] = {
 }
 
 
+# --- contract sizes -------------------------------------------------------------------
+
+
+@attrs.frozen(slots=True)
+class ContractSizes:
+    """The contract multipliers of one replay of a contract-sized venue.
+
+    Keyed by the stored symbol (what the venue's parser names a record: `BTCUSDT` for
+    `BTC-USDT-SWAP` / `XBTUSDTM`), values are decimal text for the exact scaling."""
+
+    exchange: str
+    multipliers: dict[str, str]
+    #: symbols whose sizes cannot be stored in base units, and why (inverse contracts...)
+    refused: dict[str, str]
+
+    def install(self, normalizer: Normalizer) -> None:
+        for symbol, multiplier in self.multipliers.items():
+            normalizer.set_multiplier(self.exchange, symbol, multiplier)
+
+    def check(self, symbol: str, where: str) -> None:
+        """UsageError unless rows of `symbol` can be stored in base units."""
+        if symbol in self.multipliers:
+            return
+        why = self.refused.get(symbol)
+        if why is not None:
+            raise UsageError(f"replay: {where}: {self.exchange} {symbol} not stored: {why}")
+        raise UsageError(
+            f"replay: {where}: no contract multiplier for {self.exchange} {symbol} (its "
+            f"sizes are contracts): pass --multiplier {symbol}=VALUE or an --instruments "
+            "file that lists it"
+        )
+
+
+def contract_sizes(
+    exchange: str, instruments: Path | None = None, multipliers: Sequence[str] = ()
+) -> ContractSizes | None:
+    """The multipliers for a replay of `exchange`; None when its sizes are base units.
+
+    `instruments` is the venue's instruments list saved as JSON (OKX `GET
+    /api/v5/public/instruments?instType=SWAP`, KuCoin `GET /api/v1/contracts/active`),
+    `multipliers` are `SYMBOL=VALUE` texts (SYMBOL stored or venue name); they win over
+    the list. Either given for a venue whose sizes are base units is a usage error."""
+    if not registry.get_venue(exchange).sizes_in_contracts:
+        if instruments is not None or multipliers:
+            raise UsageError(
+                f"replay: {exchange} sizes are base units already: --instruments and "
+                "--multiplier apply only to contract-sized venues "
+                f"({', '.join(_contract_venues())})"
+            )
+        return None
+    mod = importlib.import_module(f"cryptoflow.exchanges.{exchange}.parse")
+    sizes = ContractSizes(exchange, {}, {})
+    if instruments is not None:
+        for inst in _load_instruments(exchange, Path(instruments)).values():
+            _add_instrument(sizes, mod.default_symbol(inst.venue_symbol), inst)
+    for text in multipliers:
+        symbol, value = _multiplier_option(text)
+        symbol = mod.default_symbol(symbol)
+        sizes.multipliers[symbol] = value
+        sizes.refused.pop(symbol, None)
+    return sizes
+
+
+def _contract_venues() -> list[str]:
+    return [n for n in registry.available() if registry.get_venue(n).sizes_in_contracts]
+
+
+def _load_instruments(exchange: str, path: Path) -> dict[str, Instrument]:
+    mod = importlib.import_module(f"cryptoflow.exchanges.{exchange}.parse")
+    try:
+        body = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--instruments {path}: cannot read it: {exc.strerror}") from None
+    try:
+        return mod.parse_instruments(body)
+    except CryptoflowError as exc:
+        raise UsageError(
+            f"--instruments {path}: cannot be read as {exchange}'s instruments list: {exc}"
+        ) from None
+
+
+def _add_instrument(sizes: ContractSizes, symbol: str, inst: Instrument) -> None:
+    """One instruments entry; two contracts that parse to one stored name with different
+    sizes leave that name to --multiplier (neither can be told from the recording)."""
+    if inst.unsupported:
+        sizes.refused[symbol] = f"{inst.venue_symbol}: {inst.unsupported}"
+        return
+    known = sizes.multipliers.get(symbol)
+    if known is not None and Decimal(known) != Decimal(inst.multiplier_text):
+        del sizes.multipliers[symbol]
+        sizes.refused[symbol] = (
+            f"the instruments list gives it two multipliers ({known}, {inst.multiplier_text}); "
+            f"pass --multiplier {symbol}=VALUE"
+        )
+    elif symbol not in sizes.refused:
+        sizes.multipliers[symbol] = inst.multiplier_text
+
+
+def _multiplier_option(text: str) -> tuple[str, str]:
+    """`SYMBOL=VALUE` -> (SYMBOL upper-cased, VALUE as plain decimal text)."""
+    symbol, sep, value = (part.strip() for part in text.partition("="))
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        number = None
+    if not sep or not symbol or number is None or not number.is_finite() or number <= 0:
+        raise UsageError(
+            f"--multiplier {text!r}: expected SYMBOL=VALUE with VALUE a positive number "
+            "(base units per contract), e.g. BTCUSDT=0.01"
+        )
+    return symbol.upper(), format(number, "f")
+
+
 @attrs.define(slots=True)
 class ReplaySummary:
     messages: int = 0  # records in the file (ws + rest), bad ones included
@@ -163,13 +287,16 @@ def replay_summary(
     chunk_records: int = CHUNK_RECORDS,
     flush_rows: int = FLUSH_ROWS,
     fast: bool = True,
+    instruments: Path | None = None,
+    multipliers: Sequence[str] = (),
 ) -> ReplaySummary:
     """Replay `input_path`; write Parquet under `output` (nothing written when None).
 
     With `fast` (the default) runs of ws records go through `Normalizer.feed_frames` (the
     batch fast path, `pipeline/batch.py`) for venues that have one; any chunk it does not
     take, and every other record, takes the simple path. Output is the same either way
-    (`tests/test_fastpath.py`)."""
+    (`tests/test_fastpath.py`). `instruments` / `multipliers`: see `contract_sizes`; a
+    contract-sized venue's rows are only written with a multiplier for their symbol."""
     venue = VENUES.get(exchange)
     if venue is None:
         raise UsageError(f"replay: unknown exchange {exchange!r} (known: {', '.join(VENUES)})")
@@ -179,6 +306,17 @@ def replay_summary(
         raise UsageError(f"replay: input file {str(input_path)!r} does not exist")
     summary = ReplaySummary()
     normalizer = Normalizer({exchange: venue.rules})
+    sizes = contract_sizes(exchange, instruments, multipliers)
+    if sizes is not None:
+        sizes.install(normalizer)
+        if output is not None and instruments is None and not multipliers:
+            raise UsageError(
+                f"replay: {exchange} sizes are contracts and a recording does not say how big "
+                "one is: pass --instruments FILE (the venue's instruments list saved as JSON) "
+                "or --multiplier SYMBOL=VALUE"
+            )
+    #: rows are written: each symbol needs its multiplier (never stored with 1)
+    sized = sizes if output is not None else None
     fast = fast and exchange in FAST_VENUES and venue.new_parse_ws is None
     #: per (dataset, exchange, market, symbol): wire frames, multiplier, rows
     buffers: dict[tuple[Dataset, str, str, str], tuple[list[pl.DataFrame], str, int]] = {}
@@ -197,6 +335,8 @@ def replay_summary(
             summary.files.extend(_write(key, frame, Path(output)))
 
     def hold(batch: RowBatch | FrameBatch) -> None:
+        if sized is not None:
+            sized.check(batch.symbol, str(input_path))
         key = (batch.dataset, batch.exchange, batch.market, batch.symbol)
         wire = batch.frame if isinstance(batch, FrameBatch) else wire_frame(batch.columns)
         parts, multiplier, rows = buffers.get(key, ([], batch.multiplier, 0))
@@ -235,12 +375,16 @@ def replay_summary(
                 summary.diffs += len(parsed)
                 items.extend(parsed)
             else:
-                items.append(venue.parse_rest(rec))
+                parsed = [venue.parse_rest(rec)]
+                items.extend(parsed)
                 summary.snapshots += 1
         except MalformedMessage as exc:
             summary.bad_records += 1
             log.warning("%s:%d: skipped: %s", input_path, rec.line_no, exc)
             return
+        if sized is not None:
+            for item in parsed:
+                sized.check(item.symbol, f"{input_path}:{rec.line_no}")
         if len(items) >= chunk_records:
             process()
 
@@ -293,11 +437,20 @@ def replay_summary(
     return summary
 
 
-def run(exchange: str, input_path: Path, output: Path) -> int:
+def run(
+    exchange: str,
+    input_path: Path,
+    output: Path,
+    *,
+    instruments: Path | None = None,
+    multipliers: Sequence[str] = (),
+) -> int:
     """CLI entry: replay, print the one summary line, return the exit code: 0, or 1
     when the file had records and not one of them could be read (the wrong --exchange
     for the recording, or not a recording at all): that is no replay."""
-    summary = replay_summary(exchange, input_path, output)
+    summary = replay_summary(
+        exchange, input_path, output, instruments=instruments, multipliers=multipliers
+    )
     if summary.bad_records:
         log.warning("%d bad records skipped", summary.bad_records)
     print(summary.line())
