@@ -36,17 +36,21 @@ def snapshot_rows(
     exchange: str = "binance",
     market: str = "futures",
     symbol: str = "BTCUSDT",
+    source: str = "poll",
+    receive_us: int | None = None,
 ) -> list[dict]:
-    """Rows of one snapshot; `bids`/`asks` in the order given (best first when correct)."""
+    """Rows of one snapshot; `bids`/`asks` in the order given (best first when correct).
+    Received 5 ms after `ts` unless `receive_us` says when (µs)."""
     rows = []
     for side, levels in (("bid", bids), ("ask", asks)):
         for i, (price, qty) in enumerate(levels):
             rows.append(
                 dict(
                     exchange=exchange, market=market, symbol=symbol, timestamp=ts,
-                    transaction_time=ts, receive_time=ts * 1000 + 5000,
+                    transaction_time=ts,
+                    receive_time=ts * 1000 + 5000 if receive_us is None else receive_us,
                     last_update_id=last_update_id, side=side, level=i, price=price,
-                    quantity=qty, raw_quantity=qty, source="poll",
+                    quantity=qty, raw_quantity=qty, source=source,
                 )
             )  # fmt: skip
     return rows
@@ -62,12 +66,15 @@ def delta_rows(
     exchange: str = "binance",
     market: str = "futures",
     symbol: str = "BTCUSDT",
+    receive_us: int | None = None,
 ) -> list[dict]:
-    """Rows of one diff message: `changes` are (side, price, quantity), 0 = remove."""
+    """Rows of one diff message: `changes` are (side, price, quantity), 0 = remove.
+    Received 3 ms after `ts` unless `receive_us` says when (µs)."""
+    recv = ts * 1000 + 3000 if receive_us is None else receive_us
     return [
         dict(
             exchange=exchange, market=market, symbol=symbol, timestamp=ts, transaction_time=ts,
-            receive_time=ts * 1000 + 3000, first_update_id=first, last_update_id=last,
+            receive_time=recv, first_update_id=first, last_update_id=last,
             prev_update_id=prev, side=side, price=price, quantity=qty, raw_quantity=qty,
         )
         for side, price, qty in changes
@@ -247,3 +254,28 @@ def generate(
             snap_buf, delta_buf = [], []
             next_flush += flush_every_s * 1000
     return out
+
+
+def bybit_restart(root: Path, t0: int, *, lose: int | None = None) -> None:
+    """What the collector stores for a Bybit stream whose ids restart: an in-stream
+    snapshot at u=5000, deltas 5001..5004 (bid 100 -> 10..13), then Bybit restarts (a
+    snapshot with `u == 1`: a new full book at t0 + 1000) and deltas 2..4 (ask 101 ->
+    20..22). Continuous; with `lose`, that delta (5001..5004) is missing and a
+    `sequence_break` gap record says so, detected when the next one arrived."""
+    kw: dict = dict(exchange="bybit", source="stream")
+    rows = snapshot_rows(t0, 5000, [(100.0, 1.0), (99.0, 2.0)], [(101.0, 1.0), (102.0, 2.0)], **kw)
+    rows += snapshot_rows(t0 + 1000, 1, [(100.0, 7.0), (98.0, 3.0)], [(101.0, 4.0)], **kw)
+    write(root, Dataset.SNAPSHOTS, rows)
+    deltas: list[dict] = []
+    for i, u in enumerate(range(5001, 5005)):
+        if u != lose:
+            deltas += delta_rows(t0 + 100 * (i + 1), u, u, u - 1, [("bid", 100.0, 10.0 + i)],
+                                 exchange="bybit")  # fmt: skip
+    for i, u in enumerate(range(2, 5)):
+        deltas += delta_rows(t0 + 1100 + 100 * i, u, u, u - 1, [("ask", 101.0, 20.0 + i)],
+                             exchange="bybit")  # fmt: skip
+    write(root, Dataset.DELTAS, deltas)
+    if lose is not None:
+        t_lost = t0 + 100 * (lose - 5000)
+        write(root, Dataset.GAPS, gap_rows("sequence_break", lose - 1, lose + 1, t_lost - 100,
+                                           t_lost + 100, exchange="bybit"))  # fmt: skip

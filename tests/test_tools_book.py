@@ -6,7 +6,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from datagen import delta_rows, gap_rows, generate, ms, snapshot_rows, write
+from datagen import bybit_restart, delta_rows, gap_rows, generate, ms, snapshot_rows, write
 
 from cryptoflow.errors import DataError, UsageError
 from cryptoflow.models import Dataset
@@ -108,3 +108,65 @@ def test_refuses_unrecorded_break(tmp_path: Path) -> None:
     write(tmp_path, Dataset.GAPS, gap_rows("reconnect", 104, 110, T + 300, T + 500))
     with pytest.raises(DataError, match="refusing: a reconnect gap"):
         book.run(str(tmp_path), "binance", "BTCUSDT", str(T + 600))
+
+
+# --- arrival order: ids can go backwards --------------------------------------------
+
+T0 = ms("2026-11-28T04:00:00Z")
+
+
+def _sides(df: pl.DataFrame) -> tuple[dict, dict]:
+    bids = dict(df.filter(pl.col("side") == "bid").select("price", "quantity").rows())
+    asks = dict(df.filter(pl.col("side") == "ask").select("price", "quantity").rows())
+    return bids, asks
+
+
+def test_book_after_a_bybit_id_restart(tmp_path: Path) -> None:
+    """Was: after Bybit's `u == 1` restart every pre-restart delta has a higher id than
+    the new snapshot, so they were selected too and the book was refused (or wrong)."""
+    bybit_restart(tmp_path, T0)
+    df, facts = book.rebuild(tmp_path, "bybit", "BTCUSDT", T0 + 1350)
+    assert (facts["snapshot_id"], facts["messages"], facts["last_update_id"]) == (1, 3, 4)
+    assert _sides(df) == ({100.0: 7.0, 98.0: 3.0}, {101.0: 22.0})
+    df, facts = book.rebuild(tmp_path, "bybit", "BTCUSDT", T0 + 450)  # before the restart
+    assert (facts["snapshot_id"], facts["last_update_id"]) == (5000, 5004)
+    assert _sides(df) == ({100.0: 13.0, 99.0: 2.0}, {101.0: 1.0, 102.0: 2.0})
+
+
+def test_gap_before_an_id_restart_does_not_refuse_the_book_after_it(tmp_path: Path) -> None:
+    bybit_restart(tmp_path, T0, lose=5003)
+    with pytest.raises(DataError, match="refusing: a sequence_break gap"):
+        book.rebuild(tmp_path, "bybit", "BTCUSDT", T0 + 450)
+    # its ids (5002..5004) are above the new snapshot's 1, but the restart healed it
+    df, _ = book.rebuild(tmp_path, "bybit", "BTCUSDT", T0 + 1350)
+    assert _sides(df) == ({100.0: 7.0, 98.0: 3.0}, {101.0: 22.0})
+
+
+def test_okx_seq_id_going_backwards_is_applied(tmp_path: Path) -> None:
+    """OKX `seqId` may go backwards after maintenance (prevSeqId still matching). Was:
+    only ids above the snapshot's were taken, so the book silently stopped at 105."""
+    kw: dict = dict(exchange="okx")
+    snap = snapshot_rows(T0, 100, [(100.0, 1.0)], [(101.0, 1.0)], **kw)  # a REST poll
+    write(tmp_path, Dataset.SNAPSHOTS, snap)
+    deltas = delta_rows(T0 + 100, 101, 105, 100, [("bid", 100.0, 2.0)], **kw)
+    deltas += delta_rows(T0 + 200, 3, 3, 105, [("bid", 100.0, 3.0)], **kw)
+    deltas += delta_rows(T0 + 300, 4, 8, 3, [("bid", 99.0, 4.0)], **kw)
+    write(tmp_path, Dataset.DELTAS, deltas)
+    df, facts = book.rebuild(tmp_path, "okx", "BTCUSDT", T0 + 400)
+    assert (facts["messages"], facts["last_update_id"]) == (3, 8)
+    assert _sides(df) == ({100.0: 3.0, 99.0: 4.0}, {101.0: 1.0})
+
+
+def test_rest_snapshot_straddled_by_a_diff_received_before_it(tmp_path: Path) -> None:
+    """Binance: the diff containing L + 1 often arrives while the REST request is in
+    flight, so deltas received before a REST snapshot still count when they reach past
+    its id; older ones (inside the snapshot) are left out."""
+    write(tmp_path, Dataset.SNAPSHOTS, snapshot_rows(T, 100, [(10.0, 1.0)], [(11.0, 1.0)]))
+    recv = T * 1000 + 5000  # the snapshot's receive time
+    deltas = delta_rows(T - 30, 90, 99, 89, [("bid", 10.0, 9.0)], receive_us=recv - 20_000)
+    deltas += delta_rows(T - 10, 100, 102, 99, [("bid", 10.0, 2.0)], receive_us=recv - 1)
+    deltas += delta_rows(T + 50, 103, 103, 102, [("ask", 11.0, 3.0)])
+    write(tmp_path, Dataset.DELTAS, deltas)
+    df, facts = book.rebuild(tmp_path, "binance", "BTCUSDT", T + 100)
+    assert (facts["messages"], facts["last_update_id"]) == (2, 103)
+    assert _sides(df) == ({10.0: 2.0}, {11.0: 3.0})

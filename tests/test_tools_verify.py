@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from datagen import delta_rows, generate, snapshot_rows, write
+from datagen import bybit_restart, delta_rows, generate, ms, snapshot_rows, write
 
 from cryptoflow.errors import DataError
 from cryptoflow.models import Dataset
@@ -51,3 +51,74 @@ def test_empty_path(tmp_path: Path) -> None:
         verify.run(str(tmp_path))
     with pytest.raises(DataError, match="no such folder"):
         verify.run(str(tmp_path / "missing"))
+
+
+# --- arrival order and in-stream snapshots (ids can go backwards) ---------------------
+
+T0 = ms("2026-11-28T04:00:00Z")
+
+
+def test_bybit_id_restart_is_not_a_break(tmp_path: Path, capsys) -> None:
+    """Was: sorted by id, the deltas after Bybit's `u == 1` restart (2..4) came before
+    5001..5004 and verify reported a continuity break in a complete recording."""
+    bybit_restart(tmp_path, T0)
+    assert verify.run(str(tmp_path)) == 0, capsys.readouterr().out
+    # a lost delta before the restart is still a (known) break, nothing else
+    bybit_restart(tmp_path / "lost", T0, lose=5003)
+    assert verify.run(str(tmp_path / "lost")) == 0
+    out = capsys.readouterr().out
+    assert "known gap (sequence_break)" in out and "after update 5002" in out
+    assert out.count("after update") == 1
+
+
+def test_mid_stream_snapshot_restarts_the_chain(tmp_path: Path, capsys) -> None:
+    """Bybit/OKX resend a snapshot mid-stream; the next delta continues it (was: a false
+    continuity break against the delta before the snapshot)."""
+    kw: dict = dict(exchange="bybit")
+    book = ([(100.0, 1.0)], [(101.0, 1.0)])
+    snaps = snapshot_rows(T0, 5000, *book, source="stream", **kw)
+    snaps += snapshot_rows(T0 + 400, 5004, *book, source="stream", **kw)
+    write(tmp_path, Dataset.SNAPSHOTS, snaps)
+    deltas = []
+    for u in (5001, 5002, 5003, 5005, 5006):
+        deltas += delta_rows(T0 + 100 * (u - 5000), u, u, u - 1, [("bid", 100.0, 2.0)], **kw)
+    write(tmp_path, Dataset.DELTAS, deltas)
+    assert verify.run(str(tmp_path)) == 0, capsys.readouterr().out
+    # a delta that does not continue the snapshot is still a break
+    write(tmp_path, Dataset.DELTAS, delta_rows(T0 + 450, 5008, 5008, 5007, [("bid", 99.0, 1.0)],
+                                               **kw))  # fmt: skip
+    assert verify.run(str(tmp_path)) == 1
+    out = capsys.readouterr().out
+    assert "continuity break" in out and "after update 5004" in out and "prev 5007" in out
+
+
+def test_okx_seq_id_going_backwards_is_checked_in_arrival_order(tmp_path: Path, capsys) -> None:
+    """OKX `seqId` may go backwards after maintenance, `prevSeqId` still matching: fine
+    in arrival order (was: sorted by id, 3 and 8 came first and two breaks were reported)."""
+    kw: dict = dict(exchange="okx")
+    snap = snapshot_rows(T0, 100, [(100.0, 1.0)], [(101.0, 1.0)], source="stream", **kw)
+    write(tmp_path, Dataset.SNAPSHOTS, snap)
+    deltas = delta_rows(T0 + 100, 101, 105, 100, [("bid", 100.0, 2.0)], **kw)
+    # okx.rules.diff_ids: seqId <= prevSeqId gives first = last = seqId
+    deltas += delta_rows(T0 + 200, 3, 3, 105, [("bid", 100.0, 3.0)], **kw)
+    deltas += delta_rows(T0 + 300, 4, 8, 3, [("bid", 100.0, 4.0)], **kw)
+    write(tmp_path, Dataset.DELTAS, deltas)
+    assert verify.run(str(tmp_path)) == 0, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("continues", [True, False], ids=["delta-continues", "delta-before"])
+def test_snapshot_and_a_delta_received_in_the_same_microsecond(tmp_path: Path, continues) -> None:
+    """At equal receive times the in-stream snapshot goes first only before the delta
+    that continues it: the last delta before a restart and the first after it can share
+    the snapshot's microsecond."""
+    kw: dict = dict(exchange="bybit")
+    t = T0 * 1000 + 7
+    snap = snapshot_rows(T0, 1, [(100.0, 1.0)], [(101.0, 1.0)], source="stream", receive_us=t, **kw)
+    write(tmp_path, Dataset.SNAPSHOTS, snap)
+    deltas = delta_rows(T0 - 100, 4999, 4999, 4998, [("bid", 100.0, 2.0)], **kw)
+    deltas += delta_rows(T0 - 50, 5000, 5000, 4999, [("bid", 100.0, 2.0)],
+                         receive_us=t + (0 if not continues else -1), **kw)  # fmt: skip
+    deltas += delta_rows(T0 + 1, 2, 2, 1, [("bid", 100.0, 3.0)],
+                         receive_us=t + (0 if continues else 1), **kw)  # fmt: skip
+    write(tmp_path, Dataset.DELTAS, deltas)
+    assert verify.run(str(tmp_path)) == 0

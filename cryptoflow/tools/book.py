@@ -1,11 +1,18 @@
 """`cryptoflow book`: rebuild the order book at one moment from stored data.
 
-Rule: take the latest snapshot with event time <= AT (ties: highest update id), id L.
-Apply, in update-id order, every stored delta message with last_update_id > L and event
-time <= AT. The first one must straddle the snapshot (first_update_id <= L + 1) and each
-next one must continue the previous (prev_update_id == previous last_update_id). If a
-`gaps` record lies between the snapshot and AT, or the stored ids do not continue, the
-book is refused (DataError): an answer that might be wrong is worse than none.
+Rule: take the latest snapshot with event time <= AT (ties: the later received, then the
+highest update id), id L, received at R. The deltas that can follow it are the messages
+with event time <= AT received at or after R, plus, for a REST snapshot, those received
+before R that reach past L (Binance's diff containing L + 1 is often received while the
+REST request is in flight). Never those received before the last in-stream snapshot at or
+before R (source `stream`: Bybit, OKX): it restarted the chain, and a venue may restart
+its ids with it (Bybit `u == 1`, OKX `seqId` after maintenance), so older messages with
+higher ids belong to another book. Apply them in arrival order (receive time, ties by
+id), leaving out the leading ones with last_update_id <= L (already in the snapshot):
+the first applied must straddle the snapshot (first_update_id <= L + 1) and each next
+one must continue the previous (prev_update_id == previous last_update_id). If a `gaps`
+record lies between the snapshot and AT, or the stored ids do not continue, the book is
+refused (DataError): an answer that might be wrong is worse than none.
 
 PATH may be `s3://bucket/prefix`: keys are listed for the one exchange/symbol and only
 the hours actually read (the snapshot's hour, the deltas up to AT) are downloaded.
@@ -21,7 +28,7 @@ from rich.table import Table
 
 from cryptoflow.errors import DataError, UsageError
 from cryptoflow.exchanges import registry
-from cryptoflow.models import Dataset
+from cryptoflow.models import Dataset, SnapshotSource
 from cryptoflow.tools.datasets import (
     FileInfo,
     Root,
@@ -33,7 +40,7 @@ from cryptoflow.tools.datasets import (
     parse_time,
     report_console,
 )
-from cryptoflow.tools.verify import Break, find_breaks, load_gaps
+from cryptoflow.tools.verify import ARRIVAL, MSG_ID, Break, find_breaks, load_gaps
 
 Side = dict[float, float]
 
@@ -49,8 +56,14 @@ def _readable(df: pl.DataFrame, bad: list, what: str) -> pl.DataFrame:
     return df
 
 
-def find_snapshot(files: list[FileInfo], at_ms: int) -> pl.DataFrame:
-    """Rows of the latest snapshot at or before `at_ms`, scanning hour by hour backwards.
+def _rt() -> pl.Expr:
+    return pl.col("receive_time").dt.epoch("us").alias("rt")
+
+
+def find_snapshot(files: list[FileInfo], at_ms: int) -> tuple[pl.DataFrame, int | None]:
+    """Rows of the latest snapshot at or before `at_ms`, scanning hour by hour backwards,
+    and the receive time (µs) of the last in-stream snapshot of that hour received at or
+    before it (itself when it is one; None when there is none): where its chain began.
 
     Snapshots come every few seconds, so the hour of AT almost always answers and older
     hours are only opened when it does not.
@@ -64,7 +77,7 @@ def find_snapshot(files: list[FileInfo], at_ms: int) -> pl.DataFrame:
             return (
                 lf.with_columns(ts=_ms("timestamp"))
                 .filter(pl.col("ts") <= at_ms)
-                .group_by("ts", "last_update_id")
+                .group_by("ts", _rt(), "last_update_id", "source")
                 .agg()
             )
 
@@ -72,31 +85,37 @@ def find_snapshot(files: list[FileInfo], at_ms: int) -> pl.DataFrame:
         _readable(keys, bad, "snapshot")
         if keys.is_empty():
             continue
-        ts, lid = keys.sort("ts", "last_update_id").row(-1)
+        ts, rt, lid, _ = keys.sort("ts", "rt", "last_update_id").row(-1)
 
-        def rows(lf: pl.LazyFrame, ts: int = ts, lid: int = lid) -> pl.LazyFrame:
-            return lf.with_columns(ts=_ms("timestamp")).filter(
-                (pl.col("ts") == ts) & (pl.col("last_update_id") == lid)
+        def rows(lf: pl.LazyFrame, ts: int = ts, rt: int = rt, lid: int = lid) -> pl.LazyFrame:
+            return lf.with_columns(ts=_ms("timestamp"), rt=_rt()).filter(
+                (pl.col("ts") == ts) & (pl.col("rt") == rt) & (pl.col("last_update_id") == lid)
             )
 
         snap, bad = collect_per_file(by_hour[hour], rows, label="snapshots")
-        return _readable(snap, bad, "snapshot")
+        restarts = keys.filter(
+            (pl.col("source") == SnapshotSource.STREAM.value) & (pl.col("rt") <= rt)
+        )["rt"]
+        return _readable(snap, bad, "snapshot"), restarts.max() if restarts.len() else None
     raise DataError(f"no snapshot at or before {fmt_ms(at_ms)} (--at is before the first one)")
 
 
 def apply_deltas(bids: Side, asks: Side, deltas: pl.DataFrame, snapshot_id: int) -> tuple[int, int]:
-    """Apply `deltas` (rows, any order) to the book in place; (messages, last id applied).
+    """Apply `deltas` (rows with `ts` and `rt`, any order) to the book in place, in
+    arrival order from the first message that reaches past the snapshot; (messages,
+    last id applied).
 
     Raises DataError if the first message does not straddle the snapshot or the ids break.
     """
     if deltas.is_empty():
         return 0, snapshot_id
-    msgs = (
-        deltas.group_by("first_update_id", "last_update_id", "prev_update_id")
-        .agg(ts=pl.col("ts").min())
-        .sort("last_update_id", "first_update_id")
-    )
-    dup = msgs.filter(pl.col("last_update_id").is_duplicated())
+    msgs = deltas.group_by(MSG_ID[3:]).agg(ts=pl.col("ts").min()).sort(ARRIVAL)
+    past = msgs["last_update_id"] > snapshot_id
+    if not past.any():
+        return 0, snapshot_id
+    msgs = msgs.slice(int(past.arg_true()[0]))  # leading ones are in the snapshot already
+    ranges = pl.struct("first_update_id", "prev_update_id").n_unique()
+    dup = msgs.filter(ranges.over("last_update_id") > 1)
     if not dup.is_empty():
         raise DataError(
             f"update {dup['last_update_id'][0]} is stored with conflicting id ranges; "
@@ -111,7 +130,8 @@ def apply_deltas(bids: Side, asks: Side, deltas: pl.DataFrame, snapshot_id: int)
     breaks = find_breaks(msgs)
     if breaks:
         raise DataError(f"continuity break between the snapshot and --at: {_break_text(breaks[0])}")
-    ordered = deltas.sort("last_update_id", maintain_order=True)
+    ordered = deltas.join(msgs.select(MSG_ID[3:]), on=MSG_ID[3:], nulls_equal=True)
+    ordered = ordered.sort(ARRIVAL, maintain_order=True)
     for side, price, qty in ordered.select("side", "price", "quantity").iter_rows():
         if side is None:  # the marker row of a message that changed no level
             continue
@@ -153,14 +173,18 @@ def rebuild(
     markets = {f.market for f in snap_files}
     if len(markets) > 1:
         raise UsageError(f"{exchange}/{symbol} exists in markets {sorted(markets)}; pass market")
-    snap = find_snapshot(snap_files, at_ms)
+    snap, chain_rt = find_snapshot(snap_files, at_ms)
     snap_id = int(snap["last_update_id"][0])
     snap_ts = int(snap["ts"][0])
+    snap_rt = int(snap["rt"][0])
     mkt = str(snap["market"][0])
 
     gaps = load_gaps(root, exchange=exchange, market=mkt, symbol=symbol)
     for g in gaps.to_dicts() if not gaps.is_empty() else []:
-        if _gap_between(g, snap_id, snap_ts, at_ms):
+        # detected before the in-stream snapshot that began the chain: healed by it
+        detected = g["detected"]
+        healed = chain_rt is not None and detected is not None and detected < chain_rt
+        if not healed and _gap_between(g, snap_id, snap_ts, at_ms):
             raise DataError(
                 f"refusing: a {g['kind']} gap (updates {g['last_good_id']}..{g['first_id_after']}, "
                 f"{fmt_ms(g['start'])} .. {fmt_ms(g['end'])}) lies between the snapshot "
@@ -173,9 +197,11 @@ def rebuild(
     ), at_ms)  # fmt: skip
 
     def select(lf: pl.LazyFrame) -> pl.LazyFrame:
-        return lf.with_columns(ts=_ms("timestamp")).filter(
-            (pl.col("last_update_id") > snap_id) & (pl.col("ts") <= at_ms)
-        )
+        rt = pl.col("rt")
+        keep = (pl.col("ts") <= at_ms) & ((rt >= snap_rt) | (pl.col("last_update_id") > snap_id))
+        if chain_rt is not None:
+            keep &= rt >= chain_rt
+        return lf.with_columns(ts=_ms("timestamp"), rt=_rt()).filter(keep)
 
     deltas, bad = collect_per_file(delta_files, select, label="deltas")
     _readable(deltas, bad, "delta")

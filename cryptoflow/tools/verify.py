@@ -1,11 +1,16 @@
 """`cryptoflow verify`: re-check what landed, so a study never starts on silently bad data.
 
 Checks, per exchange/market/symbol:
-- deltas: messages (distinct first/last/prev update-id triples) ordered by last_update_id
-  continue each other (`prev_update_id` == previous `last_update_id`; where a venue gives
-  no prev id, `first_update_id` == previous last + 1). A break that a `gaps` record
-  covers is *known* (listed, not a problem); any other break is a problem. The same
-  update id stored with different ranges, and rows stored twice, are problems.
+- deltas: messages (rows with the same first/last/prev update ids and receive time), in
+  the order they were received (receive time; ties by id), continue each other
+  (`prev_update_id` == previous `last_update_id`; where a venue gives no prev id,
+  `first_update_id` == previous last + 1). Not in id order: ids can go backwards (Bybit
+  restarts at `u == 1` with a new book, OKX `seqId` after maintenance), and the
+  collector checked them in arrival order too. An in-stream snapshot (`snapshots`,
+  source `stream`: Bybit, OKX) is a full book that restarts the chain: the next message
+  must continue *it*. A break that a `gaps` record covers is *known* (listed, not a
+  problem); any other break is a problem. The same update id stored with different
+  ranges within one chain (between restarts), and rows stored twice, are problems.
 - snapshots: each snapshot's bids strictly descending and asks strictly ascending by
   `level`, levels 0..n-1 without holes, prices > 0 and quantities >= 0, and best bid <
   best ask (a crossed book means the snapshot or its flattening is wrong).
@@ -24,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cryptoflow.exchanges import registry
-from cryptoflow.models import Dataset
+from cryptoflow.models import Dataset, SnapshotSource
 from cryptoflow.tools.datasets import (
     FILE_COL,
     collect_per_file,
@@ -35,6 +40,11 @@ from cryptoflow.tools.datasets import (
 )
 
 MSG_KEYS = ["exchange", "market", "symbol", "first_update_id", "last_update_id", "prev_update_id"]
+#: one stored message: its ids and its receive time (µs) as `rt`. Ids alone do not name a
+#: message: they repeat after a venue restarts its ids.
+MSG_ID = [*MSG_KEYS, "rt"]
+#: arrival order: receive time, ties by id
+ARRIVAL = ["rt", "last_update_id", "first_update_id"]
 #: Print at most this many problems of one kind per symbol; the count is always exact.
 MAX_LISTED = 50
 
@@ -60,50 +70,107 @@ class Break:
     time: int
 
 
+@attrs.frozen(slots=True)
+class Restart:
+    """An in-stream snapshot: a full book at `last_id` that restarts the id chain."""
+
+    rt: int  # receive time, µs
+    last_id: int
+    time: int  # event time, ms
+
+
 def _ms(col: str) -> pl.Expr:
     return pl.col(col).dt.epoch("ms")
 
 
+def _rt() -> pl.Expr:
+    return pl.col("receive_time").dt.epoch("us").alias("rt")
+
+
 def load_messages(files: list, label: str = "deltas") -> tuple[pl.DataFrame, list]:
-    """Distinct messages (one row per first/last/prev triple) with their event time."""
+    """Distinct messages (`MSG_ID`) with their event time, in arrival order per symbol."""
 
     def build(lf: pl.LazyFrame) -> pl.LazyFrame:
-        return lf.group_by(MSG_KEYS).agg(
+        return lf.group_by([*MSG_KEYS, _rt()]).agg(
             ts=_ms("timestamp").min(), rows=pl.len(), files=pl.col(FILE_COL).n_unique()
         )
 
     df, bad = collect_per_file(files, build, label=label)
     if df.is_empty():
         return df, bad
-    df = df.group_by(MSG_KEYS).agg(
+    df = df.group_by(MSG_ID).agg(
         ts=pl.col("ts").min(), rows=pl.col("rows").sum(), files=pl.col("files").sum()
     )
-    return df.sort("exchange", "market", "symbol", "last_update_id", "first_update_id"), bad
+    return df.sort("exchange", "market", "symbol", *ARRIVAL), bad
 
 
-def find_breaks(msgs: pl.DataFrame) -> list[Break]:
-    """Breaks in one symbol's messages (already sorted by last_update_id)."""
-    out: list[Break] = []
-    prev: tuple[int, int] | None = None
-    for first, last, pid, ts in msgs.select(
-        "first_update_id", "last_update_id", "prev_update_id", "ts"
-    ).iter_rows():
-        if prev is not None:
-            ok = pid == prev[0] if pid is not None else first == prev[0] + 1
-            if not ok:
-                out.append(Break(prev[0], prev[1], first, pid, last, ts))
-        prev = (last, ts)
+def load_restarts(files: list) -> dict[tuple[str, str, str], list[Restart]]:
+    """In-stream snapshots per (exchange, market, symbol), in arrival order."""
+
+    def build(lf: pl.LazyFrame) -> pl.LazyFrame:
+        return (
+            lf.filter(pl.col("source") == SnapshotSource.STREAM.value)
+            .group_by("exchange", "market", "symbol", "last_update_id", _rt())
+            .agg(ts=_ms("timestamp").min())
+        )
+
+    df, _ = collect_per_file(files, build, label="snapshots")  # bad files: check_snapshots
+    out: dict[tuple[str, str, str], list[Restart]] = {}
+    if df.is_empty():
+        return out
+    for ex, mkt, sym, lid, rt, ts in df.sort("rt", "last_update_id").iter_rows():
+        out.setdefault((ex, mkt, sym), []).append(Restart(rt, lid, ts))
     return out
 
 
+def _continues(last: int, first: int, pid: int | None) -> bool:
+    return pid == last if pid is not None else first == last + 1
+
+
+def find_breaks(msgs: pl.DataFrame, restarts: list[Restart] | None = None) -> list[Break]:
+    """Breaks in one symbol's messages (sorted in arrival order, `ARRIVAL`)."""
+    return walk_chain(msgs, restarts)[0]
+
+
+def walk_chain(
+    msgs: pl.DataFrame, restarts: list[Restart] | None = None
+) -> tuple[list[Break], list[int]]:
+    """(breaks, chain number of each message) for one symbol's messages in arrival order.
+
+    Each in-stream snapshot in `restarts` received before a message starts a new chain
+    there: that message must continue the snapshot, not the message before it. At the
+    same receive time the snapshot comes first only if the message continues it.
+    """
+    out: list[Break] = []
+    chains: list[int] = []
+    rs = restarts or []
+    j = 0
+    prev: tuple[int, int] | None = None
+    for first, last, pid, ts, rt in msgs.select(
+        "first_update_id", "last_update_id", "prev_update_id", "ts", "rt"
+    ).iter_rows():
+        while j < len(rs) and (
+            rs[j].rt < rt or (rs[j].rt == rt and _continues(rs[j].last_id, first, pid))
+        ):
+            prev = (rs[j].last_id, rs[j].time)
+            j += 1
+        if prev is not None and not _continues(prev[0], first, pid):
+            out.append(Break(prev[0], prev[1], first, pid, last, ts))
+        prev = (last, ts)
+        chains.append(j)
+    return out, chains
+
+
 def load_gaps(root, exchange=None, market=None, symbol=None) -> pl.DataFrame:  # type: ignore[no-untyped-def]
-    """Gap records as plain ints (ids, ms), empty frame when there are none."""
+    """Gap records as plain ints (ids, ms; `detected` in µs), empty frame when there are
+    none."""
     files = list_files(root, Dataset.GAPS, exchange=exchange, market=market, symbol=symbol)
 
     def build(lf: pl.LazyFrame) -> pl.LazyFrame:
         return lf.select(
             "exchange", "market", "symbol", "kind", "last_good_id", "first_id_after",
             start=_ms("start_time"), end=_ms("end_time"), ts=_ms("timestamp"),
+            detected=pl.col("detected_at").dt.epoch("us"),
         )  # fmt: skip
 
     df, _ = collect_per_file(files, build, label="gaps")
@@ -129,8 +196,13 @@ def covering_gap(brk: Break, gaps: list[dict]) -> dict | None:
     return None
 
 
-def check_deltas(files: list, gaps: pl.DataFrame) -> tuple[list[Finding], list[Finding], list]:
-    """(problems, known gaps, bad files) for the deltas in `files`."""
+def check_deltas(
+    files: list,
+    gaps: pl.DataFrame,
+    restarts: dict[tuple[str, str, str], list[Restart]] | None = None,
+) -> tuple[list[Finding], list[Finding], list]:
+    """(problems, known gaps, bad files) for the deltas in `files`; `restarts` are the
+    in-stream snapshots (`load_restarts`)."""
     msgs, bad = load_messages(files)
     problems: list[Finding] = []
     known: list[Finding] = []
@@ -140,7 +212,11 @@ def check_deltas(files: list, gaps: pl.DataFrame) -> tuple[list[Finding], list[F
         ["exchange", "market", "symbol"], maintain_order=True
     ):
         where = (ex, mkt, sym)
-        dup_ids = group.filter(pl.col("last_update_id").is_duplicated())
+        breaks, chains = walk_chain(group, (restarts or {}).get(where))
+        ranges = pl.struct("first_update_id", "prev_update_id").n_unique()
+        dup_ids = group.with_columns(chain=pl.Series(chains, dtype=pl.Int64)).filter(
+            ranges.over("chain", "last_update_id") > 1
+        )
         for row in dup_ids.iter_rows(named=True):
             problems.append(
                 Finding(*where, "conflicting message",
@@ -161,7 +237,7 @@ def check_deltas(files: list, gaps: pl.DataFrame) -> tuple[list[Finding], list[F
             if not gaps.is_empty()
             else []
         )
-        for brk in find_breaks(group.unique("last_update_id", keep="first", maintain_order=True)):
+        for brk in breaks:
             expected = f"prev {brk.prev_id}" if brk.prev_id is not None else f"first {brk.first}"
             text = (
                 f"after update {brk.prev_last} ({fmt_ms(brk.prev_time)}) next message has "
@@ -261,7 +337,7 @@ def _verify(root, path, exchange, symbol, market, console) -> int:  # type: igno
     if not delta_files and not snap_files:
         raise DataError(f"{path}: no snapshots or deltas found" + _filter_text(filters))
     gaps = load_gaps(root, **filters)
-    d_problems, known, d_bad = check_deltas(delta_files, gaps)
+    d_problems, known, d_bad = check_deltas(delta_files, gaps, load_restarts(snap_files))
     s_problems, s_bad = check_snapshots(snap_files)
     problems = d_problems + s_problems
     for b in d_bad + s_bad:
