@@ -61,14 +61,15 @@ def delta_rows(
     first: int,
     last: int,
     prev: int | None,
-    changes: list[tuple[str, float, float]],
+    changes: list[tuple[str | None, float | None, float | None]],
     *,
     exchange: str = "binance",
     market: str = "futures",
     symbol: str = "BTCUSDT",
     receive_us: int | None = None,
 ) -> list[dict]:
-    """Rows of one diff message: `changes` are (side, price, quantity), 0 = remove.
+    """Rows of one diff message: `changes` are (side, price, quantity), 0 = remove;
+    (None, None, None) is the marker row of a message that changed no level.
     Received 3 ms after `ts` unless `receive_us` says when (µs)."""
     recv = ts * 1000 + 3000 if receive_us is None else receive_us
     return [
@@ -218,7 +219,7 @@ def generate(
             gap_done, lost_left = True, gap_messages
         first, prev = last_id + 1, last_id
         last_id += rng.randint(1, 3)
-        changes = []
+        changes: dict[tuple[str, float], float] = {}  # one row per (side, price), as venues send
         for _ in range(rng.randint(1, 3)):
             side = rng.choice(["bid", "ask"])
             book = bids if side == "bid" else asks
@@ -232,7 +233,7 @@ def generate(
                 book.pop(price, None)
             else:
                 book[price] = qty
-            changes.append((side, price, qty))
+            changes[(side, price)] = qty
         if lost_left:
             lost_left -= 1
             pending_gap = lost_left == 0
@@ -241,7 +242,8 @@ def generate(
                 out.gap = (stored_last, first, stored_t, t)
                 out.files += write(root, Dataset.GAPS, gap_rows("sequence_break", *out.gap, **kw))
                 pending_gap = False
-            delta_buf += delta_rows(t, first, last_id, prev, changes, **kw)
+            rows = [(side, price, qty) for (side, price), qty in changes.items()]
+            delta_buf += delta_rows(t, first, last_id, prev, rows, **kw)
             out.messages += 1
             stored_last, stored_t = last_id, t
             out.books[last_id] = (dict(bids), dict(asks))

@@ -170,3 +170,29 @@ def test_rest_snapshot_straddled_by_a_diff_received_before_it(tmp_path: Path) ->
     df, facts = book.rebuild(tmp_path, "binance", "BTCUSDT", T + 100)
     assert (facts["messages"], facts["last_update_id"]) == (2, 103)
     assert _sides(df) == ({10.0: 2.0}, {11.0: 3.0})
+
+
+def test_marker_rows_change_no_level(tmp_path: Path) -> None:
+    """A message that changed no level is stored as one row with side, price and
+    quantity null (it keeps the id chain complete); applying it changes nothing."""
+    _hand_data(tmp_path)
+    write(tmp_path, Dataset.DELTAS, delta_rows(T + 350, 105, 105, 104, [(None, None, None)]))
+    write(tmp_path, Dataset.DELTAS, delta_rows(T + 380, 106, 106, 105, [("bid", 10.0, 4.0)]))
+    df, facts = book.rebuild(tmp_path, "binance", "BTCUSDT", T + 400)
+    assert (facts["messages"], facts["last_update_id"]) == (5, 106)
+    assert _sides(df) == ({10.5: 5.0, 10.0: 4.0, 9.0: 2.5}, {10.8: 1.0, 12.0: 4.0})
+
+
+def test_okx_heartbeat_markers_are_no_conflict(tmp_path: Path) -> None:
+    """An OKX heartbeat (seqId == prevSeqId) repeats the last id, normalized 105..105 prev
+    105, stored as a marker row: not a conflicting range for update 105."""
+    kw: dict = dict(exchange="okx")
+    write(tmp_path, Dataset.SNAPSHOTS, snapshot_rows(T0, 100, [(100.0, 1.0)], [(101.0, 1.0)], **kw))
+    deltas = delta_rows(T0 + 100, 101, 105, 100, [("bid", 100.0, 2.0)], **kw)
+    deltas += delta_rows(T0 + 200, 105, 105, 105, [(None, None, None)], **kw)
+    deltas += delta_rows(T0 + 300, 105, 105, 105, [(None, None, None)], **kw)
+    deltas += delta_rows(T0 + 400, 106, 107, 105, [("ask", 101.0, 5.0)], **kw)
+    write(tmp_path, Dataset.DELTAS, deltas)
+    df, facts = book.rebuild(tmp_path, "okx", "BTCUSDT", T0 + 500)
+    assert (facts["messages"], facts["last_update_id"]) == (4, 107)
+    assert _sides(df) == ({100.0: 2.0}, {101.0: 5.0})

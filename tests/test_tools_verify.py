@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import polars as pl
 import pytest
 from datagen import bybit_restart, delta_rows, generate, ms, snapshot_rows, write
 
@@ -122,3 +123,45 @@ def test_snapshot_and_a_delta_received_in_the_same_microsecond(tmp_path: Path, c
                          receive_us=t + (0 if continues else 1), **kw)  # fmt: skip
     write(tmp_path, Dataset.DELTAS, deltas)
     assert verify.run(str(tmp_path)) == 0
+
+
+# --- rows stored twice ----------------------------------------------------------------
+
+MARKER = [(None, None, None)]  # the one row of a message that changed no level
+
+
+def test_rows_stored_twice_inside_one_file(tmp_path: Path, capsys) -> None:
+    """Was: only a message found in more than one file was flagged."""
+    g = generate(tmp_path, minutes=3)
+    path = next(p for p in g.files if "/deltas/" in str(p))
+    df = pl.read_parquet(path)
+    first = df.row(0, named=True)
+    one_msg = df.filter(pl.col("last_update_id") == first["last_update_id"]).head(1)
+    pl.concat([df, one_msg]).write_parquet(path)
+    assert verify.run(str(tmp_path)) == 1
+    out = capsys.readouterr().out
+    assert "duplicate rows" in out and "1 row(s) repeating a (side, price) in one file" in out
+    assert f"..{first['last_update_id']} at" in out
+
+
+def test_marker_rows_are_not_duplicates(tmp_path: Path, capsys) -> None:
+    """A message that changes no level is stored as one row with side, price and
+    quantity null; OKX heartbeats repeat the same ids (seqId == prevSeqId) at other
+    times: none of that is a duplicate or a break."""
+    kw: dict = dict(exchange="okx")
+    snap = snapshot_rows(T0, 100, [(100.0, 1.0)], [(101.0, 1.0)], source="stream", **kw)
+    write(tmp_path, Dataset.SNAPSHOTS, snap)
+    write(tmp_path, Dataset.DELTAS, delta_rows(T0 + 100, 101, 105, 100, [("bid", 100.0, 2.0)],
+                                               **kw))  # fmt: skip
+    for i in range(1, 3):  # each heartbeat in its own file
+        write(tmp_path, Dataset.DELTAS, delta_rows(T0 + 100 + 1000 * i, 105, 105, 105, MARKER,
+                                                   **kw))  # fmt: skip
+    write(tmp_path, Dataset.DELTAS, delta_rows(T0 + 5000, 106, 107, 105, [("ask", 101.0, 0.0)],
+                                               **kw))  # fmt: skip
+    assert verify.run(str(tmp_path)) == 0, capsys.readouterr().out
+    # the same marker stored in two files is a duplicate, though
+    write(tmp_path / "x", Dataset.DELTAS, delta_rows(T0 + 1100, 105, 105, 105, MARKER, **kw))
+    copy = next((tmp_path / "x").rglob("*.parquet"))
+    copy.rename(next((tmp_path / "deltas").rglob("*.parquet")).parent / ("x" + copy.name))
+    assert verify.run(str(tmp_path)) == 1
+    assert "stored in 2 files" in capsys.readouterr().out

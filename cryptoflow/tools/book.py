@@ -40,7 +40,14 @@ from cryptoflow.tools.datasets import (
     parse_time,
     report_console,
 )
-from cryptoflow.tools.verify import ARRIVAL, MSG_ID, Break, find_breaks, load_gaps
+from cryptoflow.tools.verify import (
+    ARRIVAL,
+    MSG_ID,
+    Break,
+    conflicting,
+    find_breaks,
+    load_gaps,
+)
 
 Side = dict[float, float]
 
@@ -114,8 +121,7 @@ def apply_deltas(bids: Side, asks: Side, deltas: pl.DataFrame, snapshot_id: int)
     if not past.any():
         return 0, snapshot_id
     msgs = msgs.slice(int(past.arg_true()[0]))  # leading ones are in the snapshot already
-    ranges = pl.struct("first_update_id", "prev_update_id").n_unique()
-    dup = msgs.filter(ranges.over("last_update_id") > 1)
+    dup = conflicting(msgs)
     if not dup.is_empty():
         raise DataError(
             f"update {dup['last_update_id'][0]} is stored with conflicting id ranges; "

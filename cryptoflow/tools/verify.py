@@ -10,7 +10,9 @@ Checks, per exchange/market/symbol:
   source `stream`: Bybit, OKX) is a full book that restarts the chain: the next message
   must continue *it*. A break that a `gaps` record covers is *known* (listed, not a
   problem); any other break is a problem. The same update id stored with different
-  ranges within one chain (between restarts), and rows stored twice, are problems.
+  ranges within one chain (between restarts), and rows stored twice (a message in more
+  than one file, or with more than one row for a (side, price)), are problems. A row
+  whose side is null is a message's marker (it changed no level) and is no duplicate.
 - snapshots: each snapshot's bids strictly descending and asks strictly ascending by
   `level`, levels 0..n-1 without holes, prices > 0 and quantities >= 0, and best bid <
   best ask (a crossed book means the snapshot or its flattening is wrong).
@@ -88,18 +90,26 @@ def _rt() -> pl.Expr:
 
 
 def load_messages(files: list, label: str = "deltas") -> tuple[pl.DataFrame, list]:
-    """Distinct messages (`MSG_ID`) with their event time, in arrival order per symbol."""
+    """Distinct messages (`MSG_ID`) with their event time, in arrival order per symbol;
+    `files` holding each, and `twice`: its rows that repeat a (side, price) of it within
+    one file (marker rows, side null, left out)."""
+    level = pl.col("side").is_not_null()
 
     def build(lf: pl.LazyFrame) -> pl.LazyFrame:
-        return lf.group_by([*MSG_KEYS, _rt()]).agg(
-            ts=_ms("timestamp").min(), rows=pl.len(), files=pl.col(FILE_COL).n_unique()
+        return lf.group_by([*MSG_KEYS, _rt(), FILE_COL]).agg(
+            ts=_ms("timestamp").min(),
+            rows=pl.len(),
+            twice=level.sum() - pl.struct("side", "price").filter(level).n_unique(),
         )
 
     df, bad = collect_per_file(files, build, label=label)
     if df.is_empty():
         return df, bad
     df = df.group_by(MSG_ID).agg(
-        ts=pl.col("ts").min(), rows=pl.col("rows").sum(), files=pl.col("files").sum()
+        ts=pl.col("ts").min(),
+        rows=pl.col("rows").sum(),
+        files=pl.len(),
+        twice=pl.col("twice").sum(),
     )
     return df.sort("exchange", "market", "symbol", *ARRIVAL), bad
 
@@ -121,6 +131,16 @@ def load_restarts(files: list) -> dict[tuple[str, str, str], list[Restart]]:
     for ex, mkt, sym, lid, rt, ts in df.sort("rt", "last_update_id").iter_rows():
         out.setdefault((ex, mkt, sym), []).append(Restart(rt, lid, ts))
     return out
+
+
+def conflicting(msgs: pl.DataFrame, *within: str) -> pl.DataFrame:
+    """Messages whose update id (last_update_id) is stored with another id range, per
+    `within` group. A message that does not advance the chain (prev == last: an OKX
+    heartbeat, seqId == prevSeqId, stored as a marker row) repeats the previous message's
+    last id without being that update: never a conflict."""
+    updates = msgs.filter(pl.col("prev_update_id").ne_missing(pl.col("last_update_id")))
+    ranges = pl.struct("first_update_id", "prev_update_id").n_unique()
+    return updates.filter(ranges.over(*within, "last_update_id") > 1)
 
 
 def _continues(last: int, first: int, pid: int | None) -> bool:
@@ -213,10 +233,7 @@ def check_deltas(
     ):
         where = (ex, mkt, sym)
         breaks, chains = walk_chain(group, (restarts or {}).get(where))
-        ranges = pl.struct("first_update_id", "prev_update_id").n_unique()
-        dup_ids = group.with_columns(chain=pl.Series(chains, dtype=pl.Int64)).filter(
-            ranges.over("chain", "last_update_id") > 1
-        )
+        dup_ids = conflicting(group.with_columns(chain=pl.Series(chains, dtype=pl.Int64)), "chain")
         for row in dup_ids.iter_rows(named=True):
             problems.append(
                 Finding(*where, "conflicting message",
@@ -248,14 +265,20 @@ def check_deltas(
                 known.append(Finding(*where, f"known gap ({g['kind']})", text))
             else:
                 problems.append(Finding(*where, "continuity break", text))
-    dup_rows = msgs.filter(pl.col("files") > 1)
-    for row in dup_rows.iter_rows(named=True):
+    for row in msgs.filter((pl.col("files") > 1) | (pl.col("twice") > 0)).iter_rows(named=True):
         problems.append(
             Finding(row["exchange"], row["market"], row["symbol"], "duplicate rows",
-                    f"message {row['first_update_id']}..{row['last_update_id']} stored in "
-                    f"{row['files']} files")
+                    f"message {row['first_update_id']}..{row['last_update_id']} at "
+                    f"{fmt_ms(row['ts'])}: {_how_twice(row)}")
         )  # fmt: skip
     return problems, known, bad
+
+
+def _how_twice(row: dict) -> str:
+    parts = [f"stored in {row['files']} files"] if row["files"] > 1 else []
+    if row["twice"]:
+        parts.append(f"{row['twice']} row(s) repeating a (side, price) in one file")
+    return " and ".join(parts)
 
 
 def check_snapshots(files: list) -> tuple[list[Finding], list]:
