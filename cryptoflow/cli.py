@@ -148,7 +148,9 @@ def collect(
 @app.command()
 def replay(
     exchange: Annotated[str, typer.Option("--exchange", "-e")],
-    input: Annotated[Path, typer.Option("--input", "-i", help=".jsonl or .jsonl.gz recording")],
+    input: Annotated[
+        Path, typer.Option("--input", "-i", help="Recording: .jsonl, .jsonl.gz or .jsonl.zst")
+    ],
     output: Annotated[Path, typer.Option(help="Output folder")] = Path("./replay-data"),
     instruments: Annotated[
         Path | None,

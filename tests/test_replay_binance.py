@@ -222,6 +222,15 @@ def test_bad_records_are_counted_and_skipped(tmp_path, caplog):
     assert "bad.jsonl:6" in caplog.text and "'u'" in caplog.text
 
 
+def test_help_names_every_input_format():
+    from typer.testing import CliRunner
+
+    from cryptoflow.cli import app
+
+    res = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["replay", "--help"])
+    assert res.exit_code == 0 and ".jsonl.zst" in res.output
+
+
 def test_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         run("binance", tmp_path / "nope.jsonl", tmp_path / "out")

@@ -7,7 +7,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 from datagen import bybit_restart, delta_rows, gap_rows, generate, ms, snapshot_rows, write
+from rich.console import Console
+from typer.testing import CliRunner
 
+from cryptoflow.cli import app as cli_app
 from cryptoflow.errors import DataError, UsageError
 from cryptoflow.models import Dataset
 from cryptoflow.tools import book
@@ -196,3 +199,28 @@ def test_okx_heartbeat_markers_are_no_conflict(tmp_path: Path) -> None:
     df, facts = book.rebuild(tmp_path, "okx", "BTCUSDT", T0 + 500)
     assert (facts["messages"], facts["last_update_id"]) == (4, 107)
     assert _sides(df) == ({100.0: 2.0}, {101.0: 5.0})
+
+
+def test_printed_quantities_are_exact(tmp_path: Path) -> None:
+    """Was `:g`: 7654321.5 printed as 7.65432e+06 and 0.123456789 as 0.123457."""
+    snap = snapshot_rows(T, 100, [(10.0, 7654321.5), (9.0, 20.0)], [(11.0, 0.123456789)])
+    write(tmp_path, Dataset.SNAPSHOTS, snap)
+    console = Console(width=200, record=True)
+    assert book.run(str(tmp_path), "binance", "BTCUSDT", str(T + 1), console=console) == 0
+    text = console.export_text()
+    assert "7654321.5" in text and "0.123456789" in text and "20.0" in text
+    assert "e+06" not in text
+
+
+@pytest.mark.parametrize("at", ["99999999999999999", "-99999999999999999", "1" + "0" * 30])
+def test_time_out_of_the_calendar_is_a_usage_error(tmp_path: Path, at: str) -> None:
+    """Was: `error: unexpected OverflowError` (exit 1) from the date arithmetic."""
+    _hand_data(tmp_path)
+    with pytest.raises(UsageError, match="out of range"):
+        book.run(str(tmp_path), "binance", "BTCUSDT", at)
+    res = CliRunner().invoke(
+        cli_app, ["book", str(tmp_path), "-e", "binance", "-s", "BTCUSDT", "--at", at]
+    )
+    assert res.exit_code == 2 and "bad time" in res.output and "Overflow" not in res.output
+    res = CliRunner().invoke(cli_app, ["inspect", str(tmp_path), "--from", at])
+    assert res.exit_code == 2 and "bad time" in res.output

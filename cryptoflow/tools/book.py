@@ -328,10 +328,11 @@ def _render(top: pl.DataFrame, facts: dict, depth: int) -> Table:
     for i in range(min(depth, max(len(bids), len(asks)))):
         b = bids[i] if i < len(bids) else None
         a = asks[i] if i < len(asks) else None
+        # shortest exact text (repr), as stored: `:g` printed 7654321.5 as 7.65432e+06
         table.add_row(
-            f"{b['quantity']:g}" if b else "",
+            repr(b["quantity"]) if b else "",
             repr(b["price"]) if b else "",
             repr(a["price"]) if a else "",
-            f"{a['quantity']:g}" if a else "",
+            repr(a["quantity"]) if a else "",
         )
     return table

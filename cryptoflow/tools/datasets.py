@@ -123,12 +123,14 @@ def parse_time(value: str | int) -> int:
     """ISO 8601 (UTC; `Z`, an offset, or naive = UTC) or epoch milliseconds -> epoch ms.
 
     Epoch ms is the unit stored in the data, so no float seconds ever enter a comparison.
+    A number beyond the calendar (years 1..9999) is a UsageError, not an OverflowError
+    from whatever date arithmetic meets it first.
     """
     if isinstance(value, int):
-        return value
+        return _in_calendar(value, value)
     text = value.strip()
     if re.fullmatch(r"-?\d+", text):
-        return int(text)
+        return _in_calendar(int(text), value)
     try:
         dt = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
@@ -139,6 +141,17 @@ def parse_time(value: str | int) -> int:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return _dt_ms(dt)
+
+
+def _in_calendar(ms: int, given: str | int) -> int:
+    try:
+        ms_to_dt(ms)
+    except OverflowError:
+        raise UsageError(
+            f"bad time {given!r}: epoch milliseconds out of range (years 1 to 9999; "
+            "e.g. 1767225600000 is 2026-01-01T00:00:00Z)"
+        ) from None
+    return ms
 
 
 def _dt_ms(dt: datetime) -> int:
