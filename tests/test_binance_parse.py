@@ -97,8 +97,8 @@ def test_acks_errors_and_other_events():
 
 
 def test_snapshot_without_event_time_falls_back():
-    body = {"lastUpdateId": 5, "T": 1000, "bids": [], "asks": []}
-    assert parse_rest_snapshot(json.dumps(body), "X", 7_000_000_000).event_time == 1000
+    body = {"lastUpdateId": 5, "T": 1_600_000_000_000, "bids": [], "asks": []}
+    assert parse_rest_snapshot(json.dumps(body), "X", 7_000_000_000).event_time == 1_600_000_000_000
     body = {"lastUpdateId": 5, "bids": [["1", "2"]], "asks": []}
     s = parse_rest_snapshot(json.dumps(body).encode(), "X", 7_000_000_000)
     assert (s.event_time, s.transaction_time) == (7000, None)
@@ -139,7 +139,8 @@ def test_malformed_frames(raw):
 
 @pytest.mark.parametrize("field", ["lastUpdateId", "bids", "asks"])
 def test_missing_snapshot_field_is_named(field):
-    body = {"lastUpdateId": 5, "E": 1, "T": 1, "bids": [], "asks": []}
+    body = {"lastUpdateId": 5, "E": 1_600_000_000_001, "T": 1_600_000_000_000}
+    body |= {"bids": [], "asks": []}
     del body[field]
     with pytest.raises(MalformedMessage, match=f"'{field}'") as info:
         parse_rest_snapshot(orjson.dumps(body), "BTCUSDT", 0)

@@ -141,7 +141,8 @@ def test_heads_are_the_ids_and_times_parse_rest_snapshot_gives():
         edit(DOC_BODY, ts=None, cts=None),
         edit(DOC_BODY, a=[]),
         edit(DOC_BODY, b=[], a=[]),  # no rows
-        edit(DOC_BODY, u=2**63 - 1, ts=-1, cts=0),
+        # extreme ids; times at the edges of the window the parser accepts (`fields`)
+        edit(DOC_BODY, u=2**63 - 1, ts=4_102_444_799_999, cts=946_684_800_000),
     ],
     ids=["doc", "no-ts", "no-cts", "no-ts-cts", "no-asks", "empty", "extreme-ints"],
 )

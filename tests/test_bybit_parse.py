@@ -117,8 +117,8 @@ def test_orderbook500_removed_deltas_are_breaks(removed: set[int], expected: int
 
 def test_u_equal_1_is_a_snapshot() -> None:
     raw = (
-        b'{"topic":"orderbook.50.BTCUSDT","type":"delta","ts":1,'
-        b'"data":{"s":"BTCUSDT","b":[["1","2"]],"a":[],"u":1,"seq":5},"cts":1}'
+        b'{"topic":"orderbook.50.BTCUSDT","type":"delta","ts":1671179923046,'
+        b'"data":{"s":"BTCUSDT","b":[["1","2"]],"a":[],"u":1,"seq":5},"cts":1671179923044}'
     )
     (d,) = parse_ws_message(raw, 0)
     assert d.is_snapshot and d.prev_update_id is None and d.last_update_id == 1
@@ -194,10 +194,10 @@ def test_rest_ret_code_errors(code: int, exc: type[Exception]) -> None:
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        (b'{"retCode":0,"result":{"b":[],"a":[],"ts":1}}', "'u'"),
-        (b'{"retCode":0,"result":{"b":[["1"]],"a":[],"ts":1,"u":2}}', "result.b"),
-        (b'{"retCode":0,"result":{"b":[],"a":[[1.5,"2"]],"ts":1,"u":2}}', "result.a"),
-        (b'{"retCode":0,"result":{"b":[],"a":"x","ts":1,"u":2}}', "result.a"),
+        (b'{"retCode":0,"result":{"b":[],"a":[],"ts":1671179923046}}', "'u'"),
+        (b'{"retCode":0,"result":{"b":[["1"]],"a":[],"ts":1671179923046,"u":2}}', "result.b"),
+        (b'{"retCode":0,"result":{"b":[],"a":[[1.5,"2"]],"ts":1671179923046,"u":2}}', "result.a"),
+        (b'{"retCode":0,"result":{"b":[],"a":"x","ts":1671179923046,"u":2}}', "result.a"),
         (b'{"retCode":0}', "result"),
         (b"not json", "JSON"),
     ],
@@ -211,23 +211,30 @@ def test_rest_malformed(body: bytes, field: str) -> None:
 @pytest.mark.parametrize(
     ("raw", "field"),
     [
-        (b'{"topic":"orderbook.50.BTCUSDT","type":"delta","ts":1,"data":{"b":[],"a":[]}}', "u"),
         (
-            b'{"topic":"orderbook.50.BTCUSDT","type":"delta","ts":1,"data":{"b":{},"a":[],"u":3}}',
+            b'{"topic":"orderbook.50.BTCUSDT","type":"delta","ts":1671179923046,'
+            b'"data":{"b":[],"a":[]}}',
+            "u",
+        ),
+        (
+            b'{"topic":"orderbook.50.BTCUSDT","type":"delta","ts":1671179923046,"data":{"b":{},"a":[],"u":3}}',
             "data.b",
         ),
         (  # a string level: not split into ("1", "6")
-            b'{"topic":"orderbook.50.BTCUSDT","type":"delta","ts":1,'
+            b'{"topic":"orderbook.50.BTCUSDT","type":"delta","ts":1671179923046,'
             b'"data":{"b":["16493.50"],"a":[],"u":3}}',
             "data.b",
         ),
         (  # a symbol that is not a string (was a TypeError: the connection dropped)
-            b'{"topic":"orderbook.50.BTCUSDT","type":"delta","ts":1,'
+            b'{"topic":"orderbook.50.BTCUSDT","type":"delta","ts":1671179923046,'
             b'"data":{"s":["BTCUSDT"],"b":[],"a":[],"u":3}}',
             "data.s",
         ),
-        (b'{"topic":"orderbook.50.BTCUSDT","type":"weird","ts":1,"data":{"u":3}}', "type"),
-        (b'{"topic":"orderbook.50.BTCUSDT","type":"delta","ts":1}', "data"),
+        (
+            b'{"topic":"orderbook.50.BTCUSDT","type":"weird","ts":1671179923046,"data":{"u":3}}',
+            "type",
+        ),
+        (b'{"topic":"orderbook.50.BTCUSDT","type":"delta","ts":1671179923046}', "data"),
         (b"[1,2]", "object"),
     ],
 )

@@ -221,6 +221,10 @@ REFUSED = {
     "levels_null": _frame(b=None),
     "string_E": _frame(E="1723161256299"),
     "float_E": _frame(E=1.5),
+    # times outside the window the parser accepts (`fields.TIME_MIN_MS`): it refuses them
+    "far_E": _frame(E=300_000_000_000_000),
+    "far_T": _frame(T=300_000_000_000_000),
+    "early_E": _frame(E=946_684_799_999),
     "big_U": GOOD.replace(b'"U":10', b'"U":99999999999999999999'),
     "leading_zero": GOOD.replace(b'"U":10', b'"U":010'),
     "exponent": GOOD.replace(b'"U":10', b'"U":1e1'),
@@ -379,6 +383,8 @@ def test_snapshot_bodies_fast_equals_simple():
         lambda o: o.update(extra=1),
         lambda o: o.pop("lastUpdateId"),
         lambda o: o.update(asks=[["1", "2", "3"]]),
+        lambda o: o.update(E=300_000_000_000_000),  # outside the time window
+        lambda o: o.update(T=0),
     ],
 )
 def test_unusual_snapshot_bodies_go_to_the_simple_path(change):
@@ -460,7 +466,7 @@ ODD_LEVELS = {
 
 
 def _snapshot_raw(
-    bids: bytes, asks: bytes, head: bytes = b'"lastUpdateId":50,"E":7,"T":6'
+    bids: bytes, asks: bytes, head: bytes = b'"lastUpdateId":50,"E":1723161256007,"T":1723161256006'
 ) -> bytes:
     return b"{" + head + b',"bids":' + bids + b',"asks":' + asks + b"}"
 
@@ -548,13 +554,17 @@ def test_unusual_level_arrays_are_read_exactly(name):
     bodies = [
         _snapshot_raw(odd, ok),
         _snapshot_raw(ok, odd, head=b'"lastUpdateId":51'),  # no E, no T
-        _snapshot_raw(odd, odd, head=b'"lastUpdateId":52,"T":8'),
+        _snapshot_raw(odd, odd, head=b'"lastUpdateId":52,"T":1723161258008'),
     ]
     recv = [1_723_161_256_000_000_001, 1_723_161_257_000_000_002, 1_723_161_258_000_000_003]
     got = batch.read_snapshot_bodies(bodies, recv, "poll")
     assert got is not None
     _assert_frame(got.rows, _expected_snapshot_rows(bodies, recv, "poll"))
-    assert got.heads.rows() == [(50, 7, 6), (51, 1_723_161_257_000, None), (52, 8, 8)]
+    assert got.heads.rows() == [
+        (50, 1_723_161_256_007, 1_723_161_256_006),
+        (51, 1_723_161_257_000, None),
+        (52, 1_723_161_258_008, 1_723_161_258_008),
+    ]
     # the simple path reads them alike
     for body, t in zip(bodies, recv, strict=True):
         snapshot = binance_parse.parse_rest_snapshot(body, "BTCUSDT", t)
@@ -624,6 +634,9 @@ def test_recorded_levels_are_read_exactly():
         b'"lastUpdateId":9223372036854775808',  # one past Int64
         b'"lastUpdateId":5,"E":99999999999999999999',
         b'"lastUpdateId":5,"T":-9223372036854775809',
+        b'"lastUpdateId":5,"E":300000000000000',  # outside the time window
+        b'"lastUpdateId":5,"E":1723161256007,"T":946684799999',
+        b'"lastUpdateId":5,"T":4102444800000',
         b'"lastUpdateId":5,"T":6,"E":7',  # out of order
         b'"E":7,"lastUpdateId":5',
         b'"lastUpdateId":5,"E":7,"E":7',
@@ -641,12 +654,15 @@ def test_unusual_snapshot_heads_go_to_the_simple_path(head):
 
 
 def test_snapshot_integers_at_the_int64_limits_are_read():
+    """Ids at the Int64 limits; times at the edges of the time window (`fields.TIME_MIN_MS`:
+    the parser refuses any other, tests/test_time_window.py)."""
     ok = b'[["1","2"]]'
     heads = [
-        b'"lastUpdateId":9223372036854775807,"E":-9223372036854775808',
-        b'"lastUpdateId":-0,"T":0',
+        b'"lastUpdateId":9223372036854775807,"E":946684800000',
+        b'"lastUpdateId":-9223372036854775808,"E":4102444799999,"T":946684800000',
+        b'"lastUpdateId":-0,"T":4102444799999',
     ]
     bodies = [_snapshot_raw(ok, ok, h) for h in heads]
-    got = batch.read_snapshot_bodies(bodies, [1, 2], "poll")
+    got = batch.read_snapshot_bodies(bodies, [1, 2, 3], "poll")
     assert got is not None
-    _assert_frame(got.rows, _expected_snapshot_rows(bodies, [1, 2], "poll"))
+    _assert_frame(got.rows, _expected_snapshot_rows(bodies, [1, 2, 3], "poll"))

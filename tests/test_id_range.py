@@ -13,6 +13,7 @@ which its recordings predate; KuCoin from `tests/data/kucoin`), one field change
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -146,9 +147,19 @@ def test_ws_field_outside_int64_is_malformed(venue: str, field: str, named: str,
     assert err.exchange == venue and err.symbol
 
 
+#: the fields above that are times: they fit Int64 at INT64_MAX, but lie far outside the
+#: time window (`fields.TIME_MIN_MS`; tests/test_time_window.py)
+TIMES = {"E", "ts", "timestamp"}
+
+
 @pytest.mark.parametrize(("venue", "field", "named"), WS_FIELDS)
 def test_ws_field_at_int64_max_still_parses(venue: str, field: str, named: str) -> None:
     parse, diff = WS[venue]
+    if field in TIMES:
+        far = re.escape(f"field {named} is {INT64_MAX}") + ".*: not a time within"
+        with pytest.raises(MalformedMessage, match=far):
+            parse(diff(field, INT64_MAX), 1)
+        return
     out = parse(diff(field, INT64_MAX), 1)
     assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], DepthDiff)
     ids = (out[0].first_update_id, out[0].last_update_id, out[0].prev_update_id)

@@ -23,6 +23,7 @@ import pytest
 import trio
 
 from cryptoflow.errors import RateLimited, RequestRejected, ServerError
+from cryptoflow.exchanges.fields import TIME_MAX_MS, TIME_MIN_MS
 from cryptoflow.exchanges.kucoin import batch, parse, rules
 from cryptoflow.exchanges.kucoin.rest import KucoinRest
 from cryptoflow.models import MARKET_FUTURES, DepthSnapshot, SnapshotBody, SnapshotSource
@@ -186,13 +187,17 @@ def test_wire_rows_are_the_parsed_levels_in_canonical_text():
         body(bids="", asks=""),  # no rows
         body(bids="[1.50,2.500],[0.0,0],[0.000,10.0]", asks="[100.010,1]"),
         body(bids="[123456789.123456789,0.00000001]", asks="[7,100000]"),
-        body(sequence=str(2**63 - 1), ts="0"),
-        body(sequence="0", ts=str(2**63 - 1)),
-        body(ts="-1"),
-        body(ts=str(10**17)),  # not above 1e17: read as µs
-        body(ts=str(10**17 + 1)),
-        body(ts=str(10**14)),  # not above 1e14: already ms
-        body(ts=str(10**14 + 1)),
+        body(sequence=str(2**63 - 1)),
+        body(sequence="0"),
+        # `ts` in each unit `rules.ns_to_ms` tells by magnitude, at the edges of the time
+        # window (`fields.TIME_MIN_MS`; outside it the parser refuses, see
+        # tests/test_time_window.py): ns, µs, ms
+        body(ts=str(TIME_MIN_MS * 10**6)),
+        body(ts=str(TIME_MAX_MS * 10**6 - 1)),
+        body(ts=str(TIME_MIN_MS * 10**3)),
+        body(ts=str(TIME_MAX_MS * 10**3 - 1)),
+        body(ts=str(TIME_MIN_MS)),
+        body(ts=str(TIME_MAX_MS - 1)),
         body(ts="1551770400000"),  # ms
     ],
     ids=[
@@ -203,12 +208,13 @@ def test_wire_rows_are_the_parsed_levels_in_canonical_text():
         "trailing-zeros",
         "long-fractions",
         "max-sequence",
-        "max-ts",
-        "negative-ts",
-        "ts-1e17",
-        "ts-1e17+1",
-        "ts-1e14",
-        "ts-1e14+1",
+        "zero-sequence",
+        "ts-ns-min",
+        "ts-ns-max",
+        "ts-us-min",
+        "ts-us-max",
+        "ts-ms-min",
+        "ts-ms-max",
         "ts-ms",
     ],
 )

@@ -180,10 +180,18 @@ def test_rest_code_errors(code: str, exc: type[Exception]) -> None:
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        (b'{"code":"200000","data":{"bids":[],"asks":[],"ts":1}}', "sequence"),
+        (b'{"code":"200000","data":{"bids":[],"asks":[],"ts":1604643655040584408}}', "sequence"),
         (b'{"code":"200000","data":{"sequence":1,"bids":[],"asks":[]}}', "ts"),
-        (b'{"code":"200000","data":{"sequence":1,"bids":[[1]],"asks":[],"ts":1}}', "data.bids"),
-        (b'{"code":"200000","data":{"sequence":1,"bids":[],"asks":[["x",1]],"ts":1}}', "data.asks"),
+        (
+            b'{"code":"200000","data":{"sequence":1,"bids":[[1]],"asks":[],'
+            b'"ts":1604643655040584408}}',
+            "data.bids",
+        ),
+        (
+            b'{"code":"200000","data":{"sequence":1,"bids":[],"asks":[["x",1]],'
+            b'"ts":1604643655040584408}}',
+            "data.asks",
+        ),
         (b'{"code":"200000"}', "data"),
         (b'{"data":{}}', "code"),
         (b"<html>", "JSON"),

@@ -212,7 +212,7 @@ def test_count_snapshot_levels_equals_the_rows():
         *sim_bodies(6),
         *sim_bodies(3, 50),
         DOC,
-        b'{"code":"0","msg":"","data":[{"asks":[],"bids":[],"ts":"1"}]}',
+        b'{"code":"0","msg":"","data":[{"asks":[],"bids":[],"ts":"1629966436396"}]}',
     ]
     for b in raw:
         snap = parse.parse_rest_snapshot(b, SYM, 0)

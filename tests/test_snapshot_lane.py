@@ -179,6 +179,7 @@ def test_wire_frame_mixed_int_objects():
 )
 def test_snapshot_levels_still_rejected(levels):
     for field in ("bids", "asks"):
-        body = {"lastUpdateId": 5, "E": 1, "T": 1, "bids": [], "asks": [], field: levels}
+        body = {"lastUpdateId": 5, "E": 1_700_000_000_001, "T": 1_700_000_000_000}
+        body |= {"bids": [], "asks": [], field: levels}
         with pytest.raises(MalformedMessage, match=f"'{field}'"):
             parse_rest_snapshot(orjson.dumps(body), "BTCUSDT", 0)

@@ -19,7 +19,9 @@ regex that spells that shape out (`_DIFF_WRAPPED`, `_DIFF_BARE`, `_SNAPSHOT`):
   JSON string is its bytes verbatim (nothing to unescape) and a `"` only ever delimits
   a string. Outside strings the grammar has only fixed ASCII punctuation, letters and
   digits, so this is the same as "no backslash and no control character anywhere";
-- integers fit in Int64 (the captured digits are cast, a failed cast refuses the batch).
+- integers fit in Int64 (the captured digits are cast, a failed cast refuses the batch);
+- every time the checked parser reads (`E`, `T`; a snapshot's `E`, `T`) lies in the
+  window `exchanges/fields.TIME_MIN_MS`.. (`times_in_window`), as the parser demands.
 
 That is a subset of JSON on which `orjson.loads` + `parse_ws_message` give exactly these
 values. Anything else (a control frame, an extra field, pretty-printed JSON, an escape,
@@ -60,6 +62,8 @@ from typing import Any
 
 import attrs
 import polars as pl
+
+from cryptoflow.exchanges.fields import TIME_MAX_MS, TIME_MIN_MS
 
 #: the content of a JSON string read here: no quote, no backslash, no control character
 _STR = r'[^"\\\x00-\x1f]*'
@@ -116,6 +120,14 @@ def _match(
         .with_columns(*ints, pl.all_horizontal(fits).alias("_ok"))
     )
     return df if df.get_column("_ok").all() else None
+
+
+def times_in_window(groups: pl.DataFrame, *times: pl.Expr) -> bool:
+    """Whether every non-null value of `times` (ms, from `_match`'s groups) lies in
+    [`fields.TIME_MIN_MS`, `fields.TIME_MAX_MS`): the checked parsers refuse any other
+    (`fields.check_time`), so a reader returns None then and they decide."""
+    ok = [t.is_null() | t.is_between(TIME_MIN_MS, TIME_MAX_MS, closed="left") for t in times]
+    return bool(groups.select(pl.all_horizontal(ok)).to_series().all())
 
 
 def _quoted(text: pl.Expr) -> pl.Expr:
@@ -187,7 +199,7 @@ def read_diff_frames(frames: Sequence[bytes | str]) -> DiffBatch | None:
         return None
     wrapped = text[0].startswith('{"stream":')
     m = _match(text, _DIFF_WRAPPED if wrapped else _DIFF_BARE, ["E", "U", "u", "pu"], ["T"])
-    if m is None:
+    if m is None or not times_in_window(m, pl.col("E"), pl.col("T")):
         return None
     heads = m.select("s", "E", "T", "U", "u", "pu")
     head = {
@@ -270,7 +282,7 @@ def read_snapshot_bodies(
     the exact wire shape (`{"lastUpdateId":..,"E":..,"T":..,"bids":[..],"asks":[..]}`,
     E and T optional as in old responses)."""
     matched = match_bodies(bodies, receive_ns, _SNAPSHOT, ["lastUpdateId"], ["E", "T"])
-    if matched is None:
+    if matched is None or not times_in_window(matched[0], pl.col("E"), pl.col("T")):
         return None
     m, recv = matched
     heads = m.select(

@@ -4,8 +4,9 @@ Levels are kept exactly as Binance sends them (lists of two decimal strings, as 
 returns them) so no float ever becomes a book key; their shape is checked with C-speed
 `map` passes instead of a Python loop per level, because this runs for every diff.
 
-Any payload that lacks a documented field or has the wrong type raises `MalformedMessage`
-naming the field, so the caller can count it and keep the stream.
+Any payload that lacks a documented field or has the wrong type, or carries a time outside
+`fields.TIME_MIN_MS`.. (2000 .. 2100), raises `MalformedMessage` naming the field, so the
+caller can count it and keep the stream.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import orjson
 
 from cryptoflow.errors import MalformedMessage
 from cryptoflow.exchanges.base import Control, Instrument, SymbolMap, WsItem
-from cryptoflow.exchanges.fields import INT64_MAX, INT64_MIN
+from cryptoflow.exchanges.fields import INT64_MAX, INT64_MIN, check_time
 from cryptoflow.models import MARKET_FUTURES, DepthDiff, DepthSnapshot, SnapshotSource
 
 EXCHANGE = "binance"
@@ -57,6 +58,20 @@ def _opt_int(obj: dict, field: str, symbol: str) -> int | None:
     if obj.get(field) is None:
         return None
     return _int(obj, field, symbol)
+
+
+def _time(obj: dict, field: str, symbol: str) -> int:
+    """`_int` for a time (ms) within `fields.TIME_MIN_MS`.. (no hour partition for a
+    time centuries off: malformed here, not a failed flush later)."""
+    value = _int(obj, field, symbol)
+    return check_time(value, value, f"field {field!r}", exchange=EXCHANGE, symbol=symbol)
+
+
+def _opt_time(obj: dict, field: str, symbol: str) -> int | None:
+    """`_time` for a field that may be absent or null (None then)."""
+    if obj.get(field) is None:
+        return None
+    return _time(obj, field, symbol)
 
 
 def _levels(obj: dict, field: str, symbol: str) -> list:
@@ -100,15 +115,16 @@ def parse_rest_snapshot(
 
     `E` (message time) is the event time. Old responses (before ~2020) carry neither `E`
     nor `T`; then `T` is used, and failing that the local receive time (ns -> ms), so the
-    row still lands in a sensible hour partition. `symbol` is the normalized name; the
-    body does not contain it.
+    row still lands in a sensible hour partition. `E` and `T`, when sent, must be times
+    within the window (`_time`); the receive time is our clock's. `symbol` is the
+    normalized name; the body does not contain it.
     """
     obj = _load(body, symbol)
     if type(obj) is not dict:
         raise _bad("snapshot body is not a JSON object", symbol)
     last_update_id = _int(obj, "lastUpdateId", symbol)
-    transaction_time = _opt_int(obj, "T", symbol)
-    event_time = _opt_int(obj, "E", symbol)
+    transaction_time = _opt_time(obj, "T", symbol)
+    event_time = _opt_time(obj, "E", symbol)
     if event_time is None:
         event_time = transaction_time if transaction_time is not None else receive_ns // 1_000_000
     return DepthSnapshot(
@@ -159,8 +175,8 @@ def parse_ws_message(
             exchange=EXCHANGE,
             market=MARKET_FUTURES,
             symbol=symbol,
-            event_time=_int(obj, "E", symbol),
-            transaction_time=_opt_int(obj, "T", symbol),
+            event_time=_time(obj, "E", symbol),
+            transaction_time=_opt_time(obj, "T", symbol),
             first_update_id=_int(obj, "U", symbol),
             last_update_id=_int(obj, "u", symbol),
             prev_update_id=_int(obj, "pu", symbol),

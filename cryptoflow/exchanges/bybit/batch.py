@@ -10,8 +10,10 @@ exactness rule: only the exact byte shape Bybit (and our simulator) sends is rea
 each level is exactly two JSON strings `["price","size"]`, checked in full before anything
 is used: keys in that order, each once, no whitespace between tokens, `retCode` exactly
 `0`, `retExtInfo` exactly `{}`, ids and times JSON integers (no fraction, exponent or
-leading zero) that fit in Int64, no backslash and no control character in any string (so
-every string is its bytes verbatim and a `"` only ever delimits one). `ts` may be absent
+leading zero) that fit in Int64, the times the parser reads (`ts`, else `time`; `cts`)
+within the window it demands (`batch.times_in_window`), no backslash and no control
+character in any string (so every string is its bytes verbatim and a `"` only ever
+delimits one). `ts` may be absent
 and `cts` may be absent, as `parse_rest_snapshot` allows. On that subset
 `parse.parse_rest_snapshot` + `Normalizer` give exactly these rows. Anything else (a
 non-zero `retCode`, an extra or missing key, pretty-printed JSON, an escape, a number
@@ -37,6 +39,7 @@ from cryptoflow.pipeline.batch import (
     _levels,
     match_bodies,
     snapshot_batch,
+    times_in_window,
 )
 
 #: a `GET /v5/market/orderbook` success body; `"ts":..,` is optional, written as
@@ -56,7 +59,8 @@ def read_snapshot_bodies(
     T` as the Binance reader's: `u`, `ts` else `time`, `cts`), or None when a body is not
     in the exact wire shape (see the module docstring)."""
     matched = match_bodies(bodies, receive_ns, _BODY, ["u", "seq", "time"], ["ts", "cts"])
-    if matched is None:
+    # as `parse_rest_snapshot`: `time` is read (and must be a sane time) only without `ts`
+    if matched is None or not times_in_window(matched[0], pl.coalesce("ts", "time"), pl.col("cts")):
         return None
     m, recv = matched
     heads = m.select(

@@ -31,6 +31,8 @@ _loads = _F.loads
 _levels = _F.levels
 _int = _F.int
 _opt_int = _F.opt_int
+_time = _F.time
+_opt_time = _F.opt_time
 
 
 def default_symbol(venue_symbol: str) -> str:
@@ -82,15 +84,15 @@ def parse_rest_snapshot(
     res = obj.get("result")
     if type(res) is not dict:
         raise _malformed("missing field 'result'", symbol)
-    ts = _opt_int(res, "ts", symbol, where="result.")
+    ts = _opt_time(res, "ts", symbol, where="result.")
     if ts is None:
-        ts = _int(obj, "time", symbol)
+        ts = _time(obj, "time", symbol)
     return DepthSnapshot(
         exchange=EXCHANGE,
         market=MARKET_FUTURES,
         symbol=symbol,
         event_time=ts,
-        transaction_time=_opt_int(res, "cts", symbol, where="result."),
+        transaction_time=_opt_time(res, "cts", symbol, where="result."),
         last_update_id=_int(res, "u", symbol, where="result."),
         bids=_levels(res.get("b"), "result.b", symbol),
         asks=_levels(res.get("a"), "result.a", symbol),
@@ -151,8 +153,8 @@ def parse_ws_message(raw: bytes | str, receive_ns: int, symbols: SymbolMap | Non
             exchange=EXCHANGE,
             market=MARKET_FUTURES,
             symbol=symbol,
-            event_time=_int(obj, "ts", symbol),
-            transaction_time=_opt_int(obj, "cts", symbol),
+            event_time=_time(obj, "ts", symbol),
+            transaction_time=_opt_time(obj, "cts", symbol),
             first_update_id=first,
             last_update_id=last,
             prev_update_id=prev,

@@ -10,14 +10,16 @@ read,
 (one line), where each level is exactly two JSON numbers `[price,size]`, checked in full
 before anything is used: keys in that order, each once, no whitespace between tokens,
 `code` exactly the string "200000", `sequence` and `ts` JSON integers that fit in Int64,
-no backslash and no control character in `symbol`. A level number (`_NUM`) is a plain
-non-negative JSON number: digits, optionally a `.` and digits; no sign, no exponent, at
-most 100 digits before the point (`json.loads` refuses integers of more than
-`sys.get_int_max_str_digits()` digits, never less than 640, which the checked parser
-reports as malformed). Anything else (an error code, a level of one or three elements,
-a string where a number belongs, a negative number, an exponent, an extra or missing
-key, pretty-printed JSON, an escape, a truncated body) makes the reader return None and
-the caller parses each body with the checked parser, which decides what is malformed.
+`ts` (in ms, `_ns_to_ms`) within the time window the parser demands
+(`batch.times_in_window`), no backslash and no control character in `symbol`. A level
+number (`_NUM`) is a plain non-negative JSON number: digits, optionally a `.` and
+digits; no sign, no exponent, at most 100 digits before the point (`json.loads` refuses
+integers of more than `sys.get_int_max_str_digits()` digits, never less than 640, which
+the checked parser reports as malformed). Anything else (an error code, a level of one
+or three elements, a string where a number belongs, a negative number, an exponent, an
+extra or missing key, pretty-printed JSON, an escape, a truncated body) makes the reader
+return None and the caller parses each body with the checked parser, which decides what
+is malformed.
 
 Numbers. `parse.parse_rest_snapshot` reads the body with `json.loads(parse_float=str)`
 and gives each price and size as `rules.canonical_decimal` of its JSON text (an integer
@@ -43,7 +45,14 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from cryptoflow.pipeline.batch import _INT, _STR, SnapshotBatch, match_bodies, snapshot_batch
+from cryptoflow.pipeline.batch import (
+    _INT,
+    _STR,
+    SnapshotBatch,
+    match_bodies,
+    snapshot_batch,
+    times_in_window,
+)
 
 #: a level's price or size: a JSON number without sign or exponent (see the docstring)
 _NUM = r"(?:0|[1-9][0-9]{0,99})(?:\.[0-9]+)?"
@@ -103,7 +112,7 @@ def read_snapshot_bodies(
     event_time, T` as the Binance reader's: `sequence`, `ts` in ms, null), or None when a
     body is not in the exact wire shape (see the module docstring)."""
     matched = match_bodies(bodies, receive_ns, _BODY, ["sequence", "ts"], [])
-    if matched is None:
+    if matched is None or not times_in_window(matched[0], _ns_to_ms(pl.col("ts"))):
         return None
     m, recv = matched
     heads = m.select(

@@ -96,7 +96,9 @@ def _canonical_decimal_slow(text: str) -> str:
 
 def ns_to_ms(ts: int) -> int:
     """KuCoin REST `ts` is ns; stream `timestamp` is ms. Accept either (by magnitude:
-    ns > 1e17, µs > 1e14, else ms) and return ms."""
+    ns > 1e17, µs > 1e14, else ms) and return ms. The parsers then check the result
+    against `fields.TIME_MIN_MS`.. (2000 .. 2100): within that window the three units
+    lie in disjoint ranges, so the guess by magnitude is never ambiguous."""
     if ts > 10**17:
         return ts // 1_000_000
     if ts > 10**14:

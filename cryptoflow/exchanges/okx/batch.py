@@ -10,7 +10,8 @@ checked in full before anything is used: keys in that order, each once, no white
 between tokens, `code` exactly "0", exactly one book in `data`, `ts` a string of a JSON
 integer, `seqId` a JSON integer (or absent), no backslash and no control character in
 any string (so every string is its bytes verbatim and a `"` only ever delimits one),
-integers that fit in Int64. On that subset `parse.parse_rest_snapshot` +
+integers that fit in Int64, `ts` within the time window the parser demands
+(`batch.times_in_window`). On that subset `parse.parse_rest_snapshot` +
 `Normalizer` give exactly these rows. Anything else (an error code, a level of 2, 3 or
 5 elements, a number where a string belongs, an extra or missing key, pretty-printed
 JSON, an escape, a truncated body, an empty `data`, `seqId` as a string or null) makes
@@ -30,7 +31,14 @@ from collections.abc import Sequence
 import polars as pl
 
 from cryptoflow.exchanges.okx import rules
-from cryptoflow.pipeline.batch import _INT, _STR, SnapshotBatch, match_bodies, snapshot_batch
+from cryptoflow.pipeline.batch import (
+    _INT,
+    _STR,
+    SnapshotBatch,
+    match_bodies,
+    snapshot_batch,
+    times_in_window,
+)
 
 #: one level's inside after its `["`: four strings; split at `"` it is 8 tokens:
 #: px `,` sz `,` deprecated `,` orders `],[` (`]` for the last level of an array)
@@ -59,7 +67,7 @@ def read_snapshot_bodies(
     event_time, T` as the Binance reader's), or None when a body is not in the exact
     wire shape (see the module docstring)."""
     matched = match_bodies(bodies, receive_ns, _BODY, ["ts"], ["seq"])
-    if matched is None:
+    if matched is None or not times_in_window(matched[0], pl.col("ts")):
         return None
     m, recv = matched
     heads = m.select(

@@ -32,6 +32,7 @@ _loads = _F.loads
 _levels = _F.levels
 _int = _F.int
 _opt_int = _F.opt_int
+_time = _F.time
 
 
 def default_symbol(inst_id: str) -> str:
@@ -74,7 +75,7 @@ def parse_rest_snapshot(
         exchange=EXCHANGE,
         market=MARKET_FUTURES,
         symbol=symbol,
-        event_time=_int(book, "ts", symbol, where="data[0]."),
+        event_time=_time(book, "ts", symbol, where="data[0]."),
         transaction_time=None,
         last_update_id=rules.NO_SEQ_ID if seq is None else seq,
         bids=_levels(book.get("bids"), "data[0].bids", symbol),
@@ -192,7 +193,7 @@ def parse_ws_message(
                 exchange=EXCHANGE,
                 market=MARKET_FUTURES,
                 symbol=symbol,
-                event_time=_int(d, "ts", symbol, where=where),
+                event_time=_time(d, "ts", symbol, where=where),
                 transaction_time=None,
                 first_update_id=first,
                 last_update_id=last,
