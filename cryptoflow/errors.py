@@ -112,6 +112,12 @@ class SpoolFull(StorageError):
     """The spool reached its configured size limit; new data is refused, not dropped."""
 
 
+class UnsafePartition(StorageError):
+    """A partition value (exchange, market, symbol) or key that is not a safe path
+    component: refused before any path is built from it, as it could name a place
+    outside the spool or the output tree (`storage.layout.check_partition`)."""
+
+
 class CorruptSpoolFile(StorageError):
     """A spool file is unreadable or truncated; it is quarantined, never uploaded."""
 

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import pytest
+import trio
 
+from cryptoflow.errors import UnsafePartition
 from cryptoflow.models import Dataset
 from cryptoflow.storage import layout
+from cryptoflow.storage.local import LocalStore
+from cryptoflow.storage.spool import Spool
 
 H = 3_600_000
 T0 = int(datetime(2025, 3, 4, 10, 59, 0, tzinfo=UTC).timestamp() * 1000)
@@ -192,3 +197,61 @@ def test_split_by_hour_refuses_a_time_past_9999_and_split_placeable_sets_it_apar
     assert [h.year for h, _ in layout.split_by_hour(ok)] == [2025, 9999]
     same, none = layout.split_placeable(ok)
     assert same is ok and none.height == 0 and none.columns == ok.columns
+
+
+# --- partition values from the wire: only safe path components (audit 8) -------------
+
+#: names a parser may keep "as sent" that must never become a path: the audit's Bybit
+#: `data.s`, path parts, separators, and anything beyond the plain ASCII set
+UNSAFE = [
+    "../../../../../../ESCAPED",
+    "..",
+    ".",
+    "",
+    "a/b",
+    "/etc",
+    "a\\b",
+    "BTC USDT",
+    "BTC\x00",
+    "BTC\n",
+    "ÄBC",
+]
+#: real names of every venue (normalized, kept as sent, or an instrument id)
+SAFE = ["BTCUSDT", "1000PEPEUSDT", "SHIB1000USDT", "BTC-USDT-SWAP", "BTCUSDT_240927", "a.b"]
+
+
+@pytest.mark.parametrize("bad", UNSAFE)
+def test_keys_refuse_a_partition_value_that_is_no_plain_path_component(frame_builder, bad):
+    frame = frame_builder(Dataset.DELTAS, "x", "futures", "BTCUSDT", delta_cols([T0], [5]))
+    hour = datetime(2025, 3, 4, 10, tzinfo=UTC)
+    for exchange, market, symbol in ((bad, "futures", "X"), ("x", bad, "X"), ("x", "f", bad)):
+        with pytest.raises(UnsafePartition, match="for a storage path"):
+            layout.partition_path("deltas", exchange, market, symbol, hour)
+        with pytest.raises(UnsafePartition):
+            layout.files_for_frame(Dataset.DELTAS, exchange, market, symbol, frame)
+        with pytest.raises(UnsafePartition):
+            layout.raw_key(exchange, market, symbol, T0 * 10**6, T0 * 10**6, b"x")
+    with pytest.raises(UnsafePartition, match=re.escape(f"unsafe symbol {bad!r:.80}")):
+        layout.file_name(Dataset.DELTAS, bad, frame)
+
+
+@pytest.mark.parametrize("name", SAFE)
+def test_keys_take_every_venue_name(frame_builder, name):
+    frame = frame_builder(Dataset.DELTAS, "x", "futures", "BTCUSDT", delta_cols([T0], [5]))
+    [(key, _)] = layout.keys_for_frame(Dataset.DELTAS, "okx", "futures", name, frame)
+    assert layout.parse_key(key).symbol == name
+
+
+@pytest.mark.parametrize(
+    "key", ["a/../../x.parquet", "../x", "/abs/x", "a//b", "a/./b", "a\\..\\b"]
+)
+def test_spool_and_local_store_refuse_a_key_that_leaves_their_root(tmp_path, key):
+    """A caller passing its own key (not one built here) cannot write outside either."""
+    spool = Spool(tmp_path / "spool", max_bytes=10**6)
+    with pytest.raises(UnsafePartition, match="not a plain relative path"):
+        spool.write(key, b"data")
+    src = tmp_path / "src.parquet"
+    src.write_bytes(b"data")
+    with pytest.raises(UnsafePartition):
+        trio.run(LocalStore(tmp_path / "out").put_file, key, src)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["src.parquet"]

@@ -1,7 +1,8 @@
 """A stream runner under trouble, over real sockets on 127.0.0.1 (found by an audit with
 the simulator's faults): back-off that forgets old failures once a connection was
 healthy, a stall seen through pongs, a frame of an odd shape skipped without dropping
-the connection, and diffs dropped for overload recorded even when the stop comes next.
+the connection, a diff for a symbol the connection did not subscribe skipped, and diffs
+dropped for overload recorded even when the stop comes next.
 """
 
 from __future__ import annotations
@@ -141,6 +142,59 @@ async def test_a_frame_the_parser_trips_on_is_skipped_not_a_reconnect(caplog):
     assert diffs == [1, 2]
     assert (stats.malformed, stats.connects, stats.disconnects) == (1, 1, 0)
     assert "malformed frame skipped (TypeError: unhashable type: 'list')" in caplog.text
+
+
+def _named(symbol: str, u: int) -> str:
+    """A Bybit delta on the BTCUSDT topic whose `data.s` names `symbol`."""
+    msg = json.loads(push("delta", u))
+    msg["data"]["s"] = symbol
+    return json.dumps(msg)
+
+
+async def test_a_diff_for_a_symbol_not_subscribed_is_skipped(caplog):
+    """The parser keeps a symbol missing from the table as sent, and it became a storage
+    path: a `data.s` of "../../../../../../ESCAPED" was spooled outside the spool (audit
+    8, /tmp/audit8a/symbol_escape.py). Now the connection hands on only the symbols it
+    subscribed; any other is a malformed frame: counted, logged, not captured raw, and
+    the stream goes on."""
+
+    async def script(ws, conn, fake):
+        await fake.recv(ws, conn)
+        await ws.send_message(push("snapshot", 1))
+        await ws.send_message(_named("../../../../../../ESCAPED", 2))
+        await ws.send_message(_named("ETHUSDT", 2))  # a real symbol, not on this socket
+        await ws.send_message(push("delta", 2))
+        await trio.sleep_forever()
+
+    stopping = trio.Event()
+    stats = StreamStats()
+    captured: list[str] = []
+    send, recv = trio.open_memory_channel(100)
+    async with trio.open_nursery() as nursery:
+        fake = await start_fake(nursery, script)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as runner:
+                runner.start_soon(
+                    _runner(
+                        fake.url,
+                        send,
+                        stats=stats,
+                        stopping=stopping,
+                        raw_sink=lambda sym, _frame, _ns: captured.append(sym),
+                    )
+                )
+                await wait_for(lambda: stats.diffs >= 2)
+                stopping.set()
+        nursery.cancel_scope.cancel()
+    diffs = [(i.symbol, i.last_update_id) for i in _drained(recv) if isinstance(i, DepthDiff)]
+    assert diffs == [("BTCUSDT", 1), ("BTCUSDT", 2)]
+    assert captured == ["BTCUSDT", "BTCUSDT"]
+    assert (stats.malformed, stats.diffs, stats.connects, stats.disconnects) == (2, 2, 1, 0)
+    assert (
+        "bybit: malformed frame skipped: a diff for '../../../../../../ESCAPED', "
+        "not subscribed on this connection"
+    ) in caplog.text
+    assert "a diff for 'ETHUSDT', not subscribed" in caplog.text
 
 
 async def test_diffs_dropped_just_before_the_stop_are_still_a_gap():

@@ -432,3 +432,33 @@ async def test_a_buffer_whose_flush_fails_is_set_aside_and_the_others_are_stored
         assert len(lines) == n and b'"price": "boom"' in lines[0]
         assert "RuntimeError" in kept.with_name(kept.name + ".reason").read_text()
         assert f"cannot flush {n} {dataset} rows of binance/futures/BADUSDT" in caplog.text
+
+
+async def test_rows_of_an_unsafe_symbol_are_refused_and_the_others_stored(
+    tmp_path, clock, frame_builder, caplog
+):
+    """The audit's Bybit frame named `data.s` "../../../../../../ESCAPED" and its rows
+    were spooled outside the spool (/tmp/audit8a/symbol_escape.py). Such rows are now
+    refused at the writer's intake (named in an ERROR, counted): nothing is written
+    outside the spool or the output tree, and they never reach a delta journal, whose
+    split would fail for every symbol in it."""
+    work = tmp_path / "work"
+    out, store, spool, cfg = setup(work, interval=1.0)
+    bad = "../../../../../../ESCAPED"
+    send, recv = trio.open_memory_channel(10)
+    async with trio.open_nursery() as nursery:
+        writer = await start_writer(nursery, recv, store, spool, cfg, frame_builder)
+        await send.send(snapshot_batch(bad, T0))
+        await send.send(delta_batch(1, 5, T0, symbol=bad))
+        await send.send(delta_batch(1, 10, T0))
+        await send.send(snapshot_batch("BTCUSDT", T0))
+        await send.aclose()
+    for dataset, rows in (("deltas", 10), ("snapshots", 4)):
+        df = stored(out / dataset)
+        assert df.height == rows and set(df["symbol"]) == {"BTCUSDT"}
+    assert writer.stats.rows_refused_unsafe == 4 + 5
+    assert writer.stats.rows_received == {"deltas": 10, "snapshots": 4}
+    assert spool.files == 0
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and work not in p.parents]
+    assert outside == []
+    assert f"writer: 5 deltas rows refused: unsafe symbol {bad!r}" in caplog.text

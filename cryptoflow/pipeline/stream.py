@@ -8,6 +8,11 @@ a resync, so the lost stretch is recorded, never silently skipped. A connection 
 opens after a previous one sends `StreamEvent(RECONNECT)` per symbol the same way; it
 becomes a gap only if the stream did not continue across the reconnect.
 
+Only the symbols a connection subscribed pass: a diff the parser names any other symbol
+for (the parsers keep a name missing from the symbol table as sent) is skipped as a
+malformed frame (WARNING, `StreamStats.malformed`), before raw capture and the channel,
+so no name from the wire that we did not ask for reaches a storage path.
+
 Reconnects: on any connection failure or stall (no book data for `stall_timeout`; pongs
 do not count) the runner reconnects with capped exponential back-off and jitter, counted
 from zero again once a connection has lasted `backoff_max`; a healthy connection is
@@ -79,8 +84,11 @@ def can_resubscribe(venue: object) -> bool:
 
 @attrs.define
 class _ConnState:
-    """Per-connection bookkeeping for resubscribe requests (trio clock times)."""
+    """Per-connection bookkeeping: what it subscribed, and for resubscribe requests when
+    (trio clock times)."""
 
+    #: the normalized symbols this connection subscribed: a diff for any other is dropped
+    symbols: frozenset[str]
     subscribed_at: dict[str, float] = attrs.field(factory=dict)  # normalized symbol
     snapshot_at: dict[str, float] = attrs.field(factory=dict)
     watching: set[str] = attrs.field(factory=set)
@@ -314,7 +322,9 @@ async def _connect_loop(
                     closer.attach(ws, scope)
                     await venue.on_open(ws, list(venue_symbols))
                     opened = trio.current_time()
-                    conn = _ConnState(subscribed_at=dict.fromkeys(symbols, opened))
+                    conn = _ConnState(
+                        frozenset(symbols), subscribed_at=dict.fromkeys(symbols, opened)
+                    )
                     stats.connects += 1
                     if stats.connects > 1:
                         for sym in symbols:
@@ -405,7 +415,7 @@ async def _pump(
     closer: _Closer,
     reconnect_after: float,
     *,
-    conn: _ConnState | None = None,
+    conn: _ConnState,
     resync: ResyncQueue | None = None,
     fallback: Callable[[str], None] | None = None,
     venue_of: dict[str, str] | None = None,
@@ -413,7 +423,6 @@ async def _pump(
 ) -> None:
     """Read the connection until it ends (an exception: a failure, or the venue's answer
     to our close frame)."""
-    conn = conn if conn is not None else _ConnState()
     async with trio.open_nursery() as nursery:
         side = trio.CancelScope()  # keepalive and resubscribes: they end first on a close
         closer.attach(ws, side=side)
@@ -501,6 +510,10 @@ def _handle_frame(
         if item.reconnect:
             raise _Reconnect(item.detail or item.kind)
         return False
+    for diff in item:
+        if diff.symbol not in conn.symbols:
+            _unsubscribed(venue.exchange, diff.symbol, stats)
+            return False
     if raw_sink is not None and item:
         raw_sink(item[0].symbol, raw, recv_ns)
     for diff in item:
@@ -509,6 +522,19 @@ def _handle_frame(
             conn.snapshot_at[diff.symbol] = trio.current_time()
         emitter.emit(diff.symbol, diff)
     return bool(item)
+
+
+def _unsubscribed(exchange: str, symbol: str, stats: StreamStats) -> None:
+    """A frame for a symbol this connection did not subscribe is skipped like a malformed
+    one. The parsers keep a symbol missing from the table as sent (so replays of other
+    recordings parse), and that name, from the wire, would become a partition path: a
+    Bybit `data.s` of "../../x" was written outside the spool (audit 8)."""
+    stats.malformed += 1
+    log.warning(
+        "%s: malformed frame skipped: a diff for %.80r, not subscribed on this connection",
+        exchange,
+        symbol,
+    )
 
 
 async def _serve_resubscribe(

@@ -61,7 +61,7 @@ import polars as pl
 import trio
 
 from cryptoflow.config_schema import BufferSection
-from cryptoflow.errors import SpoolFull, StorageError, StorageRejected
+from cryptoflow.errors import SpoolFull, StorageError, StorageRejected, UnsafePartition
 from cryptoflow.models import SCHEMAS, Dataset, SnapshotBody
 from cryptoflow.pipeline.bodies import BodyBatch, SnapshotCodec, frame_from_bodies
 from cryptoflow.pipeline.rows import RowBatch
@@ -135,6 +135,8 @@ class WriterStats:
     flush_failures: int = 0  # spool refused (SpoolFull) or spool disk error
     #: poll snapshot bodies left out at the flush: their venue parser rejects them
     snapshot_bodies_rejected: int = 0
+    #: rows refused at intake: their exchange/market/symbol is no safe path component
+    rows_refused_unsafe: int = 0
     spool_full_events: int = 0  # flushes refused because the spool is at max_bytes
     spool_warnings: int = 0  # "spool filling" (past 80 % of max_bytes) warnings issued
     raw_files: int = 0  # raw-capture files spooled
@@ -652,6 +654,8 @@ class Writer:
             return
         key: BufferKey = (Dataset(batch.dataset), batch.exchange, batch.market, batch.symbol)
         buf = self._buffers.get(key)
+        if buf is None and not self._safe_partition(batch):
+            return
         if buf is not None and buf.multiplier != batch.multiplier:
             # a new contract multiplier: rows of one file share one; flush the old rows first
             self._rotated.append(self._buffers.pop(key))
@@ -679,6 +683,19 @@ class Writer:
             trio.current_time() >= buf.retry_at
         ):
             self._wake_flusher()
+
+    def _safe_partition(self, batch: RowBatch | BodyBatch) -> bool:
+        """Whether the batch's partition can name a storage path (`layout.check_partition`);
+        else its rows are refused here, logged and counted. Buffered, they would fail
+        every flush, or every split of the journal they share with all other symbols."""
+        try:
+            layout.check_partition(batch.exchange, batch.market, batch.symbol)
+        except UnsafePartition as exc:
+            self.stats.rows_refused_unsafe += batch.rows
+            dataset = Dataset(batch.dataset).value
+            log.error("writer: %d %s rows refused: %s", batch.rows, dataset, exc)
+            return False
+        return True
 
     def _opened_at(self, key: BufferKey) -> float:
         """A new buffer's start. A snapshot key's first buffer starts as if it had opened

@@ -23,6 +23,11 @@
   event time). Names without `-<hash8>` (written before the hash was added) still parse.
 - Keys built here are *relative* (no prefix) unless a prefix is passed; the S3 store adds
   its configured prefix itself, the spool and the local store use relative keys.
+- Every exchange, market and symbol put in a key must be a safe path component
+  (`check_partition`: ASCII letters, digits, `.`, `_`, `-`; not `.` or `..`), else
+  `UnsafePartition`. A symbol can come from the wire (a parser keeps a name missing from
+  the symbol table as sent, so replays of other recordings parse): a Bybit `data.s` of
+  "../../x" was joined into a spool path outside the spool (audit 8).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from datetime import UTC, datetime, timedelta
 import attrs
 import polars as pl
 
-from cryptoflow.errors import UnplaceableTime
+from cryptoflow.errors import UnplaceableTime, UnsafePartition
 from cryptoflow.models import Dataset
 from cryptoflow.storage import parquet
 
@@ -92,12 +97,42 @@ class KeyParts:
         )
 
 
+#: a partition value that is one plain path component (`check_partition`)
+_SAFE_COMPONENT = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _check_component(what: str, value: str) -> None:
+    if type(value) is not str or _SAFE_COMPONENT.fullmatch(value) is None or value in (".", ".."):
+        raise UnsafePartition(
+            f"unsafe {what} {value!r:.80} for a storage path: it must be ASCII letters, "
+            "digits, '.', '_' or '-' (not '.' or '..')"
+        )
+
+
+def check_partition(exchange: str, market: str, symbol: str) -> None:
+    """Raise UnsafePartition unless each value is a safe path component (see the module
+    doc): nothing built from them can then leave the spool or the output tree."""
+    _check_component("exchange", exchange)
+    _check_component("market", market)
+    _check_component("symbol", symbol)
+
+
+def check_relative_key(key: str) -> None:
+    """Raise UnsafePartition unless `key` is a relative path of plain components (no
+    empty, `.` or `..` one, no backslash or NUL): what the spool and the local store
+    join under their root."""
+    parts = key.split("/")
+    if "\\" in key or "\x00" in key or any(p in ("", ".", "..") for p in parts):
+        raise UnsafePartition(f"unsafe storage key {key!r:.200}: not a plain relative path")
+
+
 def join_key(*parts: str) -> str:
     """Join key segments with '/', skipping empty ones and stray slashes."""
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 
 
 def partition_path(dataset: str, exchange: str, market: str, symbol: str, hour: datetime) -> str:
+    check_partition(exchange, market, symbol)
     h = hour.astimezone(UTC)
     return (
         f"{Dataset(dataset).value}/exchange={exchange}/market={market}/symbol={symbol}/"
@@ -124,6 +159,7 @@ def file_name(
     """The deterministic file name for the rows of one (already hour-split) frame.
 
     `digest` is `content_hash` of the encoded file; computed here when not given."""
+    _check_component("symbol", symbol)
     ds = Dataset(dataset)
     first_ts, last_ts = _ts_ms(frame)
     digest = digest or content_hash(frame)

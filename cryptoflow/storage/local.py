@@ -11,6 +11,7 @@ from pathlib import Path
 import trio
 
 from cryptoflow.errors import StorageRejected, StorageUnavailable, UploadVerificationFailed
+from cryptoflow.storage import layout
 from cryptoflow.storage.spool import TMP_MARK, fsync_dir, makedirs_durable
 
 
@@ -66,6 +67,7 @@ class LocalStore:
         return None
 
     async def put_file(self, key: str, path: Path) -> None:
+        layout.check_relative_key(key)  # nothing lands outside the output tree
         dest = self.root / key
         try:
             await trio.to_thread.run_sync(_move_verified, Path(path), dest, limiter=self._limiter)

@@ -498,7 +498,9 @@ class Spool:
     ) -> SpoolEntry:
         """Durably store one complete file under `key`. Raises SpoolFull past max_bytes
         (unless `enforce_limit` is False: a merge, which frees its sources right after).
-        `hold`: not listed by `pending` until `release` (see `split`)."""
+        `hold`: not listed by `pending` until `release` (see `split`). A key that is not
+        a plain relative path is refused (UnsafePartition): nothing lands outside `root`."""
+        layout.check_relative_key(key)
         with self._lock:
             existing = self._entries.get(key)
             if key in self._merged_away:
