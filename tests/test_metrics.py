@@ -186,6 +186,31 @@ async def test_collector_matches_stats():
     assert 29 < value(data, "cryptoflow_rest_blocked_seconds", **SYM) <= 30
 
 
+async def test_weight_used_is_the_last_minute_beside_the_per_minute_limit(autojump_clock):
+    """A budget paced in the venue's 2 s window (OKX) and spent to its safety share for
+    30 s: the used gauge is the weight of the last 60 s, comparable with the per-minute
+    limit, not the 2 s pacing window (which read as ~3 % of the limit)."""
+    budget = RateBudget(1200, safety=0.8, window=2.0, name="okx/main")
+    result = RunResult(shards={"okx/main": ShardStats(budget=budget)})
+    registry, _ = build_registry(lambda: result)
+    from prometheus_client import generate_latest
+
+    okx = {"exchange": "okx", "shard": "main"}
+    t0 = trio.current_time()
+    while trio.current_time() - t0 < 30:
+        await budget.acquire(1)
+    data = samples(generate_latest(registry).decode())
+    assert value(data, "cryptoflow_rest_weight_limit", **okx) == 1200
+    used = value(data, "cryptoflow_rest_weight_used", **okx)
+    assert used == budget.stats.weight_sent >= 0.8 * 1200 / 2 * 0.95  # ~half a minute's
+    await trio.sleep(45)  # the first 15 s of sends are now older than 60 s
+    data = samples(generate_latest(registry).decode())
+    assert 0 < value(data, "cryptoflow_rest_weight_used", **okx) < used
+    await trio.sleep(60)
+    data = samples(generate_latest(registry).decode())
+    assert value(data, "cryptoflow_rest_weight_used", **okx) == 0
+
+
 def test_collector_without_proposed_fields_and_outside_trio():
     """A fresh WriterStats (nothing written yet), no RunResult yet, no trio run."""
     result, _send = make_result(WriterStats())

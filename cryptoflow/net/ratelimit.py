@@ -13,6 +13,11 @@ it, strongest first:
    pace bursts (e.g. 30 symbols polling at once after a start): `limit_per_minute` is
    scaled to that window.
 
+What the metrics report (`used_last_minute`) is the weight sent in the last 60 s,
+whatever the venue's window, so it compares with `limit` (per minute); the pacing
+window above is an internal detail (a 2 s sum next to a per-minute limit reads as ~3 %
+of a budget that is in fact spent to its safety share).
+
 Time comes from `trio.current_time()` (so tests run under `MockClock`); the venue's minute
 window is aligned to wall-clock minutes, read through an injectable `wall_clock`.
 """
@@ -27,6 +32,25 @@ import attrs
 import trio
 
 WINDOW = 60.0
+
+
+class _SlidingSum:
+    """Weight sent in the last `window` seconds (trio clock)."""
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.sent: deque[tuple[float, int]] = deque()
+        self.total = 0
+
+    def add(self, now: float, weight: int) -> None:
+        self.sent.append((now, weight))
+        self.total += weight
+
+    def expire(self, now: float) -> int:
+        while self.sent and self.sent[0][0] + self.window <= now:
+            _, w = self.sent.popleft()
+            self.total -= w
+        return self.total
 
 
 @attrs.define
@@ -57,8 +81,8 @@ class RateBudget:
         self.safety = safety
         self.name = name
         self._wall_clock = wall_clock
-        self._sent: deque[tuple[float, int]] = deque()
-        self._sent_weight = 0
+        self._sent = _SlidingSum(window)  # paces within the venue's window
+        self._minute = _SlidingSum(WINDOW)  # what the metrics report, beside `limit`
         self._blocked_until = 0.0  # trio clock
         self._lock = trio.Lock()
         self.stats = BudgetStats()
@@ -93,8 +117,12 @@ class RateBudget:
         return max(0.0, self._blocked_until - trio.current_time())
 
     def used_in_window(self) -> int:
-        self._expire(trio.current_time())
-        return self._sent_weight
+        """Weight sent within the venue's own (pacing) window, `self.window` seconds."""
+        return self._sent.expire(trio.current_time())
+
+    def used_last_minute(self) -> int:
+        """Weight sent in the last 60 s: the same span as `limit` (per minute)."""
+        return self._minute.expire(trio.current_time())
 
     async def acquire(self, weight: int) -> None:
         """Wait until `weight` may be sent from this IP, then account for it."""
@@ -104,18 +132,13 @@ class RateBudget:
                 if now < self._blocked_until:
                     await trio.sleep_until(self._blocked_until)
                     continue
-                self._expire(now)
-                if self._sent and self._sent_weight + weight > self.safety * self.window_limit:
+                used = self._sent.expire(now)
+                if self._sent.sent and used + weight > self.safety * self.window_limit:
                     self.stats.paced_waits += 1
-                    await trio.sleep_until(self._sent[0][0] + self.window)
+                    await trio.sleep_until(self._sent.sent[0][0] + self.window)
                     continue
                 break
-            self._sent.append((now, weight))
-            self._sent_weight += weight
+            self._sent.add(now, weight)
+            self._minute.add(now, weight)
             self.stats.requests += 1
             self.stats.weight_sent += weight
-
-    def _expire(self, now: float) -> None:
-        while self._sent and self._sent[0][0] + self.window <= now:
-            _, w = self._sent.popleft()
-            self._sent_weight -= w

@@ -32,8 +32,11 @@ Per snapshot poller / WebSocket connection:
   `cryptoflow_ws_disconnects_total` `{exchange,shard,stream}` (stream = connection index)
 
 Per shard (REST budget of its source IP, and its raw channel):
-- `cryptoflow_rest_weight_used{exchange,shard}` weight sent in the sliding 60 s window
-- `cryptoflow_rest_weight_limit{exchange,shard}` the venue's limit per minute
+- `cryptoflow_rest_weight_used{exchange,shard}` weight sent in the last 60 s (sliding),
+  whatever the venue's own window (the budget paces in that: 5 s Bybit, 2 s OKX, 30 s
+  KuCoin), so used / limit is the share of the minute's budget spent
+- `cryptoflow_rest_weight_limit{exchange,shard}` the venue's limit per minute (the
+  configured `weight_limit_per_minute`, or the documented one scaled to a minute)
 - `cryptoflow_rest_venue_used_weight{exchange,shard}` the venue's last usage header
 - `cryptoflow_rest_blocked_seconds{exchange,shard}` time left in a throttle/ban pause
 - `cryptoflow_rest_requests_total`, `cryptoflow_rest_weight_sent_total`,
@@ -248,9 +251,9 @@ def _channel_stats(channel: Any) -> tuple[int, float] | None:
 
 
 def _budget_now(budget: Any) -> tuple[int | None, float | None]:
-    """(weight used in window, seconds blocked); None outside a trio run."""
+    """(weight used in the last 60 s, seconds blocked); None outside a trio run."""
     try:
-        return budget.used_in_window(), float(budget.blocked_for)
+        return budget.used_last_minute(), float(budget.blocked_for)
     except RuntimeError:  # trio.current_time() outside trio
         return None, None
 
@@ -367,8 +370,12 @@ class RunCollector(Collector):
     # REST budget and channels
     def _shards(self, result: Any) -> Iterator[Any]:
         sl = ("exchange", "shard")
-        used = _gauge("cryptoflow_rest_weight_used", "REST weight sent in the last 60 s", sl)
-        limit = _gauge("cryptoflow_rest_weight_limit", "Venue REST weight limit per minute", sl)
+        used = _gauge(
+            "cryptoflow_rest_weight_used", "REST weight sent in the last 60 s (sliding)", sl
+        )
+        limit = _gauge(
+            "cryptoflow_rest_weight_limit", "Venue REST weight limit per minute (60 s)", sl
+        )
         header = _gauge(
             "cryptoflow_rest_venue_used_weight", "Venue-reported weight used (last header)", sl
         )
