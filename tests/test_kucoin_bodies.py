@@ -547,6 +547,7 @@ async def test_fetch_snapshot_body_still_slows_down_on_low_remaining():
     rest, budget = client(answer(DOC_BODY, headers=headers)[0])
     assert type(await rest.fetch_snapshot_body("BTCUSDT", "XBTUSDTM")) is SnapshotBody
     assert 7.0 < budget.blocked_for <= 8.0
+    assert budget.stats.throttles == 0
 
 
 @pytest.mark.parametrize(

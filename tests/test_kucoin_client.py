@@ -94,6 +94,8 @@ async def test_low_remaining_slows_down_before_a_429():
     )
     await rest.fetch_snapshot("BTCUSDT", "XBTUSDTM")
     assert 7.0 < budget.blocked_for <= 8.0
+    # our own early slow-down: not a 429 (cryptoflow_rest_throttles_total counts those)
+    assert budget.stats.throttles == 0
 
 
 async def test_instruments_multiplier_text():

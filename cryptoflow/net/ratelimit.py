@@ -6,8 +6,10 @@ it, strongest first:
 
 1. A ban (Binance 418, Bybit 403) or a throttle (429 + Retry-After): nothing is sent from
    this IP before the time the venue gave. `acquire` sleeps until then.
-2. The venue's own usage counter (Binance `X-MBX-USED-WEIGHT-1M`): past `safety` x limit
-   we pause until the venue's minute window rolls over, so we slow down *before* a 429.
+2. The venue's own usage counter (Binance `X-MBX-USED-WEIGHT-1M`, KuCoin
+   `gw-ratelimit-remaining`): past `safety` x limit we pause (`hold`) until the venue's
+   window rolls over, so we slow down *before* a 429. A hold is not a throttle in the
+   stats: `throttles` counts only the venue's refusals.
 3. Our own sliding window of sent weight, as long as the venue's accounting window (60 s
    Binance, 5 s Bybit, 2 s OKX, 30 s KuCoin), for venues without a usage header and to
    pace bursts (e.g. 30 symbols polling at once after a start): `limit_per_minute` is
@@ -95,7 +97,12 @@ class RateBudget:
         if used >= self.safety * self.limit:
             wall = self._wall_clock()
             until_rollover = WINDOW - (wall % WINDOW) + 0.05
-            self._block_for(until_rollover)
+            self.hold(until_rollover)
+
+    def hold(self, seconds: float) -> None:
+        """The venue's usage headers say this IP's allowance is nearly spent: send nothing
+        for `seconds`. Not a throttle (the venue refused nothing), so not counted as one."""
+        self._block_for(seconds)
 
     def throttle(self, retry_after: float) -> None:
         """429: stop sending from this IP for `retry_after` seconds."""

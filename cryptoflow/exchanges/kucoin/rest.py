@@ -3,7 +3,8 @@
 Throttle signals: HTTP 429 / body code 429000, with `gw-ratelimit-reset` (ms until the
 pool refills) as the wait. The public pool's usage headers (`gw-ratelimit-limit`,
 `gw-ratelimit-remaining`) slow the shard down before a 429: when the remaining share of
-the pool falls under `1 - safety`, nothing more is sent until the reset.
+the pool falls under `1 - safety`, nothing more is sent until the reset (a hold, like
+Binance's used-weight header: not counted as a throttle, which counts the venue's 429s).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class KucoinRest(VenueRest):
                 symbol=symbol,
             )
         if limit and remaining is not None and remaining < (1 - self.budget.safety) * limit:
-            self.budget.throttle(reset_seconds(resp, rules.RATE_LIMIT_RETRY_AFTER_S))
+            # our own early slow-down on an answered request, not the venue's 429
+            self.budget.hold(reset_seconds(resp, rules.RATE_LIMIT_RETRY_AFTER_S))
         self._last_reset = reset_seconds(resp, rules.RATE_LIMIT_RETRY_AFTER_S)
         super().interpret(resp, symbol)
 
