@@ -409,6 +409,8 @@ def _start_readers(
                     functools.partial(_fetch_resync, fetch),
                     raw_send.clone(),
                     exchange=plan.exchange,
+                    backoff_initial=app.reader.backoff_initial,
+                    backoff_max=app.reader.backoff_max,
                 ),
             )
         )

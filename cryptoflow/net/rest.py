@@ -13,6 +13,7 @@ import httpx
 
 from cryptoflow.errors import (
     IPBanned,
+    MalformedMessage,
     RateLimited,
     RequestRejected,
     ServerError,
@@ -64,7 +65,13 @@ class VenueRest:
             raise TransportError(
                 f"timeout on {path}: {exc!r}", exchange=self.exchange, symbol=symbol
             ) from exc
-        except httpx.TransportError as exc:
+        except httpx.DecodingError as exc:  # the answer came, its body cannot be decoded
+            raise MalformedMessage(
+                f"undecodable response body on {path}: {exc}",
+                exchange=self.exchange,
+                symbol=symbol,
+            ) from exc
+        except httpx.RequestError as exc:  # transport failures, too many redirects...
             raise TransportError(
                 f"{type(exc).__name__} on {path}: {exc}", exchange=self.exchange, symbol=symbol
             ) from exc

@@ -8,12 +8,14 @@ Resync snapshots go through the shard's REST budget like every poll.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Awaitable, Callable
 
 import trio
 
 from cryptoflow.errors import ExchangeError
 from cryptoflow.models import DepthSnapshot
+from cryptoflow.pipeline.supervise import backoff_delay
 
 log = logging.getLogger("cryptoflow.resync")
 
@@ -48,20 +50,60 @@ async def run_resync_fetcher(
     out: trio.MemorySendChannel,
     *,
     exchange: str,
-    retry_delay: float = 2.0,
+    backoff_initial: float = 1.0,
+    backoff_max: float = 60.0,
+    rng: random.Random | None = None,
 ) -> None:
-    """Fetch a snapshot for each requested symbol; failed fetches are asked for again."""
-    async with out:
+    """Fetch a snapshot for each requested symbol; a failed fetch is asked for again
+    after a capped exponential back-off of its own symbol (reset by a success), so a
+    venue answering 5xx is not asked every few seconds forever and one symbol's
+    retries never hold the others back.
+
+    Any error of a fetch is a failure of that symbol, not of the fetcher: an error
+    outside our tree (a library's) would otherwise end the task, and the symbol it had
+    taken out of the queue would never be asked for again (its book stays unsynced)."""
+    rng = rng or random.Random()
+    failures: dict[str, int] = {}  # consecutive failed fetches per symbol
+    retrying: set[str] = set()  # a retry is scheduled: a new request adds nothing
+    async with out, trio.open_nursery() as retries:
         while True:
             symbol = await queue.next()
+            if symbol in retrying:
+                continue
             try:
                 snapshot = await fetch(symbol)
-            except ExchangeError as exc:
-                log.warning("%s/%s: resync snapshot failed: %s", exchange, symbol, exc)
-                await trio.sleep(retry_delay)
-                queue.request(symbol)
+            except Exception as exc:
+                n = failures[symbol] = failures.get(symbol, 0) + 1
+                delay = backoff_delay(n, initial=backoff_initial, maximum=backoff_max, rng=rng)
+                _log_failure(exchange, symbol, exc, n, delay)
+                retrying.add(symbol)
+                retries.start_soon(_retry_later, queue, symbol, delay, retrying)
                 continue
+            failures.pop(symbol, None)
             await out.send(snapshot)
+
+
+def _log_failure(exchange: str, symbol: str, exc: Exception, n: int, delay: float) -> None:
+    where = f"{exchange}/{symbol}"
+    if isinstance(exc, ExchangeError):
+        text = str(exc) if exc.symbol else f"{where}: {exc}"
+        log.warning("resync snapshot failed (%d in a row): %s; retry in %.1fs", n, text, delay)
+    else:  # not one of ours: keep the traceback, it is a bug to map in the REST edge
+        log.error(
+            "resync snapshot failed (%d in a row): %s: %s: %s; retry in %.1fs",
+            n,
+            where,
+            type(exc).__name__,
+            exc,
+            delay,
+            exc_info=exc,
+        )
+
+
+async def _retry_later(queue: ResyncQueue, symbol: str, delay: float, retrying: set[str]) -> None:
+    await trio.sleep(delay)
+    retrying.discard(symbol)
+    queue.request(symbol)
 
 
 class ResyncRouter:
