@@ -2,7 +2,9 @@
 
 Per tooling-notes: when a transport is passed, httpx ignores the client's own `limits`,
 so they are set on the transport; `retries=0` because retrying is our decision (budget,
-back-off), not the transport's.
+back-off), not the transport's. A failed connect is reworded with its cause and the
+source IP (`net/connect.py`): httpx's own message hides a source IP that is not on
+this host.
 """
 
 from __future__ import annotations
@@ -10,6 +12,23 @@ from __future__ import annotations
 import socket
 
 import httpx
+
+from cryptoflow.net.connect import describe_connect_failure
+
+
+class _BoundTransport(httpx.AsyncHTTPTransport):
+    """The transport with connect errors that name their cause and the source IP."""
+
+    def __init__(self, *, source_ip: str | None, **kwargs) -> None:
+        super().__init__(local_address=source_ip, **kwargs)
+        self.source_ip = source_ip
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await super().handle_async_request(request)
+        except httpx.ConnectError as exc:
+            text = describe_connect_failure(exc, self.source_ip)
+            raise httpx.ConnectError(text, request=request) from exc
 
 
 def source_ip_problem(address: str) -> str | None:
@@ -30,8 +49,8 @@ def source_ip_problem(address: str) -> str | None:
 def make_http_client(
     base_url: str, *, source_ip: str | None, timeout: float, max_connections: int = 20
 ) -> httpx.AsyncClient:
-    transport = httpx.AsyncHTTPTransport(
-        local_address=source_ip,
+    transport = _BoundTransport(
+        source_ip=source_ip,
         retries=0,
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=10),
     )

@@ -41,6 +41,7 @@ from wsproto.events import AcceptConnection, RejectConnection, RejectData, Reque
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from cryptoflow.errors import TransportError
+from cryptoflow.net.connect import describe_connect_failure
 from cryptoflow.net.wsframe import (
     ABNORMAL_CLOSURE,
     OP_BINARY,
@@ -294,7 +295,12 @@ async def open_ws(
     if parts.query:
         resource += "?" + parts.query
     with trio.fail_after(connect_timeout):
-        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port, local_address=source_ip)
+        try:
+            stream: trio.abc.Stream = await trio.open_tcp_stream(
+                host, port, local_address=source_ip
+            )
+        except OSError as exc:  # trio's message hides the cause (a source IP not here)
+            raise OSError(describe_connect_failure(exc, source_ip)) from exc
         try:
             if secure:
                 ssl_stream = trio.SSLStream(stream, _ssl_context(), server_hostname=host)
