@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import functools
 import gc
+import ipaddress
 import logging
 import math
 import random
@@ -789,15 +790,36 @@ async def _start_simulator(nursery: trio.Nursery, plans: list[ShardPlan]) -> lis
         )
     )
     log.info("simulator: REST %s, WebSocket %s", sim.rest_url, sim.ws_url)
+    loopback = simulated_source_ips(plans)
+    for ip, local in loopback.items():
+        if ip is not None:
+            log.info("simulator: source_ip %s binds %s", ip, local)
     return [
         attrs.evolve(
             p,
             rest_url=sim.rest_url,
             ws_url=sim.ws_url,
-            shard=attrs.evolve(p.shard, source_ip=None),
+            shard=attrs.evolve(p.shard, source_ip=loopback[p.shard.source_ip]),
         )
         for p in plans
     ]
+
+
+def simulated_source_ips(plans: Sequence[ShardPlan]) -> dict[str | None, str | None]:
+    """Each shard's `source_ip` -> a loopback address of its own to bind in `--simulate`.
+
+    The simulator keeps its rate budgets per client address, as the venues do per IP, so
+    shards must reach it from as many addresses as they have source IPs: all from one
+    address, a config that fits each IP (`shards list`) got 429s and bans. The host's
+    addresses are not the simulator's, so each source IP becomes 127.0.0.2, .3, ...
+    (Linux routes all of 127/8 to the loopback without configuration); the shard on the
+    default route (no source_ip) stays unbound and arrives from 127.0.0.1.
+    """
+    ips = dict.fromkeys(p.shard.source_ip for p in plans if p.shard.source_ip is not None)
+    mapping: dict[str | None, str | None] = {None: None}
+    for n, ip in enumerate(ips, start=2):
+        mapping[ip] = str(ipaddress.IPv4Address("127.0.0.0") + n)
+    return mapping
 
 
 def _tune_gc() -> None:

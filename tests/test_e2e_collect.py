@@ -177,3 +177,34 @@ def test_shard_option_selects_exactly_the_named_shards(tmp_path):
     plans = build_plans(settings, ["binance"], chosen)
     assert sorted(p.shard.name for p in plans) == ["a", "c"]
     assert {p.symbols for p in plans} == {(("BTCUSDT", "BTCUSDT"),), (("SOLUSDT", "SOLUSDT"),)}
+
+
+async def test_simulate_gives_each_source_ip_its_own_address_and_budget():
+    """`collect --simulate` used to drop every shard's source_ip: all shards reached the
+    simulator from 127.0.0.1 and shared one per-IP budget (429/418 for a config that
+    fits each IP). Each source IP now binds a loopback address of its own."""
+    from cryptoflow.config_schema import Shard, VenueSource
+    from cryptoflow.net.http import make_http_client
+    from cryptoflow.runtime import ShardPlan, _start_simulator
+
+    def plan(name: str, ip: str | None, symbol: str) -> ShardPlan:
+        shard = Shard(name, ip, {"binance": [symbol]})
+        return ShardPlan("binance", shard, ((symbol, symbol),), VenueSource(), "", "")
+
+    plans = [plan("a", "10.1.0.1", "BTCUSDT"), plan("b", "10.1.0.2", "ETHUSDT")]
+    plans.append(plan("c", None, "SOLUSDT"))
+    async with trio.open_nursery() as nursery:
+        simulated = await _start_simulator(nursery, plans)
+        ips = [p.shard.source_ip for p in simulated]
+        assert ips == ["127.0.0.2", "127.0.0.3", None]
+        used = []
+        for p in simulated:
+            async with make_http_client(p.rest_url, source_ip=p.shard.source_ip, timeout=5) as h:
+                for _ in range(2):
+                    resp = await h.get(
+                        "/fapi/v1/depth", params={"symbol": p.symbols[0][1], "limit": 1000}
+                    )
+                    assert resp.status_code == 200
+                used.append(int(resp.headers["X-MBX-USED-WEIGHT-1M"]))
+        assert used == [40, 40, 40]  # each address its own budget: 2 x weight 20
+        nursery.cancel_scope.cancel()
