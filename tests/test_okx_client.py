@@ -1,9 +1,11 @@
 """OKX REST client (books vs books-full, throttle mapping, ctVal), WS stream (text ping,
-notice 64008 -> reconnect), the checksum hook and anchoring on a REST seqId."""
+notice 64008 -> reconnect, batched resubscribes within the 480-per-hour cap), the checksum
+hook and anchoring on a REST seqId."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import httpx
 import orjson
@@ -21,7 +23,14 @@ from cryptoflow.exchanges.okx.rules import RULES
 from cryptoflow.exchanges.okx.ws import OkxStream
 from cryptoflow.models import MARKET_FUTURES, DepthDiff, GapKind, StreamEvent
 from cryptoflow.net.ratelimit import RateBudget
-from cryptoflow.pipeline.stream import StreamStats, run_stream
+from cryptoflow.pipeline.resync import ResyncQueue
+from cryptoflow.pipeline.stream import (
+    StreamStats,
+    _conn_state,
+    _Reconnect,
+    _serve_resubscribe,
+    run_stream,
+)
 
 
 def book_body(seq: int | None = 123) -> dict:
@@ -145,6 +154,126 @@ async def test_stream_text_ping_and_notice_reconnect():
     kinds = [type(i).__name__ for i in items]
     assert kinds[:2] == ["DepthDiff", "DepthDiff"] and "StreamEvent" in kinds
     assert "64008" in stats.last_error or "notice" in stats.last_error
+
+
+def book_frame(inst: str, action: str, seq: int, prev: int) -> str:
+    entry = {"asks": [], "bids": [["1", "1", "0", "1"]], "ts": "1597026383085", "checksum": 0}
+    entry.update(prevSeqId=prev, seqId=seq)
+    return orjson.dumps(
+        {"arg": {"channel": "books", "instId": inst}, "action": action, "data": [entry]}
+    ).decode()
+
+
+async def test_resubscribes_asked_at_once_share_one_unsubscribe_and_one_subscribe():
+    """OKX counts requests (messages) against 480 per hour per connection: three symbols
+    broken at the same moment cost one unsubscribe + one subscribe, not three of each."""
+    insts = ["BTC-USDT-SWAP", "ETH-USDT-SWAP", "SOL-USDT-SWAP"]
+    symbol_of = {i: i.split("-")[0] + "USDT" for i in insts}
+
+    async def script(ws, conn, fake):
+        seq = 10
+        while True:
+            msg = orjson.loads(await fake.recv(ws, conn))
+            if msg["op"] == "subscribe":
+                for arg in msg["args"]:
+                    seq += 1
+                    await ws.send_message(book_frame(arg["instId"], "snapshot", seq, -1))
+
+    async with trio.open_nursery() as nursery:
+        fake = await start_fake(nursery, script)
+        stream = OkxStream(fake.url, symbol_of)
+        send, _recv = trio.open_memory_channel(100)
+        stats, conn_q = StreamStats(), ResyncQueue()
+        nursery.start_soon(
+            lambda: run_stream(stream, insts, symbol_of, send, stats=stats, resync=conn_q)
+        )
+        await wait_for(lambda: stats.diffs == 3)  # the first snapshots came
+        for sym in symbol_of.values():
+            conn_q.request(sym)
+        await wait_for(lambda: stats.diffs == 6)  # and the fresh ones
+        nursery.cancel_scope.cancel()
+    sent = [orjson.loads(t) for t in fake.texts()]
+    assert [(m["op"], [a["instId"] for a in m["args"]]) for m in sent] == [
+        ("subscribe", insts),
+        ("unsubscribe", insts),
+        ("subscribe", insts),
+    ]
+
+
+class SentLog:
+    """Stands in for the connection: records what a resubscribe sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+
+    async def send_message(self, text: str) -> None:
+        self.sent.append(orjson.loads(text))
+
+
+async def test_resubscribes_stop_at_the_hourly_cap_and_go_to_rest_until_it_frees(
+    autojump_clock, caplog
+):
+    """Each connection counts its subscribe-type requests in a sliding hour, the initial
+    subscription included; a resubscribe that would pass 90 % of the cap is not sent: its
+    symbols get a REST snapshot at once (WARNING); an hour later it resubscribes again."""
+    insts = [f"C{i}-USDT-SWAP" for i in range(25)]  # on_open: 2 requests of <= 20 args
+    venue_of = {f"C{i}USDT": inst for i, inst in enumerate(insts)}
+    stream = OkxStream("ws://okx.test", {v: s for s, v in venue_of.items()})
+    stream.subscribe_requests_per_hour = 10  # 9 usable: 2 + 3 resubscribes of 2
+    t0 = trio.current_time()
+    conn = _conn_state(stream, list(venue_of), t0)
+    ws, queue, rest = SentLog(), ResyncQueue(), []
+
+    async def ask(*symbols: str) -> None:
+        """Break `symbols` at once; their fresh snapshots come a second later."""
+        for sym in symbols:
+            queue.request(sym)
+        await trio.sleep(1)
+        for sym in symbols:
+            conn.snapshot_at[sym] = trio.current_time()
+        await trio.sleep(stream.snapshot_timeout + 1)
+
+    with caplog.at_level(logging.INFO, logger="cryptoflow.stream"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                _serve_resubscribe, ws, stream, queue, conn, venue_of, rest.append, nursery
+            )
+            await trio.sleep(1)
+            conn.snapshot_at.update(dict.fromkeys(venue_of, trio.current_time()))
+            await trio.sleep(stream.snapshot_timeout)  # subscribed, snapshots in
+            for _ in range(3):
+                await ask("C1USDT", "C2USDT")
+            assert [m["op"] for m in ws.sent] == ["unsubscribe", "subscribe"] * 3
+            assert [len(m["args"]) for m in ws.sent] == [2] * 6
+            await ask("C3USDT")  # 2 + 6 sent: no room for 2 more
+            assert len(ws.sent) == 6 and rest == ["C3USDT"]
+            await trio.sleep_until(t0 + 3600.5)
+            await ask("C4USDT")  # the initial subscription is an hour old: room for 2
+            assert len(ws.sent) == 8 and ws.sent[-1]["args"][0]["instId"] == "C4-USDT-SWAP"
+            assert rest == ["C3USDT"]
+            nursery.cancel_scope.cancel()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("8 subscribe requests sent on this connection in the last hour" in w
+               and "C3USDT by REST snapshot" in w for w in warnings), warnings  # fmt: skip
+
+
+async def test_without_a_rest_fallback_the_cap_reconnects(autojump_clock):
+    stream = OkxStream("ws://okx.test", {"BTC-USDT-SWAP": "BTCUSDT"})
+    stream.subscribe_requests_per_hour = 2  # 1 usable: the initial subscribe
+    conn = _conn_state(stream, ["BTCUSDT"], trio.current_time())
+    queue = ResyncQueue()
+    await trio.sleep(10)
+    queue.request("BTCUSDT")
+    ws, caught = SentLog(), []
+    try:
+        async with trio.open_nursery() as nursery:
+            await _serve_resubscribe(
+                ws, stream, queue, conn, {"BTCUSDT": "BTC-USDT-SWAP"}, None, nursery
+            )
+    except* _Reconnect as group:
+        caught.extend(group.exceptions)
+    assert len(caught) == 1 and "reconnecting for a fresh count" in str(caught[0])
+    assert ws.sent == []
 
 
 def diff_of(raw: str) -> DepthDiff:

@@ -1,9 +1,10 @@
-"""RateBudget under a MockClock: throttles, bans, usage header and own pacing."""
+"""RateBudget under a MockClock: throttles, bans, usage header and own pacing; RequestCap's
+sliding hour (OKX subscribe requests per connection)."""
 
 import trio
 import trio.testing
 
-from cryptoflow.net.ratelimit import RateBudget
+from cryptoflow.net.ratelimit import RateBudget, RequestCap
 
 
 async def test_paces_own_window_before_the_limit(autojump_clock):
@@ -71,3 +72,24 @@ async def test_paces_within_the_venues_short_window(autojump_clock):
         in_window = [t for t in sent[start:] if t < sent[start] + 2.0]
         assert len(in_window) <= 8  # 80 % of 10 per 2 s
     assert sent[-1] - t0 >= 6.0
+
+
+async def test_request_cap_counts_a_sliding_hour(autojump_clock):
+    cap = RequestCap(480, 3600.0)
+    assert cap.usable == 432 and cap.room() == 432  # 90 % of OKX's 480 per hour
+    cap.note(400)
+    await trio.sleep(1800)
+    cap.note(30)
+    assert cap.room() == 2
+    await trio.sleep(1800)  # the first 400 are an hour old
+    assert cap.used() == 30 and cap.room() == 402
+    await trio.sleep(1800)
+    assert cap.used() == 0
+
+
+async def test_hold_blocks_without_counting_a_throttle(autojump_clock):
+    budget = RateBudget(2400)
+    t0 = trio.current_time()
+    budget.hold(8)
+    await budget.acquire(1)
+    assert trio.current_time() >= t0 + 8 and budget.stats.throttles == 0

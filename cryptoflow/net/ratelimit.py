@@ -149,3 +149,30 @@ class RateBudget:
             self._minute.add(now, weight)
             self.stats.requests += 1
             self.stats.weight_sent += weight
+
+
+class RequestCap:
+    """Requests of one kind in a sliding window against a venue's cap: OKX allows 480
+    subscribe/unsubscribe/login requests per hour per WebSocket connection (one per
+    message, however many args it carries). `room()` keeps `safety` of the cap usable:
+    the venue starts its hour when a request arrives, a little after we count it sent.
+    Time is the trio clock (tests run it under `MockClock`)."""
+
+    def __init__(self, limit: int, window: float, *, safety: float = 0.9) -> None:
+        if limit <= 0 or window <= 0:
+            raise ValueError("limit and window must be positive")
+        self.limit = limit
+        self.usable = max(1, int(limit * safety))
+        self._sent = _SlidingSum(window)
+
+    def note(self, requests: int) -> None:
+        """`requests` were sent now."""
+        if requests > 0:
+            self._sent.add(trio.current_time(), requests)
+
+    def used(self) -> int:
+        return self._sent.expire(trio.current_time())
+
+    def room(self) -> int:
+        """How many more may be sent now."""
+        return max(0, self.usable - self.used())

@@ -43,6 +43,16 @@ class ResyncQueue:
         del self._pending[symbol]
         return symbol
 
+    async def next_batch(self) -> list[str]:
+        """Every symbol pending now (at least one), in the order asked: a connection
+        resubscribes them in one request instead of one per symbol."""
+        while not self._pending:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+        batch = list(self._pending)
+        self._pending.clear()
+        return batch
+
 
 async def run_resync_fetcher(
     queue: ResyncQueue,

@@ -20,12 +20,21 @@ replaced after `reconnect_after` (before the venues' 24 h cut), closed the grace
 below and reopened at once.
 
 Resync by resubscribe (Bybit, OKX: the venue sends a fresh in-stream snapshot after a
-subscribe): a venue stream with a `resubscribe(ws, venue_symbol)` method gets a
+subscribe): a venue stream with a `resubscribe(ws, venue_symbols)` method gets a
 per-connection `ResyncQueue` of normalized symbols; the runner serves it inside the live
-connection (unsubscribe + subscribe). A request right after a (re)subscribe whose
-snapshot has not come yet does not subscribe again. When no snapshot arrives within the
-venue's `snapshot_timeout` (OKX announced dropping the in-stream snapshot), `fallback`
-asks for a REST snapshot instead.
+connection (unsubscribe + subscribe). The symbols pending at the same moment go in one
+batch: one unsubscribe and one subscribe per `args_per_request` symbols, not two
+requests per symbol. A request right after a (re)subscribe whose snapshot has not come
+yet does not subscribe again. When no snapshot arrives within the venue's
+`snapshot_timeout` (OKX announced dropping the in-stream snapshot), `fallback` asks for a
+REST snapshot instead.
+
+Subscribe-request cap (OKX: 480 subscribe/unsubscribe requests per hour per connection,
+`subscribe_requests_per_hour`): each connection counts its requests in a sliding hour,
+the initial subscription included (`RequestCap`, 90 % of the cap usable). A resubscribe
+that would pass it is not sent: its symbols go to `fallback` (a REST snapshot, the path
+a missing in-stream snapshot takes) at once, with a WARNING; a stream without a fallback
+reconnects instead (a new connection starts a fresh count).
 
 Graceful close (on stop, `stopping` set, and on the planned reconnect): an open
 connection is not cut. The runner sends its close frame and goes on reading until the
@@ -51,6 +60,7 @@ import trio
 from cryptoflow.errors import ExchangeError, MalformedMessage
 from cryptoflow.exchanges.base import Control, WsItem
 from cryptoflow.models import MARKET_FUTURES, GapKind, StreamEvent
+from cryptoflow.net.ratelimit import RequestCap
 from cryptoflow.net.ws import WsClosed, WsConnection, open_ws
 from cryptoflow.pipeline.resync import ResyncQueue
 from cryptoflow.pipeline.supervise import backoff_delay
@@ -82,6 +92,10 @@ def can_resubscribe(venue: object) -> bool:
     return callable(getattr(venue, "resubscribe", None))
 
 
+#: the span of a venue's `subscribe_requests_per_hour`
+SUBSCRIBE_WINDOW_S = 3600.0
+
+
 @attrs.define
 class _ConnState:
     """Per-connection bookkeeping: what it subscribed, and for resubscribe requests when
@@ -92,6 +106,25 @@ class _ConnState:
     subscribed_at: dict[str, float] = attrs.field(factory=dict)  # normalized symbol
     snapshot_at: dict[str, float] = attrs.field(factory=dict)
     watching: set[str] = attrs.field(factory=set)
+    #: subscribe-type requests sent on this connection, for venues with a cap
+    requests: RequestCap | None = None
+    capped: bool = False  # the last resubscribe was refused for the cap (logging)
+
+
+def _conn_state(venue: VenueStream, symbols: list[str], now: float) -> _ConnState:
+    """A new connection's bookkeeping: every symbol was just subscribed, and the requests
+    `on_open` sent count against the venue's cap, if it has one."""
+    conn = _ConnState(frozenset(symbols), subscribed_at=dict.fromkeys(symbols, now))
+    cap = getattr(venue, "subscribe_requests_per_hour", None)
+    if cap and can_resubscribe(venue):
+        conn.requests = RequestCap(cap, SUBSCRIBE_WINDOW_S)
+        conn.requests.note(_requests_for(venue, len(symbols)))
+    return conn
+
+
+def _requests_for(venue: VenueStream, n_symbols: int) -> int:
+    """Requests to (un)subscribe `n_symbols` (`args_per_request` per message)."""
+    return math.ceil(n_symbols / max(1, getattr(venue, "args_per_request", 1)))
 
 
 @attrs.define
@@ -322,9 +355,7 @@ async def _connect_loop(
                     closer.attach(ws, scope)
                     await venue.on_open(ws, list(venue_symbols))
                     opened = trio.current_time()
-                    conn = _ConnState(
-                        frozenset(symbols), subscribed_at=dict.fromkeys(symbols, opened)
-                    )
+                    conn = _conn_state(venue, symbols, opened)
                     stats.connects += 1
                     if stats.connects > 1:
                         for sym in symbols:
@@ -546,24 +577,85 @@ async def _serve_resubscribe(
     fallback: Callable[[str], None] | None,
     nursery: trio.Nursery,
 ) -> None:
-    """Serve resync requests on this connection: resubscribe, then watch for the snapshot."""
+    """Serve resync requests on this connection: resubscribe the symbols asked for at the
+    same moment together, within the venue's subscribe-request cap, then watch for their
+    snapshots."""
     timeout = getattr(venue, "snapshot_timeout", None) or DEFAULT_SNAPSHOT_TIMEOUT
     while True:
-        symbol = await queue.next()
-        venue_symbol = venue_of.get(symbol)
-        if venue_symbol is None:
-            log.warning("%s/%s: resync for a symbol not on this socket", venue.exchange, symbol)
-            continue
+        asked = []
+        for symbol in await queue.next_batch():
+            if symbol in venue_of:
+                asked.append(symbol)
+            else:
+                log.warning("%s/%s: resync for a symbol not on this socket", venue.exchange, symbol)
         now = trio.current_time()
-        since = conn.subscribed_at.get(symbol, -math.inf)
-        waiting_fresh = now - since < timeout and conn.snapshot_at.get(symbol, -math.inf) < since
-        if not waiting_fresh:  # else: a snapshot is already on its way
-            log.info("%s/%s: resubscribing for a fresh snapshot", venue.exchange, symbol)
-            await venue.resubscribe(ws, venue_symbol)  # type: ignore[attr-defined]
-            conn.subscribed_at[symbol] = trio.current_time()
-        if fallback is not None and symbol not in conn.watching:
-            conn.watching.add(symbol)
-            nursery.start_soon(_watch_snapshot, venue, symbol, conn, timeout, fallback)
+        due = [s for s in asked if not _snapshot_on_its_way(conn, s, now, timeout)]
+        if due and not await _resubscribe(ws, venue, conn, due, venue_of, fallback):
+            asked = [s for s in asked if s not in due]  # gone to REST: nothing to watch
+        if fallback is not None:
+            for symbol in asked:
+                if symbol not in conn.watching:
+                    conn.watching.add(symbol)
+                    nursery.start_soon(_watch_snapshot, venue, symbol, conn, timeout, fallback)
+
+
+def _snapshot_on_its_way(conn: _ConnState, symbol: str, now: float, timeout: float) -> bool:
+    """Subscribed less than `timeout` ago and no snapshot since: asking again is moot."""
+    since = conn.subscribed_at.get(symbol, -math.inf)
+    return now - since < timeout and conn.snapshot_at.get(symbol, -math.inf) < since
+
+
+async def _resubscribe(
+    ws: WsConnection,
+    venue: VenueStream,
+    conn: _ConnState,
+    symbols: list[str],
+    venue_of: dict[str, str],
+    fallback: Callable[[str], None] | None,
+) -> bool:
+    """Resubscribe `symbols` in as few requests as the venue allows; False (and each sent
+    to `fallback`) when that would pass the connection's cap on subscribe requests."""
+    needed = 2 * _requests_for(venue, len(symbols))  # unsubscribe + subscribe
+    cap = conn.requests
+    if cap is not None and cap.room() < needed:
+        _refuse_over_cap(venue, conn, cap, symbols, fallback)
+        return False
+    if conn.capped:
+        log.info("%s: room for subscribe requests again on this connection", venue.exchange)
+        conn.capped = False
+    log.info("%s: resubscribing %s for fresh snapshots", venue.exchange, ", ".join(symbols))
+    if cap is not None:
+        cap.note(needed)  # counted as sent even if the connection fails halfway
+    await venue.resubscribe(ws, [venue_of[s] for s in symbols])  # type: ignore[attr-defined]
+    now = trio.current_time()
+    for symbol in symbols:
+        conn.subscribed_at[symbol] = now
+    return True
+
+
+def _refuse_over_cap(
+    venue: VenueStream,
+    conn: _ConnState,
+    cap: RequestCap,
+    symbols: list[str],
+    fallback: Callable[[str], None] | None,
+) -> None:
+    """Not sent: the venue would refuse (or cut) past its cap. REST snapshots instead, or,
+    without that path, a new connection (its count starts from zero)."""
+    what = (
+        f"{venue.exchange}: {cap.used()} subscribe requests sent on this connection in the "
+        f"last hour (venue cap {cap.limit}/h, {cap.usable} used at most)"
+    )
+    if fallback is None:
+        raise _Reconnect(f"{what}: reconnecting for a fresh count")
+    (log.info if conn.capped else log.warning)(
+        "%s: resync of %s by REST snapshot instead of a resubscribe",
+        what,
+        ", ".join(symbols),
+    )
+    conn.capped = True
+    for symbol in symbols:
+        fallback(symbol)
 
 
 async def _watch_snapshot(

@@ -36,6 +36,9 @@ class BybitStream:
     keepalive_interval: float | None = rules.PING_INTERVAL_S
     streams_per_connection = STREAMS_PER_CONNECTION
     snapshot_timeout = 5.0  # resubscribe answered by no snapshot: REST fallback
+    args_per_request = rules.MAX_TOPICS_PER_SUBSCRIBE
+    #: exchanges.md gives Bybit no cap on subscribe requests per connection
+    subscribe_requests_per_hour: int | None = None
 
     def __init__(self, ws_url: str, depth: int, symbols: SymbolMap) -> None:
         self.ws_url = ws_url_with_path(ws_url, DEFAULT_WS_URL)
@@ -58,10 +61,13 @@ class BybitStream:
         for i in range(0, len(topics), step):
             await ws.send_message(self._request("subscribe", topics[i : i + step]))
 
-    async def resubscribe(self, ws: WsConnection, venue_symbol: str) -> None:
-        topic = [self.topic(venue_symbol)]
-        await ws.send_message(self._request("unsubscribe", topic))
-        await ws.send_message(self._request("subscribe", topic))
+    async def resubscribe(self, ws: WsConnection, venue_symbols: list[str]) -> None:
+        """One unsubscribe and one subscribe per `MAX_TOPICS_PER_SUBSCRIBE` symbols."""
+        topics = [self.topic(s) for s in venue_symbols]
+        step = rules.MAX_TOPICS_PER_SUBSCRIBE
+        for i in range(0, len(topics), step):
+            await ws.send_message(self._request("unsubscribe", topics[i : i + step]))
+            await ws.send_message(self._request("subscribe", topics[i : i + step]))
 
     async def keepalive(self, ws: WsConnection) -> None:
         await ws.send_message(orjson.dumps({"op": "ping", "req_id": "ping"}).decode())

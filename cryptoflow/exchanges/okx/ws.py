@@ -3,7 +3,9 @@
 Subscribe after connecting, send the text `ping` every 20 s (OKX closes sockets idle for
 30 s; the answer is the text `pong`). A notice 64008 (service upgrade) makes the parser
 return `Control(reconnect=True)` and the runner reconnects. A break is healed by
-`resubscribe` (unsubscribe + subscribe -> fresh `action: snapshot`); OKX announced
+`resubscribe` (unsubscribe + subscribe -> fresh `action: snapshot`; the symbols asked for
+at once share one request of each, and OKX's 480 such requests per hour per connection
+are kept by the runner); OKX announced
 dropping the in-stream snapshot, so when none comes within `snapshot_timeout` the runner
 falls back to a REST `books` snapshot (anchored on its `seqId`).
 Frames without seqId/prevSeqId (old captures, or a venue that drops them) get synthetic
@@ -34,6 +36,10 @@ class OkxStream:
     keepalive_interval: float | None = PING_INTERVAL_S
     streams_per_connection = STREAMS_PER_CONNECTION
     snapshot_timeout = 5.0
+    #: on_open and resubscribe put this many symbols in one request; the runner keeps
+    #: the requests of each connection under OKX's hourly cap (see `pipeline/stream.py`)
+    args_per_request = ARGS_PER_SUBSCRIBE
+    subscribe_requests_per_hour: int | None = rules.SUBSCRIBE_REQUESTS_PER_HOUR
 
     def __init__(self, ws_url: str, symbols: SymbolMap, channel: str = CHANNEL) -> None:
         self.ws_url = ws_url_with_path(ws_url, DEFAULT_WS_URL)
@@ -56,9 +62,13 @@ class OkxStream:
                 self._request("subscribe", venue_symbols[i : i + ARGS_PER_SUBSCRIBE])
             )
 
-    async def resubscribe(self, ws: WsConnection, venue_symbol: str) -> None:
-        await ws.send_message(self._request("unsubscribe", [venue_symbol]))
-        await ws.send_message(self._request("subscribe", [venue_symbol]))
+    async def resubscribe(self, ws: WsConnection, venue_symbols: list[str]) -> None:
+        """One unsubscribe and one subscribe per `ARGS_PER_SUBSCRIBE` symbols: OKX counts
+        requests (messages), not args, against its hourly cap."""
+        for i in range(0, len(venue_symbols), ARGS_PER_SUBSCRIBE):
+            chunk = venue_symbols[i : i + ARGS_PER_SUBSCRIBE]
+            await ws.send_message(self._request("unsubscribe", chunk))
+            await ws.send_message(self._request("subscribe", chunk))
 
     async def keepalive(self, ws: WsConnection) -> None:
         await ws.send_message("ping")
