@@ -21,7 +21,7 @@ from cryptoflow.exchanges.okx.checksum import okx_checksum
 from cryptoflow.exchanges.okx.rest import OkxRest
 from cryptoflow.exchanges.okx.rules import RULES
 from cryptoflow.exchanges.okx.ws import OkxStream
-from cryptoflow.models import MARKET_FUTURES, DepthDiff, GapKind, StreamEvent
+from cryptoflow.models import MARKET_FUTURES, DepthDiff, GapKind, SnapshotSource, StreamEvent
 from cryptoflow.net.ratelimit import RateBudget
 from cryptoflow.pipeline.resync import ResyncQueue
 from cryptoflow.pipeline.stream import (
@@ -64,6 +64,25 @@ async def test_depth_picks_the_endpoint(depth, path, sz):
     assert seen[0].params["instId"] == "BTC-USDT-SWAP"
     assert snap.last_update_id == 123 and snap.symbol == "BTCUSDT"
     assert budget.stats.requests == 1
+
+
+async def test_a_resync_snapshot_reads_books_whatever_the_poll_depth():
+    """The stream's REST fallback must anchor: `books` carries the seqId live;
+    `books-full` (the polls' endpoint past 400 levels) is a once-a-second cache."""
+    seen = []
+
+    def handler(req):
+        seen.append(req.url)
+        return httpx.Response(200, json=book_body())
+
+    rest, _ = client(handler)
+    snap = await rest.fetch_snapshot(
+        "BTCUSDT", "BTC-USDT-SWAP", depth_limit=1000, source=SnapshotSource.RESYNC
+    )
+    assert seen[0].path == "/api/v5/market/books" and seen[0].params["sz"] == "400"
+    assert snap.source is SnapshotSource.RESYNC and snap.last_update_id == 123
+    await rest.fetch_snapshot("BTCUSDT", "BTC-USDT-SWAP", depth_limit=1000)
+    assert seen[1].path == "/api/v5/market/books-full"  # polls keep their depth
 
 
 async def test_http_429_and_code_50011_throttle():

@@ -58,6 +58,14 @@ class OkxRest(VenueRest):
         depth_limit: int = OKX_BOOKS_MAX,
         source: SnapshotSource = SnapshotSource.POLL,
     ) -> DepthSnapshot:
+        """A parsed snapshot. A RESYNC one (the stream's fallback when no in-stream snapshot
+        came) always reads `books` (<= 400 levels, the stream's own depth): that is the
+        endpoint OKX documents with the `seqId` the book anchors on, served live, where
+        `books-full` is a cache refreshed once a second whose body may carry no `seqId`
+        at all; a snapshot that cannot anchor left the book waiting, asking again and
+        again (found by an audit with a `seqId`-less deep body)."""
+        if source is SnapshotSource.RESYNC:
+            depth_limit = min(depth_limit, OKX_BOOKS_MAX)
         body, receive_ns = await self._get_books(symbol, venue_symbol, depth_limit)
         return self._parse(body, symbol, receive_ns, source)
 
