@@ -18,7 +18,7 @@ import orjson
 
 from cryptoflow.errors import MalformedMessage
 from cryptoflow.exchanges.base import Control, Instrument, SymbolMap, WsItem
-from cryptoflow.exchanges.fields import INT64_MAX, INT64_MIN, check_time
+from cryptoflow.exchanges.fields import INT64_MAX, INT64_MIN, TIME_MAX_MS, TIME_MIN_MS, check_time
 from cryptoflow.models import MARKET_FUTURES, DepthDiff, DepthSnapshot, SnapshotSource
 
 EXCHANGE = "binance"
@@ -64,6 +64,8 @@ def _time(obj: dict, field: str, symbol: str) -> int:
     """`_int` for a time (ms) within `fields.TIME_MIN_MS`.. (no hour partition for a
     time centuries off: malformed here, not a failed flush later)."""
     value = _int(obj, field, symbol)
+    if TIME_MIN_MS <= value < TIME_MAX_MS:  # the common case without a call (every diff)
+        return value
     return check_time(value, value, f"field {field!r}", exchange=EXCHANGE, symbol=symbol)
 
 
