@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 from decimal import Decimal
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -159,6 +160,65 @@ def test_split_outputs_are_held_until_released_and_a_failed_split_leaves_none(
     assert spool.pending() == [] and spool.files == 6  # written, but held
     spool.release(o.key for o in outputs)
     assert sorted(e.key for e in spool.pending()) == sorted(o.key for o in outputs)
+
+
+def test_outputs_a_failed_split_cannot_delete_are_not_doomed(tmp_path, monkeypatch):
+    """Was (review of bd364cf): the cleanup of a failed split removed its outputs with
+    `Spool.remove`, which lists an undeletable file in `.doomed` as "stored". The same
+    group split again writes the same content-named keys and deletes the journals; a
+    stop before their upload, and the next start deleted them: 50 of 90 rows lost."""
+    root = tmp_path / "spool"
+    spool = Spool(root, max_bytes=10**9)
+    journals = three_journals(spool)
+    real_encode, real_unlink, calls = parquet.encode, Path.unlink, []
+
+    def failing_encode(frame, metadata=None):
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError(5, "Input/output error")
+        return real_encode(frame, metadata)
+
+    def failing_unlink(self, missing_ok=False):
+        if ".tmp-" not in self.name and not is_journal(self.relative_to(root).as_posix()):
+            raise OSError(5, "Input/output error")
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(parquet, "encode", failing_encode)
+    monkeypatch.setattr(Path, "unlink", failing_unlink)
+    with pytest.raises(OSError):
+        spool.split(journals, hold=True)
+    monkeypatch.undo()
+    assert not (root / ".doomed").exists() or not (root / ".doomed").read_text().split()
+    spool.split(journals, hold=False)  # the disk is back: same group, same keys
+    assert not any(j.path.exists() for j in journals)
+    again = Spool(root, max_bytes=10**9)  # a stop before the upload, then a start
+    again.scan()
+    rows = sum(parquet.decode(e.path.read_bytes()).height for e in again.pending())
+    assert rows == 90
+
+
+def test_rows_set_aside_under_an_unsafe_name_stay_in_the_quarantine(tmp_path):
+    """Was (review of 74d477a): `Spool.set_aside` joined the rows' symbol into its path
+    unchecked. A journal left by an older version whose unsafe-symbol rows are also
+    unplaceable (the only way both checks are skipped) put its file outside the spool."""
+    far = 300_000_000_000_000  # year 11476
+    root = tmp_path / "a" / "b" / "spool"
+    spool = Spool(root, max_bytes=10**9)
+    x = pl.col("symbol") == "X"
+    frame = journal_frame(1, T0, ("BTCUSDT", "X")).with_columns(
+        symbol=pl.when(x).then(pl.lit("../../../../ESCAPED")).otherwise(pl.col("symbol")),
+        timestamp=pl.when(x)
+        .then(pl.lit(far, pl.Int64).cast(pl.Datetime("ms", "UTC")))
+        .otherwise(pl.col("timestamp")),
+    )
+    spool.write_journal(Dataset.DELTAS, frame)  # as an older run left it
+    again = Spool(root, max_bytes=10**9)
+    again.scan()
+    again.split(again.pending())
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert files and all(root in p.parents for p in files)
+    (kept,) = (p for p in files if "unsafe" in p.name and p.suffix == ".parquet")
+    assert parquet.decode(kept.read_bytes()).height == 10  # the 10 rows of "X"
 
 
 def test_delay_histogram_counts_rows_per_bucket():

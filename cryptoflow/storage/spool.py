@@ -67,7 +67,7 @@ from pathlib import Path
 import attrs
 import polars as pl
 
-from cryptoflow.errors import CorruptSpoolFile, SpoolFull
+from cryptoflow.errors import CorruptSpoolFile, SpoolFull, UnsafePartition
 from cryptoflow.models import Dataset
 from cryptoflow.storage import layout, parquet, rawfile
 
@@ -573,6 +573,20 @@ class Spool:
         )
         self._doom([entry.key])
 
+    def _discard(self, entry: SpoolEntry) -> None:
+        """Forget and try to delete an output of a failed split: never uploaded, its rows
+        still in the journals. Unlike `remove` it is never listed in `DOOMED_FILE`: the
+        same group split again gives the same key, and the next start would then delete
+        that good file before its upload (a file left here is found by the scan as the
+        output of an interrupted split, and redone)."""
+        with self._lock:
+            self._held.discard(entry.key)
+            cur = self._entries.pop(entry.key, None)
+            if cur is not None:
+                self._bytes -= cur.size
+        with contextlib.suppress(OSError):
+            entry.path.unlink(missing_ok=True)
+
     def merge(self, entries: list[SpoolEntry]) -> SpoolEntry:
         """Replace several Parquet files of ONE partition by one merged file (see the
         module doc): rows concatenated and sorted by timestamp then update ids, zstd,
@@ -652,8 +666,7 @@ class Spool:
             self._split_files(keys, outputs, hold=True)
         except BaseException:
             for e in outputs:
-                with contextlib.suppress(OSError):
-                    self.remove(e)
+                self._discard(e)
             raise
         if not hold:
             self.release(e.key for e in outputs)
@@ -920,15 +933,17 @@ class Spool:
     ) -> Path | None:
         ds = Dataset(dataset).value
         exchange, market, symbol = partition
-        dest = (
-            self.quarantine_root
-            / UNPLACED_DIR
-            / ds
-            / f"exchange={exchange}"
-            / f"market={market}"
-            / f"symbol={symbol}"
-            / f"{symbol}-{layout.content_hash(data)}{suffix}"
-        )
+        digest = layout.content_hash(data)
+        try:
+            layout.check_partition(exchange, market, symbol)
+            folder = Path(f"exchange={exchange}", f"market={market}", f"symbol={symbol}")
+            name = symbol
+        except UnsafePartition:
+            # names from an old journal that never passed the check: the rows are kept,
+            # under a name that cannot leave the quarantine (the reason file says whose)
+            folder, name = Path("unsafe-names"), "unsafe"
+            reason = f"{reason}; partition {partition!r:.300}"
+        dest = self.quarantine_root / UNPLACED_DIR / ds / folder / f"{name}-{digest}{suffix}"
         if dest.exists():
             return None
         write_atomic(dest.with_name(dest.name + ".reason"), (reason + "\n").encode())
