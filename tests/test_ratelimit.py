@@ -93,3 +93,14 @@ async def test_hold_blocks_without_counting_a_throttle(autojump_clock):
     budget.hold(8)
     await budget.acquire(1)
     assert trio.current_time() >= t0 + 8 and budget.stats.throttles == 0
+
+
+async def test_windows_stay_bounded_without_a_metrics_scrape(autojump_clock):
+    """Was (review of 6212b54): the 60 s sum behind the weight metric was trimmed only
+    when /metrics read it, so with metrics off every request stayed in memory."""
+    b = RateBudget(2400, window=60.0)
+    for _ in range(2000):  # a 1000-level Binance poll every 0.76 s: ~25 min
+        await b.acquire(20)
+        await trio.sleep(0.76)
+    assert len(b._minute.sent) <= 80 and len(b._sent.sent) <= 80
+    assert b.used_last_minute() == 20 * len(b._minute.sent)

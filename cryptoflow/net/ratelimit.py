@@ -45,6 +45,9 @@ class _SlidingSum:
         self.total = 0
 
     def add(self, now: float, weight: int) -> None:
+        # expired here too, not only when read: the metric's 60 s sum is read only by a
+        # /metrics scrape, and without one (metrics off) it held every request ever sent
+        self.expire(now)
         self.sent.append((now, weight))
         self.total += weight
 
