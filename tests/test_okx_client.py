@@ -276,6 +276,56 @@ async def test_resubscribes_stop_at_the_hourly_cap_and_go_to_rest_until_it_frees
                and "C3USDT by REST snapshot" in w for w in warnings), warnings  # fmt: skip
 
 
+async def test_a_subscribe_sent_while_watching_the_last_one_is_watched_too(autojump_clock):
+    """Was: a symbol resubscribed while the watch of its previous subscribe still ran got
+    no watch of its own; the old one saw the earlier snapshot and sent no REST fallback,
+    so a second subscribe answered by no snapshot left the book waiting for good."""
+    stream = OkxStream("ws://okx.test", {"BTC-USDT-SWAP": "BTCUSDT"})
+    venue_of = {"BTCUSDT": "BTC-USDT-SWAP"}
+    t0 = trio.current_time()
+    conn = _conn_state(stream, ["BTCUSDT"], t0)
+    ws, queue, rest = SentLog(), ResyncQueue(), []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            _serve_resubscribe, ws, stream, queue, conn, venue_of, rest.append, nursery
+        )
+        await trio.sleep(1)
+        conn.snapshot_at["BTCUSDT"] = trio.current_time()
+        await trio.sleep(9)  # t=10: the book breaks
+        queue.request("BTCUSDT")
+        await trio.sleep(1)  # t=11: its fresh snapshot
+        conn.snapshot_at["BTCUSDT"] = trio.current_time()
+        await trio.sleep(1)  # t=12: it breaks again; this subscribe brings no snapshot
+        queue.request("BTCUSDT")
+        await trio.sleep(2 * stream.snapshot_timeout + 1)
+        nursery.cancel_scope.cancel()
+    assert [m["op"] for m in ws.sent] == ["unsubscribe", "subscribe"] * 2
+    assert rest == ["BTCUSDT"]
+
+
+async def test_a_snapshot_dropped_for_a_full_channel_does_not_count_as_come(autojump_clock):
+    """Was: `snapshot_at` was set before the emit that dropped the snapshot (normalizer
+    channel full), so the watch saw it as arrived and never fell back to REST."""
+    from cryptoflow.pipeline.stream import _Emitter, _handle_frame
+
+    stream = OkxStream("ws://okx.test", {"BTC-USDT-SWAP": "BTCUSDT"})
+    conn = _conn_state(stream, ["BTCUSDT"], 0.0)
+    send, recv = trio.open_memory_channel(1)
+    stats = StreamStats()
+    emitter = _Emitter(send, "okx", stats)
+    snap = (
+        '{"arg": {"channel": "books", "instId": "BTC-USDT-SWAP"}, "action": "snapshot", "data":'
+        ' [{"asks": [["8476.98", "415", "0", "13"]], "bids": [["8476.97", "256", "0", "12"]],'
+        ' "ts": "1764300000000", "checksum": 0, "prevSeqId": -1, "seqId": 123456}]}'
+    )
+    assert _handle_frame(snap, stream, emitter, stats, conn, None)  # fits
+    assert conn.snapshot_at["BTCUSDT"] == trio.current_time()
+    del conn.snapshot_at["BTCUSDT"]
+    assert _handle_frame(snap, stream, emitter, stats, conn, None)  # channel full: dropped
+    assert "BTCUSDT" not in conn.snapshot_at and emitter.dropped["BTCUSDT"] == 1
+    recv.close()
+
+
 async def test_without_a_rest_fallback_the_cap_reconnects(autojump_clock):
     stream = OkxStream("ws://okx.test", {"BTC-USDT-SWAP": "BTCUSDT"})
     stream.subscribe_requests_per_hour = 2  # 1 usable: the initial subscribe

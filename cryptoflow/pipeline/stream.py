@@ -106,15 +106,21 @@ class _ConnState:
     subscribed_at: dict[str, float] = attrs.field(factory=dict)  # normalized symbol
     snapshot_at: dict[str, float] = attrs.field(factory=dict)
     watching: set[str] = attrs.field(factory=set)
+    #: names the connection in log lines (`okx/eip2`: which shard, hence source IP)
+    label: str = ""
     #: subscribe-type requests sent on this connection, for venues with a cap
     requests: RequestCap | None = None
     capped: bool = False  # the last resubscribe was refused for the cap (logging)
 
 
-def _conn_state(venue: VenueStream, symbols: list[str], now: float) -> _ConnState:
+def _conn_state(venue: VenueStream, symbols: list[str], now: float, label: str = "") -> _ConnState:
     """A new connection's bookkeeping: every symbol was just subscribed, and the requests
     `on_open` sent count against the venue's cap, if it has one."""
-    conn = _ConnState(frozenset(symbols), subscribed_at=dict.fromkeys(symbols, now))
+    conn = _ConnState(
+        frozenset(symbols),
+        subscribed_at=dict.fromkeys(symbols, now),
+        label=label or venue.exchange,
+    )
     cap = getattr(venue, "subscribe_requests_per_hour", None)
     if cap and can_resubscribe(venue):
         conn.requests = RequestCap(cap, SUBSCRIBE_WINDOW_S)
@@ -199,7 +205,8 @@ class _Emitter:
         self.stats = stats
         self.dropped: dict[str, int] = {}
 
-    def emit(self, symbol: str, item: object) -> None:
+    def emit(self, symbol: str, item: object) -> bool:
+        """Hand `item` on; False when it was dropped (the channel is full)."""
         pending = self.dropped.get(symbol, 0)
         if pending:
             marker = StreamEvent(
@@ -215,12 +222,14 @@ class _Emitter:
                 self.out.send_nowait(marker)
             except trio.WouldBlock:
                 self._drop(symbol)
-                return
+                return False
             self.dropped[symbol] = 0
         try:
             self.out.send_nowait(item)
         except trio.WouldBlock:
             self._drop(symbol)
+            return False
+        return True
 
     async def flush_drops(self, timeout: float) -> None:
         """At the stop: no next diff will carry the drop markers still owed, so send them
@@ -355,7 +364,7 @@ async def _connect_loop(
                     closer.attach(ws, scope)
                     await venue.on_open(ws, list(venue_symbols))
                     opened = trio.current_time()
-                    conn = _conn_state(venue, symbols, opened)
+                    conn = _conn_state(venue, symbols, opened, label)
                     stats.connects += 1
                     if stats.connects > 1:
                         for sym in symbols:
@@ -521,7 +530,7 @@ def _handle_frame(
         item = venue.parse(raw, recv_ns)
     except MalformedMessage as exc:
         stats.malformed += 1
-        log.warning("%s: malformed frame skipped: %s", venue.exchange, exc)
+        log.warning("%s: malformed frame skipped: %s", conn.label, exc)
         return False
     except (TypeError, AttributeError, KeyError, IndexError, ValueError) as exc:
         # a frame of a shape the parser did not foresee: skipped like a malformed one,
@@ -529,7 +538,7 @@ def _handle_frame(
         stats.malformed += 1
         log.warning(
             "%s: malformed frame skipped (%s: %s): %.200r",
-            venue.exchange,
+            conn.label,
             type(exc).__name__,
             exc,
             raw,
@@ -537,21 +546,22 @@ def _handle_frame(
         return False
     if isinstance(item, Control):
         if item.kind == "error":
-            log.warning("%s: venue error frame: %s", venue.exchange, item.detail)
+            log.warning("%s: venue error frame: %s", conn.label, item.detail)
         if item.reconnect:
             raise _Reconnect(item.detail or item.kind)
         return False
     for diff in item:
         if diff.symbol not in conn.symbols:
-            _unsubscribed(venue.exchange, diff.symbol, stats)
+            _unsubscribed(conn.label, diff.symbol, stats)
             return False
     if raw_sink is not None and item:
         raw_sink(item[0].symbol, raw, recv_ns)
     for diff in item:
         stats.diffs += 1
-        if diff.is_snapshot:
+        # a snapshot dropped for a full channel did not arrive: the watch must still
+        # fall back to REST for it (counted as arrived, the book waited unanchored)
+        if emitter.emit(diff.symbol, diff) and diff.is_snapshot:
             conn.snapshot_at[diff.symbol] = trio.current_time()
-        emitter.emit(diff.symbol, diff)
     return bool(item)
 
 
@@ -587,7 +597,7 @@ async def _serve_resubscribe(
             if symbol in venue_of:
                 asked.append(symbol)
             else:
-                log.warning("%s/%s: resync for a symbol not on this socket", venue.exchange, symbol)
+                log.warning("%s/%s: resync for a symbol not on this socket", conn.label, symbol)
         now = trio.current_time()
         due = [s for s in asked if not _snapshot_on_its_way(conn, s, now, timeout)]
         if due and not await _resubscribe(ws, venue, conn, due, venue_of, fallback):
@@ -621,9 +631,9 @@ async def _resubscribe(
         _refuse_over_cap(venue, conn, cap, symbols, fallback)
         return False
     if conn.capped:
-        log.info("%s: room for subscribe requests again on this connection", venue.exchange)
+        log.info("%s: room for subscribe requests again on this connection", conn.label)
         conn.capped = False
-    log.info("%s: resubscribing %s for fresh snapshots", venue.exchange, ", ".join(symbols))
+    log.info("%s: resubscribing %s for fresh snapshots", conn.label, ", ".join(symbols))
     if cap is not None:
         cap.note(needed)  # counted as sent even if the connection fails halfway
     await venue.resubscribe(ws, [venue_of[s] for s in symbols])  # type: ignore[attr-defined]
@@ -643,7 +653,7 @@ def _refuse_over_cap(
     """Not sent: the venue would refuse (or cut) past its cap. REST snapshots instead, or,
     without that path, a new connection (its count starts from zero)."""
     what = (
-        f"{venue.exchange}: {cap.used()} subscribe requests sent on this connection in the "
+        f"{conn.label}: {cap.used()} subscribe requests sent on this connection in the "
         f"last hour (venue cap {cap.limit}/h, {cap.usable} used at most)"
     )
     if fallback is None:
@@ -665,13 +675,20 @@ async def _watch_snapshot(
     timeout: float,
     fallback: Callable[[str], None],
 ) -> None:
+    """Fall back to a REST snapshot when no in-stream snapshot came within `timeout` of
+    the symbol's latest subscribe. A subscribe sent while watching (the book broke again
+    soon after a snapshot) is watched in turn: checked against the older one, its
+    snapshot looked present and the new subscribe went unwatched."""
     try:
-        since = conn.subscribed_at.get(symbol, trio.current_time())
-        await trio.sleep_until(since + timeout)
+        while True:
+            since = conn.subscribed_at.get(symbol, trio.current_time())
+            await trio.sleep_until(since + timeout)
+            if conn.subscribed_at.get(symbol, since) == since:
+                break
         if conn.snapshot_at.get(symbol, -math.inf) < since:
             log.warning(
                 "%s/%s: no in-stream snapshot %.0fs after subscribing; using a REST snapshot",
-                venue.exchange,
+                conn.label or venue.exchange,
                 symbol,
                 timeout,
             )

@@ -65,7 +65,7 @@ class OkxRest(VenueRest):
         at all; a snapshot that cannot anchor left the book waiting, asking again and
         again (found by an audit with a `seqId`-less deep body)."""
         if source is SnapshotSource.RESYNC:
-            depth_limit = min(depth_limit, OKX_BOOKS_MAX)
+            depth_limit = OKX_BOOKS_MAX  # the stream's 400 levels, also under shallow polls
         body, receive_ns = await self._get_books(symbol, venue_symbol, depth_limit)
         return self._parse(body, symbol, receive_ns, source)
 
