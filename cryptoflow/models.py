@@ -42,6 +42,9 @@ class GapKind(StrEnum):
     CONSUMER_OVERLOAD = "consumer_overload"  # we dropped messages because downstream was full
     RESYNC = "resync"  # the book was re-anchored on a fresh snapshot after a break
     CHECKSUM = "checksum"  # OKX CRC32 of the top 25 levels did not match
+    #: the collector (or a replay) started here: nothing stored before this row's
+    #: first_id_after is known to be continuous with it (a restart's downtime)
+    START = "start"
 
 
 @attrs.frozen(slots=True)

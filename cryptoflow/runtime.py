@@ -47,7 +47,7 @@ from cryptoflow.config_schema import EXCHANGES, MetricsSection, Settings, Shard,
 from cryptoflow.errors import ConfigError, CryptoflowError, UsageError
 from cryptoflow.exchanges import registry
 from cryptoflow.exchanges.limits import VENUE_LIMITS, snapshot_cost
-from cryptoflow.models import DepthSnapshot, SnapshotBody, SnapshotSource
+from cryptoflow.models import DepthSnapshot, GapKind, SnapshotBody, SnapshotSource
 from cryptoflow.net.http import make_http_client
 from cryptoflow.net.ratelimit import RateBudget
 from cryptoflow.pipeline.bodies import BodyBatch
@@ -247,6 +247,7 @@ async def run_shard(
         {plan.exchange: venue.rules},
         track_book=app.processor.verify_book,
         codecs={plan.exchange: codec} if codec else None,
+        mark_start=True,
     )
     resync = ResyncRouter(ResyncQueue())  # REST fetcher queue + per-connection queues
     stats.normalizer = normalizer
@@ -514,7 +515,8 @@ async def _run_normalizer(
             for exchange_symbol in out.resync_requests:
                 resync.request(exchange_symbol[1])
             for gap in out.gaps:
-                log.warning(
+                # a start row per symbol at every start is bookkeeping, not trouble
+                (log.debug if gap.kind is GapKind.START else log.warning)(
                     "%s/%s: gap (%s): %s", gap.exchange, gap.symbol, gap.kind.value, gap.reason
                 )
             for symbol, error in out.errors:

@@ -331,3 +331,30 @@ def test_orderbook_reset_skips_zero_and_detects_cross():
     assert book.bids == {"10": "1"} and not book.crossed()
     book.apply([["12", "1"]], [], 6)
     assert book.crossed() and book.last_update_id == 6
+
+
+def test_the_live_collector_marks_where_each_symbol_starts():
+    """`mark_start` (the live collector): the first diff of a symbol also gives one START
+    row, first_id_after = its first id; it is no break and asks for nothing, and later
+    diffs give none (the hook replaces itself). A restart's downtime shows there."""
+    sync = BookSync("binance", "futures", "BTCUSDT", RULES, mark_start=True)
+    first = sync.on_diff(d(11, 20, 10))
+    (start,) = (g for g in first.gaps if g.kind is GapKind.START)
+    assert (start.last_good_id, start.first_id_after) == (None, 11)
+    assert (start.start_time, start.end_time) == (None, 200)
+    assert first.record and sync.counters.breaks == 0
+    assert all(GapKind.START not in {g.kind for g in sync.on_diff(x).gaps}
+               for x in (d(21, 30, 20), d(41, 50, 40)))  # fmt: skip
+    assert sync.counters.breaks == 1  # the 30 -> 41 break, as without the mark
+    plain = BookSync("binance", "futures", "BTCUSDT", RULES)
+    assert plain.on_diff(d(11, 20, 10)).gaps == ()
+
+
+def test_start_mark_keeps_the_okx_checksum_check():
+    """OKX's checksum check is an instance hook too; the start hook runs it, once."""
+    from cryptoflow.exchanges.okx.rules import RULES as OKX
+
+    sync = BookSync("okx", "futures", "BTCUSDT", OKX, mark_start=True)
+    snap = d(5, 5, None, bids=[("1", "1")], asks=[("2", "1")], snap=True)
+    first = sync.on_diff(attrs.evolve(snap, exchange="okx", checksum=123))  # a wrong one
+    assert sorted(g.kind for g in first.gaps) == [GapKind.CHECKSUM, GapKind.START]

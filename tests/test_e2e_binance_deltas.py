@@ -19,6 +19,7 @@ import math
 import resource
 import shutil
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from decimal import Decimal
@@ -254,8 +255,19 @@ def holes(msgs: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
 
 
 def gaps_of(out: Path, symbol: str | None = None) -> list[dict]:
+    """The stored gap rows but the `start` row each symbol gets when collection starts
+    (checked by `starts_of`): the tests here are about breaks."""
     g = read(out, "gaps", symbol)
-    return g.sort("detected_at").to_dicts() if not g.is_empty() else []
+    return [r for r in g.sort("detected_at").to_dicts() if r["kind"] != "start"]
+
+
+def starts_of(out: Path) -> dict[str, int]:
+    """`start` rows per symbol."""
+    g = read(out, "gaps", None)
+    if g.is_empty():
+        return {}
+    rows = g.filter(pl.col("kind") == "start")
+    return dict(Counter(rows["symbol"].to_list()))
 
 
 def kinds(gaps: list[dict]) -> list[str]:
@@ -395,6 +407,8 @@ async def test_ws_duplicate_is_dropped_without_a_gap(tmp_path, monkeypatch):
     assert btc.counters.duplicates == 1
     assert btc.counters.breaks == 0 and btc.counters.resyncs == 0
     assert gaps_of(run.out) == []
+    # where collection began, one row per symbol (a restart's downtime shows there)
+    assert starts_of(run.out) == {"BTCUSDT": 1, "ETHUSDT": 1}
     stored = messages(read(run.out, "deltas", "BTCUSDT"))
     assert len(stored) == len(set(stored)) and holes(stored) == []
     assert_recovered(run, final)

@@ -140,8 +140,9 @@ async def test_deltas_and_snapshots_lanes_together(tmp_path):
     for sym in SYMBOLS[:2]:
         # every diff level the simulator sent is a stored row (none lost in flight)
         assert got[sym] == stats[sym]["ws_levels"], (sym, got[sym], stats[sym])
-    gaps = tmp_path / "out/gaps"
-    assert not gaps.exists() or not list(gaps.rglob("*.parquet"))
+    # no break: only the `start` row each symbol gets where collection began
+    gaps = pl.read_parquet(list((tmp_path / "out/gaps").rglob("*.parquet")))
+    assert sorted(gaps.select("symbol", "kind").rows()) == [(s, "start") for s in SYMBOLS[:2]]
 
 
 def test_collect_cli_argument_errors(tmp_path):

@@ -165,3 +165,43 @@ def test_marker_rows_are_not_duplicates(tmp_path: Path, capsys) -> None:
     copy.rename(next((tmp_path / "deltas").rglob("*.parquet")).parent / ("x" + copy.name))
     assert verify.run(str(tmp_path)) == 1
     assert "stored in 2 files" in capsys.readouterr().out
+
+
+def test_a_restart_start_row_is_listed_and_explains_only_its_own_break(tmp_path, capsys) -> None:
+    """The live collector writes a `start` row per symbol where it began. Two runs of a
+    Bybit-like stream: the second starts with an in-stream snapshot (a chain restart, no
+    break), so only its start row shows the downtime; a Binance-like restart is a break
+    the start row explains; an earlier run's lost message is not explained by it."""
+    from datagen import gap_rows
+
+    t0 = ms("2026-01-02T00:30:00Z")
+    # Bybit-like: snapshot 100, deltas 101..103; restart: snapshot 200, deltas 201..202
+    kw: dict = dict(exchange="bybit", source="stream")
+    write(tmp_path, Dataset.SNAPSHOTS,
+          snapshot_rows(t0, 100, [(99.0, 1.0)], [(101.0, 1.0)], **kw)
+          + snapshot_rows(t0 + 60_000, 200, [(99.0, 2.0)], [(101.0, 2.0)], **kw))  # fmt: skip
+    deltas: list[dict] = []
+    for u in (101, 102, 103):
+        deltas += delta_rows(t0 + u, u, u, u - 1, [("bid", 99.0, 3.0)], exchange="bybit")
+    for u in (201, 202):
+        deltas += delta_rows(t0 + 60_000 + u, u, u, u - 1, [("bid", 99.0, 4.0)], exchange="bybit")
+    write(tmp_path, Dataset.DELTAS, deltas)
+    write(tmp_path, Dataset.GAPS,
+          gap_rows("start", None, 100, None, t0, exchange="bybit")
+          + gap_rows("start", None, 200, None, t0 + 60_000, exchange="bybit"))  # fmt: skip
+    assert verify.run(str(tmp_path), exchange="bybit") == 0
+    out = capsys.readouterr().out
+    assert out.count("recording (re)started") == 2 and "first update 200" in out
+
+    # Binance-like: run 1 stores 1..3 and loses 5 (4 -> 6); run 2 starts at 20
+    b = tmp_path / "binance"
+    rows: list[dict] = []
+    for u, prev in ((1, 0), (2, 1), (3, 2), (4, 3), (6, 5), (20, 19), (21, 20)):
+        rows += delta_rows(t0 + u * 1000, u, u, prev, [("bid", 99.0, 1.0)])
+    write(b, Dataset.DELTAS, rows)
+    write(b, Dataset.GAPS, gap_rows("start", None, 1, None, t0 + 1000)
+          + gap_rows("start", None, 20, None, t0 + 20_000))  # fmt: skip
+    assert verify.run(str(b)) == 1
+    out = capsys.readouterr().out
+    assert "known gap (start)" in out  # 6 -> 20: the restart
+    assert "continuity break" in out and "after update 4" in out  # the lost 5: a problem

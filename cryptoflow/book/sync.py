@@ -143,6 +143,7 @@ class BookSync:
         *,
         track_book: bool = False,
         drift_depth: int = 20,
+        mark_start: bool = False,
     ) -> None:
         self.exchange, self.market, self.symbol = exchange, market, symbol
         self.rules = rules
@@ -167,6 +168,11 @@ class BookSync:
         self._broken: tuple[int | None, int | None] | None = None  # (last good id, time)
         if checked:  # only venues with a checksum pay for it: the class method stays as is
             self.on_diff = self._on_diff_checked  # type: ignore[method-assign]
+        if mark_start:
+            # the first diff also records where this process's chain starts (`START`);
+            # the hook replaces itself, so later diffs pay nothing for it
+            self._on_diff_next = self.on_diff
+            self.on_diff = self._on_first_diff  # type: ignore[method-assign]
 
     @property
     def book_id(self) -> int | None:
@@ -228,6 +234,25 @@ class BookSync:
         # the new connection's chain is the one to follow and resync on
         advance = reconnected or diff.last_update_id > last
         return self._break(diff, pending, last, advance=advance)
+
+    def _on_first_diff(self, diff: DepthDiff) -> Decision:
+        """The first diff (or in-stream snapshot) of this symbol in this process, with a
+        `START` gap row: a restarted collector does not know the ids its predecessor
+        stored, so without this row its downtime left no trace where a new in-stream
+        snapshot restarts the chain (Bybit, OKX); `verify` lists these rows. Not a break
+        (no resync, not counted in `breaks`)."""
+        self.on_diff = self._on_diff_next  # type: ignore[method-assign]
+        d = self.on_diff(diff)
+        start = self._gap(
+            GapKind.START,
+            None,
+            diff.first_update_id,
+            None,
+            diff.event_time,
+            diff.receive_time,
+            "the collector started here: nothing stored before is known to continue it",
+        )
+        return Decision(d.record, gaps=(start, *d.gaps), need_snapshot=d.need_snapshot)
 
     def _on_diff_checked(self, diff: DepthDiff) -> Decision:
         """`on_diff`, then the venue checksum of the book against the diff's (non-zero)

@@ -133,8 +133,12 @@ class Normalizer:
         *,
         track_book: bool = False,
         codecs: Mapping[str, SnapshotCodec] | None = None,
+        mark_start: bool = False,
     ) -> None:
+        """`mark_start`: each symbol's first diff also gives a `START` gap row (the live
+        collector: where a restart's downtime begins to show; see `BookSync`)."""
         self._rules = dict(rules)
+        self._mark_start = mark_start
         #: per exchange: how its `SnapshotBody` items are read (venues that send them)
         self._codecs = dict(codecs or {})
         self._track_book = track_book
@@ -153,7 +157,12 @@ class Normalizer:
         s = self._syncs.get(key)
         if s is None:
             s = BookSync(
-                exchange, market, symbol, self._rules[exchange], track_book=self._track_book
+                exchange,
+                market,
+                symbol,
+                self._rules[exchange],
+                track_book=self._track_book,
+                mark_start=self._mark_start,
             )
             self._syncs[key] = s
         return s

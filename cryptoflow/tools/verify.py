@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cryptoflow.exchanges import registry
-from cryptoflow.models import Dataset, SnapshotSource
+from cryptoflow.models import Dataset, GapKind, SnapshotSource
 from cryptoflow.tools.datasets import (
     FILE_COL,
     collect_per_file,
@@ -205,6 +205,12 @@ def covering_gap(brk: Break, gaps: list[dict]) -> dict | None:
     """
     for g in gaps:
         lg, fa = g["last_good_id"], g["first_id_after"]
+        if g["kind"] == GapKind.START.value:
+            # a (re)start explains exactly the break into its first message: not every
+            # break before it (a lost file of an earlier run stays a problem)
+            if fa is not None and fa == brk.first:
+                return g
+            continue
         if lg is not None or fa is not None:
             if (lg is None or lg <= brk.first) and (fa is None or fa >= brk.prev_last):
                 return g
@@ -214,6 +220,20 @@ def covering_gap(brk: Break, gaps: list[dict]) -> dict | None:
         if start is not None and end is not None and start <= brk.time and end >= brk.prev_time:
             return g
     return None
+
+
+def _starts(where: tuple[str, str, str], gaps: list[dict], breaks: list[Break]) -> list[Finding]:
+    """A `start` row (the collector began or restarted here) that explains no break is
+    listed too: where a new in-stream snapshot restarts the chain (Bybit, OKX) the
+    restart shows no break, and the downtime before it would otherwise go unseen."""
+    firsts = {b.first for b in breaks}
+    return [
+        Finding(*where, "recording (re)started",
+                f"first update {g['first_id_after']} at {fmt_ms(g['end'])}; nothing stored "
+                "before is known to continue it")
+        for g in gaps
+        if g["kind"] == GapKind.START.value and g["first_id_after"] not in firsts
+    ]  # fmt: skip
 
 
 def check_deltas(
@@ -265,6 +285,7 @@ def check_deltas(
                 known.append(Finding(*where, f"known gap ({g['kind']})", text))
             else:
                 problems.append(Finding(*where, "continuity break", text))
+        known.extend(_starts(where, sym_gaps, breaks))
     for row in msgs.filter((pl.col("files") > 1) | (pl.col("twice") > 0)).iter_rows(named=True):
         problems.append(
             Finding(row["exchange"], row["market"], row["symbol"], "duplicate rows",
