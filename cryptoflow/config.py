@@ -371,7 +371,7 @@ def _check_value(value: Any, tp: Any, dotted: str, line: int | None, rep: _Repor
 def _range_problem(leaf: str, value: float) -> str | None:
     # YAML's .nan / .inf are floats: NaN slips through every comparison below (NaN <= 0
     # is false) and an infinite interval or timeout never ends (or breaks the renderers)
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # (an int: no float cast)
         return f"expected a finite number, got {value}"
     if leaf == "weight_safety":
         return None if 0 < value <= 1 else f"{value} is out of range, expected 0 < share <= 1"
@@ -594,10 +594,13 @@ def _check_ip(
             return None
         mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
         address = str(mapped or ip)
-        key = "default" if ip.is_unspecified else address
+        key = address
         what = address if mapped is None else f"{raw.strip()} (that is {address})"
-        if ip.is_unspecified:
-            what = f"{ip} (any address: the default route)"
+        if (mapped or ip).is_unspecified:
+            # the default route, and bound as such (nothing): binding `::` made every
+            # IPv4 connection fail ("address family not supported"), collecting nothing
+            key, address = "default", None
+            what = f"{raw.strip()} (any address: the default route)"
     first = ips.setdefault(key, (label, line, id(item)))
     if first[2] != id(item):
         rep.add(

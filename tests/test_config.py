@@ -503,8 +503,10 @@ def test_the_stream_choices_match_the_venue_clients() -> None:
 def test_validate_config_names_a_log_file_collect_could_not_open(tmp_path: Path) -> None:
     """It passed validate-config, then collect exited 2 on it."""
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "dangling.log").symlink_to(tmp_path / "nowhere" / "x.log")
     for output, why in (
         (tmp_path / "missing" / "cf.log", "No such file or directory"),
+        (tmp_path / "dangling.log", "No such file or directory"),  # opened at its target
         (tmp_path / "afile" / "cf.log", "Not a directory"),
         (tmp_path, "Is a directory"),
     ):
@@ -599,6 +601,7 @@ def test_source_ips_that_are_the_same_route_are_duplicates(tmp_path: Path) -> No
         ("'::'", "null", "the default route (null)"),
         ("10.0.0.5", "'::ffff:10.0.0.5'", "::ffff:10.0.0.5 (that is 10.0.0.5)"),
         ("'::ffff:10.0.0.5'", "10.0.0.5", "10.0.0.5"),
+        ("0.0.0.0", "'::ffff:0.0.0.0'", "::ffff:0.0.0.0 (any address: the default route)"),
     ):
         shards = (
             "shards:\n"
@@ -612,6 +615,19 @@ def test_source_ips_that_are_the_same_route_are_duplicates(tmp_path: Path) -> No
         ], (first, second)
     one = "shards:\n" + shard.format(n="a", ip="'::ffff:10.0.0.5'", s="BTCUSDT")
     assert load(write(tmp_path, shards=one)).shards[0].source_ip == "10.0.0.5"
+    # an unspecified address is the default route, bound as such: binding `::` made
+    # every IPv4 connection fail (a run that collected nothing)
+    for ip in ("'::'", "0.0.0.0", "'::ffff:0.0.0.0'"):
+        one = "shards:\n" + shard.format(n="a", ip=ip, s="BTCUSDT")
+        assert load(write(tmp_path, shards=one)).shards[0].source_ip is None, ip
+
+
+def test_a_huge_integer_is_a_config_error_not_a_crash(tmp_path: Path) -> None:
+    """The finite-number check cast every int to float: a 400-digit port crashed the
+    loader (OverflowError, exit 1) instead of naming the key."""
+    cfg = write(tmp_path, config="metrics:\n  port: " + "9" * 400 + "\n")
+    (problem,) = problems(cfg)
+    assert "metrics.port:" in problem and "is not a port" in problem
 
 
 def test_a_source_ip_this_host_does_not_have_is_named(tmp_path: Path) -> None:

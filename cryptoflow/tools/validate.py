@@ -74,7 +74,7 @@ def _log_output_problem(output: str) -> str | None:
     """Why collect could not open this log file (its OSError text), without creating it."""
     if output in ("stderr", "stdout", ""):
         return None
-    path = Path(output)
+    path = Path(os.path.realpath(output))  # a symlink is opened at its target
     folder = path.parent
     if path.is_dir():
         code = errno.EISDIR
