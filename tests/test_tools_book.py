@@ -212,9 +212,19 @@ def test_printed_quantities_are_exact(tmp_path: Path) -> None:
     assert "e+06" not in text
 
 
-@pytest.mark.parametrize("at", ["99999999999999999", "-99999999999999999", "1" + "0" * 30])
+@pytest.mark.parametrize(
+    "at",
+    [
+        "99999999999999999",
+        "-99999999999999999",
+        "1" + "0" * 30,
+        "0001-01-01T00:30:00+01:00",  # in the calendar as written, year 0 in UTC
+        "9999-12-31T23:30:00-01:00",  # year 10000 in UTC
+    ],
+)
 def test_time_out_of_the_calendar_is_a_usage_error(tmp_path: Path, at: str) -> None:
-    """Was: `error: unexpected OverflowError` (exit 1) from the date arithmetic."""
+    """Was: `error: unexpected OverflowError` (exit 1) from the date arithmetic (epoch
+    milliseconds, and later an ISO time whose offset moves it out of years 1..9999)."""
     _hand_data(tmp_path)
     with pytest.raises(UsageError, match="out of range"):
         book.run(str(tmp_path), "binance", "BTCUSDT", at)

@@ -123,8 +123,9 @@ def parse_time(value: str | int) -> int:
     """ISO 8601 (UTC; `Z`, an offset, or naive = UTC) or epoch milliseconds -> epoch ms.
 
     Epoch ms is the unit stored in the data, so no float seconds ever enter a comparison.
-    A number beyond the calendar (years 1..9999) is a UsageError, not an OverflowError
-    from whatever date arithmetic meets it first.
+    A time beyond the calendar (years 1..9999 in UTC) is a UsageError, not an
+    OverflowError from whatever date arithmetic meets it first: a number out of range,
+    or an ISO time whose offset moves it out (0001-01-01T00:30:00+01:00 is in year 0).
     """
     if isinstance(value, int):
         return _in_calendar(value, value)
@@ -140,17 +141,20 @@ def parse_time(value: str | int) -> int:
         ) from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return _dt_ms(dt)
+    return _in_calendar(_dt_ms(dt), value, iso=True)
 
 
-def _in_calendar(ms: int, given: str | int) -> int:
+def _in_calendar(ms: int, given: str | int, *, iso: bool = False) -> int:
     try:
         ms_to_dt(ms)
     except OverflowError:
-        raise UsageError(
-            f"bad time {given!r}: epoch milliseconds out of range (years 1 to 9999; "
+        what = (
+            "out of range in UTC (years 1 to 9999)"
+            if iso
+            else "epoch milliseconds out of range (years 1 to 9999; "
             "e.g. 1767225600000 is 2026-01-01T00:00:00Z)"
-        ) from None
+        )
+        raise UsageError(f"bad time {given!r}: {what}") from None
     return ms
 
 
