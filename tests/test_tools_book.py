@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import polars as pl
@@ -184,6 +185,26 @@ def test_marker_rows_change_no_level(tmp_path: Path) -> None:
     df, facts = book.rebuild(tmp_path, "binance", "BTCUSDT", T + 400)
     assert (facts["messages"], facts["last_update_id"]) == (5, 106)
     assert _sides(df) == ({10.5: 5.0, 10.0: 4.0, 9.0: 2.5}, {10.8: 1.0, 12.0: 4.0})
+
+
+def test_documented_duckdb_query_skips_marker_rows(tmp_path: Path) -> None:
+    """docs/operations.md's DuckDB example, run with polars SQL on a stored tree: it
+    returns level changes only (was: the marker row of a message that changed no level
+    came back as a row with side, price and quantity null)."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    block = doc.split("**DuckDB**", 1)[1].split("```sql", 1)[1].split("```", 1)[0]
+    m = re.search(r"SELECT .*?;", block, re.S)
+    assert m is not None
+    sql = re.sub(r"read_parquet\(.*?\)", "deltas", m.group(0), flags=re.S).rstrip(";")
+    t = ms("2026-01-15T08:10:00Z")  # the example's exchange, symbol and hours
+    rows = delta_rows(t, 1, 1, 0, [("bid", 10.0, 1.0)])
+    rows += delta_rows(t + 100, 2, 2, 1, [(None, None, None)])
+    rows += delta_rows(t + 200, 3, 3, 2, [("ask", 11.0, 0.0)])
+    write(tmp_path, Dataset.DELTAS, rows)
+    lf = pl.scan_parquet(str(tmp_path / "deltas" / "**" / "*.parquet"), hive_partitioning=True)
+    got = pl.SQLContext(deltas=lf).execute(sql).collect()
+    levels = got.select("side", "price", "quantity").rows()
+    assert levels == [("bid", 10.0, 1.0), ("ask", 11.0, 0.0)]
 
 
 def test_okx_heartbeat_markers_are_no_conflict(tmp_path: Path) -> None:
