@@ -161,6 +161,26 @@ def test_okx_seq_id_going_backwards_is_applied(tmp_path: Path) -> None:
     assert _sides(df) == ({100.0: 3.0, 99.0: 4.0}, {101.0: 1.0})
 
 
+def test_okx_poll_without_seq_id_is_passed_over(tmp_path: Path) -> None:
+    """An OKX poll whose body had no seqId is stored with last_update_id -1 (NO_SEQ_ID):
+    nothing can continue it. Was: chosen as the latest snapshot, then the book refused
+    ("deltas do not continue snapshot -1"); now the latest one with an id anchors it."""
+    kw: dict = dict(exchange="okx")
+    snaps = snapshot_rows(T0, 100, [(100.0, 1.0)], [(101.0, 1.0)], **kw)
+    snaps += snapshot_rows(T0 + 300, -1, [(100.0, 9.0)], [(101.0, 9.0)], **kw)
+    write(tmp_path, Dataset.SNAPSHOTS, snaps)
+    deltas = delta_rows(T0 + 100, 101, 105, 100, [("bid", 100.0, 2.0)], **kw)
+    deltas += delta_rows(T0 + 400, 106, 108, 105, [("ask", 101.0, 3.0)], **kw)
+    write(tmp_path, Dataset.DELTAS, deltas)
+    df, facts = book.rebuild(tmp_path, "okx", "BTCUSDT", T0 + 500)
+    assert (facts["snapshot_id"], facts["messages"], facts["last_update_id"]) == (100, 2, 108)
+    assert _sides(df) == ({100.0: 2.0}, {101.0: 3.0})
+    only = tmp_path / "only"  # nothing but polls without an id: said so
+    write(only, Dataset.SNAPSHOTS, snapshot_rows(T0, -1, [(100.0, 9.0)], [(101.0, 9.0)], **kw))
+    with pytest.raises(DataError, match="the 1 stored before it have no update id"):
+        book.rebuild(only, "okx", "BTCUSDT", T0 + 500)
+
+
 def test_rest_snapshot_straddled_by_a_diff_received_before_it(tmp_path: Path) -> None:
     """Binance: the diff containing L + 1 often arrives while the REST request is in
     flight, so deltas received before a REST snapshot still count when they reach past

@@ -1,7 +1,8 @@
 """`cryptoflow book`: rebuild the order book at one moment from stored data.
 
 Rule: take the latest snapshot with event time <= AT (ties: the later received, then the
-highest update id), id L, received at R. The deltas that can follow it are the messages
+highest update id; one stored without an id, OKX's -1, cannot anchor and is passed over),
+id L, received at R. The deltas that can follow it are the messages
 with event time <= AT received at or after R, plus, for a REST snapshot, those received
 before R that reach past L (Binance's diff containing L + 1 is often received while the
 REST request is in flight). Never those received before the last in-stream snapshot at or
@@ -28,6 +29,7 @@ from rich.table import Table
 
 from cryptoflow.errors import DataError, UsageError
 from cryptoflow.exchanges import registry
+from cryptoflow.exchanges.okx.rules import NO_SEQ_ID
 from cryptoflow.models import Dataset, SnapshotSource
 from cryptoflow.tools.datasets import (
     FileInfo,
@@ -68,16 +70,20 @@ def _rt() -> pl.Expr:
 
 
 def find_snapshot(files: list[FileInfo], at_ms: int) -> tuple[pl.DataFrame, int | None]:
-    """Rows of the latest snapshot at or before `at_ms`, scanning hour by hour backwards,
-    and the receive time (µs) of the last in-stream snapshot of that hour received at or
-    before it (itself when it is one; None when there is none): where its chain began.
+    """Rows of the latest snapshot at or before `at_ms` that can anchor a book, scanning
+    hour by hour backwards, and the receive time (µs) of the last in-stream snapshot of
+    that hour received at or before it (itself when it is one; None when there is none):
+    where its chain began.
 
+    A snapshot stored without an update id (`NO_SEQ_ID`: an OKX poll whose body had no
+    seqId) is passed over: no stored update can be shown to continue it.
     Snapshots come every few seconds, so the hour of AT almost always answers and older
     hours are only opened when it does not.
     """
     by_hour: dict = {}
     for f in files:
         by_hour.setdefault(f.hour, []).append(f)
+    no_id = 0
     for hour in sorted((h for h in by_hour if h <= hour_of(at_ms)), reverse=True):
 
         def latest(lf: pl.LazyFrame) -> pl.LazyFrame:
@@ -92,7 +98,11 @@ def find_snapshot(files: list[FileInfo], at_ms: int) -> tuple[pl.DataFrame, int 
         _readable(keys, bad, "snapshot")
         if keys.is_empty():
             continue
-        ts, rt, lid, _ = keys.sort("ts", "rt", "last_update_id").row(-1)
+        anchors = keys.filter(pl.col("last_update_id") != NO_SEQ_ID)
+        no_id += keys.height - anchors.height
+        if anchors.is_empty():
+            continue
+        ts, rt, lid, _ = anchors.sort("ts", "rt", "last_update_id").row(-1)
 
         def rows(lf: pl.LazyFrame, ts: int = ts, rt: int = rt, lid: int = lid) -> pl.LazyFrame:
             return lf.with_columns(ts=_ms("timestamp"), rt=_rt()).filter(
@@ -104,6 +114,11 @@ def find_snapshot(files: list[FileInfo], at_ms: int) -> tuple[pl.DataFrame, int 
             (pl.col("source") == SnapshotSource.STREAM.value) & (pl.col("rt") <= rt)
         )["rt"]
         return _readable(snap, bad, "snapshot"), restarts.max() if restarts.len() else None
+    if no_id:
+        raise DataError(
+            f"no snapshot that can anchor a book at or before {fmt_ms(at_ms)}: the {no_id} "
+            "stored before it have no update id (OKX polls without seqId)"
+        )
     raise DataError(f"no snapshot at or before {fmt_ms(at_ms)} (--at is before the first one)")
 
 
