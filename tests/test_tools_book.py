@@ -196,6 +196,22 @@ def test_rest_snapshot_straddled_by_a_diff_received_before_it(tmp_path: Path) ->
     assert _sides(df) == ({10.0: 2.0}, {11.0: 3.0})
 
 
+def test_straddling_diff_with_an_event_time_in_the_previous_hour(tmp_path: Path) -> None:
+    """The same straddle across an hour boundary: the diff's event time is in the hour
+    before the snapshot's. Was: delta files were listed from the snapshot's hour, the
+    diff was never read and the book refused ("deltas do not continue snapshot 100")."""
+    s = ms("2026-11-28T05:00:00.010Z")
+    write(tmp_path, Dataset.SNAPSHOTS, snapshot_rows(s, 100, [(10.0, 1.0)], [(11.0, 1.0)]))
+    recv = s * 1000 + 5000  # the snapshot's receive time
+    deltas = delta_rows(s - 15, 95, 102, 94, [("bid", 10.0, 2.0)], receive_us=recv - 3000)
+    deltas += delta_rows(s + 90, 103, 105, 102, [("ask", 11.0, 3.0)])
+    paths = write(tmp_path, Dataset.DELTAS, deltas)
+    assert len({p.parent for p in paths}) == 2  # hour=04 and hour=05
+    df, facts = book.rebuild(tmp_path, "binance", "BTCUSDT", s + 190)
+    assert (facts["messages"], facts["last_update_id"]) == (2, 105)
+    assert _sides(df) == ({10.0: 2.0}, {11.0: 3.0})
+
+
 def test_marker_rows_change_no_level(tmp_path: Path) -> None:
     """A message that changed no level is stored as one row with side, price and
     quantity null (it keeps the id chain complete); applying it changes nothing."""

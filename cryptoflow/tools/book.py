@@ -16,7 +16,8 @@ record lies between the snapshot and AT, or the stored ids do not continue, the 
 refused (DataError): an answer that might be wrong is worse than none.
 
 PATH may be `s3://bucket/prefix`: keys are listed for the one exchange/symbol and only
-the hours actually read (the snapshot's hour, the deltas up to AT) are downloaded.
+the hours actually read (the snapshot's hour, the deltas from `SNAPSHOT_LAG_MS` before
+the snapshot up to AT) are downloaded.
 """
 
 from __future__ import annotations
@@ -171,6 +172,12 @@ def _break_text(b: Break) -> str:
     )
 
 
+#: A REST snapshot's book can lag the stream: the diff that straddles it (received before
+#: it) may carry an event time before the snapshot's, in the previous hour near an hour
+#: boundary. Delta files are read from this long before the snapshot; which of their
+#: messages count is decided by receive time and ids (module docstring).
+SNAPSHOT_LAG_MS = 60_000
+
 #: --at this long after the last stored snapshot or update: refused, not a stale book
 #: (polls come every 10-25 s, so a running collector stores something well within it)
 NO_DATA_AFTER_MS = 60_000
@@ -214,7 +221,7 @@ def rebuild(
 
     delta_files = _not_after(list_files(
         root, Dataset.DELTAS, exchange=exchange, market=mkt, symbol=symbol,
-        start_ms=snap_ts, end_ms=at_ms,
+        start_ms=snap_ts - SNAPSHOT_LAG_MS, end_ms=at_ms,
     ), at_ms)  # fmt: skip
 
     def select(lf: pl.LazyFrame) -> pl.LazyFrame:
