@@ -258,6 +258,23 @@ def generate(
     return out
 
 
+def okx_reset_revisiting_ids(root: Path, t0: int) -> None:
+    """An OKX stream whose seqId goes back after maintenance (prevSeqId still matching:
+    continuous) to ids the same chain already used: in-stream snapshot 100, updates
+    100->110, 110->120, 120->130, the reset 130->105, then 105->110, 110->125 (prevSeqId
+    -> seqId), one every 100 ms, each setting bid 100 to 2, 3, ... 7."""
+    kw: dict = dict(exchange="okx")
+    write(root, Dataset.SNAPSHOTS, snapshot_rows(t0, 100, [(100.0, 1.0)], [(101.0, 1.0)],
+                                                 source="stream", **kw))  # fmt: skip
+    deltas: list[dict] = []
+    for i, (p, s) in enumerate([(100, 110), (110, 120), (120, 130), (130, 105), (105, 110),
+                                (110, 125)]):  # fmt: skip
+        first, last = (s, s) if s <= p else (p + 1, s)  # okx/rules.diff_ids
+        deltas += delta_rows(t0 + 100 * (i + 1), first, last, p, [("bid", 100.0, float(i + 2))],
+                             **kw)  # fmt: skip
+    write(root, Dataset.DELTAS, deltas)
+
+
 def bybit_restart(root: Path, t0: int, *, lose: int | None = None) -> None:
     """What the collector stores for a Bybit stream whose ids restart: an in-stream
     snapshot at u=5000, deltas 5001..5004 (bid 100 -> 10..13), then Bybit restarts (a

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from datagen import bybit_restart, delta_rows, gap_rows, generate, ms, snapshot_rows, write
+from datagen import (
+    bybit_restart,
+    delta_rows,
+    gap_rows,
+    generate,
+    ms,
+    okx_reset_revisiting_ids,
+    snapshot_rows,
+    write,
+)
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -179,6 +188,15 @@ def test_okx_poll_without_seq_id_is_passed_over(tmp_path: Path) -> None:
     write(only, Dataset.SNAPSHOTS, snapshot_rows(T0, -1, [(100.0, 9.0)], [(101.0, 9.0)], **kw))
     with pytest.raises(DataError, match="the 1 stored before it have no update id"):
         book.rebuild(only, "okx", "BTCUSDT", T0 + 500)
+
+
+def test_okx_reset_to_ids_already_used_is_applied(tmp_path: Path) -> None:
+    """Was: refused ("update 110 is stored with conflicting id ranges") although the
+    chain is continuous: the reset starts a new chain, where 110 may appear again."""
+    okx_reset_revisiting_ids(tmp_path, T0)
+    df, facts = book.rebuild(tmp_path, "okx", "BTCUSDT", T0 + 800)
+    assert (facts["snapshot_id"], facts["messages"], facts["last_update_id"]) == (100, 6, 125)
+    assert _sides(df) == ({100.0: 7.0}, {101.0: 1.0})
 
 
 def test_rest_snapshot_straddled_by_a_diff_received_before_it(tmp_path: Path) -> None:

@@ -48,8 +48,8 @@ from cryptoflow.tools.verify import (
     MSG_ID,
     Break,
     conflicting,
-    find_breaks,
     load_gaps,
+    walk_chain,
 )
 
 Side = dict[float, float]
@@ -137,7 +137,8 @@ def apply_deltas(bids: Side, asks: Side, deltas: pl.DataFrame, snapshot_id: int)
     if not past.any():
         return 0, snapshot_id
     msgs = msgs.slice(int(past.arg_true()[0]))  # leading ones are in the snapshot already
-    dup = conflicting(msgs)
+    breaks, chains = walk_chain(msgs)  # an id reset starts a new chain: ids may repeat
+    dup = conflicting(msgs.with_columns(chain=pl.Series(chains, dtype=pl.Int64)), "chain")
     if not dup.is_empty():
         raise DataError(
             f"update {dup['last_update_id'][0]} is stored with conflicting id ranges; "
@@ -149,7 +150,6 @@ def apply_deltas(bids: Side, asks: Side, deltas: pl.DataFrame, snapshot_id: int)
             f"deltas do not continue snapshot {snapshot_id}: the first stored message after it "
             f"starts at update {first['first_update_id']} ({fmt_ms(first['ts'])})"
         )
-    breaks = find_breaks(msgs)
     if breaks:
         raise DataError(f"continuity break between the snapshot and --at: {_break_text(breaks[0])}")
     ordered = deltas.join(msgs.select(MSG_ID[3:]), on=MSG_ID[3:], nulls_equal=True)

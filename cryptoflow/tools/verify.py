@@ -8,7 +8,8 @@ Checks, per exchange/market/symbol:
   restarts at `u == 1` with a new book, OKX `seqId` after maintenance), and the
   collector checked them in arrival order too. An in-stream snapshot (`snapshots`,
   source `stream`: Bybit, OKX) is a full book that restarts the chain: the next message
-  must continue *it*. A break that a `gaps` record covers is *known* (listed, not a
+  must continue *it*; a message that continues with a lower id (an OKX reset) starts a
+  new chain as well. A break that a `gaps` record covers is *known* (listed, not a
   problem); any other break is a problem. The same update id stored with different
   ranges within one chain (between restarts), and rows stored twice (a message in more
   than one file, or with more than one row for a (side, price)), are problems. A row
@@ -160,11 +161,14 @@ def walk_chain(
     Each in-stream snapshot in `restarts` received before a message starts a new chain
     there: that message must continue the snapshot, not the message before it. At the
     same receive time the snapshot comes first only if the message continues it.
+    A message that continues the previous one with a lower last id (a reset: OKX seqId
+    going back after maintenance, prevSeqId matching; book/sync.py follows it) starts a
+    new chain too: its ids may run through values the chain before it already used.
     """
     out: list[Break] = []
     chains: list[int] = []
     rs = restarts or []
-    j = 0
+    j = resets = 0
     prev: tuple[int, int] | None = None
     for first, last, pid, ts, rt in msgs.select(
         "first_update_id", "last_update_id", "prev_update_id", "ts", "rt"
@@ -176,8 +180,10 @@ def walk_chain(
             j += 1
         if prev is not None and not _continues(prev[0], first, pid):
             out.append(Break(prev[0], prev[1], first, pid, last, ts))
+        elif prev is not None and last < prev[0]:
+            resets += 1
         prev = (last, ts)
-        chains.append(j)
+        chains.append(j + resets)
     return out, chains
 
 
