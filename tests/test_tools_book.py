@@ -190,6 +190,56 @@ def test_okx_poll_without_seq_id_is_passed_over(tmp_path: Path) -> None:
         book.rebuild(only, "okx", "BTCUSDT", T0 + 500)
 
 
+def _okx_reset_then_poll(root: Path, poll_ts: int, poll_id: int, poll_recv_us: int) -> None:
+    """OKX, no in-stream snapshot: a poll at 100, updates 101..104 and 105, the reset
+    (seqId 3, prevSeqId 105) at T0 + 200, 4..8, 9..10; and a second poll as given."""
+    kw: dict = dict(exchange="okx")
+    snaps = snapshot_rows(T0, 100, [(100.0, 1.0)], [(101.0, 1.0)], **kw)
+    snaps += snapshot_rows(poll_ts, poll_id, [(100.0, 3.0), (99.0, 4.0)], [(101.0, 1.0)],
+                           receive_us=poll_recv_us, **kw)  # fmt: skip
+    write(root, Dataset.SNAPSHOTS, snaps)
+    deltas = delta_rows(T0 + 100, 101, 104, 100, [("bid", 100.0, 2.0)], **kw)
+    deltas += delta_rows(T0 + 140, 105, 105, 104, [("bid", 98.0, 1.0)], **kw)
+    deltas += delta_rows(T0 + 200, 3, 3, 105, [("bid", 100.0, 3.0)], **kw)
+    deltas += delta_rows(T0 + 300, 4, 8, 3, [("bid", 99.0, 4.0)], **kw)
+    deltas += delta_rows(T0 + 400, 9, 10, 8, [("ask", 101.0, 5.0)], **kw)
+    write(root, Dataset.DELTAS, deltas)
+
+
+def test_poll_after_an_okx_reset_takes_only_its_own_chain(tmp_path: Path) -> None:
+    """A poll taken after the reset (seqId 8): the deltas received before it with ids
+    above 8 are the old chain's (101..105). Was: they were taken as the first deltas after
+    it and the book was refused ("the first stored message after it starts at update
+    101"); now only messages from the reset on count."""
+    _okx_reset_then_poll(tmp_path, T0 + 350, 8, (T0 + 355) * 1000)
+    df, facts = book.rebuild(tmp_path, "okx", "BTCUSDT", T0 + 450)
+    assert (facts["snapshot_id"], facts["messages"], facts["last_update_id"]) == (8, 1, 10)
+    assert _sides(df) == ({100.0: 3.0, 99.0: 4.0}, {101.0: 5.0})
+    # before that poll: the first one, through the reset
+    df, facts = book.rebuild(tmp_path, "okx", "BTCUSDT", T0 + 320)
+    assert (facts["snapshot_id"], facts["messages"], facts["last_update_id"]) == (100, 4, 8)
+    assert _sides(df) == ({100.0: 3.0, 99.0: 4.0, 98.0: 1.0}, {101.0: 1.0})
+    # a gap recorded in the old chain (ids above 8) lies before the reset: it makes the
+    # first poll's book unknown, not the second's
+    write(tmp_path, Dataset.GAPS, gap_rows("checksum", 104, 105, T0 + 100, T0 + 140,
+                                           exchange="okx"))  # fmt: skip
+    with pytest.raises(DataError, match="refusing: a checksum gap"):
+        book.rebuild(tmp_path, "okx", "BTCUSDT", T0 + 320)
+    df, facts = book.rebuild(tmp_path, "okx", "BTCUSDT", T0 + 450)
+    assert (facts["snapshot_id"], facts["last_update_id"]) == (8, 10)
+
+
+def test_poll_whose_book_predates_an_okx_reset_is_not_moved_past_it(tmp_path: Path) -> None:
+    """A poll at seqId 104 whose book (event time T0 + 120) is older than the reset
+    (T0 + 200) but received after it (REST in flight across the reset). Taking only the
+    messages from the reset on would skip 105 and every later update with an id up to 104
+    as "already in the snapshot" and serve the bare poll; it belongs to the chain before
+    the reset, so the stored ids show the break and the book is refused."""
+    _okx_reset_then_poll(tmp_path, T0 + 120, 104, (T0 + 260) * 1000)
+    with pytest.raises(DataError, match=r"continuity break .* after update 105"):
+        book.rebuild(tmp_path, "okx", "BTCUSDT", T0 + 450)
+
+
 def test_okx_reset_to_ids_already_used_is_applied(tmp_path: Path) -> None:
     """Was: refused ("update 110 is stored with conflicting id ranges") although the
     chain is continuous: the reset starts a new chain, where 110 may appear again."""

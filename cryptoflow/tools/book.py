@@ -1,19 +1,24 @@
 """`cryptoflow book`: rebuild the order book at one moment from stored data.
 
 Rule: take the latest snapshot with event time <= AT (ties: the later received, then the
-highest update id; one stored without an id, OKX's -1, cannot anchor and is passed over),
-id L, received at R. The deltas that can follow it are the messages
-with event time <= AT received at or after R, plus, for a REST snapshot, those received
-before R that reach past L (Binance's diff containing L + 1 is often received while the
-REST request is in flight). Never those received before the last in-stream snapshot at or
-before R (source `stream`: Bybit, OKX): it restarted the chain, and a venue may restart
-its ids with it (Bybit `u == 1`, OKX `seqId` after maintenance), so older messages with
-higher ids belong to another book. Apply them in arrival order (receive time, ties by
-id), leaving out the leading ones with last_update_id <= L (already in the snapshot):
-the first applied must straddle the snapshot (first_update_id <= L + 1) and each next
-one must continue the previous (prev_update_id == previous last_update_id). If a `gaps`
-record lies between the snapshot and AT, or the stored ids do not continue, the book is
-refused (DataError): an answer that might be wrong is worse than none.
+highest update id; one stored without an id, OKX's -1, cannot anchor and is passed
+over), id L, received at R. The deltas that can follow it are the messages with event
+time <= AT received at or after R, plus, for a REST snapshot, those received before R
+that reach past L (Binance's diff containing L + 1 is often received while the REST
+request is in flight). Only messages of the snapshot's own chain count: never those
+received before the last chain restart received at or before R, because ids may start
+over there and older messages with higher ids belong to another book. A restart is an
+in-stream snapshot (source `stream`: Bybit, OKX; Bybit restarts its ids with `u == 1`)
+or a reset: a message whose id goes back (`prev_update_id > last_update_id`: OKX `seqId`
+after maintenance, prevSeqId matching) with an event time before the snapshot's (a reset
+not before it may postdate the snapshot's book, which then belongs to the chain before
+the reset). Apply them in arrival order (receive time, ties by id), leaving out the
+leading ones with last_update_id <= L (already in the snapshot): the first applied must
+straddle the snapshot (first_update_id <= L + 1) and each next one must continue the
+previous (prev_update_id == previous last_update_id). If a `gaps` record lies between
+the snapshot and AT, or the stored ids do not continue, the book is refused (DataError):
+an answer that might be wrong is worse than none. A gap detected before the start of the
+snapshot's chain is healed by it.
 
 PATH may be `s3://bucket/prefix`: keys are listed for the one exchange/symbol and only
 the hours actually read (the snapshot's hour, the deltas from `SNAPSHOT_LAG_MS` before
@@ -201,15 +206,22 @@ def rebuild(
     markets = {f.market for f in snap_files}
     if len(markets) > 1:
         raise UsageError(f"{exchange}/{symbol} exists in markets {sorted(markets)}; pass market")
-    snap, chain_rt = find_snapshot(snap_files, at_ms)
+    snap, stream_rt = find_snapshot(snap_files, at_ms)
     snap_id = int(snap["last_update_id"][0])
     snap_ts = int(snap["ts"][0])
     snap_rt = int(snap["rt"][0])
     mkt = str(snap["market"][0])
 
+    delta_files = _not_after(list_files(
+        root, Dataset.DELTAS, exchange=exchange, market=mkt, symbol=symbol,
+        start_ms=snap_ts - SNAPSHOT_LAG_MS, end_ms=at_ms,
+    ), at_ms)  # fmt: skip
+    deltas, resets = read_deltas(delta_files, snap_id, snap_ts, snap_rt, at_ms)
+    chain_rt = max((rt for rt in (stream_rt, *resets) if rt is not None), default=None)
+
     gaps = load_gaps(root, exchange=exchange, market=mkt, symbol=symbol)
     for g in gaps.to_dicts() if not gaps.is_empty() else []:
-        # detected before the in-stream snapshot that began the chain: healed by it
+        # detected before the start of the snapshot's chain: healed by it
         detected = g["detected"]
         healed = chain_rt is not None and detected is not None and detected < chain_rt
         if not healed and _gap_between(g, snap_id, snap_ts, at_ms):
@@ -218,21 +230,8 @@ def rebuild(
                 f"{fmt_ms(g['start'])} .. {fmt_ms(g['end'])}) lies between the snapshot "
                 f"{snap_id} at {fmt_ms(snap_ts)} and {fmt_ms(at_ms)}"
             )
-
-    delta_files = _not_after(list_files(
-        root, Dataset.DELTAS, exchange=exchange, market=mkt, symbol=symbol,
-        start_ms=snap_ts - SNAPSHOT_LAG_MS, end_ms=at_ms,
-    ), at_ms)  # fmt: skip
-
-    def select(lf: pl.LazyFrame) -> pl.LazyFrame:
-        rt = pl.col("rt")
-        keep = (pl.col("ts") <= at_ms) & ((rt >= snap_rt) | (pl.col("last_update_id") > snap_id))
-        if chain_rt is not None:
-            keep &= rt >= chain_rt
-        return lf.with_columns(ts=_ms("timestamp"), rt=_rt()).filter(keep)
-
-    deltas, bad = collect_per_file(delta_files, select, label="deltas")
-    _readable(deltas, bad, "delta")
+    if chain_rt is not None:
+        deltas = deltas.filter(pl.col("rt") >= chain_rt)
     latest = max(snap_ts, int(deltas["ts"].max()) if deltas.height else snap_ts)
     if at_ms - latest > NO_DATA_AFTER_MS:
         raise DataError(
@@ -264,6 +263,42 @@ def rebuild(
         snapshot_time=snap_ts, messages=n_msgs, last_update_id=last_id,
     )  # fmt: skip
     return book, facts
+
+
+def is_reset() -> pl.Expr:
+    """A message whose id goes back (OKX seqId after maintenance: normalized prev above
+    last, `okx/rules.diff_ids`); when it continues the chain, a new chain starts at it."""
+    return pl.col("prev_update_id") > pl.col("last_update_id")
+
+
+def read_deltas(
+    files: list[FileInfo], snap_id: int, snap_ts: int, snap_rt: int, at_ms: int
+) -> tuple[pl.DataFrame, list[int]]:
+    """(rows that can follow the snapshot, with `ts` and `rt`; receive times of the resets
+    that may start its chain).
+
+    Rows: event time <= AT, received at or after the snapshot, or before it reaching past
+    its id (module docstring). Resets: received at or before the snapshot with an event
+    time before its own; one whose event time is not before it may postdate the snapshot's
+    book, which then belongs to the chain before the reset.
+    """
+
+    def build(lf: pl.LazyFrame) -> pl.LazyFrame:
+        rt, ts = pl.col("rt"), pl.col("ts")
+        follows = (ts <= at_ms) & ((rt >= snap_rt) | (pl.col("last_update_id") > snap_id))
+        reset = is_reset() & (rt <= snap_rt) & (ts < snap_ts)
+        return (
+            lf.with_columns(ts=_ms("timestamp"), rt=_rt())
+            .with_columns(follows=follows, reset=reset)
+            .filter(pl.col("follows") | pl.col("reset"))
+        )
+
+    df, bad = collect_per_file(files, build, label="deltas")
+    _readable(df, bad, "delta")
+    if df.is_empty():
+        return df, []
+    resets = df.filter("reset")["rt"].unique().to_list()
+    return df.filter("follows").drop("follows", "reset"), resets
 
 
 def _not_after(files: list[FileInfo], at_ms: int) -> list[FileInfo]:
