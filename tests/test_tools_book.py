@@ -155,6 +155,59 @@ def test_gap_before_an_id_restart_does_not_refuse_the_book_after_it(tmp_path: Pa
     assert _sides(df) == ({100.0: 7.0, 98.0: 3.0}, {101.0: 22.0})
 
 
+def _restart_an_hour_back(root: Path, exchange: str) -> int:
+    """The old chain (snapshot 5000 at 04:20; 5003 lost: a gap record), the restart at
+    04:30 (Bybit: an in-stream snapshot `u == 1`; OKX: a reset, seqId 1 with prevSeqId
+    5004), one delta every 10 s (bid 100 -> id) and a poll at 05:10:05 (id 241), in the
+    next hour. Returns the poll's time."""
+    kw: dict = dict(exchange=exchange)
+    t0, s = ms("2026-11-28T04:20:00Z"), ms("2026-11-28T04:30:00Z")
+    source = "stream" if exchange == "bybit" else "poll"
+    snaps = snapshot_rows(t0, 5000, [(100.0, 1.0)], [(101.0, 1.0)], source=source, **kw)
+    deltas = [
+        r
+        for u in (5001, 5002, 5004)
+        for r in delta_rows(t0 + 100 * (u - 5000), u, u, u - 1, [("bid", 100.0, 9.0)], **kw)
+    ]
+    if exchange == "bybit":
+        snaps += snapshot_rows(s, 1, [(100.0, 1.0)], [(101.0, 4.0)], source="stream", **kw)
+    else:
+        deltas += delta_rows(s, 1, 1, 5004, [("ask", 101.0, 4.0)], **kw)
+    poll = ms("2026-11-28T05:10:05Z")
+    snaps += snapshot_rows(poll, 241, [(100.0, 241.0)], [(101.0, 4.0)], **kw)
+    write(root, Dataset.SNAPSHOTS, snaps)
+    deltas += [r for u in range(2, 300)
+               for r in delta_rows(s + 10_000 * (u - 1), u, u, u - 1, [("bid", 100.0, float(u))],
+                                   **kw)]  # fmt: skip
+    write(root, Dataset.DELTAS, deltas)
+    write(root, Dataset.GAPS, gap_rows("sequence_break", 5002, 5004, t0 + 200, t0 + 400, **kw))
+    return poll
+
+
+@pytest.mark.parametrize("exchange", ["bybit", "okx"])
+def test_restart_an_hour_before_the_snapshot_heals_older_gaps(tmp_path: Path, exchange) -> None:
+    """Was: only the chosen snapshot's hour was searched for the in-stream snapshot that
+    began its chain (and a reset was no restart at all), so a gap of the chain before a
+    restart in an earlier hour (ids 5002..5004, above the new 241) refused every book
+    after it, with a message that said the gap lay between the snapshot and AT."""
+    poll = _restart_an_hour_back(tmp_path, exchange)
+    df, facts = book.rebuild(tmp_path, exchange, "BTCUSDT", poll + 25_000)
+    assert (facts["snapshot_id"], facts["messages"], facts["last_update_id"]) == (241, 3, 244)
+    assert _sides(df) == ({100.0: 244.0}, {101.0: 4.0})
+    # a gap detected after the restart is not healed by it
+    gap = gap_rows("sequence_break", 240, 243, poll - 6000, poll + 5000, exchange=exchange)
+    gap[0]["detected_at"] = (poll - 1000) * 1000  # before the poll was received
+    write(tmp_path, Dataset.GAPS, gap)
+    with pytest.raises(DataError) as e:
+        book.rebuild(tmp_path, exchange, "BTCUSDT", poll + 25_000)
+    assert str(e.value) == (
+        "refusing: a sequence_break gap (updates 240..243, 2026-11-28T05:09:59.000Z .. "
+        "2026-11-28T05:10:10.000Z) is not healed by the snapshot 241 at "
+        "2026-11-28T05:10:05.000Z, the last before 2026-11-28T05:10:30.000Z: the updates "
+        "between it and 243 are not trustworthy"
+    )
+
+
 def test_okx_seq_id_going_backwards_is_applied(tmp_path: Path) -> None:
     """OKX `seqId` may go backwards after maintenance (prevSeqId still matching). Was:
     only ids above the snapshot's were taken, so the book silently stopped at 105."""

@@ -22,13 +22,15 @@ snapshot's chain is healed by it.
 
 PATH may be `s3://bucket/prefix`: keys are listed for the one exchange/symbol and only
 the hours actually read (the snapshot's hour, the deltas from `SNAPSHOT_LAG_MS` before
-the snapshot up to AT) are downloaded.
+the snapshot up to AT, and earlier hours back to the chain's start only when a gap would
+otherwise refuse the book: `check_gaps`) are downloaded.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import polars as pl
 from rich.console import Console
 from rich.table import Table
@@ -75,11 +77,9 @@ def _rt() -> pl.Expr:
     return pl.col("receive_time").dt.epoch("us").alias("rt")
 
 
-def find_snapshot(files: list[FileInfo], at_ms: int) -> tuple[pl.DataFrame, int | None]:
+def find_snapshot(files: list[FileInfo], at_ms: int) -> pl.DataFrame:
     """Rows of the latest snapshot at or before `at_ms` that can anchor a book, scanning
-    hour by hour backwards, and the receive time (µs) of the last in-stream snapshot of
-    that hour received at or before it (itself when it is one; None when there is none):
-    where its chain began.
+    hour by hour backwards.
 
     A snapshot stored without an update id (`NO_SEQ_ID`: an OKX poll whose body had no
     seqId) is passed over: no stored update can be shown to continue it.
@@ -96,7 +96,7 @@ def find_snapshot(files: list[FileInfo], at_ms: int) -> tuple[pl.DataFrame, int 
             return (
                 lf.with_columns(ts=_ms("timestamp"))
                 .filter(pl.col("ts") <= at_ms)
-                .group_by("ts", _rt(), "last_update_id", "source")
+                .group_by("ts", _rt(), "last_update_id")
                 .agg()
             )
 
@@ -108,7 +108,7 @@ def find_snapshot(files: list[FileInfo], at_ms: int) -> tuple[pl.DataFrame, int 
         no_id += keys.height - anchors.height
         if anchors.is_empty():
             continue
-        ts, rt, lid, _ = anchors.sort("ts", "rt", "last_update_id").row(-1)
+        ts, rt, lid = anchors.sort("ts", "rt", "last_update_id").row(-1)
 
         def rows(lf: pl.LazyFrame, ts: int = ts, rt: int = rt, lid: int = lid) -> pl.LazyFrame:
             return lf.with_columns(ts=_ms("timestamp"), rt=_rt()).filter(
@@ -116,10 +116,7 @@ def find_snapshot(files: list[FileInfo], at_ms: int) -> tuple[pl.DataFrame, int 
             )
 
         snap, bad = collect_per_file(by_hour[hour], rows, label="snapshots")
-        restarts = keys.filter(
-            (pl.col("source") == SnapshotSource.STREAM.value) & (pl.col("rt") <= rt)
-        )["rt"]
-        return _readable(snap, bad, "snapshot"), restarts.max() if restarts.len() else None
+        return _readable(snap, bad, "snapshot")
     if no_id:
         raise DataError(
             f"no snapshot that can anchor a book at or before {fmt_ms(at_ms)}: the {no_id} "
@@ -206,30 +203,21 @@ def rebuild(
     markets = {f.market for f in snap_files}
     if len(markets) > 1:
         raise UsageError(f"{exchange}/{symbol} exists in markets {sorted(markets)}; pass market")
-    snap, stream_rt = find_snapshot(snap_files, at_ms)
+    snap = find_snapshot(snap_files, at_ms)
     snap_id = int(snap["last_update_id"][0])
     snap_ts = int(snap["ts"][0])
     snap_rt = int(snap["rt"][0])
     mkt = str(snap["market"][0])
+    at = Anchor(snap_id, snap_ts, snap_rt, at_ms)
+    filters["market"] = mkt
 
-    delta_files = _not_after(list_files(
-        root, Dataset.DELTAS, exchange=exchange, market=mkt, symbol=symbol,
-        start_ms=snap_ts - SNAPSHOT_LAG_MS, end_ms=at_ms,
-    ), at_ms)  # fmt: skip
-    deltas, resets = read_deltas(delta_files, snap_id, snap_ts, snap_rt, at_ms)
-    chain_rt = max((rt for rt in (stream_rt, *resets) if rt is not None), default=None)
-
-    gaps = load_gaps(root, exchange=exchange, market=mkt, symbol=symbol)
-    for g in gaps.to_dicts() if not gaps.is_empty() else []:
-        # detected before the start of the snapshot's chain: healed by it
-        detected = g["detected"]
-        healed = chain_rt is not None and detected is not None and detected < chain_rt
-        if not healed and _gap_between(g, snap_id, snap_ts, at_ms):
-            raise DataError(
-                f"refusing: a {g['kind']} gap (updates {g['last_good_id']}..{g['first_id_after']}, "
-                f"{fmt_ms(g['start'])} .. {fmt_ms(g['end'])}) lies between the snapshot "
-                f"{snap_id} at {fmt_ms(snap_ts)} and {fmt_ms(at_ms)}"
-            )
+    from_ms = snap_ts - SNAPSHOT_LAG_MS
+    delta_files = _not_after(list_files(root, Dataset.DELTAS, start_ms=from_ms, end_ms=at_ms,
+                                        **filters), at_ms)  # fmt: skip
+    deltas, resets = read_deltas(delta_files, at)
+    near = [f for f in snap_files if hour_of(from_ms) <= f.hour <= hour_of(snap_ts)]
+    chain_rt = max([*stream_restarts(near, at), *resets], default=None)
+    chain_rt = check_gaps(root, filters, snap_files, at, chain_rt)
     if chain_rt is not None:
         deltas = deltas.filter(pl.col("rt") >= chain_rt)
     latest = max(snap_ts, int(deltas["ts"].max()) if deltas.height else snap_ts)
@@ -265,15 +253,134 @@ def rebuild(
     return book, facts
 
 
+@attrs.frozen(slots=True)
+class Anchor:
+    """The chosen snapshot (id, event time ms, receive time µs) and AT (ms)."""
+
+    snap_id: int
+    snap_ts: int
+    snap_rt: int
+    at_ms: int
+
+
+def stream_restarts(files: list[FileInfo], at: Anchor) -> list[int]:
+    """Receive times (µs) of the in-stream snapshots in `files` received at or before the
+    chosen snapshot: each restarts the chain (itself, when it is one)."""
+
+    def build(lf: pl.LazyFrame) -> pl.LazyFrame:
+        return (
+            lf.filter(pl.col("source") == SnapshotSource.STREAM.value)
+            .select(_rt())
+            .filter(pl.col("rt") <= at.snap_rt)
+            .unique()
+        )
+
+    df, bad = collect_per_file(files, build, label="snapshots")
+    _readable(df, bad, "snapshot")
+    return df["rt"].to_list() if df.height else []
+
+
+def _reset_before(at: Anchor) -> pl.Expr:
+    """A reset that can start the chosen snapshot's chain (rows with `ts` and `rt`)."""
+    return is_reset() & (pl.col("rt") <= at.snap_rt) & (pl.col("ts") < at.snap_ts)
+
+
+def reset_times(files: list[FileInfo], at: Anchor) -> list[int]:
+    """Receive times (µs) of the resets in `files` that can start the snapshot's chain."""
+
+    def build(lf: pl.LazyFrame) -> pl.LazyFrame:
+        rows = lf.with_columns(ts=_ms("timestamp"), rt=_rt())
+        return rows.filter(_reset_before(at)).select("rt").unique()
+
+    df, bad = collect_per_file(files, build, label="deltas")
+    _readable(df, bad, "delta")
+    return df["rt"].to_list() if df.height else []
+
+
+def earlier_restart(
+    snap_files: list[FileInfo], delta_files: list[FileInfo], at: Anchor
+) -> int | None:
+    """Receive time of the latest chain restart in these (earlier) files, reading hour by
+    hour backwards and stopping at the first hour that has one; None if none has."""
+    for hour in sorted({f.hour for f in (*snap_files, *delta_files)}, reverse=True):
+        rts = stream_restarts([f for f in snap_files if f.hour == hour], at)
+        rts += reset_times([f for f in delta_files if f.hour == hour], at)
+        if rts:
+            return max(rts)
+    return None
+
+
+def check_gaps(
+    root: Root, filters: dict, snap_files: list[FileInfo], at: Anchor, chain_rt: int | None
+) -> int | None:
+    """Raise DataError if a gap record makes the book at AT unknown; return the receive
+    time of the start of the snapshot's chain (`chain_rt`, restarts found in the hours
+    read so far, or one found in earlier hours).
+
+    Earlier hours are read only when that decides the answer: no restart in the hours
+    read, and a gap that refuses the book unless a restart after its detection heals it.
+    Then the latest restart at or before the snapshot is looked for from the hour before
+    those read back to the earliest such detection.
+    """
+    gaps = load_gaps(root, **filters)
+    rows = gaps.to_dicts() if not gaps.is_empty() else []
+    blocking = _blocking(rows, at, chain_rt)
+    healable = [g["detected"] for g in blocking if g["detected"] is not None]
+    if chain_rt is None and healable and min(healable) < at.snap_rt:
+        read_from = hour_of(at.snap_ts - SNAPSHOT_LAG_MS)
+        floor_ms = min(healable) // 1000 - SNAPSHOT_LAG_MS
+        older = list_files(
+            root, Dataset.DELTAS, start_ms=floor_ms, end_ms=at.snap_ts - SNAPSHOT_LAG_MS,
+            **filters,
+        )  # fmt: skip
+        chain_rt = earlier_restart(
+            [f for f in snap_files if hour_of(floor_ms) <= f.hour < read_from],
+            [f for f in older if f.hour < read_from],
+            at,
+        )
+        blocking = _blocking(rows, at, chain_rt)
+    if blocking:
+        raise DataError(_refusal(blocking[0], at))
+    return chain_rt
+
+
+def _blocking(gaps: list[dict], at: Anchor, chain_rt: int | None) -> list[dict]:
+    """The gap records that make the book at AT unknown: between the snapshot and AT
+    (`_gap_between`) and not healed, i.e. not detected before the start of the snapshot's
+    chain (a full book after them, or new ids that theirs cannot be compared with)."""
+    out = []
+    for g in gaps:
+        detected = g["detected"]
+        healed = chain_rt is not None and detected is not None and detected < chain_rt
+        if not healed and _gap_between(g, at.snap_id, at.snap_ts, at.at_ms):
+            out.append(g)
+    return out
+
+
+def _refusal(g: dict, at: Anchor) -> str:
+    """Why gap `g` refuses the book, in the terms the check used (`_gap_between`)."""
+    start, end = _gap_span(g)
+    snap = f"snapshot {at.snap_id} at {fmt_ms(at.snap_ts)}"
+    if g["first_id_after"] is not None:
+        return (
+            f"refusing: a {g['kind']} gap (updates {g['last_good_id']}..{g['first_id_after']}, "
+            f"{fmt_ms(start)} .. {fmt_ms(end)}) is not healed by the {snap}, the last "
+            f"before {fmt_ms(at.at_ms)}: the updates between it and {g['first_id_after']} "
+            "are not trustworthy"
+        )
+    return (
+        f"refusing: a {g['kind']} gap ({fmt_ms(start)} .. {fmt_ms(end)}) lies between the "
+        f"{snap} and {fmt_ms(at.at_ms)}"
+    )
+
+
 def is_reset() -> pl.Expr:
     """A message whose id goes back (OKX seqId after maintenance: normalized prev above
     last, `okx/rules.diff_ids`); when it continues the chain, a new chain starts at it."""
     return pl.col("prev_update_id") > pl.col("last_update_id")
 
 
-def read_deltas(
-    files: list[FileInfo], snap_id: int, snap_ts: int, snap_rt: int, at_ms: int
-) -> tuple[pl.DataFrame, list[int]]:
+def read_deltas(files: list[FileInfo], at: Anchor) -> tuple[pl.DataFrame, list[int]]:
     """(rows that can follow the snapshot, with `ts` and `rt`; receive times of the resets
     that may start its chain).
 
@@ -284,12 +391,12 @@ def read_deltas(
     """
 
     def build(lf: pl.LazyFrame) -> pl.LazyFrame:
-        rt, ts = pl.col("rt"), pl.col("ts")
-        follows = (ts <= at_ms) & ((rt >= snap_rt) | (pl.col("last_update_id") > snap_id))
-        reset = is_reset() & (rt <= snap_rt) & (ts < snap_ts)
+        rt = pl.col("rt")
+        past = pl.col("last_update_id") > at.snap_id
+        follows = (pl.col("ts") <= at.at_ms) & ((rt >= at.snap_rt) | past)
         return (
             lf.with_columns(ts=_ms("timestamp"), rt=_rt())
-            .with_columns(follows=follows, reset=reset)
+            .with_columns(follows=follows, reset=_reset_before(at))
             .filter(pl.col("follows") | pl.col("reset"))
         )
 
@@ -315,13 +422,20 @@ def _gap_between(g: dict, snap_id: int, snap_ts: int, at_ms: int) -> bool:
     snapshot (first id after <= snapshot id) never matters. Without ids: when its time
     range [start, end] reaches into [snapshot time, AT].
     """
-    start = next((g[k] for k in ("start", "end", "ts") if g[k] is not None), None)
-    end = next((g[k] for k in ("end", "start", "ts") if g[k] is not None), None)
+    start, end = _gap_span(g)
     if start is None or end is None:
         return False
     if g["first_id_after"] is not None:
         return g["first_id_after"] > snap_id and start <= at_ms
     return start <= at_ms and end >= snap_ts
+
+
+def _gap_span(g: dict) -> tuple[int | None, int | None]:
+    """A gap record's time range (ms), each end falling back on the other or the row's
+    timestamp when missing."""
+    start = next((g[k] for k in ("start", "end", "ts") if g[k] is not None), None)
+    end = next((g[k] for k in ("end", "start", "ts") if g[k] is not None), None)
+    return start, end
 
 
 def run(
