@@ -103,6 +103,24 @@ def test_refuses_gap_between(tmp_path: Path) -> None:
     assert len(true_asks) > 0
 
 
+def test_snapshot_just_before_the_first_id_after_a_gap_heals_it(tmp_path: Path) -> None:
+    """A sequence break lost 101..104 (row: good up to 100, not trustworthy until 105, as
+    book/sync.py writes it). A snapshot at 104 holds all of them and the stored message
+    105..106 continues it exactly. Was: refused (`first_id_after > L`, off by one)."""
+    snaps = snapshot_rows(T, 100, [(10.0, 1.0)], [(11.0, 1.0)])
+    snaps += snapshot_rows(T + 500, 104, [(10.0, 4.0)], [(11.0, 1.0)])
+    write(tmp_path, Dataset.SNAPSHOTS, snaps)
+    write(tmp_path, Dataset.DELTAS, delta_rows(T + 600, 105, 106, 104, [("ask", 11.0, 6.0)]))
+    write(tmp_path, Dataset.GAPS, gap_rows("sequence_break", 100, 105, T, T + 600))
+    df, facts = book.rebuild(tmp_path, "binance", "BTCUSDT", T + 700)
+    assert (facts["snapshot_id"], facts["messages"], facts["last_update_id"]) == (104, 1, 106)
+    assert _sides(df) == ({10.0: 4.0}, {11.0: 6.0})
+    # one id lower the gap's update 104 is not in the snapshot: refused
+    write(tmp_path, Dataset.SNAPSHOTS, snapshot_rows(T + 550, 103, [(10.0, 3.0)], [(11.0, 1.0)]))
+    with pytest.raises(DataError, match="refusing: a sequence_break gap"):
+        book.rebuild(tmp_path, "binance", "BTCUSDT", T + 700)
+
+
 def test_generated_book_matches_simulation(tmp_path: Path) -> None:
     g = generate(tmp_path, minutes=3, levels=30)
     ts, _ = g.snapshots[3]

@@ -417,16 +417,19 @@ def _not_after(files: list[FileInfo], at_ms: int) -> list[FileInfo]:
 def _gap_between(g: dict, snap_id: int, snap_ts: int, at_ms: int) -> bool:
     """Does gap record `g` make the stream between the snapshot and AT untrustworthy?
 
-    With an id after the gap: it matters when that id is above the snapshot's (updates
-    after the snapshot may be missing) and the gap began by AT. A gap healed by the
-    snapshot (first id after <= snapshot id) never matters. Without ids: when its time
-    range [start, end] reaches into [snapshot time, AT].
+    With an id after the gap: a gap row reads "good up to last_good_id, not trustworthy
+    until first_id_after", so the updates it spoils are those before first_id_after. It
+    matters when the snapshot does not hold them all (first id after > snapshot id + 1:
+    updates after the snapshot may be missing) and the gap began by AT. A snapshot at
+    first_id_after - 1 or later heals it: it holds every update before first_id_after,
+    and the message starting there continues it exactly (sync.py's `first <= L + 1`).
+    Without ids: when its time range [start, end] reaches into [snapshot time, AT].
     """
     start, end = _gap_span(g)
     if start is None or end is None:
         return False
     if g["first_id_after"] is not None:
-        return g["first_id_after"] > snap_id and start <= at_ms
+        return g["first_id_after"] > snap_id + 1 and start <= at_ms
     return start <= at_ms and end >= snap_ts
 
 
