@@ -121,6 +121,21 @@ def test_snapshot_just_before_the_first_id_after_a_gap_heals_it(tmp_path: Path) 
         book.rebuild(tmp_path, "binance", "BTCUSDT", T + 700)
 
 
+def test_refusal_over_a_start_row_names_its_first_update(tmp_path: Path) -> None:
+    """A `start` row (where a collector run began) has no last_good_id: the refusal said
+    "updates None..105"."""
+    write(tmp_path, Dataset.SNAPSHOTS, snapshot_rows(T, 100, [(10.0, 1.0)], [(11.0, 1.0)]))
+    write(tmp_path, Dataset.DELTAS, delta_rows(T + 100, 105, 106, 104, [("ask", 11.0, 6.0)]))
+    start = gap_rows("start", None, 105, None, T + 100)
+    write(tmp_path, Dataset.GAPS, start)
+    with pytest.raises(DataError) as e:
+        book.rebuild(tmp_path, "binance", "BTCUSDT", T + 200)
+    assert str(e.value).startswith(
+        "refusing: a start gap (before update 105, 2026-01-02T03:04:00.100Z .. "
+        "2026-01-02T03:04:00.100Z) is not healed by the snapshot 100"
+    )
+
+
 def test_generated_book_matches_simulation(tmp_path: Path) -> None:
     g = generate(tmp_path, minutes=3, levels=30)
     ts, _ = g.snapshots[3]

@@ -362,8 +362,10 @@ def _refusal(g: dict, at: Anchor) -> str:
     start, end = _gap_span(g)
     snap = f"snapshot {at.snap_id} at {fmt_ms(at.snap_ts)}"
     if g["first_id_after"] is not None:
+        lg, fa = g["last_good_id"], g["first_id_after"]
+        ids = f"updates {lg}..{fa}" if lg is not None else f"before update {fa}"  # `start`
         return (
-            f"refusing: a {g['kind']} gap (updates {g['last_good_id']}..{g['first_id_after']}, "
+            f"refusing: a {g['kind']} gap ({ids}, "
             f"{fmt_ms(start)} .. {fmt_ms(end)}) is not healed by the {snap}, the last "
             f"before {fmt_ms(at.at_ms)}: the updates between it and {g['first_id_after']} "
             "are not trustworthy"
