@@ -148,11 +148,6 @@ def _continues(last: int, first: int, pid: int | None) -> bool:
     return pid == last if pid is not None else first == last + 1
 
 
-def find_breaks(msgs: pl.DataFrame, restarts: list[Restart] | None = None) -> list[Break]:
-    """Breaks in one symbol's messages (sorted in arrival order, `ARRIVAL`)."""
-    return walk_chain(msgs, restarts)[0]
-
-
 def walk_chain(
     msgs: pl.DataFrame, restarts: list[Restart] | None = None
 ) -> tuple[list[Break], list[int]]:
