@@ -43,11 +43,13 @@ from cryptoflow.tools.datasets import (
     FileInfo,
     Root,
     collect_per_file,
+    epoch_ms,
     fmt_ms,
     hour_of,
     list_files,
     open_root,
     parse_time,
+    receive_us,
     report_console,
 )
 from cryptoflow.tools.verify import (
@@ -62,19 +64,11 @@ from cryptoflow.tools.verify import (
 Side = dict[float, float]
 
 
-def _ms(col: str) -> pl.Expr:
-    return pl.col(col).dt.epoch("ms")
-
-
 def _readable(df: pl.DataFrame, bad: list, what: str) -> pl.DataFrame:
     if bad:
         names = ", ".join(b.shown for b in bad[:3])
         raise DataError(f"cannot rebuild the book: unreadable {what} file(s): {names}")
     return df
-
-
-def _rt() -> pl.Expr:
-    return pl.col("receive_time").dt.epoch("us").alias("rt")
 
 
 def find_snapshot(files: list[FileInfo], at_ms: int) -> pl.DataFrame:
@@ -94,9 +88,9 @@ def find_snapshot(files: list[FileInfo], at_ms: int) -> pl.DataFrame:
 
         def latest(lf: pl.LazyFrame) -> pl.LazyFrame:
             return (
-                lf.with_columns(ts=_ms("timestamp"))
+                lf.with_columns(ts=epoch_ms("timestamp"))
                 .filter(pl.col("ts") <= at_ms)
-                .group_by("ts", _rt(), "last_update_id")
+                .group_by("ts", receive_us(), "last_update_id")
                 .agg()
             )
 
@@ -111,7 +105,7 @@ def find_snapshot(files: list[FileInfo], at_ms: int) -> pl.DataFrame:
         ts, rt, lid = anchors.sort("ts", "rt", "last_update_id").row(-1)
 
         def rows(lf: pl.LazyFrame, ts: int = ts, rt: int = rt, lid: int = lid) -> pl.LazyFrame:
-            return lf.with_columns(ts=_ms("timestamp"), rt=_rt()).filter(
+            return lf.with_columns(ts=epoch_ms("timestamp"), rt=receive_us()).filter(
                 (pl.col("ts") == ts) & (pl.col("rt") == rt) & (pl.col("last_update_id") == lid)
             )
 
@@ -270,7 +264,7 @@ def stream_restarts(files: list[FileInfo], at: Anchor) -> list[int]:
     def build(lf: pl.LazyFrame) -> pl.LazyFrame:
         return (
             lf.filter(pl.col("source") == SnapshotSource.STREAM.value)
-            .select(_rt())
+            .select(receive_us())
             .filter(pl.col("rt") <= at.snap_rt)
             .unique()
         )
@@ -289,7 +283,7 @@ def reset_times(files: list[FileInfo], at: Anchor) -> list[int]:
     """Receive times (µs) of the resets in `files` that can start the snapshot's chain."""
 
     def build(lf: pl.LazyFrame) -> pl.LazyFrame:
-        rows = lf.with_columns(ts=_ms("timestamp"), rt=_rt())
+        rows = lf.with_columns(ts=epoch_ms("timestamp"), rt=receive_us())
         return rows.filter(_reset_before(at)).select("rt").unique()
 
     df, bad = collect_per_file(files, build, label="deltas")
@@ -397,7 +391,7 @@ def read_deltas(files: list[FileInfo], at: Anchor) -> tuple[pl.DataFrame, list[i
         past = pl.col("last_update_id") > at.snap_id
         follows = (pl.col("ts") <= at.at_ms) & ((rt >= at.snap_rt) | past)
         return (
-            lf.with_columns(ts=_ms("timestamp"), rt=_rt())
+            lf.with_columns(ts=epoch_ms("timestamp"), rt=receive_us())
             .with_columns(follows=follows, reset=_reset_before(at))
             .filter(pl.col("follows") | pl.col("reset"))
         )

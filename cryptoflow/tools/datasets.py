@@ -167,6 +167,17 @@ def ms_to_dt(ms: int) -> datetime:
     return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
 
 
+def epoch_ms(col: str) -> pl.Expr:
+    """A datetime column as integer ms since the epoch."""
+    return pl.col(col).dt.epoch("ms")
+
+
+def receive_us() -> pl.Expr:
+    """`receive_time` as integer µs, named `rt`: the arrival order `verify` and `book`
+    walk messages in."""
+    return pl.col("receive_time").dt.epoch("us").alias("rt")
+
+
 def fmt_ms(ms: int | None) -> str:
     """Milliseconds -> `2026-01-02T03:04:05.678Z` (the format `book --at` accepts)."""
     if ms is None:

@@ -36,9 +36,11 @@ from cryptoflow.models import Dataset, GapKind, SnapshotSource
 from cryptoflow.tools.datasets import (
     FILE_COL,
     collect_per_file,
+    epoch_ms,
     fmt_ms,
     list_files,
     open_root,
+    receive_us,
     report_console,
 )
 
@@ -82,14 +84,6 @@ class Restart:
     time: int  # event time, ms
 
 
-def _ms(col: str) -> pl.Expr:
-    return pl.col(col).dt.epoch("ms")
-
-
-def _rt() -> pl.Expr:
-    return pl.col("receive_time").dt.epoch("us").alias("rt")
-
-
 def load_messages(files: list, label: str = "deltas") -> tuple[pl.DataFrame, list]:
     """Distinct messages (`MSG_ID`) with their event time, in arrival order per symbol;
     `files` holding each, and `twice`: its rows that repeat a (side, price) of it within
@@ -97,8 +91,8 @@ def load_messages(files: list, label: str = "deltas") -> tuple[pl.DataFrame, lis
     level = pl.col("side").is_not_null()
 
     def build(lf: pl.LazyFrame) -> pl.LazyFrame:
-        return lf.group_by([*MSG_KEYS, _rt(), FILE_COL]).agg(
-            ts=_ms("timestamp").min(),
+        return lf.group_by([*MSG_KEYS, receive_us(), FILE_COL]).agg(
+            ts=epoch_ms("timestamp").min(),
             rows=pl.len(),
             twice=level.sum() - pl.struct("side", "price").filter(level).n_unique(),
         )
@@ -121,8 +115,8 @@ def load_restarts(files: list) -> dict[tuple[str, str, str], list[Restart]]:
     def build(lf: pl.LazyFrame) -> pl.LazyFrame:
         return (
             lf.filter(pl.col("source") == SnapshotSource.STREAM.value)
-            .group_by("exchange", "market", "symbol", "last_update_id", _rt())
-            .agg(ts=_ms("timestamp").min())
+            .group_by("exchange", "market", "symbol", "last_update_id", receive_us())
+            .agg(ts=epoch_ms("timestamp").min())
         )
 
     df, _ = collect_per_file(files, build, label="snapshots")  # bad files: check_snapshots
@@ -190,7 +184,7 @@ def load_gaps(root, exchange=None, market=None, symbol=None) -> pl.DataFrame:  #
     def build(lf: pl.LazyFrame) -> pl.LazyFrame:
         return lf.select(
             "exchange", "market", "symbol", "kind", "last_good_id", "first_id_after",
-            start=_ms("start_time"), end=_ms("end_time"), ts=_ms("timestamp"),
+            start=epoch_ms("start_time"), end=epoch_ms("end_time"), ts=epoch_ms("timestamp"),
             detected=pl.col("detected_at").dt.epoch("us"),
         )  # fmt: skip
 
@@ -308,7 +302,7 @@ def check_snapshots(files: list) -> tuple[list[Finding], list]:
     key = ["exchange", "market", "symbol", "last_update_id", "ts"]
 
     def build(lf: pl.LazyFrame) -> pl.LazyFrame:
-        lf = lf.with_columns(ts=_ms("timestamp")).sort([*key, "side", "level"])
+        lf = lf.with_columns(ts=epoch_ms("timestamp")).sort([*key, "side", "level"])
         step = pl.col("price").diff().over([*key, "side"])
         lvl_step = pl.col("level").diff().over([*key, "side"])
         first_lvl = pl.col("level").min().over([*key, "side"])
