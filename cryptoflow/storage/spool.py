@@ -369,11 +369,16 @@ class Spool:
         return path.relative_to(self.root).as_posix()
 
     def _add(self, entry: SpoolEntry) -> None:
-        old = self._entries.pop(entry.key, None)
-        if old is not None:
-            self._bytes -= old.size
+        self._pop_entry(entry.key)
         self._entries[entry.key] = entry
         self._bytes += entry.size
+
+    def _pop_entry(self, key: str) -> SpoolEntry | None:
+        """Forget `key` in the index and its bytes (the caller holds `_lock`)."""
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._bytes -= old.size
+        return old
 
     # --- startup ---------------------------------------------------------------------
 
@@ -558,9 +563,7 @@ class Spool:
             cur = self._entries.get(entry.key)
             if cur is not None and cur.mtime_ns != entry.mtime_ns:
                 return
-            if cur is not None:
-                del self._entries[entry.key]
-                self._bytes -= cur.size
+            self._pop_entry(entry.key)
             try:
                 entry.path.unlink(missing_ok=True)
                 return
@@ -581,9 +584,7 @@ class Spool:
         output of an interrupted split, and redone)."""
         with self._lock:
             self._held.discard(entry.key)
-            cur = self._entries.pop(entry.key, None)
-            if cur is not None:
-                self._bytes -= cur.size
+            self._pop_entry(entry.key)
         with contextlib.suppress(OSError):
             entry.path.unlink(missing_ok=True)
 
@@ -891,9 +892,7 @@ class Spool:
         """Move a bad file to `<spool>/quarantine/` so it is never uploaded."""
         dest = self._quarantine_path(entry, reason)
         with self._lock:
-            cur = self._entries.pop(entry.key, None)
-            if cur is not None:
-                self._bytes -= cur.size
+            self._pop_entry(entry.key)
         return dest
 
     def set_aside(
