@@ -19,6 +19,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 
 from cryptoflow.errors import RateLimited, RequestRejected
 from cryptoflow.exchanges.base import Control
+from cryptoflow.exchanges.binance import parse as binance
 from cryptoflow.exchanges.bybit import parse as bybit
 from cryptoflow.exchanges.kucoin import parse as kucoin
 from cryptoflow.exchanges.okx import parse as okx
@@ -646,3 +647,62 @@ async def test_ws_faults_per_venue(venue):
             for k in ("ws_stall", "ws_duplicate", "ws_out_of_order", "ws_malformed", "ws_close")
         }
         assert sim.stats_json()["venues"][venue]["ws"]["closed_by_fault"] == 1
+
+
+# --- every subscriber gets the same events --------------------------------------------------
+
+
+async def _events(url: str, subscribe: str | None, parser, start: trio.Event | None, stop):
+    """(first id, last id, previous id) of each diff on one connection, opened once `start`
+    is set, until `stop()`."""
+    if start is not None:
+        await start.wait()
+    out: list[tuple[int, int, int | None]] = []
+    async with open_websocket_url(url) as ws:
+        if subscribe is not None:
+            await ws.send_message(subscribe)
+        with trio.fail_after(10):
+            while not stop(out):
+                item = parser(await ws.get_message(), 0)
+                if isinstance(item, list):
+                    out += [
+                        (d.first_update_id, d.last_update_id, d.prev_update_id)
+                        for d in item
+                        if not d.is_snapshot
+                    ]
+    return out
+
+
+@pytest.mark.parametrize("venue", ["binance", "okx"])
+async def test_connections_opened_at_different_times_get_the_same_events(venue):
+    """Streams that merge ticks (Binance 100 ms, OKX books) cut them on the market's tick
+    grid, not on a timer per connection: a venue sends every subscriber the same events,
+    and a client's overlapped hand-over relies on it (one connection's event that spans
+    two of the other's would break the chain at the switch)."""
+    async with sim_for(venue) as sim:
+        if venue == "binance":
+            url, sub, parser = (
+                sim.ws_url + "/ws/btcusdt@depth@100ms",
+                None,
+                binance.parse_ws_message,
+            )
+        else:
+            url = sim.ws_url + "/ws/v5/public"
+            arg = {"channel": "books", "instId": "BTC-USDT-SWAP"}
+            sub, parser = json.dumps({"op": "subscribe", "args": [arg]}), okx.parse_ws_message
+        results: dict[int, list] = {}
+        later = trio.Event()
+
+        async def one(n: int, start: trio.Event | None) -> None:
+            results[n] = await _events(url, sub, parser, start, lambda out: len(out) >= 40)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, 1, None)
+            await trio.sleep(0.137)  # off the tick grid (ticks every 0.02 s here)
+            later.set()
+            nursery.start_soon(one, 2, later)
+    first, second = results[1], results[2][1:]  # its first event: the ticks since it subscribed
+    shared = {e[1] for e in first} & {e[1] for e in second}
+    assert len(shared) >= 20
+    by_last = {e[1]: e for e in first}
+    assert [e for e in second if e[1] in shared] == [by_last[u] for u in sorted(shared)]

@@ -498,18 +498,20 @@ class BinanceVenue:
             task_status.started(scope)
             held: tuple[str, Aggregate] | None = None
             try:
-                next_t = trio.current_time()
+                next_t = self.market.on_grid(trio.current_time(), speed) - speed
                 while True:
                     next_t += speed
                     # right after the tick that ends the interval: E (that tick's time) is
                     # when the event leaves, as at the venue
-                    await sub.next_batch(next_t, min(self.market.tick_interval, speed))
+                    await trio.sleep_until(next_t)
+                    await self.market.through(next_t)
+                    agg = sub.take_through(next_t)
+                    if agg is None:  # no tick (paused): no event
+                        continue
                     kinds = {f.kind: f for f in self.faults.take_ws(self.name, symbol)}
                     if "ws_stall" in kinds:
                         await trio.sleep(kinds["ws_stall"].seconds)
-                        next_t = trio.current_time()
-                    agg = sub.take()
-                    assert agg is not None
+                        next_t = self.market.on_grid(trio.current_time(), speed) - speed
                     if "ws_close" in kinds:
                         self.stats.ws["closed_by_fault"] += 1
                         await self._close(conn, 1001, "simulator fault: close")
@@ -532,8 +534,8 @@ class BinanceVenue:
                     if held is not None:
                         await self._send_event(conn, *held)
                         held = None
-                    if trio.current_time() > next_t + speed:
-                        next_t = trio.current_time()  # after a stall or pause: no catch-up
+                    if trio.current_time() > next_t + speed:  # after a stall or pause: no catch-up
+                        next_t = self.market.on_grid(trio.current_time(), speed) - speed
             except ConnectionClosed:
                 conn.nursery.cancel_scope.cancel()
             finally:

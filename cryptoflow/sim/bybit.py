@@ -205,6 +205,14 @@ class DiffQueue:
         self.items.clear()
         return out
 
+    def take_through(self, t: float) -> list[Update]:
+        """The updates of ticks made at or before `t` (trio clock): a stream that merges
+        ticks cuts them at the same tick on every connection."""
+        items, out = self.items, []
+        while items and items[0].diff.at <= t:
+            out.append(items.popleft())
+        return out
+
     async def wait(self) -> None:
         while not self.items:
             self._event = trio.Event()

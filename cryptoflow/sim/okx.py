@@ -392,6 +392,13 @@ class OkxVenue(SimVenue):
             asks = book.best_asks(depth)
             snap = (self._push(arg, "snapshot", book, bids, asks, -1, last), len(bids) + len(asks))
         self.market.subscribers[inst].add(q)  # type: ignore[arg-type]
+        # pushes on the market's grid, half a tick after the ticks, the first one at the
+        # first grid time after the subscription (however late the snapshot's send ends):
+        # every connection merges the same ticks
+        half = self.market.tick_interval / 2
+        next_t = (
+            self.market.on_grid(trio.current_time(), self.push_interval, half) - self.push_interval
+        )
         started()
         state: dict[str, Any] = {}
         try:
@@ -400,12 +407,12 @@ class OkxVenue(SimVenue):
                 self.count_event(conn, inst, snap[1], 0)
             updates = 0
             quiet_since = trio.current_time()
-            next_t = trio.current_time()
             bad = '{"arg":{"channel":"' + arg["channel"] + '"},"action":"update","data":[{'
             while True:
                 next_t += self.push_interval
                 await trio.sleep_until(next_t)
-                ups = q.take()
+                await self.market.through(next_t)
+                ups = q.take_through(next_t)
                 frames = []
                 if ups:
                     cb: dict[int, int] = {}
@@ -433,8 +440,11 @@ class OkxVenue(SimVenue):
                     quiet_since = trio.current_time()
                 if frames and not await self.send_with_faults(conn, inst, frames, bad, state):
                     return
-                if trio.current_time() > next_t + self.push_interval:
-                    next_t = trio.current_time()  # after a stall: no catch-up burst
+                if trio.current_time() > next_t + self.push_interval:  # after a stall: no catch-up
+                    next_t = (
+                        self.market.on_grid(trio.current_time(), self.push_interval, half)
+                        - self.push_interval
+                    )
         finally:
             self.market.unsubscribe(q)  # type: ignore[arg-type]
 
