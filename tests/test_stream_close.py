@@ -136,12 +136,15 @@ async def test_stop_while_backing_off_ends_at_once():
 
 
 async def test_planned_reconnect_reads_the_old_connection_to_its_end(caplog):
+    """The old connection is closed only after the next one is open (hand-over), read to
+    its end, and the next one continues exactly where it stopped: its snapshot and the
+    deltas the old one had handed on already are dropped."""
     sent: dict[int, list[int]] = {}
 
     async def script(ws, conn, fake):
         start = max((u for ids in sent.values() for u in ids), default=0) + 1
         # the venue's stream goes on across connections
-        await _flood(ws, conn, fake, sent.setdefault(conn, []), start, 200 if conn > 1 else None)
+        await _flood(ws, conn, fake, sent.setdefault(conn, []), start, 400 if conn > 1 else None)
 
     stats = StreamStats()
     send, recv = trio.open_memory_channel(1_000_000)
@@ -149,7 +152,8 @@ async def test_planned_reconnect_reads_the_old_connection_to_its_end(caplog):
         fake = await start_fake(nursery, script)
         nursery.start_soon(_runner(fake.url, send, 0.01, stats=stats, reconnect_after=0.3))
         with trio.fail_after(10):
-            await wait_for(lambda: len(sent.get(2, ())) >= 200)
+            await wait_for(lambda: len(sent.get(2, ())) >= 400 and stats.handovers == 1)
+            await wait_for(lambda: stats.diffs >= len(sent[1]) + 400 - stats.repeated - 1)
         nursery.cancel_scope.cancel()
     items = _drained(recv)
     marker = next(i for i, x in enumerate(items) if isinstance(x, StreamEvent))
@@ -157,7 +161,12 @@ async def test_planned_reconnect_reads_the_old_connection_to_its_end(caplog):
     assert items[marker].reason == "planned reconnect"
     before = [d.last_update_id for d in items[:marker]]
     assert before == sent[1]  # the first connection's every frame, its tail included
-    after = [d.last_update_id for d in items[marker + 1 :] if isinstance(d, DepthDiff)]
-    assert after[:200] == sent[2][:200]
+    assert sent[2][0] < before[-1]  # the two overlapped
+    after = [d for d in items[marker + 1 :] if isinstance(d, DepthDiff)]
+    assert not any(d.is_snapshot for d in after)  # the next one's snapshot was older
+    ids = [d.last_update_id for d in after]
+    assert ids == [u for u in sent[2] if u > before[-1]][: len(ids)]
+    assert ids[0] == before[-1] + 1 and len(ids) > 100  # no hole, no repeat
+    assert stats.repeated == len([u for u in sent[2] if u <= before[-1]])
     assert stats.connects == 2 and stats.disconnects == 0
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -15,9 +15,27 @@ so no name from the wire that we did not ask for reaches a storage path.
 
 Reconnects: on any connection failure or stall (no book data for `stall_timeout`; pongs
 do not count) the runner reconnects with capped exponential back-off and jitter, counted
-from zero again once a connection has lasted `backoff_max`; a healthy connection is
-replaced after `reconnect_after` (before the venues' 24 h cut), closed the graceful way
-below and reopened at once.
+from zero again once a connection has lasted `backoff_max`.
+
+Planned reconnect with overlap (hand-over): a healthy connection is replaced after
+`reconnect_after` (before the venues' 24 h cut) the way the venues advise, by opening the
+next connection *before* the current one closes. The next one subscribes and its frames
+are kept back (`_ConnState.held`) until, for every symbol, the current one has handed on
+at least up to the next one's first diff (at most `HANDOVER_READY_TIMEOUT`): from there
+the two overlap. Only then is the current one closed the graceful way below, so it
+hands on everything up to the venue's close answer. The connect loop then takes the
+next connection over: a RECONNECT marker per symbol, then its kept-back frames and its
+first live ones without the diffs the old connection already handed on (ids up to the
+last one handed on per symbol, `_ConnState.skip`). A venue sends every subscriber the
+same events, so the first diff kept continues the chain: no gap, no resync, no second
+in-stream snapshot (one newer than what the old connection handed on is kept, and its
+gap recorded). If the next connection fails or stays silent, the current one is kept
+(WARNING) and the hand-over tried again `backoff_max` later; the venue's own cut, if it
+comes first, is an ordinary reconnect.
+
+Resyncs a connection left unanswered (resubscribed, or watched, with no snapshot yet when
+it ended, planned or not) are asked for again on the next one: their watches ended with
+it, and a venue that sends no snapshot on subscribe would never have healed the book.
 
 Resync by resubscribe (Bybit, OKX: the venue sends a fresh in-stream snapshot after a
 subscribe): a venue stream with a `resubscribe(ws, venue_symbols)` method gets a
@@ -40,8 +58,7 @@ Graceful close (on stop, `stopping` set, and on the planned reconnect): an open
 connection is not cut. The runner sends its close frame and goes on reading until the
 venue's close answer (at most `drain_timeout`), so every frame the venue sent before it
 saw our close is handed on; a cut would lose the frames between the socket buffer and
-the store (on a planned reconnect that made a gap where the stream could have continued
-across it). A runner that is connecting or backing off when the stop comes ends at once.
+the store. A runner that is connecting or backing off when the stop comes ends at once.
 """
 
 from __future__ import annotations
@@ -50,8 +67,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
-from contextlib import suppress
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, suppress
 from typing import Protocol
 
 import attrs
@@ -59,7 +76,7 @@ import trio
 
 from cryptoflow.errors import ExchangeError, MalformedMessage
 from cryptoflow.exchanges.base import Control, WsItem
-from cryptoflow.models import MARKET_FUTURES, GapKind, StreamEvent
+from cryptoflow.models import MARKET_FUTURES, DepthDiff, GapKind, StreamEvent
 from cryptoflow.net.ratelimit import RequestCap
 from cryptoflow.net.ws import WsClosed, WsConnection, open_ws
 from cryptoflow.pipeline.resync import ResyncQueue
@@ -95,6 +112,14 @@ def can_resubscribe(venue: object) -> bool:
 #: the span of a venue's `subscribe_requests_per_hour`
 SUBSCRIBE_WINDOW_S = 3600.0
 
+#: hand-over (planned reconnect): how long the next connection may take to carry data for
+#: every symbol before the current one is closed anyway; how many of its frames are kept
+#: back meanwhile (past it the switch is made at once); how long after the switch its
+#: diffs are checked against what the old connection handed on
+HANDOVER_READY_TIMEOUT = 10.0
+HANDOVER_MAX_HELD = 50_000
+HANDOVER_SKIP_FOR = 30.0
+
 
 @attrs.define
 class _ConnState:
@@ -111,6 +136,14 @@ class _ConnState:
     #: subscribe-type requests sent on this connection, for venues with a cap
     requests: RequestCap | None = None
     capped: bool = False  # the last resubscribe was refused for the cap (logging)
+    opened: float = 0.0  # trio clock: when it subscribed
+    #: the next connection during a hand-over: its frames, kept back (frame, receive ns,
+    #: diffs) until the current connection has ended
+    held: list[tuple[str | bytes, int, list[DepthDiff]]] | None = None
+    #: after a hand-over: per symbol, the last id the old connection handed on; this
+    #: connection's diffs up to it are dropped (until its first newer one, or `skip_until`)
+    skip: dict[str, int] = attrs.field(factory=dict)
+    skip_until: float = math.inf
 
 
 def _conn_state(venue: VenueStream, symbols: list[str], now: float, label: str = "") -> _ConnState:
@@ -120,6 +153,7 @@ def _conn_state(venue: VenueStream, symbols: list[str], now: float, label: str =
         frozenset(symbols),
         subscribed_at=dict.fromkeys(symbols, now),
         label=label or venue.exchange,
+        opened=now,
     )
     cap = getattr(venue, "subscribe_requests_per_hour", None)
     if cap and can_resubscribe(venue):
@@ -141,6 +175,9 @@ class StreamStats:
     diffs: int = 0
     dropped: int = 0
     malformed: int = 0
+    #: diffs a hand-over's next connection repeated (the old one had handed them on)
+    repeated: int = 0
+    handovers: int = 0  # planned reconnects made with overlap
     last_error: str = ""
 
 
@@ -185,12 +222,6 @@ class _Closer:
         if not await self.close():
             self.life.cancel()  # connecting or backing off: nothing to drain
 
-    async def replace_after(self, seconds: float) -> None:
-        await trio.sleep(seconds)
-        if not self.stopping:
-            self.planned = True
-            await self.close()
-
 
 class _Reconnect(Exception):
     """The venue asked us to reconnect (e.g. OKX notice 64008)."""
@@ -204,6 +235,8 @@ class _Emitter:
         self.exchange = exchange
         self.stats = stats
         self.dropped: dict[str, int] = {}
+        #: per symbol, the `last_update_id` of the last diff handed on (by any connection)
+        self.last_ids: dict[str, int] = {}
 
     def emit(self, symbol: str, item: object) -> bool:
         """Hand `item` on; False when it was dropped (the channel is full)."""
@@ -349,95 +382,321 @@ async def _connect_loop(
     raw_sink: Callable[[str, str | bytes, int], None] | None,
     label: str,
 ) -> None:
-    """Connect, pump, reconnect (back-off on failures) until a stop closes a connection."""
+    """Connect, pump, reconnect (back-off on failures; a planned reconnect hands over to
+    a connection opened beforehand) until a stop closes a connection."""
     symbols = [symbol_of.get(s, s) for s in venue_symbols]
+    venue_of = {s: v for v, s in zip(venue_symbols, symbols, strict=True)}
     failures = 0
     if stats.connects:  # restarted by `supervised` after an error this loop did not expect
         stats.last_error = "the stream task restarted after an error"
+
+    async def open_link() -> _Link:
+        return await _open_link(venue, venue_symbols, symbols, source_ip, label)
+
+    taken: _Link | None = None  # the next connection of a hand-over, already open
+    last: _ConnState | None = None  # the connection before, for its unanswered resyncs
     while not closer.stopping:
         delay = 0.0
         opened: float | None = None
-        with trio.CancelScope() as scope:  # the connection's life; a drain sets a deadline
-            try:
-                url = await venue.url(list(venue_symbols))
-                async with open_ws(url, source_ip=source_ip) as ws:
-                    closer.attach(ws, scope)
-                    await venue.on_open(ws, list(venue_symbols))
-                    opened = trio.current_time()
-                    conn = _conn_state(venue, symbols, opened, label)
-                    stats.connects += 1
-                    if stats.connects > 1:
-                        for sym in symbols:
-                            emitter.emit(
-                                sym,
-                                StreamEvent(
-                                    venue.exchange,
-                                    MARKET_FUTURES,
-                                    sym,
-                                    GapKind.RECONNECT,
-                                    time.time_ns(),
-                                    reason=stats.last_error or "planned reconnect",
-                                ),
+        link, taken = taken, None
+        handover = _Handover(open_link, closer, venue, emitter, stats, raw_sink, label)
+        handover.retry = backoff_max
+        try:
+            async with trio.open_nursery() as around:  # the hand-over outlives the connection
+                with trio.CancelScope() as scope:  # the connection's life; a drain sets a deadline
+                    try:
+                        handed_over = link is not None
+                        if link is None:
+                            link = await open_link()
+                        closer.attach(link.ws, scope)
+                        opened = trio.current_time()
+                        stats.connects += 1
+                        if handed_over:
+                            _take_over(link, venue, emitter, stats, raw_sink)
+                        elif stats.connects > 1:
+                            _mark_reconnect(venue.exchange, symbols, emitter, stats.last_error)
+                        if last is not None and resync is not None:
+                            # their watches ended with the old connection: asked again
+                            # here, or a book broken just before it ended never heals
+                            for symbol in _awaiting_snapshot(last):
+                                resync.request(symbol)
+                            last = None
+                        log.info(
+                            "%s: connected (%d streams)%s%s",
+                            label,
+                            len(venue_symbols),
+                            f" from {source_ip}" if source_ip else "",
+                            " (planned reconnect: hand-over)" if handed_over else "",
+                        )
+                        around.start_soon(handover.run, reconnect_after)
+                        await _pump(
+                            link.ws,
+                            venue,
+                            emitter,
+                            stats,
+                            stall_timeout,
+                            closer,
+                            conn=link.conn,
+                            resync=resync,
+                            fallback=fallback,
+                            venue_of=venue_of,
+                            raw_sink=raw_sink,
+                        )
+                    except* (
+                        OSError,
+                        trio.TooSlowError,
+                        ExchangeError,
+                        _Reconnect,
+                    ) as group:
+                        # except*: these arrive wrapped in the ExceptionGroups of the
+                        # nursery in _pump (a plain except never saw them)
+                        exc = _first_leaf(group)
+                        if closer.stopping or closer.planned:
+                            why = "the stop" if closer.stopping else "a planned reconnect"
+                            log.info("%s: stream closed for %s (%s)", label, why, exc)
+                        else:
+                            stats.disconnects += 1
+                            stats.last_error = f"{type(exc).__name__}: {exc}"
+                            if opened is not None and trio.current_time() - opened >= backoff_max:
+                                failures = 0  # it was healthy: this loss is a first one again
+                            failures += 1
+                            delay = backoff_delay(
+                                failures, initial=backoff_initial, maximum=backoff_max, rng=rng
                             )
-                    log.info(
-                        "%s: connected (%d streams)%s",
-                        label,
-                        len(venue_symbols),
-                        f" from {source_ip}" if source_ip else "",
-                    )
-                    await _pump(
-                        ws,
-                        venue,
-                        emitter,
-                        stats,
-                        stall_timeout,
-                        closer,
-                        reconnect_after,
-                        conn=conn,
-                        resync=resync,
-                        fallback=fallback,
-                        venue_of={s: v for v, s in zip(venue_symbols, symbols, strict=True)},
-                        raw_sink=raw_sink,
-                    )
-            except* (
-                OSError,
-                trio.TooSlowError,
-                ExchangeError,
-                _Reconnect,
-            ) as group:
-                # except*: these arrive wrapped in the ExceptionGroups of the nurseries
-                # in open_ws and _pump (a plain except never saw them)
-                exc = _first_leaf(group)
-                if closer.stopping or closer.planned:
-                    why = "the stop" if closer.stopping else "a planned reconnect"
-                    log.info("%s: stream closed for %s (%s)", label, why, exc)
-                else:
-                    stats.disconnects += 1
-                    stats.last_error = f"{type(exc).__name__}: {exc}"
-                    if opened is not None and trio.current_time() - opened >= backoff_max:
-                        failures = 0  # it was healthy: this loss is a first one again
-                    failures += 1
-                    delay = backoff_delay(
-                        failures, initial=backoff_initial, maximum=backoff_max, rng=rng
-                    )
+                            log.warning(
+                                "%s: stream lost (%s); reconnecting in %.1fs",
+                                label,
+                                stats.last_error,
+                                delay,
+                            )
+                    finally:
+                        if link is not None:
+                            last = link.conn
+                            await link.aclose()
+                if scope.cancelled_caught:  # only a drain sets this scope a deadline
                     log.warning(
-                        "%s: stream lost (%s); reconnecting in %.1fs",
+                        "%s: no close answer within %gs of our close frame; frames after it "
+                        "are not read",
                         label,
-                        stats.last_error,
-                        delay,
+                        closer.timeout,
                     )
-        if scope.cancelled_caught:  # only a drain sets this scope a deadline
-            log.warning(
-                "%s: no close answer within %gs of our close frame; frames after it are not read",
-                label,
-                closer.timeout,
-            )
+                if closer.planned and not closer.stopping:
+                    taken = await handover.take()
+                around.cancel_scope.cancel()  # a hand-over that did not come to its switch
+        finally:
+            if handover.link is not None:  # opened, not taken: the stop, or a failure
+                await handover.link.aclose()
         if closer.planned:
             stats.last_error = "planned reconnect"
             failures = 0
         closer.attach(None)
         if delay:
             await trio.sleep(delay)
+    if taken is not None:  # the stop came just as a hand-over switched
+        await taken.aclose()
+
+
+def _mark_reconnect(exchange: str, symbols: list[str], emitter: _Emitter, why: str) -> None:
+    """A RECONNECT marker per symbol ahead of a new connection's first diff: it becomes a
+    gap only if that diff does not continue what was handed on (`BookSync.on_event`)."""
+    for sym in symbols:
+        emitter.emit(
+            sym,
+            StreamEvent(
+                exchange,
+                MARKET_FUTURES,
+                sym,
+                GapKind.RECONNECT,
+                time.time_ns(),
+                reason=why or "planned reconnect",
+            ),
+        )
+
+
+@attrs.define
+class _Link:
+    """An open connection and what closes it. Opened by one task, it may be read and
+    closed by another: a hand-over's next connection is opened beside the current one
+    and taken over by the connect loop, so it cannot live in an `async with` block."""
+
+    ws: WsConnection
+    conn: _ConnState
+    stack: AsyncExitStack
+
+    async def aclose(self) -> None:
+        await self.stack.aclose()  # `open_ws`'s exit: bounded, shielded when cancelled
+
+
+async def _open_link(
+    venue: VenueStream,
+    venue_symbols: Sequence[str],
+    symbols: list[str],
+    source_ip: str | None,
+    label: str,
+) -> _Link:
+    """Connect (the venue's URL), upgrade and subscribe."""
+    url = await venue.url(list(venue_symbols))
+    stack = AsyncExitStack()
+    try:
+        ws = await stack.enter_async_context(open_ws(url, source_ip=source_ip))
+        await venue.on_open(ws, list(venue_symbols))
+    except BaseException:
+        await stack.aclose()
+        raise
+    return _Link(ws, _conn_state(venue, symbols, trio.current_time(), label), stack)
+
+
+#: what ends a connection without being a bug (the connect loop's `except*` list)
+_LINK_ERRORS = (OSError, trio.TooSlowError, ExchangeError)
+
+
+@attrs.define
+class _Handover:
+    """A planned reconnect with overlap (see the module docstring): after `run`'s wait,
+    open the next connection and read it, its frames kept back, until the two overlap;
+    then close the current one (planned) and keep reading until the connect loop `take`s
+    the next one over."""
+
+    open_link: Callable[[], Awaitable[_Link]]
+    closer: _Closer
+    venue: VenueStream
+    emitter: _Emitter
+    stats: StreamStats
+    raw_sink: Callable[[str, str | bytes, int], None] | None
+    label: str
+    retry: float = 60.0
+    link: _Link | None = None  # the next connection, from its opening until taken
+    _reading: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    _done: trio.Event = attrs.field(factory=trio.Event)
+
+    async def run(self, after: float) -> None:
+        try:
+            await trio.sleep(after)
+            while not await self._open_ready():
+                await trio.sleep(self.retry)
+            self.closer.planned = True
+            await self.closer.close()  # the loop takes the next one once this one drained
+            assert self.link is not None
+            with self._reading:
+                try:
+                    await self._read(self.link, until_ready=False)
+                except (*_LINK_ERRORS, _Reconnect) as exc:
+                    log.warning(
+                        "%s: the next connection failed during the hand-over (%s: %s); "
+                        "reconnecting afresh",
+                        self.label,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    link, self.link = self.link, None
+                    await link.aclose()
+        finally:
+            self._done.set()
+
+    async def take(self) -> _Link | None:
+        """Stop reading the next connection and hand it over (None if it failed)."""
+        self._reading.cancel()
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await self._done.wait()
+        link, self.link = self.link, None
+        return link
+
+    async def _open_ready(self) -> bool:
+        """Open the next connection and read it until it overlaps the current one (or
+        `HANDOVER_READY_TIMEOUT`); False, logged and closed, when it fails or carries
+        nothing at all (the current connection is kept)."""
+        try:
+            self.link = link = await self.open_link()
+            link.conn.held = []
+            with trio.move_on_after(HANDOVER_READY_TIMEOUT):
+                await self._read(link, until_ready=True)
+            if not link.conn.held:
+                raise trio.TooSlowError(f"no book data within {HANDOVER_READY_TIMEOUT:g}s")
+            return True
+        except (*_LINK_ERRORS, _Reconnect) as exc:
+            log.warning(
+                "%s: planned reconnect: the next connection failed (%s: %s); keeping this "
+                "one, trying again in %gs",
+                self.label,
+                type(exc).__name__,
+                exc,
+                self.retry,
+            )
+            if self.link is not None:
+                link, self.link = self.link, None
+                await link.aclose()
+            return False
+
+    async def _read(self, link: _Link, until_ready: bool) -> None:
+        """Keep the next connection's frames back. With `until_ready`, return once the
+        current connection has handed on, for every symbol, at least up to the next
+        one's first diff (its snapshot, say): from there on the two overlap, so the
+        switch loses nothing. Past `HANDOVER_MAX_HELD` frames: return at once (when
+        readying: switch now), else stop reading until taken (the socket holds them)."""
+        conn, held = link.conn, link.conn.held
+        assert held is not None
+        first: dict[str, int] = {}  # per symbol, the id of the next connection's first diff
+        waiting = set(conn.symbols)
+        handed_on = self.emitter.last_ids
+        while True:
+            seen = len(held)
+            for raw in await link.ws.receive_burst():
+                _handle_frame(raw, self.venue, self.emitter, self.stats, conn, self.raw_sink)
+            if until_ready:
+                for _raw, _ns, item in held[seen:]:
+                    for diff in item:
+                        first.setdefault(diff.symbol, diff.last_update_id)
+                waiting = {
+                    s for s in waiting if s not in first or handed_on.get(s, -math.inf) < first[s]
+                }
+                if not waiting:
+                    return
+            if len(held) > HANDOVER_MAX_HELD:
+                if until_ready:
+                    return
+                await trio.sleep_forever()
+
+
+def _take_over(
+    link: _Link,
+    venue: VenueStream,
+    emitter: _Emitter,
+    stats: StreamStats,
+    raw_sink: Callable[[str, str | bytes, int], None] | None,
+) -> None:
+    """The switch to a hand-over's next connection: a RECONNECT marker per symbol, then
+    its kept-back frames without what the old connection handed on already (and its
+    first live ones, for `HANDOVER_SKIP_FOR`)."""
+    conn = link.conn
+    held, conn.held = conn.held or [], None
+    last_ids = emitter.last_ids
+    conn.skip = {s: last_ids[s] for s in conn.symbols if s in last_ids}
+    conn.skip_until = trio.current_time() + HANDOVER_SKIP_FOR
+    _mark_reconnect(venue.exchange, sorted(conn.symbols), emitter, "planned reconnect")
+    repeated, stats.handovers = stats.repeated, stats.handovers + 1
+    now = trio.current_time()
+    for raw, recv_ns, item in held:
+        for diff in item:
+            if diff.is_snapshot:  # it came, dropped or not: a resync must resubscribe
+                conn.snapshot_at[diff.symbol] = now
+        _hand_on(raw, recv_ns, item, emitter, stats, conn, raw_sink)
+    log.info(
+        "%s: hand-over: %d frames kept back while the old connection drained, %d diffs "
+        "it had already handed on dropped",
+        conn.label,
+        len(held),
+        stats.repeated - repeated,
+    )
+
+
+def _awaiting_snapshot(conn: _ConnState) -> set[str]:
+    """Symbols resubscribed on `conn` (after its opening) whose snapshot has not come, or
+    watched for one: what a resync asked of it that it never answered."""
+    return set(conn.watching) | {
+        s
+        for s, at in conn.subscribed_at.items()
+        if at > conn.opened and conn.snapshot_at.get(s, -math.inf) < at
+    }
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
@@ -453,7 +712,6 @@ async def _pump(
     stats: StreamStats,
     stall_timeout: float,
     closer: _Closer,
-    reconnect_after: float,
     *,
     conn: _ConnState,
     resync: ResyncQueue | None = None,
@@ -467,7 +725,6 @@ async def _pump(
         side = trio.CancelScope()  # keepalive and resubscribes: they end first on a close
         closer.attach(ws, side=side)
         nursery.start_soon(_side_tasks, side, ws, venue, conn, resync, venue_of or {}, fallback)
-        nursery.start_soon(closer.replace_after, reconnect_after)
         # Stall watch: one cancel scope for the whole loop, its deadline moved forward as
         # frames arrive, instead of a `fail_after` scope per frame (entering and closing
         # one per frame was ~6 s of a 60 s profiled soak at ~1,400 frames/s). The
@@ -550,19 +807,65 @@ def _handle_frame(
         if item.reconnect:
             raise _Reconnect(item.detail or item.kind)
         return False
+    if not item:
+        return False
     for diff in item:
         if diff.symbol not in conn.symbols:
             _unsubscribed(conn.label, diff.symbol, stats)
             return False
-    if raw_sink is not None and item:
+    if conn.held is not None:  # a hand-over's next connection: kept back until the switch
+        conn.held.append((raw, recv_ns, item))
+        return True
+    _hand_on(raw, recv_ns, item, emitter, stats, conn, raw_sink)
+    return True
+
+
+def _hand_on(
+    raw: str | bytes,
+    recv_ns: int,
+    item: list[DepthDiff],
+    emitter: _Emitter,
+    stats: StreamStats,
+    conn: _ConnState,
+    raw_sink: Callable[[str, str | bytes, int], None] | None,
+) -> None:
+    """Hand one frame's diffs on (and to raw capture)."""
+    if conn.skip:
+        item = _not_handed_on(item, conn, stats)
+        if not item:
+            return
+    if raw_sink is not None:
         raw_sink(item[0].symbol, raw, recv_ns)
+    last_ids = emitter.last_ids
     for diff in item:
         stats.diffs += 1
-        # a snapshot dropped for a full channel did not arrive: the watch must still
-        # fall back to REST for it (counted as arrived, the book waited unanchored)
-        if emitter.emit(diff.symbol, diff) and diff.is_snapshot:
-            conn.snapshot_at[diff.symbol] = trio.current_time()
-    return bool(item)
+        if emitter.emit(diff.symbol, diff):
+            last_ids[diff.symbol] = diff.last_update_id
+            # a snapshot dropped for a full channel did not arrive: the watch must still
+            # fall back to REST for it (counted as arrived, the book waited unanchored)
+            if diff.is_snapshot:
+                conn.snapshot_at[diff.symbol] = trio.current_time()
+
+
+def _not_handed_on(item: list[DepthDiff], conn: _ConnState, stats: StreamStats) -> list[DepthDiff]:
+    """After a hand-over: without the diffs the old connection handed on already (ids up
+    to its last one per symbol). A symbol's check ends at its first newer diff, and every
+    symbol's `HANDOVER_SKIP_FOR` after the switch: a venue that restarted its ids must not
+    be dropped for good (the chain break is then the reconnect's recorded gap)."""
+    skip = conn.skip
+    if trio.current_time() > conn.skip_until:
+        skip.clear()
+        return item
+    kept = []
+    for diff in item:
+        last = skip.get(diff.symbol)
+        if last is not None:
+            if diff.last_update_id <= last:
+                stats.repeated += 1
+                continue
+            del skip[diff.symbol]
+        kept.append(diff)
+    return kept
 
 
 def _unsubscribed(exchange: str, symbol: str, stats: StreamStats) -> None:
@@ -636,10 +939,10 @@ async def _resubscribe(
     log.info("%s: resubscribing %s for fresh snapshots", conn.label, ", ".join(symbols))
     if cap is not None:
         cap.note(needed)  # counted as sent even if the connection fails halfway
-    await venue.resubscribe(ws, [venue_of[s] for s in symbols])  # type: ignore[attr-defined]
     now = trio.current_time()
-    for symbol in symbols:
+    for symbol in symbols:  # before the send: a hand-over cutting it short asks again
         conn.subscribed_at[symbol] = now
+    await venue.resubscribe(ws, [venue_of[s] for s in symbols])  # type: ignore[attr-defined]
     return True
 
 
@@ -678,23 +981,24 @@ async def _watch_snapshot(
     """Fall back to a REST snapshot when no in-stream snapshot came within `timeout` of
     the symbol's latest subscribe. A subscribe sent while watching (the book broke again
     soon after a snapshot) is watched in turn: checked against the older one, its
-    snapshot looked present and the new subscribe went unwatched."""
-    try:
-        while True:
-            since = conn.subscribed_at.get(symbol, trio.current_time())
-            await trio.sleep_until(since + timeout)
-            if conn.subscribed_at.get(symbol, since) == since:
-                break
-        if conn.snapshot_at.get(symbol, -math.inf) < since:
-            log.warning(
-                "%s/%s: no in-stream snapshot %.0fs after subscribing; using a REST snapshot",
-                conn.label or venue.exchange,
-                symbol,
-                timeout,
-            )
-            fallback(symbol)
-    finally:
-        conn.watching.discard(symbol)
+    snapshot looked present and the new subscribe went unwatched.
+
+    A watch cut short with its connection leaves the symbol in `conn.watching`: the next
+    connection asks for it again (`_awaiting_snapshot`)."""
+    while True:
+        since = conn.subscribed_at.get(symbol, trio.current_time())
+        await trio.sleep_until(since + timeout)
+        if conn.subscribed_at.get(symbol, since) == since:
+            break
+    conn.watching.discard(symbol)
+    if conn.snapshot_at.get(symbol, -math.inf) < since:
+        log.warning(
+            "%s/%s: no in-stream snapshot %.0fs after subscribing; using a REST snapshot",
+            conn.label or venue.exchange,
+            symbol,
+            timeout,
+        )
+        fallback(symbol)
 
 
 async def _keepalive(ws: WsConnection, venue: VenueStream) -> None:

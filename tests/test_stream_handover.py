@@ -1,0 +1,267 @@
+"""The planned reconnect with overlap (hand-over), over real sockets on 127.0.0.1.
+
+The fake venue here sends every subscriber the same events (as a venue does): a
+snapshot at the current id on subscribe, then one delta per new id. What must hold: the
+stream handed on continues across the hand-over with no gap, no repeat and no second
+snapshot; a next connection that fails or stays silent leaves the current one in place;
+a stop during a hand-over ends it and closes both connections.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+from test_stream_close import _drained, _runner, push
+from trio_websocket import ConnectionClosed
+from wsfake import start_fake, wait_for
+
+from cryptoflow.book.sync import BookSync
+from cryptoflow.exchanges.bybit import rules as bybit_rules
+from cryptoflow.models import DepthDiff, GapKind, StreamEvent
+from cryptoflow.pipeline import stream as stream_mod
+from cryptoflow.pipeline.resync import ResyncQueue
+from cryptoflow.pipeline.stream import StreamStats
+
+
+class _Venue:
+    """One id sequence for every connection, a new id every `every` seconds."""
+
+    def __init__(self) -> None:
+        self.u = 0
+        self.moved = trio.Event()
+        self.closed: set[int] = set()  # connections the client closed
+
+    async def tick(self, every: float = 0.002) -> None:
+        while True:
+            await trio.sleep(every)
+            self.u += 1
+            self.moved.set()
+            self.moved = trio.Event()
+
+    async def serve(self, ws, conn, fake, *, ahead: int = 0, snapshot: bool = True) -> None:
+        """Subscribe, snapshot at the current id (+ `ahead`), then every new id."""
+        await fake.recv(ws, conn)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fake.drain, ws, conn)
+                u = self.u + ahead
+                if snapshot:
+                    await ws.send_message(push("snapshot", u))
+                while True:
+                    while self.u <= u:
+                        await self.moved.wait()
+                    while u < self.u:  # ids made during a send are sent too
+                        u += 1
+                        await ws.send_message(push("delta", u))
+        except* ConnectionClosed:
+            self.closed.add(conn)
+
+
+def _gaps(items: list[object]) -> list:
+    sync = BookSync("bybit", "futures", "BTCUSDT", bybit_rules.RULES)
+    gaps = []
+    for item in items:
+        d = sync.on_diff(item) if isinstance(item, DepthDiff) else sync.on_event(item)
+        gaps.extend(d.gaps)
+    return gaps
+
+
+async def _run(script, until, **kw) -> tuple[list[object], StreamStats, _Venue]:
+    venue = _Venue()
+    stats = StreamStats()
+    send, recv = trio.open_memory_channel(1_000_000)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(venue.tick)
+        fake = await start_fake(nursery, lambda ws, conn, fake: script(venue, ws, conn, fake))
+        nursery.start_soon(_runner(fake.url, send, 0.05, stats=stats, **kw))
+        await wait_for(lambda: until(stats), timeout=15)
+        await trio.sleep(0.1)  # a few more diffs on the new connection
+        nursery.cancel_scope.cancel()
+    return _drained(recv), stats, venue
+
+
+async def test_hand_over_continues_the_chain_with_no_gap(caplog):
+    async def script(venue, ws, conn, fake):
+        await venue.serve(ws, conn, fake)
+
+    items, stats, _ = await _run(script, lambda st: st.handovers >= 2, reconnect_after=0.3)
+    diffs = [i for i in items if isinstance(i, DepthDiff)]
+    ids = [d.last_update_id for d in diffs]
+    assert ids == list(range(ids[0], ids[0] + len(ids)))  # no hole, no repeat
+    assert [d.is_snapshot for d in diffs].count(True) == 1  # only the first connection's
+    markers = [i for i in items if isinstance(i, StreamEvent)]
+    assert [m.kind for m in markers] == [GapKind.RECONNECT] * 2
+    assert _gaps(items) == []
+    assert stats.connects == 3 and stats.disconnects == 0 and stats.repeated > 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_next_connection_that_fails_leaves_the_current_one(caplog):
+    async def script(venue, ws, conn, fake):
+        if conn == 2:
+            await fake.recv(ws, conn)
+            await ws.aclose()  # refuses at once: the hand-over must not switch to it
+            return
+        await venue.serve(ws, conn, fake)
+
+    items, stats, _ = await _run(
+        script, lambda st: st.handovers >= 1, reconnect_after=0.3, backoff_max=0.3
+    )
+    assert any("the next connection failed" in r.getMessage() for r in caplog.records)
+    assert _gaps(items) == []  # the first connection went on meanwhile, then handed over
+    assert stats.connects == 2 and stats.disconnects == 0
+
+
+async def test_a_silent_next_connection_is_not_switched_to(caplog, monkeypatch):
+    monkeypatch.setattr(stream_mod, "HANDOVER_READY_TIMEOUT", 0.3)
+
+    async def script(venue, ws, conn, fake):
+        if conn == 2:
+            try:
+                await fake.drain(ws, conn)  # subscribes, then nothing ever comes
+            except ConnectionClosed:
+                venue.closed.add(conn)
+            return
+        await venue.serve(ws, conn, fake)
+
+    items, stats, venue = await _run(
+        script, lambda st: st.handovers >= 1, reconnect_after=0.3, backoff_max=0.2
+    )
+    assert any("no book data within 0.3s" in r.getMessage() for r in caplog.records)
+    assert _gaps(items) == []
+    assert stats.connects == 2 and 2 in venue.closed
+
+
+async def test_a_next_connection_ahead_keeps_its_snapshot_and_the_gap_is_recorded(monkeypatch):
+    """A next connection whose snapshot is newer than what the old one handed on (the
+    venue skipped ahead for it) is not cut down to size: its snapshot is handed on and
+    the updates in between are a recorded reconnect gap."""
+
+    monkeypatch.setattr(stream_mod, "HANDOVER_READY_TIMEOUT", 0.5)  # the old never catches up
+
+    async def script(venue, ws, conn, fake):
+        await venue.serve(ws, conn, fake, ahead=100_000 if conn == 2 else 0)
+
+    items, _stats, _ = await _run(script, lambda st: st.handovers >= 1, reconnect_after=0.3)
+    marker = next(i for i, x in enumerate(items) if isinstance(x, StreamEvent))
+    assert items[marker + 1].is_snapshot
+    gap, healed = _gaps(items)
+    assert gap.kind is GapKind.RECONNECT and gap.first_id_after == items[marker + 1].last_update_id
+    assert healed.kind is GapKind.RESYNC  # the snapshot anchors the book at once
+
+
+@pytest.mark.parametrize("ready_timeout", [5.0])
+async def test_a_stop_during_a_hand_over_ends_it_and_closes_both(monkeypatch, ready_timeout):
+    monkeypatch.setattr(stream_mod, "HANDOVER_READY_TIMEOUT", ready_timeout)
+    venue = _Venue()
+    stats = StreamStats()
+    stopping = trio.Event()
+    send, recv = trio.open_memory_channel(1_000_000)
+
+    async def script(ws, conn, fake):
+        if conn == 2:
+            try:
+                await fake.drain(ws, conn)  # silent: the hand-over waits for it
+            except ConnectionClosed:
+                venue.closed.add(conn)
+            return
+        await venue.serve(ws, conn, fake)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(venue.tick)
+        fake = await start_fake(nursery, script)
+        with trio.fail_after(3):  # well inside the 5 s the hand-over would wait
+            async with trio.open_nursery() as runner:
+                runner.start_soon(
+                    _runner(
+                        fake.url, send, 0.05, stats=stats, stopping=stopping, reconnect_after=0.2
+                    )
+                )
+                await wait_for(lambda: fake.connections == 2)
+                await trio.sleep(0.1)
+                stopping.set()
+            await wait_for(lambda: {1, 2} <= venue.closed)
+        nursery.cancel_scope.cancel()
+    items = _drained(recv)
+    assert not any(isinstance(i, StreamEvent) for i in items)  # no switch was made
+    assert _gaps(items) == []
+    assert stats.connects == 1 and stats.handovers == 0
+
+
+async def test_a_resync_right_after_a_hand_over_resubscribes_on_the_next_connection():
+    """The next connection's own snapshot came (kept back, then dropped as older than what
+    was handed on): a resync asked for just after the switch must resubscribe, not wait
+    for that snapshot as if it were still on its way and then fall back to REST."""
+    venue = _Venue()
+    stats = StreamStats()
+    queue = ResyncQueue()
+    fallbacks: list[str] = []
+    send, _recv = trio.open_memory_channel(1_000_000)
+
+    async def script(ws, conn, fake):
+        await venue.serve(ws, conn, fake)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(venue.tick)
+        fake = await start_fake(nursery, script)
+        nursery.start_soon(
+            _runner(
+                fake.url,
+                send,
+                0.05,
+                stats=stats,
+                reconnect_after=0.3,
+                resync=queue,
+                fallback=fallbacks.append,
+            )
+        )
+        await wait_for(lambda: stats.handovers == 1)
+        queue.request("BTCUSDT")
+        await wait_for(lambda: any("unsubscribe" in t for t in fake.texts(2)), timeout=2)
+        nursery.cancel_scope.cancel()
+    assert fallbacks == []
+
+
+async def test_a_resync_the_lost_connection_left_unanswered_is_asked_again():
+    """A resubscribe whose snapshot had not come when the connection was lost: its watch
+    (REST fallback after `snapshot_timeout`) ended with that connection, and a venue that
+    sends no snapshot on subscribe (OKX's announced change) never healed the book. The
+    next connection asks for it again."""
+    venue = _Venue()
+    stats = StreamStats()
+    queue = ResyncQueue()
+    fallbacks: list[str] = []
+    send, _recv = trio.open_memory_channel(1_000_000)
+
+    async def script(ws, conn, fake):
+        if conn == 1:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(venue.serve, ws, conn, fake)
+                await wait_for(lambda: any("unsubscribe" in t for t in fake.texts(1)))
+                await ws.aclose()  # lost right after the resubscribe, before any snapshot
+                nursery.cancel_scope.cancel()
+            return
+        await venue.serve(ws, conn, fake, snapshot=False)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(venue.tick)
+        fake = await start_fake(nursery, script)
+        runner = _runner(
+            fake.url,
+            send,
+            0.05,
+            stats=stats,
+            resync=queue,
+            fallback=fallbacks.append,
+            backoff_initial=0.05,
+        )
+        runner.args[0].snapshot_timeout = 0.3
+        nursery.start_soon(runner)
+        await wait_for(lambda: stats.diffs > 10)
+        await trio.sleep(0.5)  # past the first subscription's snapshot window
+        queue.request("BTCUSDT")
+        await wait_for(lambda: stats.connects == 2)
+        await wait_for(lambda: fallbacks == ["BTCUSDT"], timeout=3)
+        nursery.cancel_scope.cancel()
