@@ -175,7 +175,9 @@ class MetricsSection:
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = 9108
-    stale_after: float = 60.0  # /healthz unhealthy when a symbol is silent this long
+    #: /healthz unhealthy when a symbol lane is silent this long (stale), or has received
+    #: nothing this long after the start (never_received)
+    stale_after: float = 60.0
     cloudwatch: CloudWatchSection = attrs.field(factory=CloudWatchSection)
 
 

@@ -215,6 +215,22 @@ class ShardStats:
     budget: RateBudget | None = None
     normalizer: Normalizer | None = None
     raw_channel: trio.MemorySendChannel | None = None  # for its statistics() (queue depth)
+    #: what `/healthz` expects data for (`never_received` once `metrics.stale_after` has
+    #: passed since `started`, trio clock): the symbols the shard collects (narrowed by
+    #: the instruments check) on every lane its source runs; None = not judged
+    symbols: tuple[str, ...] = ()
+    lanes: tuple[str, ...] = ()
+    started: float | None = None
+
+    @classmethod
+    def for_plan(cls, plan: ShardPlan) -> ShardStats:
+        """Stats of a shard starting now: every planned symbol on every lane it runs."""
+        on = {"deltas": plan.source.deltas, "snapshots": plan.source.snapshots}
+        return cls(
+            symbols=tuple(sym for sym, _venue_sym in plan.symbols),
+            lanes=tuple(lane for lane, runs in on.items() if runs),
+            started=trio.current_time(),
+        )
 
 
 async def run_shard(
@@ -270,6 +286,8 @@ async def run_shard(
             ),
             stopping=stop.requested,
         )
+        # a symbol the check left out (logged there) is not collected: nothing to expect
+        stats.symbols = tuple(sym for sym, _venue_sym in symbols)
         if raw is not None:
             install_rest_hook(http)
 
@@ -626,7 +644,7 @@ async def collect_main(
         task_status.started(stop)
         async with rows_send, trio.open_nursery() as venues:
             for plan in plans:
-                st = result.shards.setdefault(plan.label, ShardStats())
+                st = result.shards.setdefault(plan.label, ShardStats.for_plan(plan))
                 venues.start_soon(
                     functools.partial(
                         supervised,

@@ -90,6 +90,64 @@ async def test_metrics_move_during_a_run_and_match_rows_written(tmp_path):
     assert sum(ws.rows_uploaded.values()) == sum(ws.rows_received.values())
 
 
+async def test_healthz_says_never_received_for_a_shard_whose_connection_never_opens(tmp_path):
+    """A shard on a source IP this host does not have never connects: no lane of it ever
+    received data, so none went stale and /healthz answered 200 all the run long while
+    nothing was recorded. Now each of its lanes is `never_received` once
+    `metrics.stale_after` has passed since the start; /livez stays 200."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    cfg = make_config(
+        tmp_path / "configs",
+        shards=[{"name": "a", "source_ip": "192.0.2.1", "symbols": {"binance": SYMBOLS}}],
+        overrides={
+            "source.binance.rest_url": f"http://127.0.0.1:{closed}",
+            "source.binance.ws_url": f"ws://127.0.0.1:{closed}",
+            "source.binance.snapshots": False,  # one lane: what is judged is exact
+            "storage.spool.path": str(tmp_path / "spool"),
+            "metrics.enabled": True,
+            "metrics.port": 0,
+            "metrics.stale_after": 1.0,
+        },
+    )
+    settings = load_settings(cfg, env={}, env_file=cfg.parent / ".env")
+    plans = build_plans(settings, ["binance"], settings.shards)
+    result = RunResult()
+    answers: list[tuple[int, dict]] = []
+
+    async def probe_health() -> None:
+        while result.ops_port is None:
+            await trio.sleep(0.05)
+        base = f"http://127.0.0.1:{result.ops_port}"
+        async with httpx.AsyncClient() as client:
+            await trio.sleep(1.5)
+            r = await client.get(f"{base}/healthz")
+            answers.append((r.status_code, r.json()))
+            r = await client.get(f"{base}/livez")
+            answers.append((r.status_code, r.json()))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(probe_health)
+            await collect_main(
+                settings,
+                plans,
+                output=tmp_path / "out",
+                duration=2.5,
+                simulate=False,
+                install_signal_handlers=False,
+                result=result,
+            )
+
+    (health_code, health), (live_code, live) = answers
+    assert health_code == 503 and health["status"] == "unhealthy", health
+    assert sorted(
+        (x["reason"], x["exchange"], x["shard"], x["symbol"], x["lane"]) for x in health["reasons"]
+    ) == [("never_received", "binance", "a", sym, "deltas") for sym in sorted(SYMBOLS)]
+    assert (live_code, live) == (200, {"status": "alive"})
+
+
 def _collect_with_metrics_at(tmp_path, host: str, port: int):
     cfg = make_config(
         tmp_path / "configs",

@@ -379,6 +379,75 @@ async def test_livez_stays_ok_while_healthz_is_unhealthy(mock_clock, tmp_path: P
         nursery.cancel_scope.cancel()
 
 
+def refused_and_silent_result(started: float) -> RunResult:
+    """binance/main runs both lanes for three symbols since `started`: BTCUSDT gets data
+    on both, ETHUSDT only polls (the venue refused its subscription), SOLUSDT nothing (no
+    stats of its own yet: its connection never opened, every poll failed)."""
+    shard = ShardStats(
+        polls={"BTCUSDT": PollStats(), "ETHUSDT": PollStats(), "SOLUSDT": PollStats(failed=3)},
+        normalizer=Normalizer({"binance": RULES}),
+        symbols=("BTCUSDT", "ETHUSDT", "SOLUSDT"),
+        lanes=("deltas", "snapshots"),
+        started=started,
+    )
+    return RunResult(writer=WriterStats(), shards={"binance/main": shard})
+
+
+async def test_healthz_judges_lanes_that_never_received(mock_clock):
+    """A lane that never received anything was never judged: a shard whose connection
+    never opens or a refused subscription left /healthz 200 while nothing of it was
+    recorded. Once `stale_after` has passed since the shard started, each such lane is
+    a `never_received` reason of its own; /livez does not follow."""
+    result = refused_and_silent_result(trio.current_time())
+    normalizer = result.shards["binance/main"].normalizer
+    last = [0]
+
+    def data_flows() -> None:  # BTCUSDT: diffs and polls; ETHUSDT: polls only
+        last[0] += 10
+        normalizer.feed(diff(last[0] + 1, last[0] + 10, last[0]))
+        normalizer.feed(snapshot(last[0] + 5))
+        normalizer.feed(snapshot(last[0] + 5, symbol="ETHUSDT"))
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            functools.partial(serve_ops, lambda: result, port=0, stale_after=60.0)
+        )
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            data_flows()
+            assert (await client.get("/healthz")).status_code == 200
+            mock_clock.jump(59)
+            data_flows()
+            assert (await client.get("/healthz")).status_code == 200  # within the grace
+            mock_clock.jump(2)
+            data_flows()
+            r = await client.get("/healthz")
+            assert r.status_code == 503
+            reasons = r.json()["reasons"]
+            assert {(x["reason"], x["symbol"], x["lane"]) for x in reasons} == {
+                ("never_received", "ETHUSDT", "deltas"),
+                ("never_received", "SOLUSDT", "deltas"),
+                ("never_received", "SOLUSDT", "snapshots"),
+            }
+            assert reasons[0] == {
+                "reason": "never_received",
+                "exchange": "binance",
+                "shard": "main",
+                "symbol": "ETHUSDT",
+                "lane": "deltas",
+                "waited_seconds": 61.0,
+                "stale_after": 60.0,
+            }
+            r = await client.get("/livez")
+            assert r.status_code == 200 and r.json() == {"status": "alive"}
+
+            # SOLUSDT's connection opens and ETHUSDT's subscription goes through
+            normalizer.feed(snapshot(100, symbol="SOLUSDT"))
+            normalizer.feed(diff(101, 110, 100, symbol="SOLUSDT"))
+            normalizer.feed(diff(last[0] + 11, last[0] + 20, last[0] + 10, symbol="ETHUSDT"))
+            assert (await client.get("/healthz")).status_code == 200
+        nursery.cancel_scope.cancel()
+
+
 async def test_bad_request_does_not_kill_server():
     app_result, _send = make_result()
     async with trio.open_nursery() as nursery:

@@ -8,9 +8,15 @@ connection is closed. `GET` and `HEAD` only.
 `/healthz` answers 200 `{"status": "ok"}`, or 503 `{"status": "unhealthy", "reasons": [...]}`
 when any of:
 - `stale`: a symbol lane that has received data at least once has received nothing for
-  more than `stale_after` seconds (lanes that never received anything are not judged;
-  the `snapshots` lane only where a REST poller runs for the symbol, since without one
-  snapshots come only on resync);
+  more than `stale_after` seconds (the `snapshots` lane only where a REST poller runs for
+  the symbol, since without one snapshots come only on resync);
+- `never_received`: a lane a shard runs (`ShardStats.symbols` x `ShardStats.lanes`) has
+  received nothing at all `stale_after` seconds after the shard started: its connection
+  never opened (a `source_ip` not on this host, DNS, the venue refusing), the venue
+  refused that symbol's subscription, or every poll failed. The grace runs from the
+  start, not from the last (re)connect: a connection dropped for stalls (no data for
+  `ws_stall_timeout`) and reopened would otherwise keep restarting it, and the lane
+  would never be judged;
 - `spool_over_limit`: the spool holds more than its `max_bytes`;
 - `spool_full`: the spool refused the writer's last flush as full (it refuses writes
   *before* passing its limit, so `spool_over_limit` alone never fires for that): rows
@@ -39,7 +45,13 @@ import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from cryptoflow.ops.metrics import Freshness, build_registry, iter_symbols, watched_lanes
+from cryptoflow.ops.metrics import (
+    Freshness,
+    build_registry,
+    iter_symbols,
+    split_label,
+    watched_lanes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +69,10 @@ def check_health(
     """Reasons the run is unhealthy (empty list = healthy)."""
     freshness = freshness or Freshness()
     reasons: list[dict[str, Any]] = []
+    ages: dict[tuple[str, ...], float | None] = {}
     for view in iter_symbols(result):
         for lane in watched_lanes(view):
-            age = freshness.age(view, lane)
+            age = ages[(*view.key, lane)] = freshness.age(view, lane)
             if age is not None and age > stale_after:
                 reasons.append(
                     {
@@ -72,6 +85,7 @@ def check_health(
                         "stale_after": stale_after,
                     }
                 )
+    reasons += _never_received(result, ages, now=freshness.clock(), grace=stale_after)
     spool = spool if spool is not None else getattr(result, "spool", None)
     if spool is not None:
         used, limit = int(getattr(spool, "bytes", 0)), getattr(spool, "max_bytes", None)
@@ -94,6 +108,39 @@ def check_health(
                 "spool_bytes": int(getattr(writer, "spool_bytes", 0)),
             }
         )
+    return reasons
+
+
+def _never_received(
+    result: Any, ages: dict[tuple[str, ...], float | None], *, now: float, grace: float
+) -> list[dict[str, Any]]:
+    """Lanes a shard runs that have received nothing `grace` seconds after it started.
+
+    `ages` holds the age of every lane the stale check looked at (None: nothing received);
+    a symbol no stats know of yet (its connection never opened) is missing there. Shards
+    without a start time (`ShardStats.started` None: stats built by hand) are not judged.
+    `now` is on the clock of `started` (trio's, in the run).
+    """
+    reasons: list[dict[str, Any]] = []
+    for label, shard in list(getattr(result, "shards", {}).items()):
+        started = getattr(shard, "started", None)
+        if started is None or now - started <= grace:
+            continue
+        exchange, shard_name = split_label(label)
+        for symbol in getattr(shard, "symbols", ()):
+            for lane in getattr(shard, "lanes", ()):
+                if ages.get((exchange, shard_name, symbol, lane)) is None:
+                    reasons.append(
+                        {
+                            "reason": "never_received",
+                            "exchange": exchange,
+                            "shard": shard_name,
+                            "symbol": symbol,
+                            "lane": lane,
+                            "waited_seconds": round(now - started, 3),
+                            "stale_after": grace,
+                        }
+                    )
     return reasons
 
 
