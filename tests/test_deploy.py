@@ -218,6 +218,14 @@ def test_names_are_dns_safe_and_collisions_are_errors() -> None:
         render_k8s([], "img")
 
 
+def test_port_0_is_no_port_for_a_probe() -> None:
+    """Port 0 ("any free port") in a probe, containerPort or healthcheck is invalid."""
+    with pytest.raises(RenderError, match="metrics port 0 cannot be probed"):
+        render_k8s(SHARDS, "img", metrics_port=0)
+    with pytest.raises(RenderError, match="metrics port 0 cannot be probed"):
+        render_compose(SHARDS, "img", metrics_port=0)
+
+
 def test_collect_args_and_read_config_files(tmp_path: Path) -> None:
     assert collect_args("s1") == [
         "collect",

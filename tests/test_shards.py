@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from configtools import make_config
 from typer.testing import CliRunner
 
 from cryptoflow.cli import app
@@ -121,6 +122,28 @@ def test_k8s_and_compose_formats_render_every_shard(runner: CliRunner) -> None:
     assert result.exit_code == 0, result.output
     compose = YAML(typ="safe").load(result.stdout)
     assert len(compose["services"]) == 1
+
+
+@pytest.mark.parametrize("fmt", ["k8s", "compose"])
+def test_metrics_port_0_is_refused_by_the_renderers(
+    tmp_path: Path, runner: CliRunner, fmt: str
+) -> None:
+    """`metrics.port: 0` (any free port, for a local run) rendered probes, a containerPort
+    and a healthcheck on port 0: a Deployment Kubernetes refuses, a healthcheck that never
+    passes. Rendering refuses it in one line naming the key where it is written."""
+    cfg = make_config(
+        tmp_path,
+        overrides={"metrics.enabled": True, "metrics.host": "0.0.0.0", "metrics.port": 0},
+    )
+    lines = cfg.read_text().splitlines()
+    line = next(n for n, text in enumerate(lines, 1) if text.startswith("  port: 0 "))
+    result = runner.invoke(app, ["shards", "list", "--config", str(cfg), "--format", fmt])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"{cfg}:{line}: metrics.port: 0 means any free port")
+    assert result.output.count("\n") == 1 and "expected 1..65535" in result.output
+    # a local run may still use it: the budget table is unaffected
+    result = runner.invoke(app, ["shards", "list", "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
 
 
 def test_the_k8s_readme_describes_the_renderer_as_it_is(tmp_path: Path) -> None:

@@ -9,6 +9,9 @@ per shard one PersistentVolumeClaim (its spool and local data) and one Deploymen
 rollout). A shard with a `source_ip` runs with `hostNetwork: true` and a nodeSelector on
 the node that owns that IP.
 
+`metrics.port: 0` ("any free port", for local runs) is refused (`check_settings`,
+`_checked_port`): the probes and the healthcheck must know the port in advance.
+
 Compose (`render_compose`): one service per shard, each in a Compose profile named after
 the shard, with its own state volume; meant for one shard per host
 (`docker compose -f compose.shards.yml --profile <shard> up -d`).
@@ -28,7 +31,9 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.scalarstring import LiteralScalarString
 
+from cryptoflow.config import key_location
 from cryptoflow.config_schema import Settings, Shard
+from cryptoflow.errors import ConfigError
 
 DEFAULT_IMAGE = "ghcr.io/cryptoflow/cryptoflow:latest"
 IMAGE_ENV = "CRYPTOFLOW_IMAGE"  # overrides DEFAULT_IMAGE in default_image()
@@ -87,6 +92,39 @@ def read_config_files(config_path: Path) -> dict[str, str]:
                 encoding="utf-8"
             )
     return out
+
+
+def _checked_port(port: int) -> int:
+    """The metrics port as the manifests use it: a probe, containerPort or healthcheck on
+    port 0 is invalid (Kubernetes refuses the Deployment; the healthcheck never passes)."""
+    if not 1 <= port <= 65535:
+        raise RenderError(f"metrics port {port} cannot be probed, expected 1..65535")
+    return port
+
+
+def check_settings(settings: Settings, fmt: str, config_path: Path | str | None = None) -> None:
+    """Raise ConfigError (`file:line: metrics.port: ...`) for settings no manifest can use.
+
+    `metrics.port: 0` means "any free port": fine for a local run (the log names the port
+    bound), but the kubelet probes, the Prometheus annotation and the Compose healthcheck
+    need to know the port in advance. `fmt` is "k8s" or "compose".
+    """
+    port = settings.app.metrics.port
+    if port != 0:
+        return
+    path = config_path or settings.config_path
+    where = key_location(path, "metrics.port") if path else "metrics.port"
+    needs = (
+        "the rendered probes, containerPort and prometheus.io/port need"
+        if fmt == "k8s"
+        else "the rendered healthcheck needs"
+    )
+    raise ConfigError(
+        [
+            f"{where}: 0 means any free port, which only a local run can use; {needs} "
+            "a fixed port, expected 1..65535 (9108 by default)"
+        ]
+    )
 
 
 def _checked_names(shards: Sequence[Shard]) -> list[tuple[Shard, str]]:
@@ -262,6 +300,7 @@ def render_k8s(
     The Secret `secret_name` (AWS_* / S3_BUCKET, from `.env`) must exist.
     """
     named = _checked_names(shards)
+    metrics_port = _checked_port(metrics_port)
     docs: list[tuple[str, Any]] = []
     docs.append(
         (
@@ -358,6 +397,7 @@ def render_compose(
     `docker compose -f deploy/compose.shards.yml --profile <shard> up -d`.
     """
     named = _checked_names(shards)
+    metrics_port = _checked_port(metrics_port)
     services: dict[str, Any] = {}
     volumes: dict[str, Any] = {}
     for shard, dns in named:
@@ -407,8 +447,10 @@ def render_k8s_for_settings(
     """`render_k8s` with shards, shutdown_timeout and metrics port from loaded settings.
 
     With `config_path` (or `settings.config_path`) the ConfigMap is rendered from the files.
+    Raises ConfigError for settings no manifest can use (`check_settings`).
     """
     path = config_path or (Path(settings.config_path) if settings.config_path else None)
+    check_settings(settings, "k8s", path)
     if path is not None and "config_files" not in kwargs:
         kwargs["config_files"] = read_config_files(path) or None
     return render_k8s(
@@ -422,7 +464,10 @@ def render_k8s_for_settings(
 
 
 def render_compose_for_settings(settings: Settings, image: str | None = None, **kwargs: Any) -> str:
-    """`render_compose` with shards, shutdown_timeout and metrics port from loaded settings."""
+    """`render_compose` with shards, shutdown_timeout and metrics port from loaded settings.
+
+    Raises ConfigError for settings no manifest can use (`check_settings`)."""
+    check_settings(settings, "compose")
     return render_compose(
         settings.shards,
         image or default_image(),

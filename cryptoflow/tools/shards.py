@@ -124,6 +124,7 @@ def _render_deploy(settings: Settings, config_path: Path, fmt: str) -> int:
     """Kubernetes manifests / compose services rendered from ip_shards.yml (no drift)."""
     from cryptoflow.deploy import render
 
+    render.check_settings(settings, fmt, config_path)  # a refusal comes without warnings
     for warning in render.settings_warnings(settings, fmt):
         print(f"warning: {warning}", file=sys.stderr)
     if fmt == "k8s":
