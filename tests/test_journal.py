@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import trio
-from test_writer import T0, delta_batch
+from test_writer import T0, delta_batch, eventually
 
 from cryptoflow.config_schema import BufferSection
 from cryptoflow.models import Dataset
@@ -572,3 +572,50 @@ def test_journals_that_only_fail_together_are_split_one_at_a_time(tmp_path, monk
     assert sorted(e.key for e in spool.pending() if is_journal(e.key)) == sorted(
         j.key for j in journals[1:]
     )
+
+
+async def test_rows_set_aside_before_a_refused_journal_are_not_set_aside_again(
+    tmp_path, clock, frame_builder, caplog
+):
+    """Found by review: a round set a symbol's unplaceable rows aside, then the spool
+    refused its journal (full); the buffer kept them, and its retry shared a round with
+    a younger buffer of the same symbol: their unplaceable rows went into one file of
+    another content name, so the first rows were stored twice and counted twice. Set
+    aside once, they now leave the buffer."""
+    out = tmp_path / "out"
+    spool = Spool(tmp_path / "spool", max_bytes=100)  # refuses every journal
+    w = Writer(
+        LocalStore(out),
+        spool,
+        BufferSection(delta_flush_interval=1.0),
+        limiter=trio.CapacityLimiter(2),
+        frame_builder=frame_builder,
+        retry_initial=2.0,  # the retry comes due within 1-2 s
+        retry_max=2.0,
+    )
+    send, recv = trio.open_memory_channel(100)
+    clock.autojump_threshold = float("inf")  # time moves by hand until the final drain
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(w.run, recv, shutdown_timeout=5.0))
+        await send.send(far_batch(1, 3, "ETHUSDT"))
+        await send.send(delta_batch(4, 2, T0, "ETHUSDT"))
+        await eventually(lambda: w.stats.rows_received["deltas"] == 5)
+        clock.jump(1.0)
+        await eventually(lambda: w.stats.spool_full_events == 1)
+        assert w.stats.rows_set_aside["deltas"] == 3
+        await send.send(far_batch(10, 2, "ETHUSDT"))  # a younger buffer, due at 2.0
+        await send.send(delta_batch(12, 1, T0 + 1000, "ETHUSDT"))
+        await eventually(lambda: w.stats.rows_received["deltas"] == 8)
+        spool.max_bytes = 10**9
+        clock.jump(2.5)  # both due: one round
+        await eventually(lambda: w.stats.flushes == 2)
+        clock.autojump_threshold = 0.02  # the final drain polls with trio.sleep
+        await send.aclose()
+    got = pl.concat([pl.read_parquet(p) for p in out.rglob("*.parquet")])
+    assert sorted(got["last_update_id"]) == [4, 5, 12]
+    aside = pl.concat([pl.read_parquet(p) for p in set_aside_files(spool)])
+    assert sorted(aside["last_update_id"]) == [1, 2, 3, 10, 11]  # each once
+    assert w.stats.rows_set_aside["deltas"] == spool.set_aside_counts()["deltas"] == 5
+    assert w.stats.rows_spooled["deltas"] == w.stats.rows_uploaded["deltas"] == 3
+    assert w.stats.buffered_rows == 0
+    assert "5 rows were set aside" in caplog.text

@@ -183,7 +183,9 @@ class _Buffer:
     #: poll snapshots not parsed yet: read at the flush, in its thread (`pipeline/bodies`)
     bodies: list[SnapshotBody] = attrs.field(factory=list)
     codec: SnapshotCodec | None = None
-    rows: int = 0  # bodies count as the rows they hold if well formed
+    rows: int = 0  # rows held; bodies count as the rows they hold if well formed
+    #: rows set aside (`set_aside_unplaceable`) that the writer's gauge still counts
+    aside: int = 0
     list_rows: int = 0  # rows still in `columns`
     frame_bytes: int = 0  # Arrow size of `frames`
     body_bytes: int = 0  # size of `bodies`
@@ -222,6 +224,19 @@ class _Buffer:
         if not self.frames:
             return pl.DataFrame(schema=SCHEMAS[self.key[0]])
         return self.frames[0] if len(self.frames) == 1 else pl.concat(self.frames)
+
+    def set_aside_unplaceable(self, spool: Spool, builder: FrameBuilder) -> pl.DataFrame:
+        """Set aside the rows the layout cannot place (`Spool.set_aside_unplaceable`) and
+        drop them from the buffer; the rows it can place. Once durably set aside they are
+        no longer this buffer's: kept, a flush retried after a spool refusal set them
+        aside again, in one file with the rows of a younger buffer of the same symbol
+        flushed in the same round (another content name): twice stored and counted."""
+        ok, bad = spool.set_aside_unplaceable(self.key[0], self.frame(builder))
+        if bad.height:
+            self.frames, self.frame_bytes = [ok], ok.estimated_size()
+            self.rows -= bad.height
+            self.aside += bad.height
+        return ok
 
     def _read_bodies(self) -> None:
         _, exchange, market, symbol = self.key
@@ -320,7 +335,7 @@ def _flush_journal(
         frame = journal_frame(bufs, builder)
         # a journal must hold only rows its split can place: one that cannot be
         # placed made every split of the oldest journals fail, forever
-        frame, unplaced = spool.set_aside_unplaceable(dataset, frame)
+        frame = _placeable_rows(spool, builder, bufs, frame)
         entry = spool.write_journal(dataset, frame) if frame.height else None
     except (SpoolFull, OSError) as exc:
         return [exc] * len(bufs), None
@@ -342,14 +357,25 @@ def _flush_journal(
             if written is not None:
                 frames.append(written)
         return results, concat_frames(frames) if frames else None
-    aside = _rows_per_partition(unplaced)
-    results = []
-    for buf in bufs:
-        _, exchange, market, symbol = buf.key
-        n = min(buf.rows, aside[(exchange, market, symbol)])
-        aside[(exchange, market, symbol)] -= n
-        results.append([(entry, buf.rows - n)] if entry is not None else [])
+    results = [[(entry, buf.rows)] if entry is not None else [] for buf in bufs]
     return results, frame if entry is not None else None
+
+
+def _placeable_rows(
+    spool: Spool, builder: FrameBuilder, bufs: list[_Buffer], frame: pl.DataFrame
+) -> pl.DataFrame:
+    """The rows of a round's frame the layout can place. The others are set aside by
+    their buffers (`_Buffer.set_aside_unplaceable`), which then no longer hold them, so
+    a round the spool refuses never sets them aside a second time when it is retried.
+    One check for the whole round: a round with none (always, but for a bad venue time)
+    costs no work per buffer."""
+    ok, bad = layout.split_placeable(frame)
+    if bad.height:
+        where = set(_rows_per_partition(bad))
+        for buf in bufs:
+            if buf.key[1:] in where:
+                buf.set_aside_unplaceable(spool, builder)
+    return ok
 
 
 def _set_aside_buffer(
@@ -502,7 +528,7 @@ def _flush_blocking(
     spool: Spool, builder: FrameBuilder, buf: _Buffer
 ) -> list[tuple[SpoolEntry, int]]:
     dataset, exchange, market, symbol = buf.key
-    frame, _ = spool.set_aside_unplaceable(dataset, buf.frame(builder))
+    frame = buf.set_aside_unplaceable(spool, builder)
     parts = [
         (k, part.height, data)
         for k, part, data in layout.files_for_frame(dataset, exchange, market, symbol, frame)
@@ -740,6 +766,9 @@ class Writer:
 
     def _flushed(self, buf: _Buffer, result: FlushResult, counted: set[str]) -> bool:
         """Account for one buffer's flush; a failed buffer is kept for a retry."""
+        if buf.aside:  # set aside at this flush, whatever its result: no longer held
+            self._set_buffered(-buf.aside, 0)
+            buf.aside = 0
         if isinstance(result, Exception):
             delay = self._flush_failed(buf, result)
             log.error(
