@@ -127,6 +127,12 @@ class UnplaceableTime(StorageError, ValueError):
     such rows are set aside in the spool's quarantine, never written or uploaded."""
 
 
+#: failures of the machine, not of the data (a full or failing disk, memory exhausted for
+#: a moment): the same work may succeed later, so what it was about is kept for a retry,
+#: never quarantined or set aside as if it were bad
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OSError, MemoryError)
+
+
 # --- data tools ----------------------------------------------------------------------
 
 

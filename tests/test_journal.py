@@ -503,6 +503,62 @@ def test_a_journal_that_cannot_be_split_is_quarantined_and_the_others_are_split(
     assert f"QUARANTINED {broken.key}" in caplog.text and "cannot be split" in caplog.text
 
 
+def out_of_memory(*args, **kwargs):
+    raise MemoryError
+
+
+def test_a_split_out_of_memory_quarantines_no_journal(tmp_path, monkeypatch):
+    """Found by review: a MemoryError in a split was taken for a journal that cannot be
+    split (only an OSError counted as the machine's, and a MemoryError while polars read
+    a journal even became CorruptSpoolFile): the dry run per journal, out of memory too,
+    quarantined every journal of the group, none of them corrupt. Now it fails like a
+    disk error: the journals stay for the next split."""
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    journals = three_journals(spool)
+    before = rows_of(spool)
+    monkeypatch.setattr(pl, "read_parquet", out_of_memory)
+    with pytest.raises(MemoryError):
+        spool.split(journals)
+    monkeypatch.undo()
+    assert spool.quarantined() == 0 and all(j.path.exists() for j in journals)
+    assert sorted(e.key for e in spool.pending()) == sorted(j.key for j in journals)
+    spool.split(journals)
+    key = ["symbol", "last_update_id"]
+    assert rows_of(spool).sort(key).equals(before.sort(key))
+
+
+def test_a_start_out_of_memory_quarantines_nothing_and_leaves_the_split_whole(
+    tmp_path, monkeypatch
+):
+    """At the start-up scan a MemoryError reading a file made it "corrupt" (quarantined),
+    and one completing an interrupted split kept the journals beside its partial outputs
+    for a split of another group (rows stored twice). Now the start fails, as on a disk
+    error, and the next start finds everything as it was and completes the split."""
+    root = tmp_path / "spool"
+    spool = Spool(root, max_bytes=10**9)
+    journals = three_journals(spool)
+    before = rows_of(spool)
+    outputs: list = []
+    spool._split_files(sorted(j.key for j in journals), outputs, hold=False)
+    for o in outputs[2:]:
+        o.path.unlink()  # a crash after 2 of the 6 outputs
+    restarted = Spool(root, max_bytes=10**9)
+    monkeypatch.setattr(pl, "read_parquet", out_of_memory)
+    with pytest.raises(MemoryError):
+        restarted.scan()  # validating the files
+    monkeypatch.undo()
+    monkeypatch.setattr(restarted, "_split_files", out_of_memory)
+    with pytest.raises(MemoryError):
+        restarted.scan()  # completing the split
+    monkeypatch.undo()
+    assert restarted.quarantined() == 0 and all(j.path.exists() for j in journals)
+    again = Spool(root, max_bytes=10**9)
+    again.scan()
+    assert not any(is_journal(e.key) for e in again.pending())
+    key = ["symbol", "last_update_id"]
+    assert rows_of(again).sort(key).equals(before.sort(key))
+
+
 async def test_spool_flush_is_not_stuck_behind_an_unplaceable_journal(tmp_path):
     """`cryptoflow spool flush` on a spool whose oldest journal holds a row past 9999."""
     spool = Spool(tmp_path / "spool", max_bytes=10**9)

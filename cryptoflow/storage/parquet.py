@@ -50,6 +50,8 @@ def decode(data: bytes) -> pl.DataFrame:
         raise CorruptSpoolFile("not a complete Parquet file (missing PAR1 header/footer)")
     try:
         return pl.read_parquet(io.BytesIO(data))
+    except MemoryError:
+        raise  # the machine's, not the file's: a corrupt file is quarantined, never uploaded
     except Exception as exc:
         raise CorruptSpoolFile(f"unreadable Parquet: {exc}") from exc
 

@@ -67,7 +67,7 @@ from pathlib import Path
 import attrs
 import polars as pl
 
-from cryptoflow.errors import CorruptSpoolFile, SpoolFull, UnsafePartition
+from cryptoflow.errors import TRANSIENT_ERRORS, CorruptSpoolFile, SpoolFull, UnsafePartition
 from cryptoflow.models import Dataset
 from cryptoflow.storage import layout, parquet, rawfile
 
@@ -644,10 +644,11 @@ class Spool:
 
         A split that fails deletes the outputs it wrote (never uploaded: held), so the
         journals, which stay, are split later with whatever group they are in then. A
-        failure that is not the disk's (not an OSError) would come back on every try, and
-        a group is always the oldest journals: the journals that cannot be split on their
-        own are quarantined (ERROR) and the others split without them (`_split_around`),
-        so one journal never blocks every later one. Rows the layout cannot place are
+        failure that is not the machine's (`errors.TRANSIENT_ERRORS`: not an OSError, not
+        a MemoryError) would come back on every try, and a group is always the oldest
+        journals: the journals that cannot be split on their own are quarantined (ERROR)
+        and the others split without them (`_split_around`), so one journal never blocks
+        every later one. Rows the layout cannot place are
         set aside (`set_aside_unplaceable`), never a reason to fail."""
         keys = sorted(e.key for e in entries)
         if not keys or not all(is_journal(k) for k in keys):
@@ -656,8 +657,8 @@ class Spool:
             raise ValueError("split sources span more than one dataset")
         try:
             return self._split_group(keys, hold=hold)
-        except OSError:
-            raise  # the disk: the same group may work later
+        except TRANSIENT_ERRORS:
+            raise  # the disk, the memory: the same group may work later
         except Exception as exc:
             return self._split_around(keys, exc, hold=hold)
 
@@ -683,8 +684,8 @@ class Spool:
         for k in keys:
             try:
                 self._split_files([k], [], hold=True, dry_run=True)
-            except OSError:
-                raise
+            except TRANSIENT_ERRORS:
+                raise  # says nothing of the journal: quarantined, a good one was lost
             except Exception as why:
                 bad[k] = why
         if not bad:
@@ -864,8 +865,8 @@ class Spool:
         if len(present) == len(group):
             try:
                 self._split_files(list(group), [], hold=False)
-            except OSError:
-                raise
+            except TRANSIENT_ERRORS:
+                raise  # the next start redoes it exactly (the group is still whole)
             except Exception as exc:
                 # not for the disk: it would fail at every start; the journals stay for
                 # the uploaders' split, which quarantines one that cannot be split
