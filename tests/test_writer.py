@@ -462,3 +462,55 @@ async def test_rows_of_an_unsafe_symbol_are_refused_and_the_others_stored(
     outside = [p for p in tmp_path.rglob("*") if p.is_file() and work not in p.parents]
     assert outside == []
     assert f"writer: 5 deltas rows refused: unsafe symbol {bad!r}" in caplog.text
+
+
+async def test_a_flush_out_of_memory_keeps_the_rows_for_a_retry(
+    tmp_path, clock, frame_builder, monkeypatch, caplog
+):
+    """Found by review: a MemoryError in a flush was taken for rows that can never be
+    written: the buffer was set aside (or, when that ran out of memory too, its rows
+    reported LOST), and one in a raw-capture flush ended the writer, and the collector.
+    Memory short for a moment is the machine's trouble, not the rows': they are kept in
+    memory and retried, like on a disk error."""
+    from cryptoflow.pipeline.raw import RawCapture
+    from cryptoflow.storage import rawfile
+
+    short = {"deltas": 1, "snapshots": 1, "raw": 1}  # the first build/encode of each
+
+    def once(name: str) -> None:
+        if short[name]:
+            short[name] -= 1
+            raise MemoryError
+
+    def builder(dataset, exchange, market, symbol, columns, mult="1"):
+        once(dataset.value)
+        return frame_builder(dataset, exchange, market, symbol, columns, mult)
+
+    real_encode = rawfile.encode
+
+    def encode(lines):
+        once("raw")
+        return real_encode(lines)
+
+    monkeypatch.setattr(rawfile, "encode", encode)
+    out, store, spool, cfg = setup(tmp_path, interval=0.5, snapshot_flush_interval=0.5)
+    raw = RawCapture()
+    send, recv = trio.open_memory_channel(10)
+    async with trio.open_nursery() as nursery:
+        writer = await start_writer(
+            nursery, recv, store, spool, cfg, builder, raw=raw, retry_initial=0.5
+        )
+        raw.add("binance", "BTCUSDT", "ws", "btcusdt@depth", '{"u":1}', T0 * 1_000_000)
+        for sym in ("BTCUSDT", "ETHUSDT"):
+            await send.send(delta_batch(1, 5, T0, sym))
+        await send.send(snapshot_batch("BTCUSDT", T0))
+        await trio.sleep(3.0)
+        assert writer.stats.flush_failures == 4 and not any(short.values())
+        await send.aclose()
+    df = stored_all(out)
+    assert df.filter(pl.col("symbol") == "BTCUSDT").height == 5 + 4
+    assert df.filter(pl.col("symbol") == "ETHUSDT").height == 5
+    assert writer.stats.raw_lines_uploaded == 1
+    assert writer.stats.rows_set_aside == {} and set_aside(spool, "*") == []
+    assert "(MemoryError); kept in memory" in caplog.text
+    assert "LOST" not in caplog.text

@@ -61,7 +61,13 @@ import polars as pl
 import trio
 
 from cryptoflow.config_schema import BufferSection
-from cryptoflow.errors import SpoolFull, StorageError, StorageRejected, UnsafePartition
+from cryptoflow.errors import (
+    TRANSIENT_ERRORS,
+    SpoolFull,
+    StorageError,
+    StorageRejected,
+    UnsafePartition,
+)
 from cryptoflow.models import SCHEMAS, Dataset, SnapshotBody
 from cryptoflow.pipeline.bodies import BodyBatch, SnapshotCodec, frame_from_bodies
 from cryptoflow.pipeline.rows import RowBatch
@@ -132,7 +138,7 @@ class WriterStats:
     files_uploaded: int = 0
     bytes_uploaded: int = 0
     upload_failures: int = 0
-    flush_failures: int = 0  # spool refused (SpoolFull) or spool disk error
+    flush_failures: int = 0  # spool refused (SpoolFull), spool disk error or MemoryError
     #: poll snapshot bodies left out at the flush: their venue parser rejects them
     snapshot_bodies_rejected: int = 0
     #: rows refused at intake: their exchange/market/symbol is no safe path component
@@ -290,6 +296,15 @@ JOURNALED = (Dataset.DELTAS, Dataset.GAPS)
 
 FlushResult = list[tuple[SpoolEntry, int]] | Exception
 
+#: a flush failing with one of these keeps its rows for a retry: the spool refused them,
+#: or the machine did (disk, memory: `errors.TRANSIENT_ERRORS`), not the rows
+RETRIED = (SpoolFull, *TRANSIENT_ERRORS)
+
+
+def _why(exc: BaseException) -> str:
+    """An exception for a log line (a bare MemoryError has no message)."""
+    return str(exc) or type(exc).__name__
+
 
 def _flush_many_blocking(
     spool: Spool, builder: FrameBuilder, bufs: list[_Buffer]
@@ -297,8 +312,9 @@ def _flush_many_blocking(
     """Flush several buffers in one thread hop: one result (or the error) per buffer, and
     the event -> spool delay histogram of the rows spooled (`DELAY_EDGES_S`).
 
-    Never raises for one buffer's trouble: a spool refusal or disk error is that
-    buffer's result (kept, retried); any other failure sets the buffer's rows aside
+    Never raises for one buffer's trouble: a spool refusal, disk error or MemoryError
+    (`RETRIED`) is that buffer's result (kept, retried); any other failure sets the
+    buffer's rows aside
     (`_set_aside_buffer`). One bad buffer once killed the writer task, and with it the
     collector, losing every other buffer's rows."""
     out: dict[int, FlushResult] = {}
@@ -310,7 +326,7 @@ def _flush_many_blocking(
             continue
         try:
             out[i] = _flush_blocking(spool, builder, buf)
-        except (SpoolFull, OSError) as exc:
+        except RETRIED as exc:
             out[i] = exc
         except Exception as exc:
             out[i] = _set_aside_buffer(spool, builder, buf, exc)
@@ -337,7 +353,7 @@ def _flush_journal(
         # placed made every split of the oldest journals fail, forever
         frame = _placeable_rows(spool, builder, bufs, frame)
         entry = spool.write_journal(dataset, frame) if frame.height else None
-    except (SpoolFull, OSError) as exc:
+    except RETRIED as exc:
         return [exc] * len(bufs), None
     except Exception as exc:
         if len(bufs) == 1:
@@ -400,11 +416,11 @@ def _set_aside_buffer(
     try:
         try:
             spool.set_aside(dataset, partition, buf.frame(builder), reason)
-        except OSError:
+        except TRANSIENT_ERRORS:
             raise
         except Exception:
             spool.set_aside_lines(dataset, partition, _buffer_lines(buf), reason)
-    except OSError as err:
+    except TRANSIENT_ERRORS as err:
         return err
     except Exception as err:  # never the writer: say what is lost
         log.error(
@@ -777,7 +793,7 @@ class Writer:
                 buf.key[0].value,
                 buf.key[1],
                 buf.key[3],
-                result,
+                _why(result),
                 delay,
             )
             self._rotated.append(buf)
@@ -808,14 +824,14 @@ class Writer:
                 entry = await trio.to_thread.run_sync(
                     _flush_raw_blocking, self.spool, buf, limiter=self.limiter
                 )
-            except (SpoolFull, OSError) as exc:
+            except RETRIED as exc:
                 delay = self._flush_failed(buf, exc)
                 log.error(
                     "writer: cannot spool %d raw lines of %s/%s (%s); kept, retry in %.1fs",
                     len(buf.lines),
                     buf.key[0],
                     buf.key[2],
-                    exc,
+                    _why(exc),
                     delay,
                 )
                 self.raw.put_back(buf)
@@ -1032,7 +1048,9 @@ class Writer:
             )
         except Exception as exc:
             self.stats.split_failures += 1
-            log.error("writer: cannot split %d journal files of %s (%s)", len(group), part, exc)
+            log.error(
+                "writer: cannot split %d journal files of %s (%s)", len(group), part, _why(exc)
+            )
             return None
         finally:
             self._merging.discard(part)
