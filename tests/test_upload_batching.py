@@ -281,6 +281,42 @@ def test_crash_between_merge_and_source_removal_completes_merge(tmp_path, frame_
     assert df.height == 50 and df["last_update_id"].to_list() == list(range(1, 51))
 
 
+def test_a_start_goes_on_past_files_it_cannot_delete(tmp_path, frame_builder, monkeypatch, caplog):
+    """Found by review: the start-up scan deleted a leftover temp file and an interrupted
+    merge's sources without a guard, so one undeletable file (EACCES, EROFS, EIO) failed
+    every start. The temp file is left with a WARNING naming it (never uploaded); the
+    source is doomed like one a run could not delete (never uploaded: its rows are in
+    the merged file); the next start that can delete them does."""
+    root = tmp_path / "spool"
+    spool, keys = _spool_with_files(tmp_path, 3, frame_builder)
+    saved = (root / keys[0]).read_bytes()
+    merged = spool.merge(spool.pending())
+    (root / keys[0]).write_bytes(saved)  # "crash" before this source was deleted
+    temp = root / keys[1].rsplit("/", 1)[0] / ".x.parquet.tmp-abcd"
+    temp.write_bytes(b"partial")
+    stuck = {root / keys[0], temp}
+    real_unlink = Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self in stuck:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    restarted = Spool(root, max_bytes=10**9)
+    report = restarted.scan()
+    assert [e.key for e in restarted.pending()] == [merged.key] and report.temp_removed == 0
+    assert f"cannot remove leftover temp file {temp}" in caplog.text
+    assert f"cannot delete merged source {keys[0]}" in caplog.text
+    assert (root / ".doomed").read_text() == keys[0] + "\n"
+    assert all(p.exists() for p in stuck)
+    monkeypatch.undo()
+    again = Spool(root, max_bytes=10**9)
+    assert again.scan().temp_removed == 1
+    assert [e.key for e in again.pending()] == [merged.key]
+    assert not any(p.exists() for p in stuck) and not (root / ".doomed").exists()
+
+
 def test_merge_is_deterministic(tmp_path, frame_builder):
     """The same sources give the same bytes and so the same key (idempotent redo)."""
     a, _ = _spool_with_files(tmp_path / "a", 4, frame_builder)

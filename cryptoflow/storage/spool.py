@@ -400,9 +400,7 @@ class Spool:
         for path in self._walk():
             if TMP_MARK in path.name:
                 if validate:
-                    log.warning("spool: removing leftover temp file %s", path)
-                    path.unlink(missing_ok=True)
-                    temp_removed += 1
+                    temp_removed += self._remove_temp(path)
                 continue
             if not is_data_file(path.name):
                 continue
@@ -433,18 +431,18 @@ class Spool:
         groups = {g for g in split_groups if any(k in present for k in g)}
         if replaced:
             # interrupted merges: the merged file is complete (atomic rename), so its
-            # sources still here are duplicates of its rows; finish the merge now.
+            # sources still here are duplicates of its rows; finish the merge now (a
+            # source that cannot be deleted is doomed: never indexed, never uploaded).
             # Journals are different: a merged file holds only ONE partition of their
             # rows, so an interrupted split is redone below, not assumed done.
-            kept = []
-            for e in found:
-                if e.key in replaced and not e.merged and not is_journal(e.key):
-                    log.warning("spool: completing an interrupted merge: removing %s", e.key)
-                    e.path.unlink(missing_ok=True)
-                    merges_completed += 1
-                else:
-                    kept.append(e)
-            found = kept
+            done = {
+                e.key for e in found if e.key in replaced and not e.merged and not is_journal(e.key)
+            }
+            for k in sorted(done):
+                log.warning("spool: completing an interrupted merge: removing %s", k)
+            self._forget_sources(sorted(done))
+            merges_completed += len(done)
+            found = [e for e in found if e.key not in done]
         found.sort(key=lambda e: (e.mtime_ns, e.key))
         with self._lock:
             self._entries.clear()
@@ -467,6 +465,18 @@ class Spool:
                 quarantined,
             )
         return report
+
+    def _remove_temp(self, path: Path) -> int:
+        """Startup: delete a temp file a crash left (1), or leave one that cannot be
+        deleted with a WARNING (0): a temp file is never indexed nor uploaded, so it is
+        no reason to fail the start (the next one tries again)."""
+        log.warning("spool: removing leftover temp file %s", path)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("spool: cannot remove leftover temp file %s (left there): %s", path, exc)
+            return 0
+        return 1
 
     # --- write / remove ------------------------------------------------------------
 
