@@ -788,15 +788,15 @@ class Spool:
         dirs = set()
         doomed: list[str] = []
         for k, e in zip(keys, entries, strict=True):
-            try:
-                if e is not None:
-                    self.remove(e)
-                else:
-                    (self.root / k).unlink(missing_ok=True)
+            dirs.add((self.root / k).parent)
+            if e is not None:
+                self.remove(e)  # never fails: an undeletable file is doomed there
+                continue
+            try:  # not indexed: found by the start-up scan, or doomed and still there
+                (self.root / k).unlink(missing_ok=True)
             except OSError as exc:
                 log.error("spool: cannot delete merged source %s (next scan will): %s", k, exc)
                 doomed.append(k)
-            dirs.add((self.root / k).parent)
         for d in dirs:
             with contextlib.suppress(OSError):
                 fsync_dir(d)
