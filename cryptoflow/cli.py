@@ -165,6 +165,15 @@ def replay(
             "--instruments)"
         ),
     ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="config.yml whose symbols.yml names the stored symbols, as collect does "
+            "(default: configs/config.yml when it exists)",
+        ),
+    ] = None,
 ) -> None:
     """Re-normalize a recording through the same parse + book-sync + flatten code.
 
@@ -178,6 +187,7 @@ def replay(
             output=output,
             instruments=instruments,
             multipliers=multiplier or (),
+            symbols=replay_tool.symbol_table(config, default=DEFAULT_CONFIG),
         )
     )
 

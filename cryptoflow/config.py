@@ -120,6 +120,21 @@ def load_settings(
     )
 
 
+def load_symbol_table(path: Path) -> dict[str, SymbolEntry]:
+    """`symbols.yml` alone, with the same checks as `load_settings`: for tools that name
+    symbols as the collector does (`replay`) but need no other setting; ConfigError with
+    file:line otherwise."""
+    path = Path(path)
+    problems: list[str] = []
+    rep = _Report(str(path), problems)
+    node = _read_yaml(path, rep)
+    table = _load_symbols(node, rep) if node is not _MISSING else None
+    if problems:
+        raise ConfigError(problems)
+    assert table is not None
+    return table
+
+
 def key_location(config_path: Path | str, dotted: str) -> str:
     """`file:line: dotted` for a key of config.yml (`file: dotted` when the key is not
     written there and its default applies): where a check made after loading points."""

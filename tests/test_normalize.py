@@ -34,7 +34,7 @@ def items_of(path: Path) -> list:
         if rec.kind == "ws":
             out.extend(parse_ws_message(rec.msg, rec.recv_ns))
         else:
-            out.append(VENUES["binance"].parse_rest(rec))
+            out.append(VENUES["binance"].parse_rest(rec, {}))
     return out
 
 

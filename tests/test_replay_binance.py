@@ -141,9 +141,9 @@ def test_btc_aligns_on_diff_4_received_before_snapshot():
     venue = VENUES["binance"]
     for rec in iter_records(BTC):
         if rec.kind == "ws":
-            normalizer.feed_many(venue.parse_ws(rec.msg, rec.recv_ns))
+            normalizer.feed_many(venue.parse_ws(rec.msg, rec.recv_ns, {}))
         else:
-            normalizer.feed(venue.parse_rest(rec))
+            normalizer.feed(venue.parse_rest(rec, {}))
     sync = normalizer.syncs()[("binance", "BTCUSDT")]
     c = sync.counters
     assert (c.stale_dropped, c.applied, c.breaks, c.resyncs) == (4, 6547, 0, 0)

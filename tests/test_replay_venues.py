@@ -11,6 +11,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from configtools import make_config
 from paths import RECORDED
 from typer.testing import CliRunner
 
@@ -19,6 +20,7 @@ from cryptoflow.errors import UsageError
 from cryptoflow.tools.replay import replay_summary, run
 
 REC = RECORDED
+REPO = Path(__file__).resolve().parents[1]
 BYBIT1 = REC / "bybit/linear_orderbook1_BAND_RAD_SNT_AIOZ_2025-06-13.jsonl"
 BYBIT500 = REC / "bybit/linear_orderbook500_XRPUSDT_2024-12-01.jsonl"
 OKX_XMR = REC / "okx/swap_books-l2-tbt_XMR-USDT-SWAP_2021-07-22.jsonl"
@@ -152,6 +154,67 @@ def test_bybit_repeated_identical_snapshot_is_not_a_gap(tmp_path):
     assert summary_dict("bybit", path) == dict(
         messages=3, rows=0, gaps=0, resyncs=0, snapshot_rows=3000
     )
+
+
+def shib_lines() -> list[str]:
+    """The XRPUSDT recording as Bybit's per-1000 SHIB contract `SHIB1000USDT` (the symbol
+    table's `1000SHIBUSDT`), ending with a REST poll of it at the last delta's id."""
+    lines = [ln.replace("XRPUSDT", "SHIB1000USDT") for ln in lines_of(BYBIT500)]
+    last = json.loads(lines[-1])
+    body = {
+        "retCode": 0,
+        "retMsg": "OK",
+        "result": {"s": "SHIB1000USDT", "b": [["1.9", "5"]], "a": [["2.0", "7"]],
+                   "ts": last["msg"]["ts"], "u": last["msg"]["data"]["u"]},
+    }  # fmt: skip
+    channel = "/v5/market/orderbook?category=linear&symbol=SHIB1000USDT&limit=500"
+    rest = {"recv_ns": last["recv_ns"] + 1, "kind": "rest_snapshot", "channel": channel}
+    return [*lines, json.dumps({**rest, "msg": body})]
+
+
+def partitions(root: Path) -> set[str]:
+    """`dataset/exchange=/market=/symbol=` of every file written under `root`."""
+    return {"/".join(p.relative_to(root).parts[:4]) for p in root.rglob("*.parquet")}
+
+
+def test_bybit_replay_stores_a_symbol_under_the_tables_name(tmp_path, monkeypatch):
+    """Was: replay named rows by the venue (`SHIB1000USDT`) where collect names them by the
+    symbol table (`1000SHIBUSDT`), so a replay wrote the same data to another partition."""
+    path = write(tmp_path, "shib.jsonl", shib_lines())
+    want = {
+        f"{ds}/exchange=bybit/market=futures/symbol=1000SHIBUSDT" for ds in ("deltas", "snapshots")
+    }
+    # as collect: configs/config.yml (and the symbols.yml beside it) by default
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "out"
+    args = ["replay", "-e", "bybit", "-i", str(path)]
+    res = CliRunner().invoke(cli_app, [*args, "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    assert partitions(out) == want
+    assert set(stored(out, "snapshots")["source"]) == {"stream", "replay"}  # ws + REST named
+    # or the table beside --config
+    monkeypatch.chdir(tmp_path)
+    config = make_config(tmp_path / "cfg")
+    res = CliRunner().invoke(cli_app, [*args, "--output", "o2", "--config", str(config)])
+    assert res.exit_code == 0, res.output
+    assert partitions(tmp_path / "o2") == want
+
+
+def test_replay_symbol_table_errors(tmp_path, monkeypatch, caplog):
+    path = write(tmp_path, "shib.jsonl", shib_lines())
+    # a --config whose symbols.yml is missing is a usage error naming the file (exit 2)
+    res = CliRunner().invoke(
+        cli_app, ["replay", "-e", "bybit", "-i", str(path), "-c", str(tmp_path / "config.yml")]
+    )
+    assert res.exit_code == 2 and f"{tmp_path / 'symbols.yml'}: file not found" in res.output
+    # no --config and no configs/ here: the venue's naming rule, with a WARNING saying so
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(cli_app, ["replay", "-e", "bybit", "-i", str(path), "--output", "o"])
+    assert res.exit_code == 0, res.output
+    assert "symbols are named by the venue's naming rule" in caplog.text
+    assert partitions(tmp_path / "o") == {
+        f"{ds}/exchange=bybit/market=futures/symbol=SHIB1000USDT" for ds in ("deltas", "snapshots")
+    }
 
 
 @pytest.mark.parametrize("path", [OKX_XMR, OKX_UNI], ids=["xmr", "uni"])

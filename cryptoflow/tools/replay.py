@@ -11,6 +11,10 @@ nothing else branches on the venue. Records are fed in chunks through
 is the one line users (and the recorded README) compare:
 `messages=N rows=N gaps=N resyncs=N snapshot_rows=N`.
 
+Symbol names: rows are stored under the symbol table's names (`symbols.yml`, the table
+`collect` names its rows by: Bybit `SHIB1000USDT` is `1000SHIBUSDT`), given as `symbols`;
+an instrument the table does not list keeps the venue parser's naming rule.
+
 Contract sizes: OKX and KuCoin send sizes in contracts (`Venue.sizes_in_contracts`), and
 rows store base units (raw size x the instruments list's multiplier). A recording (or a
 raw capture) keeps the book frames, not the instruments list, so a replay that writes
@@ -37,9 +41,10 @@ import orjson
 import polars as pl
 
 from cryptoflow.book.sync import BREAK_KINDS, SyncRules
+from cryptoflow.config import SYMBOLS_FILE, load_symbol_table
 from cryptoflow.errors import CryptoflowError, DataError, MalformedMessage, UsageError
 from cryptoflow.exchanges import registry
-from cryptoflow.exchanges.base import Control, Instrument
+from cryptoflow.exchanges.base import Control, Instrument, SymbolMap
 from cryptoflow.exchanges.binance import parse as binance_parse
 from cryptoflow.exchanges.binance.rules import RULES as BINANCE_RULES
 from cryptoflow.models import (
@@ -62,6 +67,7 @@ from cryptoflow.pipeline.normalize import (
 from cryptoflow.pipeline.rows import RowBatch
 from cryptoflow.storage import layout
 from cryptoflow.storage.spool import write_atomic
+from cryptoflow.symbols import SymbolTable, venue_map
 from cryptoflow.tools.recording import Record, open_text, parse_record
 
 log = logging.getLogger(__name__)
@@ -79,21 +85,25 @@ CHUNK_RECORDS = 2_000  # records per feed_many call
 FLUSH_ROWS = 2_000_000  # rows buffered per (dataset, symbol) before a file is written
 
 
+#: ws payload (parsed JSON or text), recv_ns, venue name -> stored name: diffs or a Control
+ParseWs = Callable[[Any, int, SymbolMap], list[DepthDiff] | Control]
+
+
 @attrs.frozen(slots=True)
 class ReplayVenue:
     rules: SyncRules
-    #: ws payload (parsed JSON or text), recv_ns -> list of diffs or a Control
-    parse_ws: Callable[[Any, int], list[DepthDiff] | Control]
-    #: a rest_snapshot record -> DepthSnapshot
-    parse_rest: Callable[[Record], DepthSnapshot]
+    parse_ws: ParseWs
+    #: a rest_snapshot record, venue name -> stored name: DepthSnapshot
+    parse_rest: Callable[[Record, SymbolMap], DepthSnapshot]
     #: per-replay ws parser with state (OKX legacy id sequencer); None = `parse_ws`
-    new_parse_ws: Callable[[], Callable[[Any, int], list[DepthDiff] | Control]] | None = None
+    new_parse_ws: Callable[[], ParseWs] | None = None
 
 
-def _binance_rest(rec: Record) -> DepthSnapshot:
-    symbol = parse_qs(urlsplit(rec.channel).query).get("symbol", [""])[0]
-    if not symbol:
+def _binance_rest(rec: Record, names: SymbolMap) -> DepthSnapshot:
+    venue_symbol = parse_qs(urlsplit(rec.channel).query).get("symbol", [""])[0]
+    if not venue_symbol:
         raise MalformedMessage(f"no symbol in channel {rec.channel!r}", exchange="binance")
+    symbol = stored_name("binance", venue_symbol, names)
     return binance_parse.parse_rest_snapshot(rec.msg, symbol, rec.recv_ns, SnapshotSource.REPLAY)
 
 
@@ -102,32 +112,43 @@ def _raw(msg: Any) -> bytes | str:
     return msg if isinstance(msg, (str, bytes)) else orjson.dumps(msg)
 
 
-def _rest_of(exchange: str, query_key: str) -> Callable[[Record], DepthSnapshot]:
+def _rest_of(exchange: str, query_key: str) -> Callable[[Record, SymbolMap], DepthSnapshot]:
     """REST record parser for a venue whose channel is `<path>?...<query_key>=<venue sym>`."""
     mod = importlib.import_module(f"cryptoflow.exchanges.{exchange}.parse")
 
-    def parse_rest(rec: Record) -> DepthSnapshot:
+    def parse_rest(rec: Record, names: SymbolMap) -> DepthSnapshot:
         venue_symbol = parse_qs(urlsplit(rec.channel).query).get(query_key, [""])[0]
         if not venue_symbol:
             raise MalformedMessage(f"no {query_key} in channel {rec.channel!r}", exchange=exchange)
-        symbol = mod.default_symbol(venue_symbol)
+        symbol = stored_name(exchange, venue_symbol, names)
         return mod.parse_rest_snapshot(_raw(rec.msg), symbol, rec.recv_ns, SnapshotSource.REPLAY)
 
     return parse_rest
 
 
-def _ws_of(exchange: str) -> Callable[[Any, int], list[DepthDiff] | Control]:
+def _ws_of(exchange: str) -> ParseWs:
     mod = importlib.import_module(f"cryptoflow.exchanges.{exchange}.parse")
-    return lambda msg, recv_ns: mod.parse_ws_message(_raw(msg), recv_ns)
+    return lambda msg, recv_ns, names: mod.parse_ws_message(_raw(msg), recv_ns, names)
 
 
-def _okx_ws() -> Callable[[Any, int], list[DepthDiff] | Control]:
+def _okx_ws() -> ParseWs:
     """OKX captures before seqId existed: one legacy id sequencer per replay."""
     from cryptoflow.exchanges.okx import parse as okx_parse
     from cryptoflow.exchanges.okx.rules import LegacySequencer
 
     legacy = LegacySequencer()
-    return lambda msg, recv_ns: okx_parse.parse_ws_message(_raw(msg), recv_ns, None, legacy)
+    return lambda msg, recv_ns, names: okx_parse.parse_ws_message(_raw(msg), recv_ns, names, legacy)
+
+
+def stored_name(exchange: str, venue_symbol: str, names: SymbolMap) -> str:
+    """The name rows of `venue_symbol` are stored under: the symbol table's (what collect
+    uses: Bybit `SHIB1000USDT` is `1000SHIBUSDT`), else the venue parser's naming rule
+    (OKX `BTC-USDT-SWAP` -> `BTCUSDT`) for instruments the table does not list."""
+    found = names.get(venue_symbol)
+    if found is not None:
+        return found
+    mod = importlib.import_module(f"cryptoflow.exchanges.{exchange}.parse")
+    return mod.default_symbol(venue_symbol)
 
 
 def _venue_rules(exchange: str) -> SyncRules:
@@ -135,7 +156,11 @@ def _venue_rules(exchange: str) -> SyncRules:
 
 
 VENUES: dict[str, ReplayVenue] = {
-    "binance": ReplayVenue(BINANCE_RULES, binance_parse.parse_ws_message, _binance_rest),
+    "binance": ReplayVenue(
+        BINANCE_RULES,
+        lambda msg, recv_ns, names: binance_parse.parse_ws_message(msg, recv_ns, names),
+        _binance_rest,
+    ),
     "bybit": ReplayVenue(_venue_rules("bybit"), _ws_of("bybit"), _rest_of("bybit", "symbol")),
     "okx": ReplayVenue(
         _venue_rules("okx"), _ws_of("okx"), _rest_of("okx", "instId"), new_parse_ws=_okx_ws
@@ -178,14 +203,18 @@ class ContractSizes:
 
 
 def contract_sizes(
-    exchange: str, instruments: Path | None = None, multipliers: Sequence[str] = ()
+    exchange: str,
+    instruments: Path | None = None,
+    multipliers: Sequence[str] = (),
+    names: SymbolMap | None = None,
 ) -> ContractSizes | None:
     """The multipliers for a replay of `exchange`; None when its sizes are base units.
 
     `instruments` is the venue's instruments list saved as JSON (OKX `GET
     /api/v5/public/instruments?instType=SWAP`, KuCoin `GET /api/v1/contracts/active`),
     `multipliers` are `SYMBOL=VALUE` texts (SYMBOL stored or venue name); they win over
-    the list. Either given for a venue whose sizes are base units is a usage error."""
+    the list. Either given for a venue whose sizes are base units is a usage error.
+    `names` (venue name -> stored name, the symbol table's) keys them as rows are stored."""
     if not registry.get_venue(exchange).sizes_in_contracts:
         if instruments is not None or multipliers:
             raise UsageError(
@@ -194,14 +223,14 @@ def contract_sizes(
                 f"({', '.join(_contract_venues())})"
             )
         return None
-    mod = importlib.import_module(f"cryptoflow.exchanges.{exchange}.parse")
+    names = names or {}
     sizes = ContractSizes(exchange, {}, {})
     if instruments is not None:
         for inst in _load_instruments(exchange, Path(instruments)).values():
-            _add_instrument(sizes, mod.default_symbol(inst.venue_symbol), inst)
+            _add_instrument(sizes, stored_name(exchange, inst.venue_symbol, names), inst)
     for text in multipliers:
         symbol, value = _multiplier_option(text)
-        symbol = mod.default_symbol(symbol)
+        symbol = stored_name(exchange, symbol, names)
         sizes.multipliers[symbol] = value
         sizes.refused.pop(symbol, None)
     return sizes
@@ -289,6 +318,7 @@ def replay_summary(
     fast: bool = True,
     instruments: Path | None = None,
     multipliers: Sequence[str] = (),
+    symbols: SymbolTable | None = None,
 ) -> ReplaySummary:
     """Replay `input_path`; write Parquet under `output` (nothing written when None).
 
@@ -296,7 +326,9 @@ def replay_summary(
     batch fast path, `pipeline/batch.py`) for venues that have one; any chunk it does not
     take, and every other record, takes the simple path. Output is the same either way
     (`tests/test_fastpath.py`). `instruments` / `multipliers`: see `contract_sizes`; a
-    contract-sized venue's rows are only written with a multiplier for their symbol."""
+    contract-sized venue's rows are only written with a multiplier for their symbol.
+    `symbols`: the symbol table (`symbol_table`); rows are stored under its names, as
+    `collect` stores them (without it, under the venue parser's naming rule)."""
     venue = VENUES.get(exchange)
     if venue is None:
         raise UsageError(f"replay: unknown exchange {exchange!r} (known: {', '.join(VENUES)})")
@@ -306,7 +338,9 @@ def replay_summary(
         raise UsageError(f"replay: input file {str(input_path)!r} does not exist")
     summary = ReplaySummary()
     normalizer = Normalizer({exchange: venue.rules})
-    sizes = contract_sizes(exchange, instruments, multipliers)
+    #: venue name -> stored name: the table `collect` names its rows by
+    names: dict[str, str] = venue_map(symbols, exchange) if symbols else {}
+    sizes = contract_sizes(exchange, instruments, multipliers, names)
     if sizes is not None:
         sizes.install(normalizer)
         if output is not None and instruments is None and not multipliers:
@@ -368,14 +402,14 @@ def replay_summary(
         summary.messages += 1
         try:
             if rec.kind == "ws":
-                parsed = parse_ws(rec.msg, rec.recv_ns)
+                parsed = parse_ws(rec.msg, rec.recv_ns, names)
                 if isinstance(parsed, Control):
                     summary.controls += 1
                     return
                 summary.diffs += len(parsed)
                 items.extend(parsed)
             else:
-                parsed = [venue.parse_rest(rec)]
+                parsed = [venue.parse_rest(rec, names)]
                 items.extend(parsed)
                 summary.snapshots += 1
         except MalformedMessage as exc:
@@ -395,7 +429,7 @@ def replay_summary(
         if not pending:
             return
         out = normalizer.feed_frames(
-            exchange, MARKET_FUTURES, [p[3] for p in pending], [p[2] for p in pending]
+            exchange, MARKET_FUTURES, [p[3] for p in pending], [p[2] for p in pending], names
         )
         if out is None:  # not this chunk: every record through the simple path
             for line_no, line, _, _ in pending:
@@ -437,6 +471,25 @@ def replay_summary(
     return summary
 
 
+def symbol_table(config: Path | None, *, default: Path) -> SymbolTable | None:
+    """The symbol table `collect` names rows by: `symbols.yml` beside `config` (a
+    ConfigError when it cannot be read), or beside `default` (the CLI's configs/config.yml)
+    when no config is given and that file exists. None, with a WARNING, when there is none:
+    names then follow the venue's naming rule, which differs from the table's for a few
+    instruments (Bybit `SHIB1000USDT` is stored as `1000SHIBUSDT`)."""
+    if config is None:
+        if not (default.parent / SYMBOLS_FILE).is_file():
+            log.warning(
+                "replay: no %s (none beside %s; --config names a config.yml): symbols are "
+                "named by the venue's naming rule, not by the table collect stores them by",
+                SYMBOLS_FILE,
+                default,
+            )
+            return None
+        config = default
+    return load_symbol_table(Path(config).parent / SYMBOLS_FILE)
+
+
 def run(
     exchange: str,
     input_path: Path,
@@ -444,12 +497,18 @@ def run(
     *,
     instruments: Path | None = None,
     multipliers: Sequence[str] = (),
+    symbols: SymbolTable | None = None,
 ) -> int:
     """CLI entry: replay, print the one summary line, return the exit code: 0, or 1
     when the file had records and not one of them could be read (the wrong --exchange
     for the recording, or not a recording at all): that is no replay."""
     summary = replay_summary(
-        exchange, input_path, output, instruments=instruments, multipliers=multipliers
+        exchange,
+        input_path,
+        output,
+        instruments=instruments,
+        multipliers=multipliers,
+        symbols=symbols,
     )
     if summary.bad_records:
         log.warning("%d bad records skipped", summary.bad_records)

@@ -107,6 +107,11 @@ def count_snapshot_levels(body: bytes) -> int:
     return body.count(b'["')
 
 
+def default_symbol(venue_symbol: str) -> str:
+    """Binance USD-M names are already normalized (`BTCUSDT`, `1000PEPEUSDT`)."""
+    return venue_symbol
+
+
 def parse_rest_snapshot(
     body: bytes | str | dict,
     symbol: str,
