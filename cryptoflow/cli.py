@@ -177,7 +177,7 @@ def replay(
 ) -> None:
     """Re-normalize a recording through the same parse + book-sync + flatten code.
 
-    OKX/KuCoin sizes are contracts: writing their rows needs --instruments or --multiplier."""
+    OKX/KuCoin contract sizes: a raw capture carries them, else --instruments or --multiplier."""
     from cryptoflow.tools import replay as replay_tool
 
     _run(

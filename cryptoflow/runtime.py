@@ -36,6 +36,7 @@ import random
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -290,6 +291,7 @@ async def run_shard(
         stats.symbols = tuple(sym for sym, _venue_sym in symbols)
         if raw is not None:
             install_rest_hook(http)
+            _describe_instruments(raw, plan.exchange, symbols, normalizer)
 
         async def fetch(sym: str, source_kind: SnapshotSource) -> DepthSnapshot | SnapshotBody:
             get: Callable[..., Awaitable[DepthSnapshot | SnapshotBody]] = rest.fetch_snapshot
@@ -334,6 +336,17 @@ async def run_shard(
                                 )
                         await stop.requested.wait()
                         polling.deadline = trio.current_time() + settings.app.reader.request_timeout
+
+
+def _describe_instruments(
+    raw: RawCapture, exchange: str, symbols: Sequence[tuple[str, str]], normalizer: Normalizer
+) -> None:
+    """Raw capture: each raw file of a symbol begins with its stored name, venue name and
+    the multiplier its rows are stored with, so that a replay needs no instruments list of
+    its own and names it as collect does (`RawCapture.describe`)."""
+    read_ns = time.time_ns()  # just after the list was read
+    for sym, venue_sym in symbols:
+        raw.describe(exchange, sym, venue_sym, normalizer.multiplier(exchange, sym), read_ns)
 
 
 #: a poll may return the body unparsed (`SnapshotBody`); a resync fetch always parses

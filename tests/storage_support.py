@@ -93,16 +93,18 @@ def write_config(
     snapshot_flush_interval: float = 60.0,
     symbols: list[str] | None = None,
     upload_interval: float = 0.0,
+    exchange: str = "binance",
 ) -> Path:
-    """A config directory; returns the path of its config.yml."""
+    """A config directory; returns the path of its config.yml. `sim` serves Binance only;
+    another `exchange` runs with `collect --simulate` (its own simulator)."""
     from ruamel.yaml import YAML
 
     yaml = YAML()
     root.mkdir(parents=True, exist_ok=True)
     cfg = yaml.load((REPO / "configs" / "config.yml").read_text())
     cfg["cryptoflow"]["shutdown_timeout"] = shutdown_timeout
-    cfg["cryptoflow"]["exchanges"] = ["binance"]
-    b = cfg["source"]["binance"]
+    cfg["cryptoflow"]["exchanges"] = [exchange]
+    b = cfg["source"][exchange]
     if sim is not None:
         b["rest_url"] = sim.rest_url
         b["ws_url"] = sim.ws_url
@@ -124,7 +126,7 @@ def write_config(
     syms = symbols or (sim.symbols if sim else ["BTCUSDT", "ETHUSDT"])
     (root / "ip_shards.yml").write_text(
         "shards:\n  - name: main\n    source_ip: null\n    symbols:\n"
-        f"      binance: [{', '.join(syms)}]\n"
+        f"      {exchange}: [{', '.join(syms)}]\n"
     )
     (root / "symbols.yml").write_text((REPO / "configs" / "symbols.yml").read_text())
     return root / "config.yml"
@@ -152,9 +154,10 @@ class Collector:
         duration: float | None = None,
         output: Path | None = None,
         simulate: bool = False,
+        exchange: str = "binance",
     ) -> None:
         args = [PY, "-m", "cryptoflow", "collect", "--config", str(config)]
-        args += ["--exchange", "binance"]
+        args += ["--exchange", exchange]
         if duration is not None:
             args += ["--duration", str(duration)]
         if output is not None:

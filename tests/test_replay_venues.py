@@ -390,6 +390,51 @@ def test_symbol_without_multiplier_refuses(tmp_path):
     assert replay_summary("okx", OKX_XMR, None).rows > 0
 
 
+def instrument_record(multiplier: str, recv_ns: int = 0, **msg) -> str:
+    """The record a raw capture begins each file with (`storage.rawfile`)."""
+    msg = {"symbol": "BTCUSDT", "venue_symbol": "XBTUSDTM", "multiplier": multiplier, **msg}
+    rec = {"recv_ns": recv_ns, "kind": "instrument", "channel": "XBTUSDTM", "msg": msg}
+    return json.dumps(rec)
+
+
+def test_capture_instrument_record_gives_the_multiplier_and_options_win(tmp_path):
+    """A raw capture says each symbol's contract size: no flags needed; --multiplier (or
+    --instruments) still decides when given."""
+    path = write(tmp_path, "kc.jsonl", [instrument_record("0.001"), *kucoin_lines()])
+    assert run("kucoin", path, tmp_path / "a") == 0
+    assert_scaled(stored(tmp_path / "a", "deltas"), "0.001")
+    assert_scaled(stored(tmp_path / "a", "snapshots"), "0.001")
+    s = replay_summary("kucoin", path, None)
+    assert (s.messages, s.instruments) == (6, 1)  # the record is not a book message
+    assert run("kucoin", path, tmp_path / "b", multipliers=["XBTUSDTM=0.01"]) == 0
+    assert_scaled(stored(tmp_path / "b", "deltas"), "0.01")
+
+
+def test_capture_multiplier_change_applies_from_its_record_on(tmp_path):
+    """A capture spanning a contract-size change (the list read again after a restart): the
+    rows before the new record keep the old multiplier, the rows after it take the new."""
+    lines = kucoin_lines()
+    path = write(
+        tmp_path,
+        "kc.jsonl",
+        [instrument_record("0.001"), *lines[:2], instrument_record("0.002"), *lines[2:]],
+    )
+    out = tmp_path / "out"
+    assert run("kucoin", path, out) == 0
+    deltas = stored(out, "deltas")
+    assert_scaled(deltas.filter(pl.col("last_update_id") <= 100), "0.001")  # 99, 100
+    assert_scaled(deltas.filter(pl.col("last_update_id") > 100), "0.002")  # 101..103
+    assert_scaled(stored(out, "snapshots"), "0.002")  # received after the new record
+
+
+def test_malformed_instrument_record_is_skipped_and_the_symbol_refused(tmp_path, caplog):
+    path = write(tmp_path, "kc.jsonl", [instrument_record("-1"), *kucoin_lines()])
+    with pytest.raises(UsageError, match=r"kc.jsonl:2: no contract multiplier for kucoin BTCUSDT"):
+        run("kucoin", path, tmp_path / "out")
+    assert "kc.jsonl:1: skipped: kucoin/BTCUSDT: instrument record: multiplier '-1'" in caplog.text
+    assert not list(tmp_path.rglob("*.parquet"))
+
+
 @pytest.mark.parametrize(
     ("exchange", "kw", "match"),
     [

@@ -13,6 +13,13 @@ one file per (exchange, symbol) and flush, partitioned by receive-time hour:
 re-normalized later; `recv_ns` is the same receive time the live pipeline used, so a
 replay gives the same delta rows.
 
+Each file begins with the symbol's `instrument` record (`storage.rawfile`: stored name,
+venue name, contract multiplier, set by `describe` when the shard has read the venue's
+instruments list): the book payloads alone do not say how big an OKX or KuCoin contract
+is, nor which name collect stores the symbol under, and a record in every file keeps any
+file, or any concatenation of files, replayable as it was collected. It costs one short
+line per file.
+
 Hooks (zero cost when off: the readers get `None` and skip one `is not None` test):
 - WS: `run_stream(..., raw_sink=capture.ws_sink(exchange))` calls it with (symbol, frame,
   recv_ns) for each frame that parsed to diffs.
@@ -41,6 +48,7 @@ import orjson
 import trio
 
 from cryptoflow.models import MARKET_FUTURES
+from cryptoflow.storage.rawfile import INSTRUMENT
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,12 @@ class RawBuffer:
     retry_at: float = float("-inf")
     failures: int = 0
     refused_full: bool = False  # its last flush was refused by a full spool
+    #: the instrument record the file begins with (`RawCapture.describe`); b"" = none
+    header: bytes = b""
+
+    def file_lines(self) -> list[bytes]:
+        """The lines of its file: the instrument record, then the payloads."""
+        return [self.header, *self.lines] if self.header else self.lines
 
 
 @attrs.define
@@ -118,6 +132,12 @@ def record_line(recv_ns: int, kind: str, channel: str, payload: str | bytes) -> 
     )
 
 
+def instrument_line(recv_ns: int, symbol: str, venue_symbol: str, multiplier: str) -> bytes:
+    """The `instrument` record of a raw file (`storage.rawfile`)."""
+    msg = {"symbol": symbol, "venue_symbol": venue_symbol, "multiplier": multiplier}
+    return record_line(recv_ns, INSTRUMENT, venue_symbol, orjson.dumps(msg))
+
+
 class RawCapture:
     def __init__(
         self,
@@ -129,15 +149,34 @@ class RawCapture:
         self.max_buffer_bytes = max_buffer_bytes
         self.stats = RawStats()
         self._buffers: dict[RawKey, RawBuffer] = {}
+        self._headers: dict[RawKey, bytes] = {}  # instrument record per symbol
+        self._described: dict[RawKey, tuple[str, str]] = {}  # its (venue name, multiplier)
 
     # --- hooks (called by readers; synchronous, never block) ----------------------------
+
+    def describe(
+        self, exchange: str, symbol: str, venue_symbol: str, multiplier: str, recv_ns: int
+    ) -> None:
+        """From now on every raw file of `symbol` begins with this instrument record: its
+        venue name and the contract multiplier its rows are stored with (the shard calls
+        it once it has read the instruments list, before its readers start). A buffer
+        already open gets the record in line, for the payloads after it."""
+        key = (exchange, self.market, symbol)
+        if self._described.get(key) == (venue_symbol, multiplier):
+            return  # the list read again (a shard restart), the same size: nothing new
+        self._described[key] = (venue_symbol, multiplier)
+        line = instrument_line(recv_ns, symbol, venue_symbol, multiplier)
+        self._headers[key] = line
+        buf = self._buffers.get(key)
+        if buf is not None:
+            buf.lines.append(line)
 
     def add(self, exchange: str, symbol: str, kind: str, channel: str, payload, recv_ns: int):
         line = record_line(recv_ns, kind, channel, payload)
         key = (exchange, self.market, symbol)
         buf = self._buffers.get(key)
         if buf is None:
-            buf = RawBuffer(key, trio.current_time(), recv_ns)
+            buf = RawBuffer(key, trio.current_time(), recv_ns, header=self._headers.get(key, b""))
             self._buffers[key] = buf
         buf.lines.append(line)
         buf.nbytes += len(line)
@@ -210,6 +249,8 @@ class RawCapture:
         """A flush failed: merge the lines back in front of anything newer."""
         cur = self._buffers.get(buf.key)
         if cur is not None:
+            if cur.header and cur.header != buf.header:  # described again since: in line
+                buf.lines.append(cur.header)
             buf.lines.extend(cur.lines)
             buf.nbytes += cur.nbytes
             buf.last_ns = max(buf.last_ns, cur.last_ns)

@@ -604,10 +604,11 @@ def merge_groups(entries: Iterable[SpoolEntry]) -> list[list[SpoolEntry]]:
 
 
 def _flush_raw_blocking(spool: Spool, buf) -> SpoolEntry:
-    data = rawfile.encode(buf.lines)
+    lines = buf.file_lines()  # its instrument record first
+    data = rawfile.encode(lines)
     exchange, market, symbol = buf.key
     key = layout.raw_key(exchange, market, symbol, buf.first_ns, buf.last_ns, data)
-    return spool.write(key, data, rows=len(buf.lines))
+    return spool.write(key, data, rows=len(lines))
 
 
 class Writer:

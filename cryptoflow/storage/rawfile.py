@@ -5,6 +5,15 @@ One record a line, `{"recv_ns": int, "kind": "rest_snapshot" | "ws", "channel": 
 (embedded byte for byte, so `msg` parses back to the same JSON). A file is one complete
 zstd frame with the content size and checksum in its header, so a truncated file fails
 `validate_file` and is quarantined by the spool, never uploaded.
+
+Each file begins with one record of kind `instrument` (`INSTRUMENT`): what the collector
+knew of the file's symbol when it stored its rows, from the venue's instruments list,
+`{"recv_ns": <when the list was read>, "kind": "instrument", "channel": <venue symbol>,
+"msg": {"symbol": <stored name>, "venue_symbol": <venue symbol>, "multiplier": <decimal
+text>}}` (multiplier: base units per venue size unit, OKX `ctVal`, KuCoin `multiplier`, 1
+elsewhere). `cryptoflow replay` reads it, so a capture replays without `--instruments`
+and under the collector's names; a mid-file record (the list read again) applies to the
+records after it.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ import zstandard
 from cryptoflow.errors import CorruptSpoolFile
 
 SUFFIX = ".jsonl.zst"
+#: the record kind of a file's instrument record (see above)
+INSTRUMENT = "instrument"
 MAGIC = b"\x28\xb5\x2f\xfd"
 LEVEL = 3
 

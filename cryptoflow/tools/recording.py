@@ -2,7 +2,9 @@
 
 One JSON object a line: `{"recv_ns": int, "kind": "rest_snapshot" | "ws", "channel": str,
 "msg": payload}`, plain `.jsonl`, gzip `.jsonl.gz` or zstd `.jsonl.zst` (the collector's
-raw capture; detected by the magic bytes, so a misnamed file still reads). Records are
+raw capture; detected by the magic bytes, so a misnamed file still reads). A raw capture
+adds one kind of its own, `instrument` (`storage.rawfile`: the symbol's stored name and
+contract multiplier, at the head of each file). Records are
 streamed one line at a time; a bad line is reported (line number + reason) to `on_error`
 and skipped, or raised when no callback is given, because a replay must go on past one
 damaged line.
@@ -19,15 +21,16 @@ import attrs
 import orjson
 
 from cryptoflow.errors import DataError
+from cryptoflow.storage.rawfile import INSTRUMENT
 
-KINDS = frozenset({"rest_snapshot", "ws"})
+KINDS = frozenset({"rest_snapshot", "ws", INSTRUMENT})
 
 
 @attrs.frozen(slots=True)
 class Record:
     line_no: int  # 1-based line in the (decompressed) file
     recv_ns: int
-    kind: str  # "rest_snapshot" | "ws"
+    kind: str  # "rest_snapshot" | "ws" | "instrument"
     channel: str
     msg: Any  # the payload as parsed JSON (dict), or text for non-JSON frames
 

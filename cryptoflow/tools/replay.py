@@ -11,18 +11,21 @@ nothing else branches on the venue. Records are fed in chunks through
 is the one line users (and the recorded README) compare:
 `messages=N rows=N gaps=N resyncs=N snapshot_rows=N`.
 
-Symbol names: rows are stored under the symbol table's names (`symbols.yml`, the table
-`collect` names its rows by: Bybit `SHIB1000USDT` is `1000SHIBUSDT`), given as `symbols`;
-an instrument the table does not list keeps the venue parser's naming rule.
+Symbol names: rows are stored under the names `collect` stores them by (Bybit
+`SHIB1000USDT` is `1000SHIBUSDT`): a raw capture's instrument records, else the symbol
+table (`symbols.yml`) given as `symbols`; an instrument neither names keeps the venue
+parser's naming rule.
 
 Contract sizes: OKX and KuCoin send sizes in contracts (`Venue.sizes_in_contracts`), and
-rows store base units (raw size x the instruments list's multiplier). A recording (or a
-raw capture) keeps the book frames, not the instruments list, so a replay that writes
-rows of such a venue needs the multipliers given: `--instruments FILE` (the venue's
-instruments list saved as JSON, read by the venue's own instruments parser, exactly as a
-collector reads it at start) and/or `--multiplier SYMBOL=VALUE`. Without them it refuses
-(UsageError, exit 2) instead of storing contracts labelled as base units; a symbol of the
-recording that has none stops the replay at its first record.
+rows store base units (raw size x the instruments list's multiplier). A raw capture says
+each symbol's multiplier: every file begins with an `instrument` record
+(`storage.rawfile`), applied from where it stands. Another recording keeps only the book
+frames, so a replay that writes rows of such a venue needs the multipliers given:
+`--instruments FILE` (the venue's instruments list saved as JSON, read by the venue's own
+instruments parser, exactly as a collector reads it at start) and/or `--multiplier
+SYMBOL=VALUE`; both win over a capture's records. Without any it refuses (UsageError,
+exit 2) instead of storing contracts labelled as base units; a symbol of the recording
+that has none stops the replay at its first record.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from cryptoflow.pipeline.normalize import (
 )
 from cryptoflow.pipeline.rows import RowBatch
 from cryptoflow.storage import layout
+from cryptoflow.storage.rawfile import INSTRUMENT
 from cryptoflow.storage.spool import write_atomic
 from cryptoflow.symbols import SymbolTable, venue_map
 from cryptoflow.tools.recording import Record, open_text, parse_record
@@ -183,6 +187,9 @@ class ContractSizes:
     multipliers: dict[str, str]
     #: symbols whose sizes cannot be stored in base units, and why (inverse contracts...)
     refused: dict[str, str]
+    #: symbols --instruments/--multiplier decided: a capture's instrument record does not
+    #: change them
+    given: set[str] = attrs.field(factory=set)
 
     def install(self, normalizer: Normalizer) -> None:
         for symbol, multiplier in self.multipliers.items():
@@ -233,6 +240,7 @@ def contract_sizes(
         symbol = stored_name(exchange, symbol, names)
         sizes.multipliers[symbol] = value
         sizes.refused.pop(symbol, None)
+    sizes.given.update(sizes.multipliers, sizes.refused)
     return sizes
 
 
@@ -286,6 +294,45 @@ def _multiplier_option(text: str) -> tuple[str, str]:
     return symbol.upper(), format(number, "f")
 
 
+def _instrument_record(exchange: str, rec: Record) -> tuple[str, str, str]:
+    """A raw capture's instrument record (`storage.rawfile`) -> (stored name, venue name,
+    multiplier text as the collector scaled with it); MalformedMessage if it is not one."""
+    msg = rec.msg
+    keys = ("symbol", "venue_symbol", "multiplier")
+    fields = [msg.get(k) for k in keys] if type(msg) is dict else []
+    if len(fields) != len(keys) or not all(type(v) is str and v for v in fields):
+        raise MalformedMessage(
+            "instrument record: expected 'symbol', 'venue_symbol' and 'multiplier' texts, "
+            f"got {orjson.dumps(msg).decode()[:200]}",
+            exchange=exchange,
+        )
+    symbol, venue_symbol, multiplier = fields
+    try:
+        number = Decimal(multiplier)
+    except InvalidOperation:
+        number = None
+    if number is None or not number.is_finite() or number <= 0:
+        raise MalformedMessage(
+            f"instrument record: multiplier {multiplier!r} is not a positive number",
+            exchange=exchange,
+            symbol=symbol,
+        )
+    return symbol, venue_symbol, multiplier
+
+
+def _carries_instruments(path: Path) -> bool:
+    """Whether the recording begins with an instrument record, as every raw-capture file
+    does: then its records say each symbol's contract size."""
+    with open_text(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    return parse_record(line, line_no).kind == INSTRUMENT
+                except DataError:
+                    return False
+    return False
+
+
 @attrs.define(slots=True)
 class ReplaySummary:
     messages: int = 0  # records in the file (ws + rest), bad ones included
@@ -299,6 +346,7 @@ class ReplaySummary:
     bad_records: int = 0
     dropped_duplicates: int = 0
     excess_digits: int = 0
+    instruments: int = 0  # a raw capture's instrument records (not in `messages`)
     files: list[Path] = attrs.field(factory=list)
 
     def line(self) -> str:
@@ -343,11 +391,16 @@ def replay_summary(
     sizes = contract_sizes(exchange, instruments, multipliers, names)
     if sizes is not None:
         sizes.install(normalizer)
-        if output is not None and instruments is None and not multipliers:
+        if (
+            output is not None
+            and instruments is None
+            and not multipliers
+            and not _carries_instruments(input_path)
+        ):
             raise UsageError(
-                f"replay: {exchange} sizes are contracts and a recording does not say how big "
-                "one is: pass --instruments FILE (the venue's instruments list saved as JSON) "
-                "or --multiplier SYMBOL=VALUE"
+                f"replay: {exchange} sizes are contracts and this recording does not say how "
+                "big one is (a raw capture's files begin with it): pass --instruments FILE "
+                "(the venue's instruments list saved as JSON) or --multiplier SYMBOL=VALUE"
             )
     #: rows are written: each symbol needs its multiplier (never stored with 1)
     sized = sizes if output is not None else None
@@ -398,7 +451,38 @@ def replay_summary(
             account(normalizer.feed_many(items))
             items.clear()
 
+    def instrument(rec: Record) -> None:
+        """A raw capture's instrument record: name the venue symbol and scale its sizes as
+        collect did (--instruments/--multiplier still win). Rows read before it keep the
+        multiplier they were read with: a change flushes the symbol's buffers first."""
+        try:
+            symbol, venue_symbol, multiplier = _instrument_record(exchange, rec)
+        except MalformedMessage as exc:
+            drain()
+            bad(rec.line_no, str(exc))
+            return
+        summary.instruments += 1
+        given = sizes is not None and symbol in sizes.given
+        if sizes is not None:
+            current = sizes.multipliers.get(symbol)
+        else:  # base units: still the multiplier collect scaled with (1)
+            current = normalizer.multiplier(exchange, symbol)
+        if names.get(venue_symbol) == symbol and (given or current == multiplier):
+            return  # nothing new: every file of a capture repeats it
+        drain()  # what was read before it keeps its name and multiplier
+        process()
+        if not given and current != multiplier:
+            for key in [k for k in buffers if k[3] == symbol]:
+                flush(key)  # a buffer is scaled with one multiplier
+            normalizer.set_multiplier(exchange, symbol, multiplier)
+            if sizes is not None:
+                sizes.multipliers[symbol] = multiplier
+        names[venue_symbol] = symbol
+
     def simple(rec: Record) -> None:
+        if rec.kind == INSTRUMENT:
+            instrument(rec)
+            return
         summary.messages += 1
         try:
             if rec.kind == "ws":
@@ -455,12 +539,14 @@ def replay_summary(
                 if len(pending) >= chunk_records:
                     drain()
                 continue
-            drain()
             try:
                 rec = parse_record(line, line_no)
             except DataError as exc:
+                drain()
                 bad(line_no, str(exc))
                 continue
+            if rec.kind != INSTRUMENT:
+                drain()  # keep arrival order (an instrument record drains only if it must)
             simple(rec)
     drain()
     process()
@@ -474,17 +560,9 @@ def replay_summary(
 def symbol_table(config: Path | None, *, default: Path) -> SymbolTable | None:
     """The symbol table `collect` names rows by: `symbols.yml` beside `config` (a
     ConfigError when it cannot be read), or beside `default` (the CLI's configs/config.yml)
-    when no config is given and that file exists. None, with a WARNING, when there is none:
-    names then follow the venue's naming rule, which differs from the table's for a few
-    instruments (Bybit `SHIB1000USDT` is stored as `1000SHIBUSDT`)."""
+    when no config is given and that file exists; None when there is none (`run` warns)."""
     if config is None:
         if not (default.parent / SYMBOLS_FILE).is_file():
-            log.warning(
-                "replay: no %s (none beside %s; --config names a config.yml): symbols are "
-                "named by the venue's naming rule, not by the table collect stores them by",
-                SYMBOLS_FILE,
-                default,
-            )
             return None
         config = default
     return load_symbol_table(Path(config).parent / SYMBOLS_FILE)
@@ -502,6 +580,13 @@ def run(
     """CLI entry: replay, print the one summary line, return the exit code: 0, or 1
     when the file had records and not one of them could be read (the wrong --exchange
     for the recording, or not a recording at all): that is no replay."""
+    path = Path(input_path)
+    if symbols is None and path.is_file() and not _carries_instruments(path):
+        log.warning(
+            "replay: no %s (no --config, none in configs/): symbols are named by the venue's "
+            "naming rule, which for a few differs from the table collect names them by",
+            SYMBOLS_FILE,
+        )
     summary = replay_summary(
         exchange,
         input_path,
