@@ -1,10 +1,11 @@
 """RateBudget under a MockClock: throttles, bans, usage header and own pacing; RequestCap's
-sliding hour (OKX subscribe requests per connection)."""
+sliding hour (OKX subscribe requests per connection); ConnectPacer (OKX new connections
+per second per IP)."""
 
 import trio
 import trio.testing
 
-from cryptoflow.net.ratelimit import RateBudget, RequestCap
+from cryptoflow.net.ratelimit import ConnectPacer, RateBudget, RequestCap
 
 
 async def test_paces_own_window_before_the_limit(autojump_clock):
@@ -104,3 +105,26 @@ async def test_windows_stay_bounded_without_a_metrics_scrape(autojump_clock):
         await trio.sleep(0.76)
     assert len(b._minute.sent) <= 80 and len(b._sent.sent) <= 80
     assert b.used_last_minute() == 20 * len(b._minute.sent)
+
+
+async def test_connect_pacer_spaces_openings_past_the_cap(autojump_clock):
+    """OKX takes 3 new connections per second per IP: a shard opening 7 at its start
+    opens 3, then 3 more a window (1 s + 0.1 s slack) later, then the last."""
+    pacer = ConnectPacer(3)
+    t0 = trio.current_time()
+    opened: list[float] = []
+
+    async def connect() -> None:
+        await pacer.wait()
+        opened.append(round(trio.current_time() - t0, 3))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(7):
+            nursery.start_soon(connect)
+    assert sorted(opened) == [0, 0, 0, 1.1, 1.1, 1.1, 2.2]
+    for i in range(len(opened) - 3):  # never more than 3 in any 1.1 s
+        assert sorted(opened)[i + 3] - sorted(opened)[i] >= 1.1
+    await trio.sleep(5)
+    before = trio.current_time()
+    await pacer.wait()  # the window has passed: no wait
+    assert trio.current_time() == before

@@ -9,6 +9,7 @@ a stop during a hand-over ends it and closes both connections.
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import pytest
@@ -20,6 +21,7 @@ from wsfake import start_fake, wait_for
 from cryptoflow.book.sync import BookSync
 from cryptoflow.exchanges.bybit import rules as bybit_rules
 from cryptoflow.models import DepthDiff, GapKind, StreamEvent
+from cryptoflow.net.ratelimit import ConnectPacer
 from cryptoflow.pipeline import stream as stream_mod
 from cryptoflow.pipeline.resync import ResyncQueue
 from cryptoflow.pipeline.stream import StreamStats
@@ -265,3 +267,28 @@ async def test_a_resync_the_lost_connection_left_unanswered_is_asked_again():
         await wait_for(lambda: stats.connects == 2)
         await wait_for(lambda: fallbacks == ["BTCUSDT"], timeout=3)
         nursery.cancel_scope.cancel()
+
+
+async def test_connections_wait_for_the_venues_connect_pacer():
+    """A venue with a cap on new connections per IP (OKX: `connect_pacer`): every
+    connection of a shard, the hand-over's next one included, waits its turn."""
+    venue = _Venue()
+    opened: list[float] = []
+    send, _recv = trio.open_memory_channel(1_000_000)
+
+    async def script(ws, conn, fake):
+        opened.append(trio.current_time())
+        await venue.serve(ws, conn, fake)
+
+    pacer = ConnectPacer(1, window=0.3, margin=0.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(venue.tick)
+        fake = await start_fake(nursery, script)
+        for _ in range(3):  # three connections of one shard (one stream object)
+            runner = _runner(fake.url, send.clone(), 0.05, reconnect_after=0.5)
+            runner.args[0].connect_pacer = pacer
+            nursery.start_soon(runner)
+        await wait_for(lambda: len(opened) >= 5, timeout=5)  # 3 + hand-overs
+        nursery.cancel_scope.cancel()
+    spacing = [b - a for a, b in itertools.pairwise(opened)]
+    assert min(spacing) >= 0.28  # one a window (the server sees them a little later)

@@ -179,3 +179,32 @@ class RequestCap:
     def room(self) -> int:
         """How many more may be sent now."""
         return max(0, self.usable - self.used())
+
+
+class ConnectPacer:
+    """New connections from one IP against a venue's cap per second (OKX: 3). A shard's
+    connections all open at its start, and a hand-over opens one more: past the cap the
+    venue refuses the upgrade, and the refused connection backs off as if it had failed.
+    `wait` spaces the openings instead, with `margin` seconds of slack on the window for
+    the venue's clock. Time is the trio clock."""
+
+    def __init__(self, limit: int, window: float = 1.0, *, margin: float = 0.1) -> None:
+        if limit <= 0 or window <= 0:
+            raise ValueError("limit and window must be positive")
+        self.limit = limit
+        self.window = window + margin
+        self._opened: deque[float] = deque()
+        self.waited = 0  # openings that had to wait (tests, logs)
+
+    async def wait(self) -> None:
+        """Return when one more connection may be opened now (and count it opened)."""
+        opened = self._opened
+        while True:
+            now = trio.current_time()
+            while opened and now - opened[0] >= self.window:
+                opened.popleft()
+            if len(opened) < self.limit:
+                opened.append(now)
+                return
+            self.waited += 1
+            await trio.sleep_until(opened[0] + self.window)

@@ -534,7 +534,11 @@ async def _open_link(
     source_ip: str | None,
     label: str,
 ) -> _Link:
-    """Connect (the venue's URL), upgrade and subscribe."""
+    """Connect (the venue's URL), upgrade and subscribe; no faster than the venue takes
+    new connections from one IP, where it says (`connect_pacer`, OKX)."""
+    pacer = getattr(venue, "connect_pacer", None)
+    if pacer is not None:
+        await pacer.wait()
     url = await venue.url(list(venue_symbols))
     stack = AsyncExitStack()
     try:

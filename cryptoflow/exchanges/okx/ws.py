@@ -21,6 +21,7 @@ import orjson
 from cryptoflow.exchanges.base import SymbolMap, WsItem
 from cryptoflow.exchanges.bybit.ws import ws_url_with_path
 from cryptoflow.exchanges.okx import parse, rules
+from cryptoflow.net.ratelimit import ConnectPacer
 from cryptoflow.net.ws import WsConnection
 
 DEFAULT_WS_URL = rules.WS_URL
@@ -46,6 +47,9 @@ class OkxStream:
         self.symbols = symbols
         self.channel = channel
         self.legacy = rules.LegacySequencer()
+        #: one stream object per shard, i.e. per source IP: OKX takes 3 new connections
+        #: per second per IP (`pipeline/stream.py` waits on it before each connect)
+        self.connect_pacer = ConnectPacer(rules.NEW_CONNECTIONS_PER_S)
 
     async def url(self, venue_symbols: list[str]) -> str:
         return self.ws_url
