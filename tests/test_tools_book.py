@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -17,15 +18,17 @@ from datagen import (
     snapshot_rows,
     write,
 )
+from paths import RECORDED
 from rich.console import Console
 from typer.testing import CliRunner
 
 from cryptoflow.cli import app as cli_app
 from cryptoflow.errors import DataError, UsageError
 from cryptoflow.models import Dataset
-from cryptoflow.tools import book
+from cryptoflow.tools import book, replay
 
 T = ms("2026-01-02T03:04:00Z")
+SUSHI_AKRO = RECORDED / "binance" / "futures_depth_SUSHIUSDT_AKROUSDT_2021-07-22.jsonl"
 
 
 def _hand_data(root: Path) -> None:
@@ -364,6 +367,80 @@ def test_straddling_diff_with_an_event_time_in_the_previous_hour(tmp_path: Path)
     df, facts = book.rebuild(tmp_path, "binance", "BTCUSDT", s + 190)
     assert (facts["messages"], facts["last_update_id"]) == (2, 105)
     assert _sides(df) == ({10.0: 2.0}, {11.0: 3.0})
+
+
+def test_snapshot_at_a_diffs_end_id_is_continued_by_prev_id(tmp_path: Path) -> None:
+    """Binance futures ids jump between a symbol's diffs. A REST snapshot whose id L is a
+    diff's `u` holds that diff; the next one has `pu == L` but `U` far above L + 1. Was:
+    refused ("deltas do not continue snapshot 100"), though it continues L exactly."""
+    write(tmp_path, Dataset.SNAPSHOTS, snapshot_rows(T, 100, [(10.0, 1.0)], [(11.0, 1.0)]))
+    deltas = delta_rows(T - 2, 95, 100, 90, [("bid", 10.0, 1.0)])  # in the snapshot
+    deltas += delta_rows(T + 50, 150, 160, 100, [("bid", 10.0, 2.0)])
+    deltas += delta_rows(T + 150, 170, 171, 160, [("ask", 11.0, 3.0)])
+    write(tmp_path, Dataset.DELTAS, deltas)
+    df, facts = book.rebuild(tmp_path, "binance", "BTCUSDT", T + 200)
+    assert (facts["messages"], facts["last_update_id"]) == (2, 171)
+    assert _sides(df) == ({10.0: 2.0}, {11.0: 3.0})
+    # a first message that neither continues L by its prev nor holds L + 1 is still refused
+    other = tmp_path / "other"
+    write(other, Dataset.SNAPSHOTS, snapshot_rows(T, 100, [(10.0, 1.0)], [(11.0, 1.0)]))
+    write(other, Dataset.DELTAS, delta_rows(T + 50, 150, 160, 120, [("bid", 10.0, 2.0)]))
+    with pytest.raises(DataError, match=r"deltas do not continue snapshot 100: .* update 150"):
+        book.rebuild(other, "binance", "BTCUSDT", T + 200)
+
+
+def test_okx_reset_right_after_a_poll_is_applied(tmp_path: Path) -> None:
+    """An OKX reset whose prevSeqId is the poll's seqId continues it, though its own id
+    (3) is lower. Was: left out with the rest of the new chain as "in the snapshot" up to
+    the first id above the poll's, which was then applied as if it straddled it: a book
+    silently missing every update in between."""
+    kw: dict = dict(exchange="okx")
+    write(tmp_path, Dataset.SNAPSHOTS, snapshot_rows(T0, 105, [(100.0, 1.0)], [(101.0, 1.0)], **kw))
+    deltas = delta_rows(T0 + 100, 3, 3, 105, [("bid", 99.0, 3.0)], **kw)
+    deltas += delta_rows(T0 + 200, 4, 104, 3, [("bid", 98.0, 4.0)], **kw)
+    deltas += delta_rows(T0 + 300, 105, 110, 104, [("ask", 101.0, 5.0)], **kw)
+    write(tmp_path, Dataset.DELTAS, deltas)
+    df, facts = book.rebuild(tmp_path, "okx", "BTCUSDT", T0 + 400)
+    assert (facts["messages"], facts["last_update_id"]) == (3, 110)
+    assert _sides(df) == ({100.0: 1.0, 99.0: 3.0, 98.0: 4.0}, {101.0: 5.0})
+
+
+def _akro_reference(path: Path) -> tuple[int, list[tuple[int, dict, dict]]]:
+    """Independent of the project: AKROUSDT's REST snapshot (id L, event time) and, for
+    each of its diffs from L on (in arrival order, `pu` chained from L, stdlib json
+    only), the event time and the full book after it."""
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    snap = next(r["msg"] for r in recs if r["channel"].endswith("symbol=AKROUSDT&limit=1000"))
+    bids = {float(p): float(q) for p, q in snap["bids"]}
+    asks = {float(p): float(q) for p, q in snap["asks"]}
+    last, books = snap["lastUpdateId"], []
+    for r in recs:
+        d = r["msg"].get("data", {})
+        if r["kind"] != "ws" or d["s"] != "AKROUSDT" or d["u"] <= snap["lastUpdateId"]:
+            continue
+        assert d["pu"] == last  # the recording has no break
+        last = d["u"]
+        for side, key in ((bids, "b"), (asks, "a")):
+            for p, q in d[key]:
+                side[float(p)] = float(q)
+                if float(q) == 0:
+                    del side[float(p)]
+        books.append((d["E"], dict(bids), dict(asks)))
+    return snap["E"], books
+
+
+@pytest.mark.skipif(not SUSHI_AKRO.is_file(), reason="shared recordings not present")
+def test_recorded_binance_book_on_a_diff_boundary(tmp_path: Path) -> None:
+    """The AKROUSDT recording: its REST snapshot's id is the `u` of a diff, and the next
+    diff starts far above it (`pu` == the snapshot's id). Was: `book` refused 187 of its
+    189 event times; now the book at a diff's event time equals the recording's."""
+    assert replay.run("binance", SUSHI_AKRO, tmp_path / "out") == 0
+    snap_ts, books = _akro_reference(SUSHI_AKRO)
+    assert len(books) > 150
+    for ts, bids, asks in books[::4] + books[-1:]:  # every 4th: the test stays ~1 s
+        df, facts = book.rebuild(tmp_path / "out", "binance", "AKROUSDT", max(ts, snap_ts))
+        assert facts["snapshot_time"] == snap_ts
+        assert _sides(df) == (bids, asks), ts
 
 
 def test_marker_rows_change_no_level(tmp_path: Path) -> None:

@@ -13,8 +13,11 @@ or a reset: a message whose id goes back (`prev_update_id > last_update_id`: OKX
 after maintenance, prevSeqId matching) with an event time before the snapshot's (a reset
 not before it may postdate the snapshot's book, which then belongs to the chain before
 the reset). Apply them in arrival order (receive time, ties by id), leaving out the
-leading ones with last_update_id <= L (already in the snapshot): the first applied must
-straddle the snapshot (first_update_id <= L + 1) and each next one must continue the
+leading ones with last_update_id <= L (already in the snapshot) unless they continue it:
+the first applied must continue the snapshot, either by its previous id (prev_update_id
+== L: Binance ids jump between diffs, so when L is a diff's `u` the next diff has `pu ==
+L` and a `U` far above L + 1; an OKX reset after L has a lower id but `prevSeqId == L`)
+or by straddling it (first_update_id <= L + 1), and each next one must continue the
 previous (prev_update_id == previous last_update_id). If a `gaps` record lies between
 the snapshot and AT, or the stored ids do not continue, the book is refused (DataError):
 an answer that might be wrong is worse than none. A gap detected before the start of the
@@ -121,18 +124,22 @@ def find_snapshot(files: list[FileInfo], at_ms: int) -> pl.DataFrame:
 
 def apply_deltas(bids: Side, asks: Side, deltas: pl.DataFrame, snapshot_id: int) -> tuple[int, int]:
     """Apply `deltas` (rows with `ts` and `rt`, any order) to the book in place, in
-    arrival order from the first message that reaches past the snapshot; (messages,
-    last id applied).
+    arrival order from the first message that continues the snapshot or reaches past it;
+    (messages, last id applied).
 
-    Raises DataError if the first message does not straddle the snapshot or the ids break.
+    Raises DataError if the first message does not continue the snapshot (`_continues`)
+    or the ids break.
     """
     if deltas.is_empty():
         return 0, snapshot_id
     msgs = deltas.group_by(MSG_ID[3:]).agg(ts=pl.col("ts").min()).sort(ARRIVAL)
-    past = msgs["last_update_id"] > snapshot_id
-    if not past.any():
+    # a message with prev == L comes right after the snapshot even when its id is lower
+    # (an OKX reset): leaving it out as "in the snapshot" would skip its whole chain
+    start = (msgs["last_update_id"] > snapshot_id) | (msgs["prev_update_id"] == snapshot_id)
+    start = start.fill_null(False)  # prev null: a venue that sends none (old OKX captures)
+    if not start.any():
         return 0, snapshot_id
-    msgs = msgs.slice(int(past.arg_true()[0]))  # leading ones are in the snapshot already
+    msgs = msgs.slice(int(start.arg_true()[0]))  # leading ones are in the snapshot already
     breaks, chains = walk_chain(msgs)  # an id reset starts a new chain: ids may repeat
     dup = conflicting(msgs.with_columns(chain=pl.Series(chains, dtype=pl.Int64)), "chain")
     if not dup.is_empty():
@@ -141,7 +148,7 @@ def apply_deltas(bids: Side, asks: Side, deltas: pl.DataFrame, snapshot_id: int)
             "run `cryptoflow verify`"
         )
     first = msgs.row(0, named=True)
-    if first["first_update_id"] > snapshot_id + 1:
+    if not _continues(first, snapshot_id):
         raise DataError(
             f"deltas do not continue snapshot {snapshot_id}: the first stored message after it "
             f"starts at update {first['first_update_id']} ({fmt_ms(first['ts'])})"
@@ -159,6 +166,19 @@ def apply_deltas(bids: Side, asks: Side, deltas: pl.DataFrame, snapshot_id: int)
         else:
             book[price] = qty
     return msgs.height, int(msgs["last_update_id"][-1])
+
+
+def _continues(first: dict, snapshot_id: int) -> bool:
+    """Does message `first` (the first applied) continue the snapshot at `snapshot_id`?
+
+    By its previous id (`prev == L`, the stream's own continuity rule, as book/sync.py
+    chains diffs): Binance futures ids jump between a symbol's diffs, so when the REST
+    snapshot's L is a diff's `u`, that diff is in the snapshot and the next one has
+    `pu == L` but `U` far above L + 1. Or by straddling it (`first <= L + 1`, sync.py's
+    `aligns`): it holds L + 1 and re-applying the updates up to L is harmless (sizes are
+    absolute); a venue that sends no previous id can only continue this way.
+    """
+    return first["prev_update_id"] == snapshot_id or first["first_update_id"] <= snapshot_id + 1
 
 
 def _break_text(b: Break) -> str:
