@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from decimal import Decimal
 from pathlib import Path
 
 import polars as pl
@@ -29,6 +30,9 @@ from cryptoflow.tools import book, replay
 
 T = ms("2026-01-02T03:04:00Z")
 SUSHI_AKRO = RECORDED / "binance" / "futures_depth_SUSHIUSDT_AKROUSDT_2021-07-22.jsonl"
+BYBIT1 = RECORDED / "bybit" / "linear_orderbook1_BAND_RAD_SNT_AIOZ_2025-06-13.jsonl"
+BYBIT500 = RECORDED / "bybit" / "linear_orderbook500_XRPUSDT_2024-12-01.jsonl"
+OKX_XMR = RECORDED / "okx" / "swap_books-l2-tbt_XMR-USDT-SWAP_2021-07-22.jsonl"
 
 
 def _hand_data(root: Path) -> None:
@@ -441,6 +445,64 @@ def test_recorded_binance_book_on_a_diff_boundary(tmp_path: Path) -> None:
         df, facts = book.rebuild(tmp_path / "out", "binance", "AKROUSDT", max(ts, snap_ts))
         assert facts["snapshot_time"] == snap_ts
         assert _sides(df) == (bids, asks), ts
+
+
+@pytest.mark.parametrize("exchange", ["bybit", "okx"])
+def test_in_stream_snapshot_with_no_delta_before_at(tmp_path: Path, exchange: str) -> None:
+    """No delta row between the chain's start and AT: a snapshot-only stream (Bybit
+    `orderbook.1` sends nothing else: no deltas dataset at all), or AT at an in-stream
+    snapshot's own time with its deltas after it. Was: `unexpected ColumnNotFoundError`
+    (the empty deltas frame had no `rt` column); the snapshot is the book."""
+    kw: dict = dict(exchange=exchange, source="stream")
+    snaps = snapshot_rows(T0, 7, [(100.0, 1.0)], [(101.0, 2.0)], **kw)
+    write(tmp_path / "only", Dataset.SNAPSHOTS, snaps)
+    df, facts = book.rebuild(tmp_path / "only", exchange, "BTCUSDT", T0 + 500)
+    assert (facts["snapshot_id"], facts["messages"], facts["last_update_id"]) == (7, 0, 7)
+    assert _sides(df) == ({100.0: 1.0}, {101.0: 2.0})
+    write(tmp_path / "later", Dataset.SNAPSHOTS, snaps)
+    deltas = delta_rows(T0 + 100, 8, 8, 7, [("bid", 100.0, 5.0)], exchange=exchange)
+    write(tmp_path / "later", Dataset.DELTAS, deltas)
+    df, facts = book.rebuild(tmp_path / "later", exchange, "BTCUSDT", T0)
+    assert (facts["messages"], facts["last_update_id"]) == (0, 7)
+    assert _sides(df) == ({100.0: 1.0}, {101.0: 2.0})
+    assert book.run(str(tmp_path / "later"), exchange, "BTCUSDT", str(T0)) == 0
+
+
+def _recorded_stream_snapshot(path: Path, symbol: str, at_ms: int, mult: str) -> tuple:
+    """The recording's last in-stream snapshot of `symbol` at or before `at_ms` as
+    ({price: qty}, {price: qty}), sizes times `mult` (stdlib json, no project code)."""
+    book_ = None
+    for line in path.read_text().splitlines():
+        msg = json.loads(line)["msg"]
+        d = msg["data"][0] if isinstance(msg["data"], list) else msg["data"]
+        name = msg["arg"]["instId"] if "arg" in msg else d["s"]
+        ts = int(d["ts"] if "arg" in msg else msg["ts"])
+        if name == symbol and msg.get("type", msg.get("action")) == "snapshot" and ts <= at_ms:
+            book_ = tuple(
+                {float(p): float(Decimal(q) * Decimal(mult)) for p, q, *_ in d[k]}
+                for k in (("bids", "asks") if "arg" in msg else ("b", "a"))
+            )
+    return book_
+
+
+@pytest.mark.skipif(not BYBIT1.is_file(), reason="shared recordings not present")
+@pytest.mark.parametrize(
+    ("exchange", "path", "symbol", "stored", "at", "mult"),
+    [
+        ("bybit", BYBIT1, "BANDUSDT", "BANDUSDT", 1749833480000, "1"),  # snapshots only
+        ("bybit", BYBIT500, "XRPUSDT", "XRPUSDT", 1733011200691, "1"),  # at the snapshot
+        ("okx", OKX_XMR, "XMR-USDT-SWAP", "XMRUSDT", 1626995753297, "0.1"),
+    ],
+)
+def test_recorded_in_stream_snapshot_with_no_delta_before_at(
+    tmp_path: Path, exchange, path, symbol, stored, at, mult
+) -> None:
+    """The audit's repro on the recordings: the book at AT is the in-stream snapshot."""
+    multipliers = [f"{stored}={mult}"] if exchange == "okx" else []
+    assert replay.run(exchange, path, tmp_path, multipliers=multipliers) == 0
+    df, facts = book.rebuild(tmp_path, exchange, stored, at)
+    assert facts["messages"] == 0
+    assert _sides(df) == _recorded_stream_snapshot(path, symbol, at, mult)
 
 
 def test_marker_rows_change_no_level(tmp_path: Path) -> None:

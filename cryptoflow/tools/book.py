@@ -41,7 +41,7 @@ from rich.table import Table
 from cryptoflow.errors import DataError, UsageError
 from cryptoflow.exchanges import registry
 from cryptoflow.exchanges.okx.rules import NO_SEQ_ID
-from cryptoflow.models import Dataset, SnapshotSource
+from cryptoflow.models import DELTA_SCHEMA, Dataset, SnapshotSource
 from cryptoflow.tools.datasets import (
     FileInfo,
     Root,
@@ -419,7 +419,9 @@ def read_deltas(files: list[FileInfo], at: Anchor) -> tuple[pl.DataFrame, list[i
     df, bad = collect_per_file(files, build, label="deltas")
     _readable(df, bad, "delta")
     if df.is_empty():
-        return df, []
+        # no file to read gives a frame without columns (a snapshot-only Bybit stream, or
+        # AT before the first delta after the snapshot): the caller filters on `rt`
+        return build(pl.LazyFrame(schema=DELTA_SCHEMA)).collect().drop("follows", "reset"), []
     resets = df.filter("reset")["rt"].unique().to_list()
     return df.filter("follows").drop("follows", "reset"), resets
 
