@@ -17,6 +17,7 @@ from cryptoflow.exchanges.bybit.rest import BybitRest
 from cryptoflow.exchanges.bybit.ws import BybitStream
 from cryptoflow.models import DepthDiff, SnapshotSource
 from cryptoflow.net.ratelimit import RateBudget
+from cryptoflow.pipeline.poller import PollStats, poll_snapshots
 from cryptoflow.pipeline.resync import ResyncQueue, ResyncRouter
 from cryptoflow.pipeline.stream import StreamStats, run_stream
 
@@ -80,6 +81,35 @@ async def test_other_ret_code_is_rejected():
     rest, _ = client(lambda req: httpx.Response(200, json=body))
     with pytest.raises(RequestRejected):
         await rest.fetch_snapshot("BTCUSDT", "NOPEUSDT")
+
+
+async def test_ret_code_of_another_type_is_a_failed_poll(autojump_clock, caplog):
+    """A body whose `retCode` is a list: was a TypeError out of the code lookup, which
+    crashed the poll task (restarted by the supervisor with a traceback). It is a
+    malformed body now: counted as a failed poll, one log line, and polling goes on."""
+    bodies = [{**BOOK, "retCode": [10006]}, BOOK]
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=bodies.pop(0) if len(bodies) > 1 else bodies[0])
+
+    rest, _ = client(handler)
+    send, recv = trio.open_memory_channel(10)
+    stats = PollStats()
+    with trio.move_on_after(2.5):
+        await poll_snapshots(
+            lambda: rest.fetch_snapshot_body("BTCUSDT", "BTCUSDT"),
+            send,
+            exchange="bybit",
+            symbol="BTCUSDT",
+            interval=1.0,
+            stats=stats,
+        )
+    assert stats.failed == 1 and stats.ok >= 1
+    assert recv.receive_nowait() is not None
+    (line,) = [r.getMessage() for r in caplog.records if "snapshot failed" in r.getMessage()]
+    assert line == (
+        "snapshot failed: bybit/BTCUSDT: field 'retCode' is not an integer or string: [10006]"
+    )
 
 
 async def test_instruments_follow_the_cursor():

@@ -191,6 +191,18 @@ def test_rest_ret_code_errors(code: int, exc: type[Exception]) -> None:
         assert not isinstance(ei.value, RateLimited)
 
 
+@pytest.mark.parametrize("code", [b"[1]", b'{"code":10006}', b"true", b"0.0", b"10006.0"])
+def test_rest_ret_code_of_another_type_is_malformed(code: bytes) -> None:
+    """Was: a list or object raised TypeError (`code in rate_limited` hashes it), which
+    crashed the poll task; `true` and `0.0` compared equal to the codes 1 and 0."""
+    body = b'{"retCode":' + code + b',"retMsg":"OK","result":{"b":[],"a":[],"ts":1,"u":1}}'
+    with pytest.raises(MalformedMessage) as ei:
+        parse_rest_snapshot(body, "BTCUSDT", 0)
+    assert str(ei.value).startswith("bybit/BTCUSDT: field 'retCode' is not an integer or string")
+    with pytest.raises(MalformedMessage, match="field 'retCode' is not an integer"):
+        parse_instruments(body)
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [

@@ -259,6 +259,17 @@ def test_rest_code_errors(code: str, exc: type[Exception]) -> None:
         assert not isinstance(ei.value, RateLimited)
 
 
+@pytest.mark.parametrize("code", [b"[0]", b'{"code":"50011"}', b"true", b"0.0"])
+def test_rest_code_of_another_type_is_malformed(code: bytes) -> None:
+    """A code that is neither a string nor an integer is a malformed body. Was: its text
+    ("[0]", "True") made it a rejected request, as if the venue had refused it."""
+    body = b'{"code":' + code + b',"msg":"","data":[]}'
+    for parse in (lambda b: parse_rest_snapshot(b, "BTCUSDT", 0), parse_instruments):
+        with pytest.raises(MalformedMessage, match="field 'code' is not an integer") as ei:
+            parse(body)
+        assert ei.value.exchange == "okx"
+
+
 @pytest.mark.parametrize(
     ("raw", "field"),
     [

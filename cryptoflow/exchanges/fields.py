@@ -161,12 +161,20 @@ class Fields:
         as_text: bool = False,
     ) -> None:
         """Raise what an error code in an HTTP-200 body stands for (Bybit `retCode`, OKX
-        `code`, KuCoin `code`): a throttle, a server-side failure, or a rejected request."""
+        `code`, KuCoin `code`): a throttle, a server-side failure, or a rejected request.
+
+        A code that is neither a JSON integer nor a string is malformed: a list or object
+        cannot be looked up in the code sets (it was a TypeError that crashed the poll
+        task), and as text (`as_text`) it would pass for a rejected request."""
         if type(obj) is not dict:
             raise self.malformed("body is not a JSON object", symbol)
         code = obj.get(field)
         if code is None:
             raise self.malformed(f"missing field {field!r}", symbol)
+        if type(code) is not int and type(code) is not str:  # a bool or float too (0.0 == 0)
+            raise self.malformed(
+                f"field {field!r} is not an integer or string: {code!r:.80}", symbol
+            )
         if as_text:
             code = str(code)
         if code == ok:
