@@ -46,8 +46,13 @@ def s(last: int, *, bids=(), asks=(), source=SnapshotSource.RESYNC) -> DepthSnap
     )
 
 
-def ev(kind: GapKind, dropped: int = 0) -> StreamEvent:
-    return StreamEvent("binance", "futures", "BTCUSDT", kind, time=0, dropped=dropped)
+def ev(kind: GapKind, dropped: int = 0, **kw) -> StreamEvent:
+    return StreamEvent("binance", "futures", "BTCUSDT", kind, time=0, dropped=dropped, **kw)
+
+
+def overload(dropped: int, *, final: bool = False) -> StreamEvent:
+    """A drop marker as the stream reader sends it (the cause; the count in `dropped`)."""
+    return ev(GapKind.CONSUMER_OVERLOAD, dropped, reason="normalizer channel full", final=final)
 
 
 @attrs.define
@@ -289,6 +294,33 @@ def test_resync_is_detected_when_the_snapshot_came():
     late = attrs.evolve(s(35), receive_time=999_000_000_000)
     (resync,) = sync.on_snapshot(late).gaps
     assert resync.kind is RESYNC and resync.detected_at == late.receive_time
+
+
+def test_overload_markers_before_one_diff_add_up_their_drops():
+    """A drop marker can go out while the diff after it is dropped again, so the next
+    marker counts only that one. The gap kept the first marker's count (audit: the gap
+    rows of a run summed to fewer drops than the diffs lost); now they add up."""
+    sync = BookSync("binance", "futures", "BTCUSDT", RULES)
+    sync.on_snapshot(s(5))
+    sync.on_diff(d(1, 10, 0))
+    for marker in (overload(3), ev(GapKind.RECONNECT), overload(1), overload(2)):
+        assert sync.on_event(marker).gaps == ()
+    (gap,) = sync.on_diff(d(31, 40, 30)).gaps
+    assert (gap.kind, gap.last_good_id, gap.first_id_after) == (GapKind.CONSUMER_OVERLOAD, 10, 31)
+    assert gap.reason == "normalizer channel full; dropped 6 messages"
+
+
+def test_a_final_overload_marker_takes_the_pending_drops_along():
+    """At the stop a `final` marker is a gap at once; drops of a marker still waiting
+    for a diff (which will not come now) were left out of it."""
+    sync = BookSync("binance", "futures", "BTCUSDT", RULES)
+    sync.on_snapshot(s(5))
+    sync.on_diff(d(1, 10, 0))
+    assert sync.on_event(overload(4)).gaps == ()
+    (gap,) = sync.on_event(overload(2, final=True)).gaps
+    assert (gap.kind, gap.last_good_id, gap.first_id_after) == (GapKind.CONSUMER_OVERLOAD, 10, None)
+    assert gap.reason == "normalizer channel full; dropped 6 messages before the stop"
+    assert sync.counters.breaks == 1
 
 
 def test_buffer_is_bounded():

@@ -19,7 +19,7 @@ from cryptoflow.book.sync import BookSync
 from cryptoflow.exchanges.bybit import rules as bybit_rules
 from cryptoflow.exchanges.bybit.ws import BybitStream
 from cryptoflow.models import DepthDiff, GapKind, StreamEvent
-from cryptoflow.pipeline.stream import StreamStats, run_stream
+from cryptoflow.pipeline.stream import StreamStats, _Emitter, run_stream
 from cryptoflow.pipeline.supervise import supervised
 
 SYM = {"BTCUSDT": "BTCUSDT"}
@@ -234,6 +234,34 @@ async def test_diffs_dropped_just_before_the_stop_are_still_a_gap():
     (gap,) = gaps
     assert gap.kind is GapKind.CONSUMER_OVERLOAD and gap.last_good_id == 5
     assert "dropped 6 messages before the stop" in gap.reason
+
+
+async def test_drop_counts_add_up_when_a_marker_goes_out_and_its_diff_does_not():
+    """The drop marker fits in the channel but the diff after it does not: that diff is
+    counted in the next marker. The gap row said only the first marker's count (audit:
+    the rows' counts summed to less than the diffs dropped)."""
+    stats = StreamStats()
+    send, recv = trio.open_memory_channel(2)
+    emitter = _Emitter(send, "bybit", stats)
+    stream = BybitStream("ws://unused", 50, SYM)
+    diffs = [stream.parse(push("delta" if u > 1 else "snapshot", u), u)[0] for u in range(1, 6)]
+    got: list[object] = []
+    assert [emitter.emit("BTCUSDT", x) for x in diffs[:3]] == [True, True, False]
+    got.append(recv.receive_nowait())  # room for one: the marker, not the diff after it
+    assert emitter.emit("BTCUSDT", diffs[3]) is False
+    got.extend(_drained(recv))
+    assert emitter.emit("BTCUSDT", diffs[4]) is True
+    got.extend(_drained(recv))
+    assert [i.dropped for i in got if isinstance(i, StreamEvent)] == [1, 1]
+
+    sync = BookSync("bybit", "futures", "BTCUSDT", bybit_rules.RULES)
+    gaps = []
+    for item in got:
+        d = sync.on_diff(item) if isinstance(item, DepthDiff) else sync.on_event(item)
+        gaps.extend(d.gaps)
+    (gap,) = gaps
+    assert (gap.kind, gap.last_good_id, gap.first_id_after) == (GapKind.CONSUMER_OVERLOAD, 2, 5)
+    assert stats.dropped == 2 and gap.reason == "normalizer channel full; dropped 2 messages"
 
 
 async def test_supervised_backoff_starts_over_after_a_healthy_run(clock):

@@ -182,20 +182,37 @@ class BookSync:
     # --- inputs ---------------------------------------------------------------------
 
     def on_event(self, event: StreamEvent) -> Decision:
-        """Remember a marker; it takes effect at the next diff. Overload wins over reconnect.
-        A `final` one (the stream stopped; no next diff) is a gap at once."""
+        """Remember a marker; it takes effect at the next diff. Overload wins over reconnect,
+        and overload markers before one diff add up their `dropped` (a marker can go out
+        while the diff after it is dropped again: the next marker counts only that one).
+        A `final` one (the stream stopped; no next diff) is a gap at once, with the drops
+        of an overload marker still pending."""
+        if event.kind is GapKind.RECONNECT and not event.final:
+            self._reconnected = True
+        pending = self._pending
+        if pending is not None and pending.kind is GapKind.CONSUMER_OVERLOAD:
+            if event.kind is GapKind.CONSUMER_OVERLOAD:
+                event = attrs.evolve(
+                    event,
+                    reason=pending.reason or event.reason,
+                    dropped=pending.dropped + event.dropped,
+                )
+            elif event.final:
+                event = attrs.evolve(pending, time=event.time, final=True)
+            else:
+                return NOTHING  # overload wins: the next diff is a gap whatever it is
         if event.final:
+            self._pending = None  # accounted for here: no next diff carries it
             self.counters.breaks += 1
             reason = event.reason or f"{event.kind.value} at the end of the stream"
+            if event.dropped:
+                reason += f"; dropped {event.dropped} messages before the stop"
             gap = self._gap(
                 event.kind, self._last_id, None, self._last_time, None, event.time, reason
             )
             self._note_broken()
             return Decision(False, gaps=(gap,))
-        if event.kind is GapKind.RECONNECT:
-            self._reconnected = True
-        if self._pending is None or self._pending.kind is not GapKind.CONSUMER_OVERLOAD:
-            self._pending = event
+        self._pending = event
         return NOTHING
 
     def on_diff(self, diff: DepthDiff) -> Decision:
@@ -416,8 +433,8 @@ class BookSync:
         if pending is not None:
             kind = pending.kind
             reason = pending.reason or f"{kind.value} before this diff"
-            if pending.dropped:
-                reason += f" ({pending.dropped} dropped)"
+            if pending.dropped:  # the count is written here only: merged markers add up
+                reason += f"; dropped {pending.dropped} messages"
         elif last is not None and diff.last_update_id <= last:
             # out of order: the row spans the late diff up to the newest id seen, ids and
             # times ascending (the late diff's own ids after the newest id read backwards)

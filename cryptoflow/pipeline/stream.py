@@ -248,7 +248,7 @@ class _Emitter:
                 symbol,
                 GapKind.CONSUMER_OVERLOAD,
                 time.time_ns(),
-                reason=f"normalizer channel full; dropped {pending} messages",
+                reason="normalizer channel full",  # the count: `dropped` (markers add up)
                 dropped=pending,
             )
             try:
@@ -278,7 +278,7 @@ class _Emitter:
                         symbol,
                         GapKind.CONSUMER_OVERLOAD,
                         time.time_ns(),
-                        reason=f"normalizer channel full; dropped {n} messages before the stop",
+                        reason="normalizer channel full",
                         dropped=n,
                         final=True,
                     )
