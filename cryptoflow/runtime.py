@@ -48,7 +48,7 @@ from cryptoflow.config_schema import EXCHANGES, MetricsSection, Settings, Shard,
 from cryptoflow.errors import ConfigError, CryptoflowError, UsageError
 from cryptoflow.exchanges import registry
 from cryptoflow.exchanges.limits import VENUE_LIMITS, snapshot_cost
-from cryptoflow.models import DepthSnapshot, GapKind, SnapshotBody, SnapshotSource
+from cryptoflow.models import DepthSnapshot, Gap, GapKind, SnapshotBody, SnapshotSource
 from cryptoflow.net.http import make_http_client
 from cryptoflow.net.ratelimit import RateBudget
 from cryptoflow.pipeline.bodies import BodyBatch
@@ -525,6 +525,22 @@ def _poll_failed(polls: dict[str, PollStats] | None, symbol: str, error: str) ->
         poll.last_error = error
 
 
+#: how loud each gap row's log line is: a loss is a WARNING; the resync that heals it is
+#: news, not trouble, and a start row per symbol at every start is bookkeeping
+_GAP_LOG_LEVEL = {GapKind.RESYNC: logging.INFO, GapKind.START: logging.DEBUG}
+
+
+def _log_gap(gap: Gap) -> None:
+    log.log(
+        _GAP_LOG_LEVEL.get(gap.kind, logging.WARNING),
+        "%s/%s: gap (%s): %s",
+        gap.exchange,
+        gap.symbol,
+        gap.kind.value,
+        gap.reason,
+    )
+
+
 async def _run_normalizer(
     raw_recv: trio.MemoryReceiveChannel,
     rows_send: trio.MemorySendChannel[RowBatch],
@@ -546,10 +562,7 @@ async def _run_normalizer(
             for exchange_symbol in out.resync_requests:
                 resync.request(exchange_symbol[1])
             for gap in out.gaps:
-                # a start row per symbol at every start is bookkeeping, not trouble
-                (log.debug if gap.kind is GapKind.START else log.warning)(
-                    "%s/%s: gap (%s): %s", gap.exchange, gap.symbol, gap.kind.value, gap.reason
-                )
+                _log_gap(gap)
             for symbol, error in out.errors:
                 log.warning("snapshot failed: %s", error)
                 _poll_failed(polls, symbol, error)

@@ -296,6 +296,20 @@ def test_resync_is_detected_when_the_snapshot_came():
     assert resync.kind is RESYNC and resync.detected_at == late.receive_time
 
 
+def test_a_resync_row_says_what_healed_and_on_which_snapshot():
+    """The RESYNC row (and so its log line) had an empty reason: now it names the
+    snapshot that re-anchored the book (its `source` and id) and the break it heals."""
+    sync = BookSync("binance", "futures", "BTCUSDT", RULES)
+    sync.on_snapshot(s(5))
+    sync.on_diff(d(1, 10, 0))
+    sync.on_diff(d(31, 40, 30))  # break after 10
+    (resync,) = sync.on_snapshot(s(35)).gaps
+    assert resync.reason == "healed: book re-anchored on resync snapshot 35 after the break at 10"
+    r = run([d(1, 10, None, snap=True), d(11, 20, 10), d(31, 40, 30)])
+    (resync,) = r.sync.on_diff(d(41, 41, None, snap=True)).gaps
+    assert resync.reason == "healed: book re-anchored on stream snapshot 41 after the break at 20"
+
+
 def test_overload_markers_before_one_diff_add_up_their_drops():
     """A drop marker can go out while the diff after it is dropped again, so the next
     marker counts only that one. The gap kept the first marker's count (audit: the gap

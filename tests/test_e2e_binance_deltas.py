@@ -316,10 +316,13 @@ def own_rebuild(out: Path, symbol: str, snapshot_id: int) -> tuple[dict, dict, i
 
 
 async def test_ws_drop_one_break_then_resync_and_rebuilt_book_equals_simulator(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, caplog
 ):
     """A dropped event is a real hole: exactly one sequence_break naming it, then a resync
-    gap; later diffs continue; the book rebuilt from the Parquet equals the simulator's."""
+    gap; later diffs continue; the book rebuilt from the Parquet equals the simulator's.
+    The break is a WARNING; the resync, the heal, an INFO line saying what healed (it
+    was a WARNING with an empty reason, row and line alike)."""
+    caplog.set_level(logging.INFO, logger="cryptoflow.runtime")
     async with open_simulator(symbols=SYMS, **SIM) as sim:
         settings = make_settings(tmp_path, sim)
         async with collector(settings, tmp_path, monkeypatch) as run:
@@ -348,6 +351,15 @@ async def test_ws_drop_one_break_then_resync_and_rebuilt_book_equals_simulator(
     assert res["detected_at"] >= brk["detected_at"]
     snaps = read(out, "snapshots", "BTCUSDT")
     assert res["first_id_after"] in set(snaps.filter(source="resync")["last_update_id"])
+    assert res["reason"] == (
+        f"healed: book re-anchored on resync snapshot {res['first_id_after']} "
+        f"after the break at {brk['last_good_id']}"
+    )
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if ": gap (" in r.getMessage()]
+    assert said == [
+        ("WARNING", f"binance/BTCUSDT: gap (sequence_break): {brk['reason']}"),
+        ("INFO", f"binance/BTCUSDT: gap (resync): {res['reason']}"),
+    ]
     assert holes(messages(read(out, "deltas", "ETHUSDT"))) == []
 
     # the book recovered and follows the stream to the simulator's final state

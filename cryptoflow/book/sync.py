@@ -56,7 +56,14 @@ from enum import Enum
 import attrs
 
 from cryptoflow.book.orderbook import OrderBook
-from cryptoflow.models import DepthDiff, DepthSnapshot, Gap, GapKind, StreamEvent
+from cryptoflow.models import (
+    DepthDiff,
+    DepthSnapshot,
+    Gap,
+    GapKind,
+    SnapshotSource,
+    StreamEvent,
+)
 
 #: gap kinds that mean "the stream lost data" (as opposed to RESYNC, which says it healed)
 BREAK_KINDS = frozenset(
@@ -385,14 +392,20 @@ class BookSync:
         self.state = BookState.SYNCED
         for d in diffs:
             self._apply(d)
-        return self._resynced(anchor.last_update_id, anchor.event_time, now)
+        return self._resynced(anchor.last_update_id, anchor.event_time, now, anchor.source)
 
-    def _resynced(self, anchor_id: int, anchor_time: int, now: int) -> Decision:
+    def _resynced(
+        self, anchor_id: int, anchor_time: int, now: int, source: SnapshotSource
+    ) -> Decision:
         broken, self._broken = self._broken, None
         if broken is None:
             return RECORD
         self.counters.resyncs += 1
-        gap = self._gap(GapKind.RESYNC, broken[0], anchor_id, broken[1], anchor_time, now, "")
+        # the row says what healed, so a log line or a reader of `gaps` alone can tell
+        # the heal from the losses before it (it used to be empty)
+        at = f"the break at {broken[0]}" if broken[0] is not None else "a break"
+        reason = f"healed: book re-anchored on {source.value} snapshot {anchor_id} after {at}"
+        gap = self._gap(GapKind.RESYNC, broken[0], anchor_id, broken[1], anchor_time, now, reason)
         return Decision(True, gaps=(gap,))
 
     def _stream_snapshot(self, diff: DepthDiff) -> Decision:
@@ -416,7 +429,9 @@ class BookSync:
         self.state = BookState.SYNCED
         self._book_id = diff.last_update_id
         self._book_time = diff.event_time
-        d = self._resynced(diff.last_update_id, diff.event_time, diff.receive_time)
+        d = self._resynced(
+            diff.last_update_id, diff.event_time, diff.receive_time, SnapshotSource.STREAM
+        )
         gaps.extend(d.gaps)
         return Decision(True, gaps=tuple(gaps)) if gaps else RECORD
 
