@@ -16,6 +16,7 @@ from test_stream_close import _drained, _runner, push
 from wsfake import start_fake, wait_for
 
 from cryptoflow.book.sync import BookSync
+from cryptoflow.errors import ServerError
 from cryptoflow.exchanges.bybit import rules as bybit_rules
 from cryptoflow.exchanges.bybit.ws import BybitStream
 from cryptoflow.models import DepthDiff, GapKind, StreamEvent
@@ -142,6 +143,74 @@ async def test_a_frame_the_parser_trips_on_is_skipped_not_a_reconnect(caplog):
     assert diffs == [1, 2]
     assert (stats.malformed, stats.connects, stats.disconnects) == (1, 1, 0)
     assert "malformed frame skipped (TypeError: unhashable type: 'list')" in caplog.text
+
+
+class _TokenOnce(BybitStream):
+    """A venue whose every connect first asks REST for a token (KuCoin's bullet); the
+    second ask fails (503)."""
+
+    asked = 0
+
+    async def url(self, venue_symbols: list[str]) -> str:
+        self.asked += 1
+        if self.asked == 2:
+            raise ServerError("HTTP 503 from /api/v1/bullet-public", status=503, exchange="x")
+        return await super().url(venue_symbols)
+
+
+async def test_a_reconnect_gap_names_the_end_of_the_connection_before_it(caplog):
+    """The RECONNECT markers' reason was `stats.last_error`: the venue closed (4000), the
+    next token request failed (503), the one after worked, and the gap said 503 (audit
+    ku_d logs). It must name what ended the connection the stream broke with."""
+
+    async def script(ws, conn, fake):
+        await fake.recv(ws, conn)
+        if conn == 1:
+            for u in (1, 2, 3):
+                await ws.send_message(push("delta" if u > 1 else "snapshot", u))
+            await ws.aclose(4000, "maintenance")
+            return
+        await ws.send_message(push("snapshot", 10))  # not the book at 3: updates missed
+        await fake.drain(ws, conn)
+
+    stopping = trio.Event()
+    stats = StreamStats()
+    send, recv = trio.open_memory_channel(100)
+    async with trio.open_nursery() as nursery:
+        fake = await start_fake(nursery, script)
+        stream = _TokenOnce(fake.url, 50, SYM)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as runner:
+                runner.start_soon(
+                    lambda: run_stream(
+                        stream,
+                        ["BTCUSDT"],
+                        SYM,
+                        send,
+                        stats=stats,
+                        backoff_initial=0.01,
+                        backoff_max=0.02,
+                        stopping=stopping,
+                    )
+                )
+                await wait_for(lambda: stats.diffs >= 4)
+                stopping.set()
+        nursery.cancel_scope.cancel()
+    assert (stream.asked, stats.connects, stats.disconnects) == (3, 2, 2)
+    assert "stream lost (ServerError: x: HTTP 503" in caplog.text  # the attempt: logged
+    got = _drained(recv)
+    (marker,) = [i for i in got if isinstance(i, StreamEvent)]
+    assert marker.kind is GapKind.RECONNECT
+    assert marker.reason == "WsClosed: WebSocket closed (4000: maintenance)"
+
+    sync = BookSync("bybit", "futures", "BTCUSDT", bybit_rules.RULES)
+    gaps = []
+    for item in got:
+        d = sync.on_diff(item) if isinstance(item, DepthDiff) else sync.on_event(item)
+        gaps.extend(d.gaps)
+    assert [(g.kind, g.reason) for g in gaps if g.kind is GapKind.RECONNECT] == [
+        (GapKind.RECONNECT, "WsClosed: WebSocket closed (4000: maintenance)")
+    ]
 
 
 def _named(symbol: str, u: int) -> str:

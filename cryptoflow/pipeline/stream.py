@@ -387,8 +387,12 @@ async def _connect_loop(
     symbols = [symbol_of.get(s, s) for s in venue_symbols]
     venue_of = {s: v for v, s in zip(venue_symbols, symbols, strict=True)}
     failures = 0
+    #: why the last connection ended: the next one's RECONNECT markers say it. Not
+    #: `stats.last_error`: a failed attempt in between (a KuCoin token request's 503)
+    #: did not break the stream, the end of the connection before it did
+    ended = ""
     if stats.connects:  # restarted by `supervised` after an error this loop did not expect
-        stats.last_error = "the stream task restarted after an error"
+        stats.last_error = ended = "the stream task restarted after an error"
 
     async def open_link() -> _Link:
         return await _open_link(venue, venue_symbols, symbols, source_ip, label)
@@ -414,7 +418,7 @@ async def _connect_loop(
                         if handed_over:
                             _take_over(link, venue, emitter, stats, raw_sink)
                         elif stats.connects > 1:
-                            _mark_reconnect(venue.exchange, symbols, emitter, stats.last_error)
+                            _mark_reconnect(venue.exchange, symbols, emitter, ended)
                         if last is not None and resync is not None:
                             # their watches ended with the old connection: asked again
                             # here, or a book broken just before it ended never heals
@@ -457,6 +461,8 @@ async def _connect_loop(
                         else:
                             stats.disconnects += 1
                             stats.last_error = f"{type(exc).__name__}: {exc}"
+                            if opened is not None:  # a connection ended, not an attempt
+                                ended = stats.last_error
                             if opened is not None and trio.current_time() - opened >= backoff_max:
                                 failures = 0  # it was healthy: this loss is a first one again
                             failures += 1
@@ -487,7 +493,7 @@ async def _connect_loop(
             if handover.link is not None:  # opened, not taken: the stop, or a failure
                 await handover.link.aclose()
         if closer.planned:
-            stats.last_error = "planned reconnect"
+            stats.last_error = ended = "planned reconnect"
             failures = 0
         closer.attach(None)
         if delay:
