@@ -59,7 +59,7 @@ from cryptoflow.pipeline.resync import ResyncQueue, ResyncRouter, run_resync_fet
 from cryptoflow.pipeline.rows import RowBatch
 from cryptoflow.pipeline.stream import StreamStats, can_resubscribe, run_stream
 from cryptoflow.pipeline.supervise import backoff_delay, exit_after, supervised, unless_stopped
-from cryptoflow.pipeline.writer import WriterStats, run_writer
+from cryptoflow.pipeline.writer import WriterStats, rejected_note, run_writer
 from cryptoflow.storage.spool import Spool
 
 log = logging.getLogger("cryptoflow.runtime")
@@ -943,13 +943,14 @@ def run_collect(
         spooled = sum(ws.rows_spooled.values())
         log.info(
             "done (%s): rows received=%d spooled=%d uploaded=%d; files uploaded=%d, "
-            "left in spool=%d",
+            "left in spool=%d%s",
             result.stop_reason,
             received,
             spooled,
             sum(ws.rows_uploaded.values()),
             ws.files_uploaded,
             ws.spool_files,
+            rejected_note(ws.snapshot_bodies_rejected),
         )
     return 130 if result.stop_reason == "SIGINT" else 0
 

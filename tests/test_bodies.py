@@ -198,6 +198,65 @@ async def test_writer_stores_bodies_with_parsed_rows_in_arrival_order(tmp_path, 
     )
 
 
+async def test_bodies_left_out_at_the_flush_are_not_counted_as_received(
+    tmp_path, caplog, monkeypatch
+):
+    """Found by an audit (a Binance collect with a truncated poll body and one without
+    `bids`: `done ...: rows received=22570 spooled=20591 uploaded=20591`): a body was
+    counted received by its estimated levels on arrival and never taken back when its
+    parser rejected it at the flush, so the no-loss check (received = spooled =
+    uploaded) showed rows lost that never existed. Bodies count when read, exactly,
+    also through a flush the spool refuses first; the final line names the bodies."""
+    good = bodies(3)
+    truncated = SnapshotBody(EX, MKT, SYM, good[1].body[:-40], good[1].receive_time)
+    no_bids = bodies(1)[0]
+    obj = orjson.loads(no_bids.body)
+    del obj["bids"]
+    no_bids = SnapshotBody(EX, MKT, SYM, orjson.dumps(obj), good[2].receive_time + 1)
+    rejected: list[str] = []
+    refused = [1]  # the first spool write fails: the rows are kept and retried
+    real_write = Spool.write
+
+    def write(self, *args, **kwargs):
+        if refused[0]:
+            refused[0] -= 1
+            raise OSError(5, "Input/output error (test)")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Spool, "write", write)
+    out = tmp_path / "out"
+    send, recv = trio.open_memory_channel(10)
+    with caplog.at_level(logging.INFO, logger="cryptoflow.pipeline.writer"):
+        async with trio.open_nursery() as nursery:
+            writer = await nursery.start(
+                lambda task_status: run_writer(
+                    recv,
+                    LocalStore(out),
+                    Spool(tmp_path / "spool", max_bytes=10**9),
+                    BufferSection(),
+                    limiter=trio.CapacityLimiter(2),
+                    retry_initial=0.05,
+                    task_status=task_status,
+                )
+            )
+            for b in (good[0], truncated, good[2], no_bids):
+                n = count_snapshot_levels(b.body)
+                await send.send(BodyBatch(EX, MKT, SYM, [b], n, CODEC, on_rejected=rejected.append))
+            await send.aclose()  # end of input: final flush (refused once) and upload
+    (path,) = out.rglob("*.parquet")
+    assert pl.read_parquet(path).equals(simple_frame([good[0], good[2]]))
+    s = writer.stats
+    assert refused == [0] and s.flush_failures == 1
+    assert s.rows_received == s.rows_spooled == s.rows_uploaded == {"snapshots": 4000}
+    assert s.rows_by_symbol == {("snapshots", EX, SYM): 4000}
+    assert s.buffered_rows == 0 and s.snapshot_bodies_rejected == 2
+    assert len(rejected) == 2 and "invalid JSON" in rejected[0] and "bids" in rejected[1]
+    (final,) = [r.getMessage() for r in caplog.records if "writer stopped" in r.getMessage()]
+    assert "rows received=4000 spooled=4000 uploaded=4000;" in final
+    assert final.endswith("; 2 poll snapshot bodies left out (malformed, no rows)")
+    assert "LOST" not in caplog.text
+
+
 def test_a_reader_that_fails_inside_polars_falls_back_to_the_checked_parser():
     """Whatever the batch reader meets, the flush must not fail: body by body instead."""
 

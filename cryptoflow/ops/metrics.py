@@ -47,7 +47,8 @@ Per shard (REST budget of its source IP, and its raw channel):
   RunResult has a `rows_channel`)
 
 Writer and spool (one per process):
-- `cryptoflow_rows_received_total{dataset}`, `cryptoflow_rows_spooled_total{dataset}`,
+- `cryptoflow_rows_received_total{dataset}` (rows of poll bodies once read at their
+  flush: a body left out as malformed holds none), `cryptoflow_rows_spooled_total{dataset}`,
   `cryptoflow_rows_uploaded_total{dataset}`, `cryptoflow_rows_set_aside_total{dataset}`
   (rows the layout cannot place, kept in the spool's quarantine)
 - `cryptoflow_flushes_total`, `cryptoflow_flush_failures_total`,

@@ -121,7 +121,8 @@ def default_frame_builder(
 class WriterStats:
     """Counters and gauges for metrics/status. Counters only grow."""
 
-    rows_received: Counter[str] = attrs.field(factory=Counter)  # per dataset
+    #: per dataset; rows of poll bodies once read at their flush (exact, `_count_read`)
+    rows_received: Counter[str] = attrs.field(factory=Counter)
     rows_spooled: Counter[str] = attrs.field(factory=Counter)  # rows in complete spool files
     rows_uploaded: Counter[str] = attrs.field(factory=Counter)  # rows verified in storage
     #: rows set aside in the spool's quarantine (the layout cannot place them), never
@@ -195,6 +196,13 @@ class _Buffer:
     list_rows: int = 0  # rows still in `columns`
     frame_bytes: int = 0  # Arrow size of `frames`
     body_bytes: int = 0  # size of `bodies`
+    #: rows `bodies` hold if well formed (in `rows`): an estimate, so not yet counted
+    #: as received; a body its venue parser rejects at the flush holds none
+    body_rows: int = 0
+    #: rows bodies turned out to hold when read (in `rows` since) and the estimate they
+    #: replaced, until the writer counts them received and corrects its gauge
+    read_rows: int = 0
+    read_estimate: int = 0
     #: why bodies were left out at the flush (their venue parser rejects them)
     rejected: list[str] = attrs.field(factory=list)
     on_rejected: Callable[[str], None] | None = None  # from the bodies' BodyBatch
@@ -252,6 +260,11 @@ class _Buffer:
         )
         self.rejected.extend(rejected)
         self.bodies, self.body_bytes = [], 0
+        read = 0 if frame is None else frame.height
+        self.rows += read - self.body_rows
+        self.read_rows += read
+        self.read_estimate += self.body_rows
+        self.body_rows = 0
         if frame is None:
             return
         if self.frames:
@@ -268,6 +281,7 @@ class _Buffer:
         self.bodies.extend(batch.bodies)
         self.body_bytes += batch.nbytes
         self.rows += batch.rows
+        self.body_rows += batch.rows
 
     def append(self, batch: RowBatch) -> None:
         self.list_rows += batch.rows
@@ -709,14 +723,12 @@ class Writer:
             self._wake_flusher()  # a new buffer: the next deadline may be earlier
         before = buf.nbytes
         if type(batch) is BodyBatch:
-            buf.append_bodies(batch)
+            buf.append_bodies(batch)  # received once read, at the flush (`_count_read`)
         else:
             buf.append(batch)
             if buf.list_rows >= COMPACT_ROWS:
                 buf.compact(self.frame_builder)
-        dataset = key[0].value
-        self.stats.rows_received[dataset] += batch.rows
-        self.stats.rows_by_symbol[(dataset, key[1], key[3])] += batch.rows
+            self._received(key, batch.rows)
         after = buf.nbytes
         grown = after - before
         buf.counted_bytes += grown
@@ -726,6 +738,39 @@ class Writer:
             trio.current_time() >= buf.retry_at
         ):
             self._wake_flusher()
+
+    def _received(self, key: BufferKey, rows: int) -> None:
+        dataset = key[0].value
+        self.stats.rows_received[dataset] += rows
+        self.stats.rows_by_symbol[(dataset, key[1], key[3])] += rows
+
+    def _count_read(self, buf: _Buffer) -> None:
+        """Count the rows of the poll bodies a flush read (whatever its result) as
+        received, exactly, and log and report the bodies left out. Counted at intake
+        by their estimate, a body its parser rejects made `received` exceed `spooled`
+        and `uploaded`: rows that never existed looked lost. Counters only grow, so the
+        estimate is never counted in and taken out again (a falling counter reads as a
+        reset to Prometheus, and CloudWatch would count the difference twice)."""
+        if buf.read_rows or buf.read_estimate:
+            self._received(buf.key, buf.read_rows)
+            self._set_buffered(buf.read_rows - buf.read_estimate, 0)
+            buf.read_rows = buf.read_estimate = 0
+        if buf.rejected:
+            self.stats.snapshot_bodies_rejected += len(buf.rejected)
+            for why in buf.rejected:
+                log.warning("snapshot failed: %s (left out at the flush)", why)
+                if buf.on_rejected is not None:
+                    buf.on_rejected(why)
+            buf.rejected = []
+
+    def _count_unread(self, buf: _Buffer) -> None:
+        """Bodies that leave the writer unread (set aside as they are, or still buffered
+        at the shutdown deadline and reported LOST): received at their estimate, the
+        best there is, so the final counters show them as not spooled."""
+        self._count_read(buf)
+        if buf.body_rows:
+            self._received(buf.key, buf.body_rows)
+            buf.body_rows = 0
 
     def _safe_partition(self, batch: RowBatch | BodyBatch) -> bool:
         """Whether the batch's partition can name a storage path (`layout.check_partition`);
@@ -786,6 +831,7 @@ class Writer:
         if buf.aside:  # set aside at this flush, whatever its result: no longer held
             self._set_buffered(-buf.aside, 0)
             buf.aside = 0
+        self._count_read(buf)
         if isinstance(result, Exception):
             delay = self._flush_failed(buf, result)
             log.error(
@@ -799,16 +845,10 @@ class Writer:
             )
             self._rotated.append(buf)
             return False
+        self._count_unread(buf)  # bodies set aside unread (not even a frame)
         self._set_buffered(-buf.rows, -buf.counted_bytes)
         s = self.stats
         s.flushes += 1
-        if buf.rejected:
-            s.snapshot_bodies_rejected += len(buf.rejected)
-            for why in buf.rejected:
-                log.warning("snapshot failed: %s (left out at the flush)", why)
-                if buf.on_rejected is not None:
-                    buf.on_rejected(why)
-            buf.rejected = []
         now = trio.current_time()
         for entry, rows in result:
             if entry.key not in counted:
@@ -1193,6 +1233,8 @@ class Writer:
                 self._log_final(timed_out=cs.cancelled_caught)
 
     def _log_final(self, *, timed_out: bool) -> None:
+        for buf in [*self._buffers.values(), *self._rotated]:
+            self._count_unread(buf)  # not spooled by the deadline: LOST below
         self._update_spool_gauges()
         s = self.stats
         unspooled = s.buffered_rows
@@ -1203,7 +1245,7 @@ class Writer:
             )
         log.info(
             "writer stopped%s: rows received=%d spooled=%d uploaded=%d; uploaded %d files "
-            "(%d bytes); %d files (%d bytes) left in spool %s for the next start",
+            "(%d bytes); %d files (%d bytes) left in spool %s for the next start%s",
             " at the shutdown deadline" if timed_out else "",
             sum(s.rows_received.values()),
             sum(s.rows_spooled.values()),
@@ -1213,6 +1255,7 @@ class Writer:
             s.spool_files,
             s.spool_bytes,
             self.spool.root,
+            rejected_note(s.snapshot_bodies_rejected),
         )
         if s.rows_set_aside:
             log.error(
@@ -1232,6 +1275,14 @@ class Writer:
                 delay_quantile(s.spool_delay_from_receive, 0.5),
                 delay_quantile(s.spool_delay_from_receive, 0.99),
             )
+
+
+def rejected_note(bodies: int) -> str:
+    """The final lines' note of poll bodies left out at a flush: malformed, so they held
+    no rows (not counted as received), not rows lost."""
+    if not bodies:
+        return ""
+    return f"; {bodies} poll snapshot bodies left out (malformed, no rows)"
 
 
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
