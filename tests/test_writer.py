@@ -514,3 +514,24 @@ async def test_a_flush_out_of_memory_keeps_the_rows_for_a_retry(
     assert writer.stats.rows_set_aside == {} and set_aside(spool, "*") == []
     assert "(MemoryError); kept in memory" in caplog.text
     assert "LOST" not in caplog.text
+
+
+def test_a_column_a_batch_brings_new_is_padded_for_the_rows_still_in_lists():
+    """Found by review: `_Buffer.append` padded a column a batch brings new with one null
+    per row the buffer held, compacted frames and unread bodies included, not per row
+    still in its lists, so the lists came out of step and the flush could not build its
+    frame. Not reachable from the normalizer today (its batches of one dataset always
+    carry the same columns); kept correct for any other producer."""
+    from cryptoflow.pipeline.writer import _Buffer, default_frame_builder
+
+    buf = _Buffer((Dataset.DELTAS, "binance", "futures", "BTCUSDT"), "1", 0.0)
+    buf.append(delta_batch(1, 5, T0))
+    buf.compact(default_frame_builder)  # 5 rows in a frame, none in lists
+    older = delta_batch(6, 3, T0)
+    del older.columns["transaction_time"]
+    buf.append(older)
+    buf.append(delta_batch(9, 2, T0))  # brings transaction_time back
+    assert {len(values) for values in buf.columns.values()} == {5}
+    frame = buf.frame(default_frame_builder)
+    assert frame["last_update_id"].to_list() == list(range(1, 11))
+    assert frame["transaction_time"].null_count() == 3

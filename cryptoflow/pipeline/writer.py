@@ -289,8 +289,8 @@ class _Buffer:
         if cols and cols.keys() != batch.columns.keys():
             for name in cols.keys() - batch.columns.keys():  # keep columns aligned
                 cols[name].extend([None] * batch.rows)
-            for name in batch.columns.keys() - cols.keys():
-                cols[name] = [None] * self.rows
+            for name in batch.columns.keys() - cols.keys():  # nulls for the rows in lists
+                cols[name] = [None] * (self.list_rows - batch.rows)
         for name, values in batch.columns.items():
             cols.setdefault(name, []).extend(values)
         self.rows += batch.rows
