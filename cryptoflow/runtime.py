@@ -45,7 +45,14 @@ import attrs
 import trio
 
 from cryptoflow.config_schema import EXCHANGES, MetricsSection, Settings, Shard, VenueSource
-from cryptoflow.errors import ConfigError, CryptoflowError, UsageError
+from cryptoflow.errors import (
+    TRANSIENT_ERRORS,
+    ConfigError,
+    CryptoflowError,
+    StorageError,
+    UsageError,
+    single_error_unwrapped,
+)
 from cryptoflow.exchanges import registry
 from cryptoflow.exchanges.limits import VENUE_LIMITS, snapshot_cost
 from cryptoflow.models import DepthSnapshot, Gap, GapKind, SnapshotBody, SnapshotSource
@@ -633,7 +640,7 @@ async def collect_main(
             root.start_soon(_watch_signals, stop, root.cancel_scope)
         spool: Spool = build_spool(app.storage)
         result.spool = spool
-        report = await trio.to_thread.run_sync(spool.scan)
+        report = await _scan_or_raise(spool)
         raw = RawCapture() if app.storage.raw_capture else None
         await _start_ops(root, settings, result, live_status=live_status, console=status_console)
         log.info(
@@ -820,6 +827,21 @@ def _check_spool_or_raise(storage, config_path: str = "") -> None:
         )
 
 
+async def _scan_or_raise(spool: Spool):
+    """The start-up scan (`Spool.scan`), or one line saying why it failed. A failure of
+    the machine (a disk error, too many open files, memory short) says nothing of the
+    spool's files, so the scan moved none of them: the start fails, the next one scans
+    again (a supervisor restarts the collector)."""
+    try:
+        return await trio.to_thread.run_sync(spool.scan)
+    except TRANSIENT_ERRORS as exc:
+        why = str(exc) or type(exc).__name__  # a bare MemoryError has no message
+        raise StorageError(
+            f"spool {spool.root}: the start-up scan failed ({why}): the machine's trouble, "
+            "not a file's; nothing is quarantined for it and the next start scans again"
+        ) from exc
+
+
 async def _start_simulator(nursery: trio.Nursery, plans: list[ShardPlan]) -> list[ShardPlan]:
     from cryptoflow.sim.server import serve_simulator
 
@@ -923,18 +945,21 @@ def run_collect(
     if not plans:
         raise UsageError(f"--exchange {exchange}: no shard lists a symbol for it")
     _tune_gc()
-    result = trio.run(
-        functools.partial(
-            collect_main,
-            settings,
-            plans,
-            output=output,
-            duration=duration,
-            simulate=simulate,
-            live_status=live,
-            status_console=console,
+    # a start that fails inside the root nursery (the spool scan) says why, not "an
+    # ExceptionGroup of 1 sub-exception"
+    with single_error_unwrapped():
+        result = trio.run(
+            functools.partial(
+                collect_main,
+                settings,
+                plans,
+                output=output,
+                duration=duration,
+                simulate=simulate,
+                live_status=live,
+                status_console=console,
+            )
         )
-    )
     if result.forced:
         return 130
     ws = result.writer

@@ -476,6 +476,47 @@ def test_corrupt_spool_file_quarantined_at_collect_start(tmp_path, s3_bucket):
     assert any("/snapshots/" in k for k in keys)  # and the service kept collecting
 
 
+@pytest.mark.parametrize("failure", ["EMFILE", "MemoryError"])
+def test_a_scan_failing_for_the_machine_fails_the_start_with_one_line(
+    tmp_path, monkeypatch, failure
+):
+    """Found by review: at collect start, a spool file the scan could not read because
+    the process was out of file descriptors was quarantined as corrupt (never uploaded);
+    and a MemoryError there (already no reason to quarantine) ended the start with
+    `error: unexpected ExceptionGroup: Exceptions from Trio nursery`. Now both fail the
+    start with one line naming the spool and the error, and move nothing."""
+    from conftest import tiny_frame_from_columns
+
+    spool = tmp_path / "spool"
+    frame = tiny_frame_from_columns(
+        Dataset.DELTAS, "binance", "futures", "XRPUSDT", _delta_batch(0, 7, "XRPUSDT").columns
+    )
+    [(key, _, data)] = layout.files_for_frame(
+        Dataset.DELTAS, "binance", "futures", "XRPUSDT", frame
+    )
+    healthy = Spool(spool, max_bytes=10**9).write(key, data).path
+    cfg = write_config(tmp_path / "cfg", sim=None, spool=spool)
+    real = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self == healthy:
+            if failure == "MemoryError":
+                raise MemoryError
+            raise OSError(24, "Too many open files", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    args = ["collect", "--config", str(cfg), "--exchange", "binance", "--simulate"]
+    res = CliRunner().invoke(cli_app, [*args, "--duration", "5", "--no-status"])
+    assert res.exit_code == 1, res.output
+    (line,) = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert line.startswith(f"error: spool {spool}: the start-up scan failed (")
+    want = f"[Errno 24] Too many open files: '{healthy}'" if failure == "EMFILE" else "MemoryError"
+    assert want in line and "ExceptionGroup" not in res.output
+    assert healthy.exists() and not (spool / "quarantine").exists()
+    assert "collecting" not in res.output
+
+
 # --- operator commands ------------------------------------------------------------------
 
 

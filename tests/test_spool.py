@@ -1,13 +1,15 @@
 from __future__ import annotations
 
+import errno
 import logging
 import os
+from pathlib import Path
 
 import polars as pl
 import pytest
 
 from cryptoflow.errors import CorruptSpoolFile, SpoolFull
-from cryptoflow.storage import parquet
+from cryptoflow.storage import layout, parquet, rawfile
 from cryptoflow.storage.spool import Spool
 
 KEY = (
@@ -145,3 +147,74 @@ def test_a_file_deleted_between_the_walk_and_its_stat_is_skipped(tmp_path, valid
     spool._walk = racing_walk
     report = spool.scan() if validate else spool.load()
     assert report.files == 1 and [e.key for e in spool.pending()] == [KEY]
+
+
+RAW_KEY = layout.raw_key("binance", "futures", "BTCUSDT", 10**18, 10**18, b"x")
+
+
+def spool_with_a_file_of_each_kind(root: Path) -> list[Path]:
+    """A spool holding one Parquet and one raw-capture file, both healthy."""
+    spool = Spool(root, max_bytes=10**9)
+    parquet_file = spool.write(KEY, pq_bytes())
+    raw_file = spool.write(RAW_KEY, rawfile.encode([b'{"a":1}\n'] * 3))
+    return [parquet_file.path, raw_file.path]
+
+
+def failing_reads(monkeypatch, paths: list[Path], code: int) -> None:
+    """Reading any of `paths` fails with OSError `code` (what `validate_file` meets)."""
+    real = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self in paths:
+            raise OSError(code, os.strerror(code), str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN])
+def test_a_read_error_of_the_machine_at_the_scan_quarantines_no_file(tmp_path, monkeypatch, code):
+    """Found by review: the start-up scan took every OSError reading a spool file for a
+    corrupt file, so a healthy file met while the process was out of file descriptors
+    or memory for a moment was quarantined: never uploaded. Such an error says nothing
+    of the file: the scan fails (the start with it) and moves nothing; the next scan
+    indexes both files."""
+    root = tmp_path / "spool"
+    paths = spool_with_a_file_of_each_kind(root)
+    failing_reads(monkeypatch, paths, code)
+    with pytest.raises(OSError) as info:
+        Spool(root, max_bytes=10**9).scan()
+    assert info.value.errno == code and info.value.filename in {str(p) for p in paths}
+    monkeypatch.undo()
+    assert all(p.exists() for p in paths)
+    again = Spool(root, max_bytes=10**9)
+    report = again.scan()
+    assert (report.files, report.quarantined, again.quarantined()) == (2, 0, 0)
+    assert sorted(e.key for e in again.pending()) == sorted([KEY, RAW_KEY])
+
+
+def test_a_disk_error_reading_a_spool_file_still_quarantines_it(tmp_path, monkeypatch, caplog):
+    """EIO is the disk failing to read the file's own blocks: the file is taken for
+    unreadable (quarantined, its reason kept), and the scan goes on with the others."""
+    root = tmp_path / "spool"
+    paths = spool_with_a_file_of_each_kind(root)
+    failing_reads(monkeypatch, paths[:1], errno.EIO)
+    spool = Spool(root, max_bytes=10**9)
+    report = spool.scan()
+    assert (report.files, report.quarantined) == (1, 1)
+    assert [e.key for e in spool.pending()] == [RAW_KEY]
+    reason = (root / "quarantine" / (KEY + ".reason")).read_text()
+    assert "cannot read" in reason and "Input/output error" in reason
+    assert f"QUARANTINED {KEY}" in caplog.text
+
+
+def test_a_file_gone_before_the_scan_reads_it_is_skipped_not_quarantined(tmp_path, monkeypatch):
+    """Like one gone before its stat (above): not a corrupt file, and a quarantine of a
+    file that is no longer there failed the start."""
+    root = tmp_path / "spool"
+    paths = spool_with_a_file_of_each_kind(root)
+    failing_reads(monkeypatch, paths[:1], errno.ENOENT)
+    spool = Spool(root, max_bytes=10**9)
+    report = spool.scan()
+    assert (report.files, report.quarantined, spool.quarantined()) == (1, 0, 0)
+    assert [e.key for e in spool.pending()] == [RAW_KEY]

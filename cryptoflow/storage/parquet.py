@@ -57,11 +57,10 @@ def decode(data: bytes) -> pl.DataFrame:
 
 
 def validate_file(path: Path) -> int:
-    """Fully read a Parquet file; return its row count or raise CorruptSpoolFile."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CorruptSpoolFile(f"{path}: cannot read: {exc}") from exc
+    """Fully read a Parquet file; return its row count or raise CorruptSpoolFile. An
+    OSError reading it is raised as it is: whether it is the file's trouble or the
+    machine's is for the caller to judge (`spool.validate_file`)."""
+    data = path.read_bytes()
     try:
         return decode(data).height
     except CorruptSpoolFile as exc:

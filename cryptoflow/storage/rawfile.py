@@ -50,11 +50,9 @@ def decode(data: bytes) -> bytes:
 
 
 def validate_file(path: Path) -> int:
-    """Fully decompress (checksum verified); return the line count or raise."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CorruptSpoolFile(f"{path}: cannot read: {exc}") from exc
+    """Fully decompress (checksum verified); return the line count or raise
+    CorruptSpoolFile (an OSError reading it as it is, like `parquet.validate_file`)."""
+    data = path.read_bytes()
     try:
         text = decode(data)
     except CorruptSpoolFile as exc:

@@ -55,6 +55,7 @@ One process owns a spool directory at a time. All methods are blocking and threa
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -90,6 +91,13 @@ MERGED_AWAY_MAX = 50_000
 DOOMED_FILE = ".doomed"
 #: merged rows are sorted by these columns (those present), stably
 SORT_COLUMNS = ("timestamp", "first_update_id", "last_update_id")
+#: a read failing with one of these says nothing of the file: the process or the
+#: machine is short of something for a moment (file descriptors, memory, kernel
+#: buffers) or the call was interrupted. Any other (EIO: the disk cannot read the
+#: file's blocks; EACCES) is the file's, which is then quarantined like a corrupt one.
+MACHINE_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN, errno.EINTR}
+)
 
 
 def merged_sources(path: Path) -> list[str] | None:
@@ -163,10 +171,22 @@ def is_data_file(name: str) -> bool:
 
 
 def validate_file(path: Path) -> int:
-    """Fully read one spool file (Parquet or raw capture); rows/lines or CorruptSpoolFile."""
-    if path.name.endswith(rawfile.SUFFIX):
-        return rawfile.validate_file(path)
-    return parquet.validate_file(path)
+    """Fully read one spool file (Parquet or raw capture); rows/lines or CorruptSpoolFile.
+
+    A read error of the machine (`MACHINE_ERRNOS`) or of a file gone since it was listed
+    (FileNotFoundError) is raised as it is, like a MemoryError: the start-up scan took
+    every OSError for a corrupt file and quarantined healthy files (never uploaded) when
+    the process was out of file descriptors or memory for a moment."""
+    try:
+        if path.name.endswith(rawfile.SUFFIX):
+            return rawfile.validate_file(path)
+        return parquet.validate_file(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno in MACHINE_ERRNOS:
+            raise
+        raise CorruptSpoolFile(f"{path}: cannot read: {exc}") from exc
 
 
 def check_spool_dir(
@@ -417,6 +437,8 @@ class Spool:
             if validate:
                 try:
                     rows = validate_file(path)
+                except FileNotFoundError:
+                    continue  # gone since the walk listed it, as above
                 except CorruptSpoolFile as exc:
                     self._quarantine_path(entry, str(exc))
                     quarantined += 1
