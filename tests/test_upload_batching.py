@@ -281,6 +281,37 @@ def test_crash_between_merge_and_source_removal_completes_merge(tmp_path, frame_
     assert df.height == 50 and df["last_update_id"].to_list() == list(range(1, 51))
 
 
+def test_a_merged_footer_unreadable_for_the_machine_fails_the_scan_not_the_merge(
+    tmp_path, frame_builder, monkeypatch
+):
+    """Found by review: the scan reads a merged file's footer (`merged_from`) a second
+    time, and any error there, even "too many open files", read as "not a merged file":
+    the interrupted merge's sources stayed indexed beside it and went up too (rows
+    stored twice), and the merged file could be merged again with them. Now the scan
+    fails (the start with it) and removes nothing; the next scan completes the merge."""
+    root = tmp_path / "spool"
+    spool, keys = _spool_with_files(tmp_path, 3, frame_builder)
+    saved = (root / keys[0]).read_bytes()
+    merged = spool.merge(spool.pending())
+    (root / keys[0]).write_bytes(saved)  # "crash" before this source was deleted
+    real = pl.read_parquet_metadata
+
+    def metadata(source, *args, **kwargs):
+        if Path(source) == merged.path:
+            raise OSError(f"Too many open files (os error 24): {source}")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(pl, "read_parquet_metadata", metadata)
+    with pytest.raises(OSError, match="Too many open files"):
+        Spool(root, max_bytes=10**9).scan()
+    monkeypatch.undo()
+    assert (root / keys[0]).exists() and merged.path.exists()
+    again = Spool(root, max_bytes=10**9)
+    again.scan()
+    assert [e.key for e in again.pending()] == [merged.key] and again.pending()[0].merged
+    assert not (root / keys[0]).exists()
+
+
 def test_a_start_goes_on_past_files_it_cannot_delete(tmp_path, frame_builder, monkeypatch, caplog):
     """Found by review: the start-up scan deleted a leftover temp file and an interrupted
     merge's sources without a guard, so one undeletable file (EACCES, EROFS, EIO) failed

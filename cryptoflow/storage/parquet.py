@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
-from cryptoflow.errors import CorruptSpoolFile
+from cryptoflow.errors import TRANSIENT_ERRORS, CorruptSpoolFile
 
 MAGIC = b"PAR1"
 COMPRESSION = "zstd"
@@ -37,9 +37,16 @@ def encode(frame: pl.DataFrame, metadata: dict[str, str] | None = None) -> bytes
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    """The key-value metadata of a Parquet file's footer ({} if unreadable)."""
+    """The key-value metadata of a Parquet file's footer ({} if its footer is unreadable).
+
+    A failure to read the file at all (an OSError: too many open files, a disk error) or
+    memory short (`errors.TRANSIENT_ERRORS`) is raised: `{}` says "not a merged file",
+    and the start-up scan then kept an interrupted merge's sources beside the merged
+    file (both uploaded: rows stored twice) and left an interrupted split undone."""
     try:
         return dict(pl.read_parquet_metadata(path))
+    except TRANSIENT_ERRORS:
+        raise
     except Exception:
         return {}
 
