@@ -77,6 +77,7 @@ async def _run(script, until, **kw) -> tuple[list[object], StreamStats, _Venue]:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(venue.tick)
         fake = await start_fake(nursery, lambda ws, conn, fake: script(venue, ws, conn, fake))
+        kw.setdefault("drain_timeout", 10)  # a loaded machine: the fake answers our close late
         nursery.start_soon(_runner(fake.url, send, 0.05, stats=stats, **kw))
         await wait_for(lambda: until(stats), timeout=15)
         await trio.sleep(0.1)  # a few more diffs on the new connection
