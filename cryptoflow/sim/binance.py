@@ -498,20 +498,22 @@ class BinanceVenue:
             task_status.started(scope)
             held: tuple[str, Aggregate] | None = None
             try:
-                next_t = self.market.on_grid(trio.current_time(), speed) - speed
+                market = self.market
+                cut = market.next_cut(speed)  # on the market's grid: the same for all
                 while True:
-                    next_t += speed
                     # right after the tick that ends the interval: E (that tick's time) is
                     # when the event leaves, as at the venue
-                    await trio.sleep_until(next_t)
-                    await self.market.through(next_t)
-                    agg = sub.take_through(next_t)
+                    await trio.sleep_until(market.due(cut))
+                    await market.through(cut)
+                    agg = sub.take_through(cut)
+                    cut += market.ticks_per(speed)
                     if agg is None:  # no tick (paused): no event
                         continue
                     kinds = {f.kind: f for f in self.faults.take_ws(self.name, symbol)}
-                    if "ws_stall" in kinds:
+                    if "ws_stall" in kinds:  # then one event with every tick since
                         await trio.sleep(kinds["ws_stall"].seconds)
-                        next_t = self.market.on_grid(trio.current_time(), speed) - speed
+                        agg = sub.take_through(market.tick_no, into=agg)
+                        cut = market.next_cut(speed)
                     if "ws_close" in kinds:
                         self.stats.ws["closed_by_fault"] += 1
                         await self._close(conn, 1001, "simulator fault: close")
@@ -534,8 +536,8 @@ class BinanceVenue:
                     if held is not None:
                         await self._send_event(conn, *held)
                         held = None
-                    if trio.current_time() > next_t + speed:  # after a stall or pause: no catch-up
-                        next_t = self.market.on_grid(trio.current_time(), speed) - speed
+                    if trio.current_time() > market.due(cut):  # after a stall: no catch-up
+                        cut = market.next_cut(speed)
             except ConnectionClosed:
                 conn.nursery.cancel_scope.cancel()
             finally:

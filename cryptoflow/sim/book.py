@@ -95,9 +95,9 @@ class Diff:
     T: int  # transaction time, ms
     bids: dict[int, int]
     asks: dict[int, int]
-    #: trio clock: when the market's clock loop made it (the tick's due time), so events
-    #: that merge ticks are cut at the same tick on every connection
-    at: float = 0.0
+    #: the market's tick number it was made in (`Market.tick_no`): events that merge ticks
+    #: are cut at the same tick on every connection
+    tick: int = 0
 
     @property
     def levels(self) -> int:

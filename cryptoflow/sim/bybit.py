@@ -205,11 +205,11 @@ class DiffQueue:
         self.items.clear()
         return out
 
-    def take_through(self, t: float) -> list[Update]:
-        """The updates of ticks made at or before `t` (trio clock): a stream that merges
-        ticks cuts them at the same tick on every connection."""
+    def take_through(self, cut: int) -> list[Update]:
+        """The updates of the ticks numbered up to `cut` (`Market.next_cut`): a stream that
+        merges ticks cuts them at the same tick on every connection."""
         items, out = self.items, []
-        while items and items[0].diff.at <= t:
+        while items and items[0].diff.tick <= cut:
             out.append(items.popleft())
         return out
 

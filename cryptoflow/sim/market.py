@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 
@@ -12,20 +11,14 @@ from cryptoflow.sim.book import Aggregate, Book, Diff
 from cryptoflow.sim.faults import Stats
 
 
-def _now() -> float:
-    try:
-        return trio.current_time()
-    except RuntimeError:  # a step outside trio (no clock): counts as long ago
-        return -math.inf
-
-
 class Subscriber:
     """One stream (symbol) on one connection: the ticks since its last event.
 
-    An event takes the ticks made up to its due time (`take_through`), once the clock
-    loop has passed that time (`Market.through`): every connection then cuts the same
-    ticks into the same events, as a venue's subscribers all get the same event ids, and
-    an event leaves right after the tick that ends its interval."""
+    An event takes the ticks up to its cut (`take_through`), a tick number on the
+    market's grid, once the clock loop has made that tick (`Market.through`): every
+    connection then cuts the same ticks into the same events, as a venue's subscribers
+    all get the same event ids, and an event leaves right after the tick that ends its
+    interval."""
 
     def __init__(self, symbol: str) -> None:
         self.symbol = symbol
@@ -34,14 +27,17 @@ class Subscriber:
     def push(self, d: Diff) -> None:
         self.diffs.append(d)
 
-    def take_through(self, t: float) -> Aggregate | None:
-        """The ticks made at or before `t` (trio clock) merged into one event, if any."""
+    def take_through(self, cut: int, into: Aggregate | None = None) -> Aggregate | None:
+        """The ticks numbered up to `cut` merged into one event (into `into`, if given),
+        if any."""
         diffs = self.diffs
-        if not diffs or diffs[0].at > t:
-            return None
-        agg = Aggregate(diffs.popleft())
-        while diffs and diffs[0].at <= t:
-            agg.add(diffs.popleft())
+        agg = into
+        while diffs and diffs[0].tick <= cut:
+            d = diffs.popleft()
+            if agg is None:
+                agg = Aggregate(d)
+            else:
+                agg.add(d)
         return agg
 
 
@@ -52,9 +48,9 @@ class Market:
         self.subscribers: dict[str, set[Subscriber]] = {s: set() for s in books}
         self.paused = False
         self.tick_interval = 0.1  # set by `run`
-        self.phase = 0.0  # trio clock of the first tick's interval start, set by `run`
-        #: trio clock: the clock loop has made (or, paused, skipped) every tick due by then
-        self.done_through = -math.inf
+        self.phase = 0.0  # trio clock of tick 0's due time, set by `run`
+        #: the clock loop's last tick number (made, or skipped while paused)
+        self.tick_no = 0
         self._progress = trio.Event()
         for s, b in books.items():
             stats.symbols[s].last_update_id = b.last_update_id
@@ -67,45 +63,49 @@ class Market:
     def unsubscribe(self, sub: Subscriber) -> None:
         self.subscribers.get(sub.symbol, set()).discard(sub)
 
-    def step(self, at: float | None = None) -> None:
-        """Advance every book by one tick and hand the diffs to subscribers; `at` is the
-        tick's due time (trio clock; now for a manual step)."""
+    def step(self) -> None:
+        """Advance every book by one tick and hand the diffs to subscribers (a manual step
+        belongs to the clock loop's current tick number)."""
         now_ms = int(time.time() * 1000)
-        at = _now() if at is None else at
         for sym, book in self.books.items():
             d = book.tick(now_ms)
-            d.at = at
+            d.tick = self.tick_no
             st = self.stats.symbols[sym]
             st.ticks += 1
             st.last_update_id = book.last_update_id
             for sub in self.subscribers[sym]:
                 sub.push(d)
 
-    def on_grid(self, now: float, every: float, offset: float = 0.0) -> float:
-        """The first time at or after `now` on the grid of `every` seconds from the first
-        tick's interval start (shifted by `offset`).
+    def ticks_per(self, seconds: float) -> int:
+        """Ticks in a stream's interval (at least one)."""
+        return max(1, round(seconds / self.tick_interval))
 
-        Streams that merge ticks into events time them on this grid, not on a timer of
-        their connection's own: every connection then gets the same events with the same
-        ids, as from a venue, and a client can hand a stream over from one connection
-        to the next with nothing missing or repeated."""
-        k = math.ceil((now - self.phase - offset) / every)
-        return self.phase + offset + k * every
+    def next_cut(self, seconds: float) -> int:
+        """The first cut after now of a stream with that interval: a tick number that is a
+        multiple of its ticks per interval. Streams that merge ticks into events cut them
+        there, not on a timer of their connection's own: every connection then gets the
+        same events with the same ids, as from a venue, and a client can hand a stream
+        over from one connection to the next with nothing missing or repeated."""
+        n = self.ticks_per(seconds)
+        return (self.tick_no // n + 1) * n
+
+    def due(self, tick_no: int) -> float:
+        """When the clock loop makes that tick (trio clock)."""
+        return self.phase + tick_no * self.tick_interval
 
     async def run(self, tick_interval: float) -> None:
         """The clock loop: one tick per interval, no drift, runs with or without clients."""
         self.tick_interval = tick_interval
-        next_t = self.phase = trio.current_time()
+        self.phase = trio.current_time()
         while True:
-            next_t += tick_interval
-            await trio.sleep_until(next_t)
+            await trio.sleep_until(self.due(self.tick_no + 1))
+            self.tick_no += 1
             if not self.paused:
-                self.step(next_t)
-            self.done_through = next_t
+                self.step()
             self._progress.set()
             self._progress = trio.Event()
 
-    async def through(self, t: float) -> None:
-        """Until the clock loop has passed every tick due at or before `t`."""
-        while self.done_through < t:
+    async def through(self, tick_no: int) -> None:
+        """Until the clock loop has made (or, paused, skipped) that tick."""
+        while self.tick_no < tick_no:
             await self._progress.wait()

@@ -392,13 +392,10 @@ class OkxVenue(SimVenue):
             asks = book.best_asks(depth)
             snap = (self._push(arg, "snapshot", book, bids, asks, -1, last), len(bids) + len(asks))
         self.market.subscribers[inst].add(q)  # type: ignore[arg-type]
-        # pushes on the market's grid, half a tick after the ticks, the first one at the
-        # first grid time after the subscription (however late the snapshot's send ends):
-        # every connection merges the same ticks
-        half = self.market.tick_interval / 2
-        next_t = (
-            self.market.on_grid(trio.current_time(), self.push_interval, half) - self.push_interval
-        )
+        # pushes cut on the market's grid (the same ticks for every connection), the first
+        # at the first cut after the subscription, however late the snapshot's send ends
+        market = self.market
+        cut = market.next_cut(self.push_interval)
         started()
         state: dict[str, Any] = {}
         try:
@@ -409,10 +406,10 @@ class OkxVenue(SimVenue):
             quiet_since = trio.current_time()
             bad = '{"arg":{"channel":"' + arg["channel"] + '"},"action":"update","data":[{'
             while True:
-                next_t += self.push_interval
-                await trio.sleep_until(next_t)
-                await self.market.through(next_t)
-                ups = q.take_through(next_t)
+                await trio.sleep_until(market.due(cut))
+                await market.through(cut)
+                ups = q.take_through(cut)
+                cut += market.ticks_per(self.push_interval)
                 frames = []
                 if ups:
                     cb: dict[int, int] = {}
@@ -440,11 +437,8 @@ class OkxVenue(SimVenue):
                     quiet_since = trio.current_time()
                 if frames and not await self.send_with_faults(conn, inst, frames, bad, state):
                     return
-                if trio.current_time() > next_t + self.push_interval:  # after a stall: no catch-up
-                    next_t = (
-                        self.market.on_grid(trio.current_time(), self.push_interval, half)
-                        - self.push_interval
-                    )
+                if trio.current_time() > market.due(cut):  # after a stall: no catch-up
+                    cut = market.next_cut(self.push_interval)
         finally:
             self.market.unsubscribe(q)  # type: ignore[arg-type]
 
