@@ -10,6 +10,7 @@ a stop during a hand-over ends it and closes both connections.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 
 import pytest
@@ -297,3 +298,126 @@ async def test_connections_wait_for_the_venues_connect_pacer():
         nursery.cancel_scope.cancel()
     assert len(opened) >= fake.connections >= 5  # every connection went through it
     assert min(b - a for a, b in itertools.pairwise(opened)) >= 0.3  # one a window
+
+
+# --- the skip after the switch, and what is asked again (pure) ----------------------------
+
+
+def _diff(u: int, *, snapshot: bool = False) -> DepthDiff:
+    return DepthDiff(
+        "bybit", "futures", "BTCUSDT", 1_700_000_000_000 + u, None, u, u,
+        None if snapshot else u - 1, [], [], 0, is_snapshot=snapshot,
+    )  # fmt: skip
+
+
+def _skipping(last: int) -> stream_mod._ConnState:
+    conn = stream_mod._ConnState(frozenset({"BTCUSDT"}))
+    conn.skip = {"BTCUSDT": last}
+    return conn
+
+
+def _kept(conn, ids, **kw) -> list[int]:
+    stats = StreamStats()
+    out = []
+    for u in ids:
+        out += stream_mod._not_handed_on([_diff(u, **kw)], conn, stats)
+    return [d.last_update_id for d in out]
+
+
+async def test_the_skip_drops_what_was_handed_on_and_ends_after_its_last_id():
+    conn = _skipping(105)
+    assert _kept(conn, [103, 104, 105, 106, 107]) == [106, 107]
+    assert not conn.skip  # ended at 105: nothing after it is compared any more
+
+
+async def test_the_skip_ends_where_the_venue_restarts_its_ids():
+    """Review of 9452dba: a Bybit `u == 1` restart (or OKX seqIds going back) during the
+    switch was dropped as 'repeats' for the whole skip window, however new."""
+    conn = _skipping(5_001_582)
+    kept = _kept(conn, [5_001_500, 5_001_501, 1, 2, 3])  # restart after 5_001_501
+    assert kept == [1, 2, 3]
+
+
+async def test_the_skip_ends_with_its_window(autojump_clock):
+    conn = _skipping(100)
+    conn.skip_until = trio.current_time() + stream_mod.HANDOVER_SKIP_FOR
+    await trio.sleep(stream_mod.HANDOVER_SKIP_FOR + 1)
+    assert _kept(conn, [1, 2]) == [1, 2]  # a restart it began with: not lost for good
+
+
+def test_a_resync_already_answered_is_not_asked_again():
+    """Review of 9452dba: a watch stays in `watching` until its timeout even after the
+    snapshot came; the next connection resubscribed for nothing."""
+    conn = stream_mod._ConnState(frozenset({"A", "B", "C"}), opened=10.0)
+    conn.subscribed_at = {"A": 12.0, "B": 13.0, "C": 10.0}
+    conn.snapshot_at = {"A": 12.5}  # A answered; B not yet; C: the first subscription
+    conn.watching = {"A", "B", "C"}
+    assert stream_mod._awaiting_snapshot(conn) == {"B", "C"}
+
+
+def test_okx_frames_without_seqid_turn_the_overlap_off():
+    from cryptoflow.exchanges.okx.ws import OkxStream
+
+    stream = OkxStream("ws://127.0.0.1:1", {"BTC-USDT-SWAP": "BTCUSDT"})
+    assert stream.can_hand_over
+    legacy = {"arg": {"channel": "books", "instId": "BTC-USDT-SWAP"}, "action": "update"}
+    legacy["data"] = [{"asks": [["101.0", "1", "0", "1"]], "bids": [], "ts": "1700000000000"}]
+    stream.parse(json.dumps(legacy), 0)
+    assert not stream.can_hand_over  # per-connection synthetic ids: close first instead
+
+
+async def test_the_old_connection_lost_during_the_overlap_hands_over_at_once(caplog):
+    """Review of 9452dba: the venue cut the old connection while the next one was open
+    and carrying data; the next one was thrown away and a third opened after a back-off.
+    Now the next one takes over at once, with what it kept back."""
+    opened: dict[int, float] = {}
+
+    async def lagging(venue, ws, conn, fake) -> None:
+        """Like `_Venue.serve`, 100 ids (~0.2 s) behind: the next connection's first id is
+        ahead of everything this one handed on, so the hand-over waits for it."""
+        await fake.recv(ws, conn)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fake.drain, ws, conn)
+            u = venue.u - 100
+            await ws.send_message(push("snapshot", u))
+            while True:
+                while venue.u - 100 <= u:
+                    await venue.moved.wait()
+                while u < venue.u - 100:
+                    u += 1
+                    await ws.send_message(push("delta", u))
+
+    async def script(venue, ws, conn, fake):
+        opened[conn] = trio.current_time()
+        if conn == 1:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(lagging, venue, ws, conn, fake)
+                    await wait_for(lambda: 2 in opened, timeout=10)
+                    await trio.sleep(0.1)  # the next one is subscribed and streaming
+                    await ws.aclose()  # the venue cuts the old one during the overlap
+                    nursery.cancel_scope.cancel()
+            except* ConnectionClosed:
+                pass  # (raised out of a handler it would end the fake's other connections)
+            return
+        await venue.serve(ws, conn, fake)
+
+    monkeypatch_ready = stream_mod.HANDOVER_READY_TIMEOUT
+    stream_mod.HANDOVER_READY_TIMEOUT = 3.0  # the old one never catches up: it is cut
+    try:
+        items, stats, _ = await _run(
+            script,
+            lambda st: st.connects >= 2,
+            reconnect_after=0.3,
+            backoff_initial=30,
+            backoff_max=60,
+        )
+    finally:
+        stream_mod.HANDOVER_READY_TIMEOUT = monkeypatch_ready
+    assert 3 not in opened  # no third connection after a back-off: the second took over
+    assert stats.disconnects == 1 and stats.handovers == 1
+    marker = next(i for i in items if isinstance(i, StreamEvent))
+    assert "WsClosed" in marker.reason  # what ended the old one, not "planned reconnect"
+    gap, healed = _gaps(items)  # the ids between the old one's last and the next's first
+    assert gap.kind is GapKind.RECONNECT and "WsClosed" in gap.reason
+    assert healed.kind is GapKind.RESYNC  # by the next one's snapshot, kept (newer)

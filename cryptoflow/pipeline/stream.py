@@ -26,12 +26,17 @@ the two overlap. Only then is the current one closed the graceful way below, so 
 hands on everything up to the venue's close answer. The connect loop then takes the
 next connection over: a RECONNECT marker per symbol, then its kept-back frames and its
 first live ones without the diffs the old connection already handed on (ids up to the
-last one handed on per symbol, `_ConnState.skip`). A venue sends every subscriber the
-same events, so the first diff kept continues the chain: no gap, no resync, no second
-in-stream snapshot (one newer than what the old connection handed on is kept, and its
-gap recorded). If the next connection fails or stays silent, the current one is kept
-(WARNING) and the hand-over tried again `backoff_max` later; the venue's own cut, if it
-comes first, is an ordinary reconnect.
+last one handed on per symbol, `_ConnState.skip`; the skip ends after that very id, at a
+newer one, where the connection's own ids go back (a venue restart), or after
+`HANDOVER_SKIP_FOR`). A venue sends every subscriber the same events, so the first diff
+kept continues the chain: no gap, no resync, no second in-stream snapshot (one newer than
+what the old connection handed on is kept, and its gap recorded). If the next connection
+fails or stays silent, the current one is kept (WARNING) and the hand-over tried again
+`backoff_max` later. If the current one is lost while the next one is open, the next
+one takes over at once (no back-off), with its gap, if any, named after that loss; the
+venue's own cut before a hand-over began is an ordinary reconnect. A venue whose ids two
+connections cannot compare (`can_hand_over` False: OKX frames without seqId get
+synthetic ids per connection) closes first and reconnects, as before.
 
 Resyncs a connection left unanswered (resubscribed, or watched, with no snapshot yet when
 it ended, planned or not) are asked for again on the next one: their watches ended with
@@ -118,7 +123,7 @@ SUBSCRIBE_WINDOW_S = 3600.0
 #: diffs are checked against what the old connection handed on
 HANDOVER_READY_TIMEOUT = 10.0
 HANDOVER_MAX_HELD = 50_000
-HANDOVER_SKIP_FOR = 30.0
+HANDOVER_SKIP_FOR = 5.0
 
 
 @attrs.define
@@ -144,6 +149,7 @@ class _ConnState:
     #: connection's diffs up to it are dropped (until its first newer one, or `skip_until`)
     skip: dict[str, int] = attrs.field(factory=dict)
     skip_until: float = math.inf
+    skip_seen: dict[str, int] = attrs.field(factory=dict)  # this connection's ids meanwhile
 
 
 def _conn_state(venue: VenueStream, symbols: list[str], now: float, label: str = "") -> _ConnState:
@@ -416,7 +422,7 @@ async def _connect_loop(
                         opened = trio.current_time()
                         stats.connects += 1
                         if handed_over:
-                            _take_over(link, venue, emitter, stats, raw_sink)
+                            _take_over(link, venue, emitter, stats, raw_sink, ended)
                         elif stats.connects > 1:
                             _mark_reconnect(venue.exchange, symbols, emitter, ended)
                         if last is not None and resync is not None:
@@ -486,8 +492,10 @@ async def _connect_loop(
                         label,
                         closer.timeout,
                     )
-                if closer.planned and not closer.stopping:
+                if not closer.stopping and (closer.planned or handover.link is not None):
                     taken = await handover.take()
+                    if taken is not None and not closer.planned:
+                        delay = 0.0  # lost during a hand-over: the next one is open already
                 around.cancel_scope.cancel()  # a hand-over that did not come to its switch
         finally:
             if handover.link is not None:  # opened, not taken: the stop, or a failure
@@ -576,14 +584,26 @@ class _Handover:
     label: str
     retry: float = 60.0
     link: _Link | None = None  # the next connection, from its opening until taken
+    _taken: bool = False  # `take` was called: the connect loop has moved on
+    _readying: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _reading: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _done: trio.Event = attrs.field(factory=trio.Event)
 
     async def run(self, after: float) -> None:
         try:
             await trio.sleep(after)
+            if not getattr(self.venue, "can_hand_over", True):
+                # ids the two connections cannot compare (OKX frames without seqId get
+                # per-connection ones): close first, then a new connection, as before
+                self.closer.planned = True
+                await self.closer.close()
+                return
             while not await self._open_ready():
+                if self._taken:
+                    return
                 await trio.sleep(self.retry)
+            if self._taken:  # the current connection ended while the next one readied
+                return
             self.closer.planned = True
             await self.closer.close()  # the loop takes the next one once this one drained
             assert self.link is not None
@@ -604,7 +624,11 @@ class _Handover:
             self._done.set()
 
     async def take(self) -> _Link | None:
-        """Stop reading the next connection and hand it over (None if it failed)."""
+        """Stop reading the next connection and hand it over (None if it failed). Also
+        when the current connection was lost while the next one readied: it is open and
+        subscribed, and its kept-back frames are what the lost one did not hand on."""
+        self._taken = True
+        self._readying.cancel()
         self._reading.cancel()
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             await self._done.wait()
@@ -618,8 +642,13 @@ class _Handover:
         try:
             self.link = link = await self.open_link()
             link.conn.held = []
-            with trio.move_on_after(HANDOVER_READY_TIMEOUT):
+            self._readying = trio.CancelScope()  # one per attempt; `take` cancels it
+            if self._taken:
+                self._readying.cancel()
+            with trio.move_on_after(HANDOVER_READY_TIMEOUT), self._readying:
                 await self._read(link, until_ready=True)
+            if self._taken:
+                return True
             if not link.conn.held:
                 raise trio.TooSlowError(f"no book data within {HANDOVER_READY_TIMEOUT:g}s")
             return True
@@ -673,6 +702,7 @@ def _take_over(
     emitter: _Emitter,
     stats: StreamStats,
     raw_sink: Callable[[str, str | bytes, int], None] | None,
+    why: str,
 ) -> None:
     """The switch to a hand-over's next connection: a RECONNECT marker per symbol, then
     its kept-back frames without what the old connection handed on already (and its
@@ -682,7 +712,7 @@ def _take_over(
     last_ids = emitter.last_ids
     conn.skip = {s: last_ids[s] for s in conn.symbols if s in last_ids}
     conn.skip_until = trio.current_time() + HANDOVER_SKIP_FOR
-    _mark_reconnect(venue.exchange, sorted(conn.symbols), emitter, "planned reconnect")
+    _mark_reconnect(venue.exchange, sorted(conn.symbols), emitter, why)
     repeated, stats.handovers = stats.repeated, stats.handovers + 1
     now = trio.current_time()
     for raw, recv_ns, item in held:
@@ -702,10 +732,11 @@ def _take_over(
 def _awaiting_snapshot(conn: _ConnState) -> set[str]:
     """Symbols resubscribed on `conn` (after its opening) whose snapshot has not come, or
     watched for one: what a resync asked of it that it never answered."""
-    return set(conn.watching) | {
+    asked = set(conn.watching) | {s for s, at in conn.subscribed_at.items() if at > conn.opened}
+    return {
         s
-        for s, at in conn.subscribed_at.items()
-        if at > conn.opened and conn.snapshot_at.get(s, -math.inf) < at
+        for s in asked
+        if conn.snapshot_at.get(s, -math.inf) < conn.subscribed_at.get(s, -math.inf)
     }
 
 
@@ -859,21 +890,30 @@ def _hand_on(
 
 def _not_handed_on(item: list[DepthDiff], conn: _ConnState, stats: StreamStats) -> list[DepthDiff]:
     """After a hand-over: without the diffs the old connection handed on already (ids up
-    to its last one per symbol). A symbol's check ends at its first newer diff, and every
-    symbol's `HANDOVER_SKIP_FOR` after the switch: a venue that restarted its ids must not
-    be dropped for good (the chain break is then the reconnect's recorded gap)."""
+    to its last one per symbol). A symbol's check ends after the diff with that very id,
+    at its first newer one, or where this connection's own ids go back (the venue
+    restarted them: Bybit `u` 1, OKX after maintenance; those diffs are new, however low
+    their ids), and every symbol's `HANDOVER_SKIP_FOR` after the switch (a restart this
+    connection began with shows no step back: its chain break is then the reconnect's
+    recorded gap, not a loss for good)."""
     skip = conn.skip
     if trio.current_time() > conn.skip_until:
         skip.clear()
         return item
+    seen = conn.skip_seen
     kept = []
     for diff in item:
-        last = skip.get(diff.symbol)
+        symbol, last_id = diff.symbol, diff.last_update_id
+        last = skip.get(symbol)
         if last is not None:
-            if diff.last_update_id <= last:
+            restarted = last_id < seen.get(symbol, -math.inf)
+            if not restarted and last_id <= last:
+                seen[symbol] = last_id
                 stats.repeated += 1
+                if last_id == last:  # the old connection's last one: what follows is new
+                    del skip[symbol]
                 continue
-            del skip[diff.symbol]
+            del skip[symbol]
         kept.append(diff)
     return kept
 

@@ -51,6 +51,13 @@ class OkxStream:
         #: per second per IP (`pipeline/stream.py` waits on it before each connect)
         self.connect_pacer = ConnectPacer(rules.NEW_CONNECTIONS_PER_S)
 
+    @property
+    def can_hand_over(self) -> bool:
+        """Frames without seqId get synthetic ids per connection (`legacy`), which two
+        connections cannot compare: once any came, a planned reconnect closes the old
+        connection first instead of overlapping (see `pipeline/stream.py`)."""
+        return not self.legacy.last
+
     async def url(self, venue_symbols: list[str]) -> str:
         return self.ws_url
 
