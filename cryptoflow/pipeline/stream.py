@@ -504,7 +504,7 @@ async def _connect_loop(
             stats.last_error = ended = "planned reconnect"
             failures = 0
         closer.attach(None)
-        if delay:
+        if delay:  # never with a next connection taken (its delay is 0): it is not left open
             await trio.sleep(delay)
     if taken is not None:  # the stop came just as a hand-over switched
         await taken.aclose()
