@@ -76,7 +76,17 @@ def make_result(writer: WriterStats | None = None) -> tuple[RunResult, trio.Memo
             "BTCUSDT": PollStats(polls=3, ok=2, failed=1, skipped_slots=1, malformed=1),
             "SOLUSDT": PollStats(),  # configured, no data yet
         },
-        streams=[StreamStats(connects=1, frames=7, diffs=4, dropped=1)],
+        streams=[
+            StreamStats(
+                connects=1,
+                frames=7,
+                diffs=4,
+                dropped=1,
+                handovers=2,
+                handover_failures=1,
+                repeated=57,
+            )
+        ],
         budget=RateBudget(2400, name="binance/main"),
         normalizer=normalizer,
         raw_channel=send,
@@ -137,6 +147,9 @@ def check_counters(data) -> None:
     assert value(data, "cryptoflow_poll_skipped_slots_total", **btc) == 1
     assert value(data, "cryptoflow_ws_frames_total", **SYM, stream="0") == 7
     assert value(data, "cryptoflow_ws_dropped_total", **SYM, stream="0") == 1
+    assert value(data, "cryptoflow_ws_handovers_total", **SYM, stream="0") == 2
+    assert value(data, "cryptoflow_ws_handover_failures_total", **SYM, stream="0") == 1
+    assert value(data, "cryptoflow_ws_repeated_total", **SYM, stream="0") == 57
     assert value(data, "cryptoflow_channel_depth", **SYM, channel="raw") == 3
     assert value(data, "cryptoflow_channel_capacity", **SYM, channel="raw") == 10
     assert value(data, "cryptoflow_rest_weight_limit", **SYM) == 2400

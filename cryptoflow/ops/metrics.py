@@ -29,7 +29,9 @@ Per snapshot poller / WebSocket connection:
 - `cryptoflow_poll_skipped_slots_total{exchange,shard,symbol}`
 - `cryptoflow_ws_frames_total`, `cryptoflow_ws_diffs_total`, `cryptoflow_ws_dropped_total`,
   `cryptoflow_ws_malformed_total`, `cryptoflow_ws_connects_total`,
-  `cryptoflow_ws_disconnects_total` `{exchange,shard,stream}` (stream = connection index)
+  `cryptoflow_ws_disconnects_total`, `cryptoflow_ws_handovers_total`,
+  `cryptoflow_ws_handover_failures_total`, `cryptoflow_ws_repeated_total`
+  `{exchange,shard,stream}` (stream = connection index)
 
 Per shard (REST budget of its source IP, and its raw channel):
 - `cryptoflow_rest_weight_used{exchange,shard}` weight sent in the last 60 s (sliding),
@@ -352,6 +354,9 @@ class RunCollector(Collector):
                 ("malformed", "Frames that failed to parse"),
                 ("connects", "WebSocket connections opened"),
                 ("disconnects", "WebSocket connections lost"),
+                ("handovers", "Connections taken over from a hand-over (no gap if continuous)"),
+                ("handover_failures", "Hand-over attempts given up (the old connection kept)"),
+                ("repeated", "Diffs a hand-over's next connection repeated (dropped)"),
             )
         }
         for label, shard in list(getattr(result, "shards", {}).items()) if result else []:

@@ -142,6 +142,7 @@ class _ConnState:
     requests: RequestCap | None = None
     capped: bool = False  # the last resubscribe was refused for the cap (logging)
     opened: float = 0.0  # trio clock: when it subscribed
+    pinged_at: float = 0.0  # trio clock: its last keepalive (or its opening)
     #: the next connection during a hand-over: its frames, kept back (frame, receive ns,
     #: diffs) until the current connection has ended
     held: list[tuple[str | bytes, int, list[DepthDiff]]] | None = None
@@ -160,6 +161,7 @@ def _conn_state(venue: VenueStream, symbols: list[str], now: float, label: str =
         subscribed_at=dict.fromkeys(symbols, now),
         label=label or venue.exchange,
         opened=now,
+        pinged_at=now,
     )
     cap = getattr(venue, "subscribe_requests_per_hour", None)
     if cap and can_resubscribe(venue):
@@ -183,7 +185,8 @@ class StreamStats:
     malformed: int = 0
     #: diffs a hand-over's next connection repeated (the old one had handed them on)
     repeated: int = 0
-    handovers: int = 0  # planned reconnects made with overlap
+    handovers: int = 0  # connections taken over from a hand-over
+    handover_failures: int = 0  # hand-over attempts given up (the old connection kept)
     last_error: str = ""
 
 
@@ -408,6 +411,7 @@ async def _connect_loop(
     while not closer.stopping:
         delay = 0.0
         opened: float | None = None
+        lost: str | None = None  # why this connection (or attempt) failed, if it did
         link, taken = taken, None
         handover = _Handover(open_link, closer, venue, emitter, stats, raw_sink, label)
         handover.retry = backoff_max
@@ -436,7 +440,7 @@ async def _connect_loop(
                             label,
                             len(venue_symbols),
                             f" from {source_ip}" if source_ip else "",
-                            " (planned reconnect: hand-over)" if handed_over else "",
+                            " (hand-over)" if handed_over else "",
                         )
                         around.start_soon(handover.run, reconnect_after)
                         await _pump(
@@ -465,22 +469,10 @@ async def _connect_loop(
                             why = "the stop" if closer.stopping else "a planned reconnect"
                             log.info("%s: stream closed for %s (%s)", label, why, exc)
                         else:
+                            lost = stats.last_error = f"{type(exc).__name__}: {exc}"
                             stats.disconnects += 1
-                            stats.last_error = f"{type(exc).__name__}: {exc}"
                             if opened is not None:  # a connection ended, not an attempt
                                 ended = stats.last_error
-                            if opened is not None and trio.current_time() - opened >= backoff_max:
-                                failures = 0  # it was healthy: this loss is a first one again
-                            failures += 1
-                            delay = backoff_delay(
-                                failures, initial=backoff_initial, maximum=backoff_max, rng=rng
-                            )
-                            log.warning(
-                                "%s: stream lost (%s); reconnecting in %.1fs",
-                                label,
-                                stats.last_error,
-                                delay,
-                            )
                     finally:
                         if link is not None:
                             last = link.conn
@@ -494,17 +486,27 @@ async def _connect_loop(
                     )
                 if not closer.stopping and (closer.planned or handover.link is not None):
                     taken = await handover.take()
-                    if taken is not None and not closer.planned:
-                        delay = 0.0  # lost during a hand-over: the next one is open already
                 around.cancel_scope.cancel()  # a hand-over that did not come to its switch
         finally:
             if handover.link is not None:  # opened, not taken: the stop, or a failure
                 await handover.link.aclose()
-        if closer.planned:
+        if lost is not None and taken is not None:
+            log.warning(
+                "%s: stream lost (%s); the next connection, open for a hand-over, takes over",
+                label,
+                lost,
+            )
+        elif lost is not None:
+            if opened is not None and trio.current_time() - opened >= backoff_max:
+                failures = 0  # it was healthy: this loss is a first one again
+            failures += 1
+            delay = backoff_delay(failures, initial=backoff_initial, maximum=backoff_max, rng=rng)
+            log.warning("%s: stream lost (%s); reconnecting in %.1fs", label, lost, delay)
+        elif closer.planned:
             stats.last_error = ended = "planned reconnect"
             failures = 0
         closer.attach(None)
-        if delay:  # never with a next connection taken (its delay is 0): it is not left open
+        if delay:  # never with a next connection taken: it is not left open meanwhile
             await trio.sleep(delay)
     if taken is not None:  # the stop came just as a hand-over switched
         await taken.aclose()
@@ -584,6 +586,9 @@ class _Handover:
     label: str
     retry: float = 60.0
     link: _Link | None = None  # the next connection, from its opening until taken
+    #: per symbol, the id handed on when the next connection opened: one handed on later
+    #: that is lower means the venue restarted its ids meanwhile (`_restarted`)
+    start_ids: dict[str, int] = attrs.field(factory=dict)
     _taken: bool = False  # `take` was called: the connect loop has moved on
     _readying: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _reading: trio.CancelScope = attrs.field(factory=trio.CancelScope)
@@ -611,6 +616,7 @@ class _Handover:
                 try:
                     await self._read(self.link, until_ready=False)
                 except (*_LINK_ERRORS, _Reconnect) as exc:
+                    self.stats.handover_failures += 1
                     log.warning(
                         "%s: the next connection failed during the hand-over (%s: %s); "
                         "reconnecting afresh",
@@ -633,7 +639,20 @@ class _Handover:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             await self._done.wait()
         link, self.link = self.link, None
+        if link is not None and self._restarted():
+            self.stats.handover_failures += 1
+            log.warning(
+                "%s: the venue restarted its ids during the hand-over; the next connection's "
+                "kept-back frames cannot be matched: reconnecting afresh",
+                self.label,
+            )
+            await link.aclose()
+            return None
         return link
+
+    def _restarted(self) -> bool:
+        last_ids = self.emitter.last_ids
+        return any(last_ids.get(s, i) < i for s, i in self.start_ids.items())
 
     async def _open_ready(self) -> bool:
         """Open the next connection and read it until it overlaps the current one (or
@@ -642,6 +661,8 @@ class _Handover:
         try:
             self.link = link = await self.open_link()
             link.conn.held = []
+            handed_on = self.emitter.last_ids
+            self.start_ids = {s: handed_on[s] for s in link.conn.symbols if s in handed_on}
             self._readying = trio.CancelScope()  # one per attempt; `take` cancels it
             if self._taken:
                 self._readying.cancel()
@@ -653,6 +674,7 @@ class _Handover:
                 raise trio.TooSlowError(f"no book data within {HANDOVER_READY_TIMEOUT:g}s")
             return True
         except (*_LINK_ERRORS, _Reconnect) as exc:
+            self.stats.handover_failures += 1
             log.warning(
                 "%s: planned reconnect: the next connection failed (%s: %s); keeping this "
                 "one, trying again in %gs",
@@ -667,21 +689,31 @@ class _Handover:
             return False
 
     async def _read(self, link: _Link, until_ready: bool) -> None:
-        """Keep the next connection's frames back. With `until_ready`, return once the
-        current connection has handed on, for every symbol, at least up to the next
-        one's first diff (its snapshot, say): from there on the two overlap, so the
-        switch loses nothing. Past `HANDOVER_MAX_HELD` frames: return at once (when
-        readying: switch now), else stop reading until taken (the socket holds them)."""
+        """Keep the next connection's frames back (and ping it on the venue's interval).
+        With `until_ready`, return once the current connection has handed on, for every
+        symbol, at least up to the next one's first diff (its snapshot, say): from there
+        on the two overlap, so the switch loses nothing. Past `HANDOVER_MAX_HELD` frames:
+        return at once (when readying: switch now), else stop reading until taken (the
+        socket holds them). A venue restarting its ids meanwhile fails the attempt."""
         conn, held = link.conn, link.conn.held
         assert held is not None
         first: dict[str, int] = {}  # per symbol, the id of the next connection's first diff
         waiting = set(conn.symbols)
         handed_on = self.emitter.last_ids
+        interval = self.venue.keepalive_interval
         while True:
+            if interval and trio.current_time() >= conn.pinged_at + interval:
+                await self.venue.keepalive(link.ws)
+                conn.pinged_at = trio.current_time()
             seen = len(held)
-            for raw in await link.ws.receive_burst():
+            burst: list[str | bytes] = []
+            with trio.move_on_at(conn.pinged_at + interval if interval else math.inf):
+                burst = await link.ws.receive_burst()
+            for raw in burst:
                 _handle_frame(raw, self.venue, self.emitter, self.stats, conn, self.raw_sink)
             if until_ready:
+                if self._restarted():
+                    raise _Reconnect("the venue restarted its ids meanwhile")
                 for _raw, _ns, item in held[seen:]:
                     for diff in item:
                         first.setdefault(diff.symbol, diff.last_update_id)
@@ -693,7 +725,12 @@ class _Handover:
             if len(held) > HANDOVER_MAX_HELD:
                 if until_ready:
                     return
-                await trio.sleep_forever()
+                while True:  # read no more (the socket holds the rest); only keep it alive
+                    if not interval:
+                        await trio.sleep_forever()
+                    await trio.sleep_until(conn.pinged_at + interval)
+                    await self.venue.keepalive(link.ws)
+                    conn.pinged_at = trio.current_time()
 
 
 def _take_over(
@@ -805,7 +842,7 @@ async def _side_tasks(
     with side:
         async with trio.open_nursery() as nursery:
             if venue.keepalive_interval:
-                nursery.start_soon(_keepalive, ws, venue)
+                nursery.start_soon(_keepalive, ws, venue, conn)
             if resync is not None and can_resubscribe(venue):
                 nursery.start_soon(
                     _serve_resubscribe, ws, venue, resync, conn, venue_of, fallback, nursery
@@ -1051,8 +1088,13 @@ async def _watch_snapshot(
         fallback(symbol)
 
 
-async def _keepalive(ws: WsConnection, venue: VenueStream) -> None:
-    assert venue.keepalive_interval
+async def _keepalive(ws: WsConnection, venue: VenueStream, conn: _ConnState) -> None:
+    """Every `keepalive_interval` from the connection's last ping: a connection taken over
+    from a hand-over was pinged while it was kept back (KuCoin closes one unpinged for
+    its pingInterval + pingTimeout, 28 s)."""
+    interval = venue.keepalive_interval
+    assert interval
     while True:
-        await trio.sleep(venue.keepalive_interval)
+        await trio.sleep_until(conn.pinged_at + interval)
         await venue.keepalive(ws)
+        conn.pinged_at = trio.current_time()
