@@ -3,6 +3,7 @@ checked with the project's own parsers and normalized ids."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -726,3 +727,18 @@ async def test_okx_updates_leave_right_after_their_last_tick():
                 if m.get("action") == "update" and m["data"][0]["bids"] + m["data"][0]["asks"]:
                     behind.append(book.last_update_id != m["data"][0]["seqId"])
     assert sum(behind) <= 2  # a tick may come between the send and our read, rarely
+
+
+async def test_binance_250ms_stream_keeps_its_interval_on_the_grid():
+    """Review of 82b4a22: cut at round(0.25 / 0.1) = 2 ticks, `@depth` (250 ms) sent every
+    200 ms. The k-th cut is now the tick ending the k-th interval: 2, 5, 7, 10, …"""
+    async with (
+        open_simulator(symbols=["BTCUSDT"], tick_interval=0.1, ping_interval=None) as sim,
+        open_websocket_url(f"{sim.ws_url}/ws/btcusdt@depth") as ws,
+    ):
+        times = []
+        with trio.fail_after(10):
+            while len(times) < 13:
+                times.append(json.loads(await ws.get_message())["E"])
+    steps = [b - a for a, b in itertools.pairwise(times[1:])]  # the first event: partial
+    assert 240 <= sum(steps) / len(steps) <= 260

@@ -499,21 +499,22 @@ class BinanceVenue:
             held: tuple[str, Aggregate] | None = None
             try:
                 market = self.market
-                cut = market.next_cut(speed)  # on the market's grid: the same for all
+                k = market.next_k(speed)  # cuts on the market's grid: the same for all
                 while True:
                     # right after the tick that ends the interval: E (that tick's time) is
                     # when the event leaves, as at the venue
+                    cut = market.cut(k, speed)
                     await trio.sleep_until(market.due(cut))
                     await market.through(cut)
                     agg = sub.take_through(cut)
-                    cut += market.ticks_per(speed)
+                    k += 1
                     if agg is None:  # no tick (paused): no event
                         continue
                     kinds = {f.kind: f for f in self.faults.take_ws(self.name, symbol)}
                     if "ws_stall" in kinds:  # then one event with every tick since
                         await trio.sleep(kinds["ws_stall"].seconds)
                         agg = sub.take_through(market.tick_no, into=agg)
-                        cut = market.next_cut(speed)
+                        k = market.next_k(speed)
                     if "ws_close" in kinds:
                         self.stats.ws["closed_by_fault"] += 1
                         await self._close(conn, 1001, "simulator fault: close")
@@ -536,8 +537,8 @@ class BinanceVenue:
                     if held is not None:
                         await self._send_event(conn, *held)
                         held = None
-                    if trio.current_time() > market.due(cut):  # after a stall: no catch-up
-                        cut = market.next_cut(speed)
+                    if trio.current_time() > market.due(market.cut(k, speed)):  # no catch-up
+                        k = market.next_k(speed)
             except ConnectionClosed:
                 conn.nursery.cancel_scope.cancel()
             finally:

@@ -206,7 +206,7 @@ class DiffQueue:
         return out
 
     def take_through(self, cut: int) -> list[Update]:
-        """The updates of the ticks numbered up to `cut` (`Market.next_cut`): a stream that
+        """The updates of the ticks numbered up to `cut` (`Market.cut`): a stream that
         merges ticks cuts them at the same tick on every connection."""
         items, out = self.items, []
         while items and items[0].diff.tick <= cut:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 
@@ -76,18 +77,21 @@ class Market:
             for sub in self.subscribers[sym]:
                 sub.push(d)
 
-    def ticks_per(self, seconds: float) -> int:
-        """Ticks in a stream's interval (at least one)."""
-        return max(1, round(seconds / self.tick_interval))
+    def cut(self, k: int, seconds: float) -> int:
+        """The k-th cut of a stream with that interval: the tick number that ends its k-th
+        interval from the clock's start (a 250 ms stream on 100 ms ticks cuts after 2, 5,
+        7, 10, …: 250 ms on average). Streams that merge ticks into events cut them there,
+        not on a timer of their connection's own: every connection then gets the same
+        events with the same ids, as from a venue, and a client can hand a stream over
+        from one connection to the next with nothing missing or repeated."""
+        return max(k, math.floor(k * seconds / self.tick_interval + 1e-9))
 
-    def next_cut(self, seconds: float) -> int:
-        """The first cut after now of a stream with that interval: a tick number that is a
-        multiple of its ticks per interval. Streams that merge ticks into events cut them
-        there, not on a timer of their connection's own: every connection then gets the
-        same events with the same ids, as from a venue, and a client can hand a stream
-        over from one connection to the next with nothing missing or repeated."""
-        n = self.ticks_per(seconds)
-        return (self.tick_no // n + 1) * n
+    def next_k(self, seconds: float) -> int:
+        """The number of the first cut after the current tick."""
+        k = max(1, math.floor(self.tick_no * self.tick_interval / seconds))
+        while self.cut(k, seconds) <= self.tick_no:
+            k += 1
+        return k
 
     def due(self, tick_no: int) -> float:
         """When the clock loop makes that tick (trio clock)."""

@@ -395,7 +395,7 @@ class OkxVenue(SimVenue):
         # pushes cut on the market's grid (the same ticks for every connection), the first
         # at the first cut after the subscription, however late the snapshot's send ends
         market = self.market
-        cut = market.next_cut(self.push_interval)
+        k = market.next_k(self.push_interval)
         started()
         state: dict[str, Any] = {}
         try:
@@ -406,10 +406,11 @@ class OkxVenue(SimVenue):
             quiet_since = trio.current_time()
             bad = '{"arg":{"channel":"' + arg["channel"] + '"},"action":"update","data":[{'
             while True:
+                cut = market.cut(k, self.push_interval)
                 await trio.sleep_until(market.due(cut))
                 await market.through(cut)
                 ups = q.take_through(cut)
-                cut += market.ticks_per(self.push_interval)
+                k += 1
                 frames = []
                 if ups:
                     cb: dict[int, int] = {}
@@ -437,8 +438,8 @@ class OkxVenue(SimVenue):
                     quiet_since = trio.current_time()
                 if frames and not await self.send_with_faults(conn, inst, frames, bad, state):
                     return
-                if trio.current_time() > market.due(cut):  # after a stall: no catch-up
-                    cut = market.next_cut(self.push_interval)
+                if trio.current_time() > market.due(market.cut(k, self.push_interval)):
+                    k = market.next_k(self.push_interval)  # after a stall: no catch-up
         finally:
             self.market.unsubscribe(q)  # type: ignore[arg-type]
 
