@@ -261,6 +261,16 @@ class RawCapture:
         if self.stats.buffered_bytes > self.max_buffer_bytes:
             self._drop_oldest()
 
+    def drop_pending(self) -> tuple[int, int]:
+        """Drop every buffer (the writer stops past its deadline), counted in
+        `stats.dropped_lines`: (lines, buffers) dropped."""
+        lines = sum(len(b.lines) for b in self._buffers.values())
+        buffers = len(self._buffers)
+        self._buffers.clear()
+        self.stats.buffered_bytes = 0
+        self.stats.dropped_lines += lines
+        return lines, buffers
+
     @property
     def pending(self) -> bool:
         return bool(self._buffers)
