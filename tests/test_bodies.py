@@ -257,6 +257,56 @@ async def test_bodies_left_out_at_the_flush_are_not_counted_as_received(
     assert "LOST" not in caplog.text
 
 
+async def test_a_memory_error_merging_read_bodies_keeps_them_for_the_retry(
+    tmp_path, caplog, monkeypatch
+):
+    """Found by review (/tmp/review-merged/bodies_memerr.py): `_Buffer._read_bodies`
+    emptied the buffer's bodies and counted their rows before it merged them with the
+    buffer's parsed rows; a MemoryError in that merge lost the poll rows while the log
+    said "kept in memory" (the retry spooled 2000 of 4000 rows). The buffer now changes
+    only once the merged frame is built."""
+    import sys
+
+    (poll,) = bodies(1)
+    resync = parse_rest_snapshot(poll.body, SYM, poll.receive_time - 1, SnapshotSource.RESYNC)
+    (resync_rows,) = Normalizer({EX: RULES}).feed_many([resync]).batches
+    short = [1]
+    real_concat = pl.concat
+
+    def concat(*args, **kwargs):
+        if short[0] and sys._getframe(1).f_code.co_name == "_read_bodies":
+            short[0] -= 1
+            raise MemoryError
+        return real_concat(*args, **kwargs)
+
+    monkeypatch.setattr(pl, "concat", concat)
+    out = tmp_path / "out"
+    send, recv = trio.open_memory_channel(10)
+    async with trio.open_nursery() as nursery:
+        writer = await nursery.start(
+            lambda task_status: run_writer(
+                recv,
+                LocalStore(out),
+                Spool(tmp_path / "spool", max_bytes=10**9),
+                BufferSection(),
+                limiter=trio.CapacityLimiter(2),
+                retry_initial=0.05,
+                task_status=task_status,
+            )
+        )
+        await send.send(resync_rows)
+        await send.send(BodyBatch(EX, MKT, SYM, [poll], count_snapshot_levels(poll.body), CODEC))
+        await send.aclose()  # end of input: final flush (out of memory once) and upload
+    (path,) = out.rglob("*.parquet")
+    stored = pl.read_parquet(path)
+    assert stored["source"].to_list() == ["resync"] * 2000 + ["poll"] * 2000
+    s = writer.stats
+    assert short == [0] and s.flush_failures == 1
+    assert s.rows_received == s.rows_spooled == s.rows_uploaded == {"snapshots": 4000}
+    assert s.buffered_rows == 0
+    assert "(MemoryError); kept in memory" in caplog.text and "LOST" not in caplog.text
+
+
 def test_a_reader_that_fails_inside_polars_falls_back_to_the_checked_parser():
     """Whatever the batch reader meets, the flush must not fail: body by body instead."""
 

@@ -258,22 +258,22 @@ class _Buffer:
         frame, rejected = frame_from_bodies(
             exchange, market, symbol, self.multiplier, self.codec, self.bodies
         )
+        read = 0 if frame is None else frame.height
+        if frame is not None and self.frames:
+            # rows that came parsed (e.g. a resync snapshot) and bodies read now: keep
+            # the file in arrival order, a snapshot's rows together (stable sort)
+            frame = pl.concat([*self.frames, frame]).sort("receive_time", maintain_order=True)
+        # the buffer changes only now: a MemoryError above (the merge of a big snapshot)
+        # leaves its bodies in it for the retry; emptied before, their rows were lost
         self.rejected.extend(rejected)
         self.bodies, self.body_bytes = [], 0
-        read = 0 if frame is None else frame.height
         self.rows += read - self.body_rows
         self.read_rows += read
         self.read_estimate += self.body_rows
         self.body_rows = 0
-        if frame is None:
-            return
-        if self.frames:
-            # rows that came parsed (e.g. a resync snapshot) and bodies read now: keep
-            # the file in arrival order, a snapshot's rows together (stable sort)
-            frame = pl.concat([*self.frames, frame]).sort("receive_time", maintain_order=True)
-            self.frames = []
-        self.frames.append(frame)
-        self.frame_bytes = frame.estimated_size()  # kept for a retry if the spool refuses
+        if frame is not None:
+            self.frames = [frame]
+            self.frame_bytes = frame.estimated_size()  # kept for a retry if the spool refuses
 
     def append_bodies(self, batch: BodyBatch) -> None:
         self.codec = batch.codec
