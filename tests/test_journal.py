@@ -3,8 +3,10 @@ per-partition files before upload, and a split a crash interrupted completed on 
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
 from decimal import Decimal
 from pathlib import Path
 
@@ -501,6 +503,42 @@ def test_a_journal_that_cannot_be_split_is_quarantined_and_the_others_are_split(
     assert spool.files == len(outputs) == 1
     assert (spool.quarantine_root / broken.key).exists() and not broken.path.exists()
     assert f"QUARANTINED {broken.key}" in caplog.text and "cannot be split" in caplog.text
+
+
+@pytest.mark.parametrize(("err", "quarantined"), [(errno.EIO, True), (errno.EMFILE, False)])
+def test_a_journal_the_disk_cannot_read_is_quarantined_alone(
+    tmp_path, monkeypatch, caplog, err, quarantined
+):
+    """Found by review (/tmp/review-merged/split_eio.py): the split took any OSError for
+    the machine's and retried the same oldest group for ever, so one journal the disk
+    could not read (EIO) stopped every delta/gap upload until a restart, whose scan then
+    quarantined it as the file's trouble. The split now sorts read errors as the scan
+    does (`MACHINE_ERRNOS`): EIO quarantines that journal and the others are split; out
+    of file descriptors (EMFILE) says nothing of the journal: all stay for a retry."""
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    first, bad, last = (
+        spool.write_journal(Dataset.DELTAS, journal_frame(1 + 10 * i, T0 + 1000 * i, ("BTCUSDT",)))
+        for i in range(3)
+    )
+    real_read = Path.read_bytes
+
+    def read_bytes(path: Path) -> bytes:
+        if path == bad.path:
+            raise OSError(err, os.strerror(err), str(path))
+        return real_read(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    if not quarantined:
+        with pytest.raises(OSError, match="Too many open files"):
+            spool.split([first, bad, last])
+        assert spool.quarantined() == 0 and all(j.path.exists() for j in (first, bad, last))
+        return
+    outputs = spool.split([first, bad, last])
+    monkeypatch.undo()
+    assert rows_of(spool)["last_update_id"].to_list() == list(range(1, 11)) + list(range(21, 31))
+    assert merged_sources(outputs[0].path) == sorted([first.key, last.key])
+    assert spool.quarantined() == 1 and (spool.quarantine_root / bad.key).exists()
+    assert f"QUARANTINED {bad.key}" in caplog.text and "Input/output error" in caplog.text
 
 
 def out_of_memory(*args, **kwargs):

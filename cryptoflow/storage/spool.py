@@ -189,6 +189,23 @@ def validate_file(path: Path) -> int:
         raise CorruptSpoolFile(f"{path}: cannot read: {exc}") from exc
 
 
+def read_journal(path: Path) -> bytes:
+    """A journal's bytes for its split. A read error of the machine (`MACHINE_ERRNOS`, a
+    file gone) is raised as it is, and the split is retried; any other (EIO: the disk
+    cannot read its blocks) is the journal's, as at the start-up scan (`validate_file`):
+    CorruptSpoolFile, so the split quarantines that journal alone. Taken for the
+    machine's, one unreadable journal failed every later split (a group is always the
+    oldest journals): no delta or gap row of any symbol was uploaded until a restart."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno in MACHINE_ERRNOS:
+            raise
+        raise CorruptSpoolFile(f"{path}: cannot read: {exc}") from exc
+
+
 def check_spool_dir(
     path: Path, max_bytes: int, *, create: bool = True
 ) -> tuple[list[str], list[str]]:
@@ -677,7 +694,8 @@ class Spool:
         A split that fails deletes the outputs it wrote (never uploaded: held), so the
         journals, which stay, are split later with whatever group they are in then. A
         failure that is not the machine's (`errors.TRANSIENT_ERRORS`: not an OSError, not
-        a MemoryError) would come back on every try, and a group is always the oldest
+        a MemoryError; a journal the disk cannot read, EIO, is the journal's:
+        `read_journal`) would come back on every try, and a group is always the oldest
         journals: the journals that cannot be split on their own are quarantined (ERROR)
         and the others split without them (`_split_around`), so one journal never blocks
         every later one. Rows the layout cannot place are
@@ -755,7 +773,7 @@ class Spool:
         pieces: dict[tuple[str, str, str], list[pl.DataFrame]] = {}
         order: dict[tuple[str, str, str], list[str]] = {}
         for k in keys:
-            frame = parquet.decode((self.root / k).read_bytes())
+            frame = parquet.decode(read_journal(self.root / k))
             for name, piece in _partition_runs(frame):
                 order.setdefault(name, frame.columns)
                 pieces.setdefault(name, []).append(piece)
