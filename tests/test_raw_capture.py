@@ -79,6 +79,34 @@ async def test_every_raw_file_begins_with_its_instrument_record():
     ]
 
 
+async def test_a_buffer_put_back_gets_the_record_described_while_it_was_out():
+    """Found by review (/tmp/review-merged/raw_describe_putback.py): the instrument list
+    read again with another size while a symbol's raw buffer was out for a flush that
+    then failed; put back with no newer buffer open, the buffer never got the new
+    record, so the payloads after it were stored under the OLD multiplier. The record
+    now goes in line after the restored lines, once (not again with a newer buffer)."""
+    head = {"symbol": "BTCUSDT", "venue_symbol": "BTC-USDT-SWAP", "multiplier": "0.01"}
+    cap = RawCapture()
+    cap.describe("okx", "BTCUSDT", "BTC-USDT-SWAP", "0.01", 1)
+    cap.add("okx", "BTCUSDT", "ws", "books:BTC-USDT-SWAP", '{"a":1}', 10)
+    [buf] = cap.take_due(0.0, 1.0, force=True)  # out for a flush
+    cap.describe("okx", "BTCUSDT", "BTC-USDT-SWAP", "0.1", 20)  # a shard restart: new size
+    cap.put_back(buf)  # the flush failed
+    cap.add("okx", "BTCUSDT", "ws", "books:BTC-USDT-SWAP", '{"a":2}', 30)
+    [buf] = cap.take_due(0.0, 1.0, force=True)
+    newer = [
+        ("instrument", head),
+        ("ws", {"a": 1}),
+        ("instrument", {**head, "multiplier": "0.1"}),
+        ("ws", {"a": 2}),
+    ]
+    assert _records(buf.file_lines()) == newer
+    cap.add("okx", "BTCUSDT", "ws", "books:BTC-USDT-SWAP", '{"a":3}', 40)
+    cap.put_back(buf)  # fails again, a newer buffer (with the new record) open meanwhile
+    [buf] = cap.take_due(0.0, 1.0, force=True)
+    assert _records(buf.file_lines()) == [*newer, ("ws", {"a": 3})]
+
+
 def _concat_raw(root: Path, symbol: str, dest: Path) -> int:
     files = sorted(
         (root / "raw").rglob(f"{symbol}-*.jsonl.zst"),

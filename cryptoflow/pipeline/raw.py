@@ -77,6 +77,10 @@ class RawBuffer:
     refused_full: bool = False  # its last flush was refused by a full spool
     #: the instrument record the file begins with (`RawCapture.describe`); b"" = none
     header: bytes = b""
+    #: the record in effect for its last lines: `header`, or one since put in line
+    latest_header: bytes = attrs.field(
+        default=attrs.Factory(lambda self: self.header, takes_self=True)
+    )
 
     def file_lines(self) -> list[bytes]:
         """The lines of its file: the instrument record, then the payloads."""
@@ -170,6 +174,7 @@ class RawCapture:
         buf = self._buffers.get(key)
         if buf is not None:
             buf.lines.append(line)
+            buf.latest_header = line
 
     def add(self, exchange: str, symbol: str, kind: str, channel: str, payload, recv_ns: int):
         line = record_line(recv_ns, kind, channel, payload)
@@ -246,16 +251,25 @@ class RawCapture:
         return out
 
     def put_back(self, buf: RawBuffer) -> None:
-        """A flush failed: merge the lines back in front of anything newer."""
+        """A flush failed: merge the lines back in front of anything newer. If the symbol
+        was described again while the buffer was out, the new record goes in line after
+        its lines: the payloads after it are sized by it (it once went only into a
+        buffer opened since, so with none open they were stored under the old record)."""
         cur = self._buffers.get(buf.key)
         if cur is not None:
-            if cur.header and cur.header != buf.header:  # described again since: in line
+            if cur.header and cur.header != buf.latest_header:  # described again since
                 buf.lines.append(cur.header)
             buf.lines.extend(cur.lines)
+            buf.latest_header = cur.latest_header
             buf.nbytes += cur.nbytes
             buf.last_ns = max(buf.last_ns, cur.last_ns)
             buf.first_ns = min(buf.first_ns, cur.first_ns)
             self.stats.buffered_bytes -= cur.nbytes
+        else:
+            current = self._headers.get(buf.key, b"")
+            if current and current != buf.latest_header:  # described while it was out
+                buf.lines.append(current)
+                buf.latest_header = current
         self._buffers[buf.key] = buf
         self.stats.buffered_bytes += buf.nbytes
         if self.stats.buffered_bytes > self.max_buffer_bytes:
