@@ -177,16 +177,10 @@ def validate_file(path: Path) -> int:
     (FileNotFoundError) is raised as it is, like a MemoryError: the start-up scan took
     every OSError for a corrupt file and quarantined healthy files (never uploaded) when
     the process was out of file descriptors or memory for a moment."""
-    try:
+    with _read_errors_sorted(path):
         if path.name.endswith(rawfile.SUFFIX):
             return rawfile.validate_file(path)
         return parquet.validate_file(path)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        if exc.errno in MACHINE_ERRNOS:
-            raise
-        raise CorruptSpoolFile(f"{path}: cannot read: {exc}") from exc
 
 
 def read_journal(path: Path) -> bytes:
@@ -196,8 +190,16 @@ def read_journal(path: Path) -> bytes:
     CorruptSpoolFile, so the split quarantines that journal alone. Taken for the
     machine's, one unreadable journal failed every later split (a group is always the
     oldest journals): no delta or gap row of any symbol was uploaded until a restart."""
-    try:
+    with _read_errors_sorted(path):
         return path.read_bytes()
+
+
+@contextlib.contextmanager
+def _read_errors_sorted(path: Path) -> Iterator[None]:
+    """A file gone or a read error of the machine (`MACHINE_ERRNOS`) goes up as it is;
+    any other OSError reading `path` is the file's own: CorruptSpoolFile."""
+    try:
+        yield
     except FileNotFoundError:
         raise
     except OSError as exc:
