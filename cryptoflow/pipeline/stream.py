@@ -413,8 +413,9 @@ async def _connect_loop(
         opened: float | None = None
         lost: str | None = None  # why this connection (or attempt) failed, if it did
         link, taken = taken, None
-        handover = _Handover(open_link, closer, venue, emitter, stats, raw_sink, label)
-        handover.retry = backoff_max
+        handover = _Handover(
+            open_link, closer, venue, emitter, stats, raw_sink, label, retry=backoff_max
+        )
         try:
             async with trio.open_nursery() as around:  # the hand-over outlives the connection
                 with trio.CancelScope() as scope:  # the connection's life; a drain sets a deadline
