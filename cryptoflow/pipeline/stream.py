@@ -617,16 +617,10 @@ class _Handover:
                 try:
                     await self._read(self.link, until_ready=False)
                 except (*_LINK_ERRORS, _Reconnect) as exc:
-                    self.stats.handover_failures += 1
-                    log.warning(
-                        "%s: the next connection failed during the hand-over (%s: %s); "
-                        "reconnecting afresh",
-                        self.label,
-                        type(exc).__name__,
-                        exc,
+                    await self._give_up(
+                        f"the next connection failed during the hand-over "
+                        f"({type(exc).__name__}: {exc}); reconnecting afresh"
                     )
-                    link, self.link = self.link, None
-                    await link.aclose()
         finally:
             self._done.set()
 
@@ -639,17 +633,21 @@ class _Handover:
         self._reading.cancel()
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             await self._done.wait()
-        link, self.link = self.link, None
-        if link is not None and self._restarted():
-            self.stats.handover_failures += 1
-            log.warning(
-                "%s: the venue restarted its ids during the hand-over; the next connection's "
-                "kept-back frames cannot be matched: reconnecting afresh",
-                self.label,
+        if self.link is not None and self._restarted():
+            await self._give_up(
+                "the venue restarted its ids during the hand-over; the next connection's "
+                "kept-back frames cannot be matched: reconnecting afresh"
             )
-            await link.aclose()
-            return None
+        link, self.link = self.link, None
         return link
+
+    async def _give_up(self, what: str) -> None:
+        """An attempt given up: counted, said at WARNING, its next connection closed."""
+        self.stats.handover_failures += 1
+        log.warning("%s: %s", self.label, what)
+        link, self.link = self.link, None
+        if link is not None:
+            await link.aclose()
 
     def _restarted(self) -> bool:
         last_ids = self.emitter.last_ids
@@ -675,18 +673,10 @@ class _Handover:
                 raise trio.TooSlowError(f"no book data within {HANDOVER_READY_TIMEOUT:g}s")
             return True
         except (*_LINK_ERRORS, _Reconnect) as exc:
-            self.stats.handover_failures += 1
-            log.warning(
-                "%s: planned reconnect: the next connection failed (%s: %s); keeping this "
-                "one, trying again in %gs",
-                self.label,
-                type(exc).__name__,
-                exc,
-                self.retry,
+            await self._give_up(
+                f"planned reconnect: the next connection failed ({type(exc).__name__}: "
+                f"{exc}); keeping this one, trying again in {self.retry:g}s"
             )
-            if self.link is not None:
-                link, self.link = self.link, None
-                await link.aclose()
             return False
 
     async def _read(self, link: _Link, until_ready: bool) -> None:
@@ -704,8 +694,7 @@ class _Handover:
         interval = self.venue.keepalive_interval
         while True:
             if interval and trio.current_time() >= conn.pinged_at + interval:
-                await self.venue.keepalive(link.ws)
-                conn.pinged_at = trio.current_time()
+                await _ping(link.ws, self.venue, conn)
             seen = len(held)
             burst: list[str | bytes] = []
             with trio.move_on_at(conn.pinged_at + interval if interval else math.inf):
@@ -730,8 +719,7 @@ class _Handover:
                     if not interval:
                         await trio.sleep_forever()
                     await trio.sleep_until(conn.pinged_at + interval)
-                    await self.venue.keepalive(link.ws)
-                    conn.pinged_at = trio.current_time()
+                    await _ping(link.ws, self.venue, conn)
 
 
 def _take_over(
@@ -1097,5 +1085,9 @@ async def _keepalive(ws: WsConnection, venue: VenueStream, conn: _ConnState) -> 
     assert interval
     while True:
         await trio.sleep_until(conn.pinged_at + interval)
-        await venue.keepalive(ws)
-        conn.pinged_at = trio.current_time()
+        await _ping(ws, venue, conn)
+
+
+async def _ping(ws: WsConnection, venue: VenueStream, conn: _ConnState) -> None:
+    await venue.keepalive(ws)
+    conn.pinged_at = trio.current_time()
