@@ -164,6 +164,7 @@ async def test_weight_limit_429_then_418_ban():
         ("rest_slow", {"delay": 0.4}),
         ("rest_malformed", {}),
         ("rest_missing_fields", {"fields": ["lastUpdateId", "bids"]}),
+        ("rest_undecodable", {}),
     ],
 )
 async def test_rest_fault_applied_once_and_counted(kind, params):
@@ -175,9 +176,15 @@ async def test_rest_fault_applied_once_and_counted(kind, params):
             r = await c.get("/fapi/v1/depth", params={"symbol": "ETHUSDT", "limit": 5})
             assert r.status_code == 200
             t0 = time.monotonic()
-            r = await c.get("/fapi/v1/depth", params=p)
+            if kind == "rest_undecodable":  # a 200 whose body the client cannot decode
+                with pytest.raises(httpx.DecodingError):
+                    await c.get("/fapi/v1/depth", params=p)
+            else:
+                r = await c.get("/fapi/v1/depth", params=p)
             elapsed = time.monotonic() - t0
-            if kind == "rest_429":
+            if kind == "rest_undecodable":
+                pass
+            elif kind == "rest_429":
                 assert r.status_code == 429 and r.headers["Retry-After"] == "3"
             elif kind == "rest_418":
                 assert r.status_code == 418 and r.headers["Retry-After"] == "4"

@@ -11,6 +11,13 @@ If a poll (or a blocked send: the channel is full because the writer is slow) ov
 its slot, missed slots are skipped, not piled up: back-pressure delays polls, it never
 queues them.
 
+Counting (`PollStats`, the `cryptoflow_polls_total` outcomes): a body the fetch already
+finds malformed (Bybit, OKX and KuCoin parse there a body that is not certainly a
+success; any venue's body the HTTP client cannot decode) is `ok` and `malformed`, like
+one the normalizer or the writer's flush finds malformed later: the request worked, the
+body did not. Only a poll without a usable answer (transport, 4xx/5xx, an error code in
+the body) is `failed`.
+
 Graceful stop (`stopping` set): no new poll starts, but a poll in flight is finished and
 its snapshot kept: the venue may already have answered it, and a collector that stops on
 a schedule (`--duration`, a rolling deploy) should store what it was sent. The runtime
@@ -27,7 +34,7 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
-from cryptoflow.errors import ExchangeError, RateLimited
+from cryptoflow.errors import ExchangeError, MalformedMessage, RateLimited
 from cryptoflow.models import DepthSnapshot, SnapshotBody
 
 log = logging.getLogger("cryptoflow.poller")
@@ -36,10 +43,10 @@ log = logging.getLogger("cryptoflow.poller")
 @attrs.define
 class PollStats:
     polls: int = 0
-    ok: int = 0  # a response came (a body the normalizer/writer reads may still be bad)
+    ok: int = 0  # a response came (its body may still be bad: `malformed`)
     failed: int = 0
-    #: of `ok`: bodies found malformed when parsed (by the normalizer, or at the writer's
-    #: flush for bodies read there); counted then, so every counter only grows
+    #: of `ok`: bodies found malformed when parsed (by the fetch, the normalizer, or at the
+    #: writer's flush for bodies read there); counted then, so every counter only grows
     malformed: int = 0
     throttled: int = 0
     skipped_slots: int = 0
@@ -80,6 +87,13 @@ async def poll_snapshots(
                 stats.throttled += 1
                 stats.last_error = str(exc)
                 log.warning("snapshot throttled: %s", _where(exc, exchange, symbol))
+            except MalformedMessage as exc:
+                # the venue answered, the body is bad: counted as when the normalizer or
+                # the flush finds it so (it was `failed` when the fetch found it)
+                stats.ok += 1
+                stats.malformed += 1
+                stats.last_error = str(exc)
+                log.warning("snapshot failed: %s", _where(exc, exchange, symbol))
             except ExchangeError as exc:
                 stats.failed += 1
                 stats.last_error = str(exc)

@@ -191,6 +191,8 @@ class BinanceVenue:
                     resp.payload.pop(k, None)
                 resp.body = orjson.dumps(resp.payload)
                 resp.levels = 0
+            elif "rest_undecodable" in kinds:
+                resp.make_undecodable()
         if resp.status == 200 and resp.symbol and resp.levels:
             st = self.stats.symbols[resp.symbol]
             st.rest_snapshots += 1

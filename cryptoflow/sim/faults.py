@@ -12,6 +12,8 @@ REST kinds (next ``count`` matching responses):
   ``rest_slow`` response delayed by ``delay`` seconds (then served normally)
   ``rest_malformed``       200 with a truncated JSON body
   ``rest_missing_fields``  200 with ``fields`` (default ["lastUpdateId"]) removed
+  ``rest_undecodable``     200 with ``Content-Encoding: gzip`` on a body that is not gzip
+                           (an HTTP client cannot decode it)
 WS kinds (next ``count`` outgoing events of ``symbol``, or of any symbol if None):
   ``ws_drop``          the event is not sent (a real sequence gap; the book advanced)
   ``ws_duplicate``     the event is sent twice
@@ -41,6 +43,7 @@ REST_FAULTS = frozenset(
         "rest_slow",
         "rest_malformed",
         "rest_missing_fields",
+        "rest_undecodable",
     }
 )
 WS_FAULTS = frozenset(

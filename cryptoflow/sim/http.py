@@ -48,6 +48,13 @@ class HttpResponse:
     def json(cls, obj: Any, status: int = 200, **kw: Any) -> HttpResponse:
         return cls(status=status, body=orjson.dumps(obj), payload=obj, **kw)
 
+    def make_undecodable(self) -> None:
+        """The ``rest_undecodable`` fault: a gzip encoding the body does not have, so the
+        client's decoding fails (a response came; its body cannot be read)."""
+        self.headers.append(("Content-Encoding", "gzip"))
+        self.body = b"this body is not gzip"
+        self.levels = 0
+
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
 
