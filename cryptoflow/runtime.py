@@ -65,7 +65,13 @@ from cryptoflow.pipeline.raw import RawCapture, install_rest_hook
 from cryptoflow.pipeline.resync import ResyncQueue, ResyncRouter, run_resync_fetcher
 from cryptoflow.pipeline.rows import RowBatch
 from cryptoflow.pipeline.stream import StreamStats, can_resubscribe, run_stream
-from cryptoflow.pipeline.supervise import backoff_delay, exit_after, supervised, unless_stopped
+from cryptoflow.pipeline.supervise import (
+    backoff_delay,
+    exit_after,
+    retry_delay,
+    supervised,
+    unless_stopped,
+)
 from cryptoflow.pipeline.writer import WriterStats, rejected_note, run_writer
 from cryptoflow.storage.spool import Spool
 
@@ -490,7 +496,7 @@ async def _check_instruments(
                 log.warning("%s: instruments check skipped: %s", plan.label, exc)
                 return plan.symbols
             failures += 1
-            delay = retry(failures)
+            delay = retry_delay(exc, retry(failures))  # a throttle's own wait, if longer
             log.warning(
                 "%s: cannot read the instruments list (%s); sizes are in contracts, so "
                 "nothing is collected until it is read: retry in %.3gs",

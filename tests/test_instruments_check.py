@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 import types
 
+import httpx
 import trio
 
 from cryptoflow import runtime
 from cryptoflow.errors import ServerError
 from cryptoflow.exchanges import registry
 from cryptoflow.exchanges.base import Instrument
+from cryptoflow.exchanges.kucoin.rest import KucoinRest
+from cryptoflow.net.ratelimit import RateBudget
 from cryptoflow.pipeline.normalize import Normalizer
 
 PLAN = types.SimpleNamespace(
@@ -103,6 +106,47 @@ async def test_base_unit_sizes_go_on_without_the_instruments_list(clock, caplog)
     kept = await _check(rest, norm, required=False)
     assert kept == PLAN.symbols and len(rest.calls) == 1  # as configured, no retry
     assert "okx/main: instruments check skipped: HTTP 503" in caplog.text
+
+
+async def test_a_throttled_list_is_asked_again_at_the_venue_reset_and_says_so(
+    clock, caplog
+) -> None:
+    """KuCoin answers 429 with `gw-ratelimit-reset` (22 s): the budget holds the next
+    request that long, and the retry line said the back-off (`retry in 2s`) instead."""
+    calls: list[float] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        calls.append(trio.current_time())
+        if len(calls) == 1:
+            return httpx.Response(
+                429,
+                json={"code": "429000", "msg": "Too Many Requests"},
+                headers={"gw-ratelimit-reset": "22000"},
+            )
+        body = {
+            "code": "200000",
+            "data": [{"symbol": "XBTUSDTM", "multiplier": 0.001, "status": "Open"}],
+        }
+        return httpx.Response(200, json=body)
+
+    http = httpx.AsyncClient(base_url="http://kc.test", transport=httpx.MockTransport(handler))
+    plan = types.SimpleNamespace(
+        exchange="kucoin", label="kucoin/main", symbols=(("BTCUSDT", "XBTUSDTM"),)
+    )
+    norm = Normalizer({"kucoin": registry.get_venue("kucoin").rules})
+    kept = await runtime._check_instruments(
+        KucoinRest(http, RateBudget(4000)),
+        plan,  # type: ignore[arg-type]
+        norm,
+        required=True,
+        retry=lambda failures: 2.0**failures,
+        stopping=trio.Event(),
+    )
+    assert kept == (("BTCUSDT", "XBTUSDTM"),) and norm.multiplier("kucoin", "BTCUSDT") == "0.001"
+    assert len(calls) == 2 and 22.0 <= calls[1] - calls[0] < 22.1
+    (line,) = [r.getMessage() for r in caplog.records if "retry in" in r.getMessage()]
+    assert line.startswith("kucoin/main: cannot read the instruments list (kucoin: HTTP 429, ")
+    assert "retry after 22s" in line and line.endswith(": retry in 22s"), line
 
 
 class BannedRest:

@@ -18,6 +18,7 @@ from cryptoflow.exchanges.kucoin.rest import KucoinRest
 from cryptoflow.exchanges.kucoin.ws import KucoinStream
 from cryptoflow.models import DepthDiff
 from cryptoflow.net.ratelimit import RateBudget
+from cryptoflow.pipeline.resync import ResyncQueue, run_resync_fetcher
 from cryptoflow.pipeline.stream import StreamStats, run_stream
 
 SNAP = (
@@ -78,6 +79,92 @@ async def test_429_waits_for_gw_ratelimit_reset():
         await rest.fetch_snapshot("BTCUSDT", "XBTUSDTM")
     assert ei.value.retry_after == pytest.approx(3.5)
     assert 3.0 < budget.blocked_for <= 3.5
+
+
+#: a 429 as the venue sends it: the pool refills in 22 s (`gw-ratelimit-reset`, ms)
+THROTTLED = {
+    "http 429": (
+        429,
+        'HTTP 429, retry after 22s: {"code":"429000","msg":"Too Many Requests"}',
+    ),
+    "code 429000": (200, "code 429000: Too Many Requests, retry after 22s"),
+}
+
+
+@pytest.mark.parametrize("how", list(THROTTLED))
+async def test_a_throttled_resync_retries_at_the_venue_reset_and_says_so(
+    autojump_clock, caplog, how
+):
+    """After a 429 the budget sends nothing for `gw-ratelimit-reset` (22 s here): the
+    retry waited that long in it, while its log line said `retry in 0.8s` (the back-off).
+    The retry is now scheduled at the venue's wait and the line names it."""
+    status, said = THROTTLED[how]
+    body = {"code": "429000", "msg": "Too Many Requests"}
+    calls: list[float] = []
+
+    def handler(req):
+        calls.append(trio.current_time())
+        if len(calls) == 1:
+            return httpx.Response(status, json=body, headers={"gw-ratelimit-reset": "22000"})
+        return httpx.Response(200, content=SNAP)
+
+    rest, budget = client(handler)
+    queue = ResyncQueue()
+    send, recv = trio.open_memory_channel(10)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: run_resync_fetcher(
+                queue,
+                lambda sym: rest.fetch_snapshot(sym, "XBTUSDTM"),
+                send,
+                exchange="kucoin",
+                backoff_initial=1.0,
+                backoff_max=60.0,
+            )
+        )
+        queue.request("BTCUSDT")
+        with trio.fail_after(120):
+            snap = await recv.receive()
+        nursery.cancel_scope.cancel()
+    assert snap.last_update_id == 100 and budget.stats.throttles == 1
+    assert len(calls) == 2 and 22.0 <= calls[1] - calls[0] < 22.1  # the venue's wait, no more
+    (line,) = [r.getMessage() for r in caplog.records if "resync snapshot failed" in r.getMessage()]
+    assert line == f"resync snapshot failed (1 in a row): kucoin/BTCUSDT: {said}; retry in 22.0s"
+
+
+async def test_a_throttled_token_request_reconnects_at_the_venue_reset_and_says_so(
+    autojump_clock, caplog
+):
+    """A connect needs a bullet token, a REST call: refused with a 429, the next one
+    waited `gw-ratelimit-reset` in the budget while the line said `reconnecting in 0.0s`."""
+    calls: list[float] = []
+
+    def handler(req):
+        calls.append(trio.current_time())
+        return httpx.Response(
+            429,
+            json={"code": "429000", "msg": "Too Many Requests"},
+            headers={"gw-ratelimit-reset": "22000"},
+        )
+
+    rest, _ = client(handler)
+    stream = KucoinStream(rest, {"XBTUSDTM": "BTCUSDT"})
+    send, _recv = trio.open_memory_channel(10)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: run_stream(
+                stream, ["XBTUSDTM"], {}, send, backoff_initial=0.01, backoff_max=60.0
+            )
+        )
+        with trio.fail_after(120):
+            while len(calls) < 2:
+                await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+    assert 22.0 <= calls[1] - calls[0] < 22.1
+    lines = [r.getMessage() for r in caplog.records if "stream lost" in r.getMessage()]
+    said = "kucoin: stream lost (RateLimited: kucoin: HTTP 429, retry after 22s: "
+    assert lines[0].startswith(said)
+    assert lines[0].endswith("; reconnecting in 22.0s"), lines[0]
 
 
 async def test_low_remaining_slows_down_before_a_429():

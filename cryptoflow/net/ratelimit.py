@@ -34,6 +34,13 @@ import attrs
 import trio
 
 WINDOW = 60.0
+#: the shortest a throttle or ban blocks the IP, whatever wait the venue names
+MIN_BLOCK_S = 1.0
+
+
+def blocked_wait(retry_after: float) -> float:
+    """How long a throttle or ban told to wait `retry_after` s holds the IP's requests."""
+    return max(retry_after, MIN_BLOCK_S)
 
 
 class _SlidingSum:
@@ -110,12 +117,12 @@ class RateBudget:
     def throttle(self, retry_after: float) -> None:
         """429: stop sending from this IP for `retry_after` seconds."""
         self.stats.throttles += 1
-        self._block_for(max(retry_after, 1.0))
+        self._block_for(blocked_wait(retry_after))
 
     def ban(self, retry_after: float) -> None:
         """418 / 403 ban: stop sending until the ban ends."""
         self.stats.bans += 1
-        self._block_for(max(retry_after, 1.0))
+        self._block_for(blocked_wait(retry_after))
 
     def _block_for(self, seconds: float) -> None:
         self._blocked_until = max(self._blocked_until, trio.current_time() + seconds)

@@ -15,7 +15,7 @@ import trio
 
 from cryptoflow.errors import ExchangeError
 from cryptoflow.models import DepthSnapshot
-from cryptoflow.pipeline.supervise import backoff_delay
+from cryptoflow.pipeline.supervise import backoff_delay, retry_delay
 
 log = logging.getLogger("cryptoflow.resync")
 
@@ -67,7 +67,9 @@ async def run_resync_fetcher(
     """Fetch a snapshot for each requested symbol; a failed fetch is asked for again
     after a capped exponential back-off of its own symbol (reset by a success), so a
     venue answering 5xx is not asked every few seconds forever and one symbol's
-    retries never hold the others back.
+    retries never hold the others back. After a throttle or ban the retry waits the
+    venue's time if that is longer (`retry_delay`): the budget holds the IP that long,
+    and the log line's `retry in` is the wait that applies.
 
     Any error of a fetch is a failure of that symbol, not of the fetcher: an error
     outside our tree (a library's) would otherwise end the task, and the symbol it had
@@ -84,7 +86,8 @@ async def run_resync_fetcher(
                 snapshot = await fetch(symbol)
             except Exception as exc:
                 n = failures[symbol] = failures.get(symbol, 0) + 1
-                delay = backoff_delay(n, initial=backoff_initial, maximum=backoff_max, rng=rng)
+                backoff = backoff_delay(n, initial=backoff_initial, maximum=backoff_max, rng=rng)
+                delay = retry_delay(exc, backoff)  # a throttle's own wait, if longer
                 _log_failure(exchange, symbol, exc, n, delay)
                 retrying.add(symbol)
                 retries.start_soon(_retry_later, queue, symbol, delay, retrying)

@@ -85,7 +85,7 @@ from cryptoflow.models import MARKET_FUTURES, DepthDiff, GapKind, StreamEvent
 from cryptoflow.net.ratelimit import RequestCap
 from cryptoflow.net.ws import WsClosed, WsConnection, open_ws
 from cryptoflow.pipeline.resync import ResyncQueue
-from cryptoflow.pipeline.supervise import backoff_delay
+from cryptoflow.pipeline.supervise import backoff_delay, retry_delay
 
 log = logging.getLogger("cryptoflow.stream")
 
@@ -412,6 +412,7 @@ async def _connect_loop(
         delay = 0.0
         opened: float | None = None
         lost: str | None = None  # why this connection (or attempt) failed, if it did
+        lost_by: BaseException | None = None  # and the error that said so
         link, taken = taken, None
         handover = _Handover(
             open_link, closer, venue, emitter, stats, raw_sink, label, retry=backoff_max
@@ -471,6 +472,7 @@ async def _connect_loop(
                             log.info("%s: stream closed for %s (%s)", label, why, exc)
                         else:
                             lost = stats.last_error = f"{type(exc).__name__}: {exc}"
+                            lost_by = exc
                             stats.disconnects += 1
                             if opened is not None:  # a connection ended, not an attempt
                                 ended = stats.last_error
@@ -501,7 +503,10 @@ async def _connect_loop(
             if opened is not None and trio.current_time() - opened >= backoff_max:
                 failures = 0  # it was healthy: this loss is a first one again
             failures += 1
-            delay = backoff_delay(failures, initial=backoff_initial, maximum=backoff_max, rng=rng)
+            backoff = backoff_delay(failures, initial=backoff_initial, maximum=backoff_max, rng=rng)
+            # a connect that needs a REST call (a KuCoin token) refused by a throttle:
+            # the budget holds that call for the venue's wait anyway; say that wait
+            delay = retry_delay(lost_by, backoff)
             log.warning("%s: stream lost (%s); reconnecting in %.1fs", label, lost, delay)
         elif closer.planned:
             stats.last_error = ended = "planned reconnect"

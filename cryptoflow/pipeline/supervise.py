@@ -12,7 +12,8 @@ from typing import TypeVar
 
 import trio
 
-from cryptoflow.errors import single_error_unwrapped
+from cryptoflow.errors import RateLimited, single_error_unwrapped
+from cryptoflow.net.ratelimit import blocked_wait
 
 log = logging.getLogger("cryptoflow.supervise")
 T = TypeVar("T")
@@ -22,6 +23,18 @@ def backoff_delay(attempt: int, *, initial: float, maximum: float, rng: random.R
     """Capped exponential back-off, jittered to 50-100 % of the cap (attempt counts from 1)."""
     ceiling = min(maximum, initial * (2 ** max(attempt - 1, 0)))
     return rng.uniform(ceiling / 2, ceiling)
+
+
+def retry_delay(exc: BaseException | None, backoff: float) -> float:
+    """When to try a REST request (or a connect that needs one) again after `exc`: the
+    back-off, or the wait the venue gave with a throttle or ban (`RateLimited`) if that
+    is longer. The shard's `RateBudget` holds every request of the IP that long anyway:
+    a retry scheduled at the back-off only waited in it, and its log line (`retry in
+    0.8s` after a KuCoin 429 whose `gw-ratelimit-reset` held the IP for 22 s) named a
+    wait that did not apply."""
+    if isinstance(exc, RateLimited):
+        return max(backoff, blocked_wait(exc.retry_after))
+    return backoff
 
 
 async def supervised(

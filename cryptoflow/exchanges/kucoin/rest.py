@@ -1,10 +1,13 @@
 """KuCoin Futures REST: full level-2 snapshots, active contracts, bullet-public tokens.
 
 Throttle signals: HTTP 429 / body code 429000, with `gw-ratelimit-reset` (ms until the
-pool refills) as the wait. The public pool's usage headers (`gw-ratelimit-limit`,
-`gw-ratelimit-remaining`) slow the shard down before a 429: when the remaining share of
-the pool falls under `1 - safety`, nothing more is sent until the reset (a hold, like
-Binance's used-weight header: not counted as a throttle, which counts the venue's 429s).
+pool refills) as the wait: the shard's budget sends nothing before it, and the error says
+that wait (`retry after 22s`), so every log line of the throttle names the wait that
+applies (the retries are scheduled on it too: `supervise.retry_delay`). The public pool's
+usage headers (`gw-ratelimit-limit`, `gw-ratelimit-remaining`) slow the shard down before
+a 429: when the remaining share of the pool falls under `1 - safety`, nothing more is sent
+until the reset (a hold, like Binance's used-weight header: not counted as a throttle,
+which counts the venue's 429s).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from cryptoflow.exchanges.base import Instrument
 from cryptoflow.exchanges.kucoin import parse, rules
 from cryptoflow.exchanges.limits import KUCOIN_LEVEL2_SNAPSHOT_WEIGHT, VENUE_LIMITS
 from cryptoflow.models import MARKET_FUTURES, DepthSnapshot, SnapshotBody, SnapshotSource
+from cryptoflow.net.ratelimit import blocked_wait
 from cryptoflow.net.rest import VenueRest
 
 DEFAULT_REST_URL = rules.REST_BASE
@@ -41,10 +45,10 @@ class KucoinRest(VenueRest):
         limit = _header_int(resp, "gw-ratelimit-limit")
         remaining = _header_int(resp, "gw-ratelimit-remaining")
         if resp.status_code == 429:
-            wait = reset_seconds(resp, rules.RATE_LIMIT_RETRY_AFTER_S)
+            wait = blocked_wait(reset_seconds(resp, rules.RATE_LIMIT_RETRY_AFTER_S))
             self.budget.throttle(wait)
             raise RateLimited(
-                f"HTTP 429 {resp.text[:120]}",
+                f"HTTP 429, retry after {wait:g}s: {resp.text[:120]}",
                 retry_after=wait,
                 exchange=self.exchange,
                 symbol=symbol,
@@ -59,10 +63,16 @@ class KucoinRest(VenueRest):
         try:
             return fn(*args)
         except RateLimited as exc:
-            wait = max(exc.retry_after, getattr(self, "_last_reset", 0.0))
+            wait = blocked_wait(max(exc.retry_after, getattr(self, "_last_reset", 0.0)))
             self.budget.throttle(wait)
+            # the parser's error names exchange/symbol already: keep its bare message
+            where = "/".join(p for p in (exc.exchange, exc.symbol) if p)
+            detail = str(exc).removeprefix(f"{where}: ") if where else str(exc)
             raise RateLimited(
-                str(exc), retry_after=wait, exchange=self.exchange, symbol=exc.symbol
+                f"{detail}, retry after {wait:g}s",
+                retry_after=wait,
+                exchange=self.exchange,
+                symbol=exc.symbol,
             ) from None
 
     async def fetch_snapshot(
