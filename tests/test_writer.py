@@ -605,3 +605,39 @@ async def test_raw_lines_still_buffered_at_the_shutdown_deadline_are_reported_lo
         "writer: 4 raw lines of 2 symbols could not be spooled before the shutdown "
         "deadline and are LOST" in caplog.text
     )
+
+
+async def test_raw_frames_with_no_row_buffer_open_are_spooled_within_the_interval(
+    tmp_path, clock, frame_builder
+):
+    """Found by review: `RawCapture.add` opened a raw buffer without a word to the flush
+    loop, which sleeps until the earliest buffer's deadline and is woken only by a new
+    row buffer. With no row buffer open (only raw frames so far, or every row flushed) a
+    raw buffer waited for the next row batch, past `max_age`: the raw lines of a lane
+    with no rows were not on disk within the loss bound. A new raw buffer now wakes the
+    loop, once, when its deadline is earlier than the one the loop sleeps until."""
+    from cryptoflow.pipeline.raw import RawCapture
+
+    out, store, spool, cfg = setup(tmp_path, interval=0.5)
+    raw = RawCapture()
+    send, recv = trio.open_memory_channel(10)
+    async with trio.open_nursery() as nursery:
+        writer = await start_writer(nursery, recv, store, spool, cfg, frame_builder, raw=raw)
+        for n in (1, 2):  # a buffer opened with no other open, twice (the second: reopened)
+            await trio.sleep(1.0)  # the loop asleep with nothing to wait for
+            raw.add("bybit", "BTCUSDT", "ws", "orderbook.50.X", f'{{"u":{n}}}', T0 * 10**6)
+            raw.add("bybit", "BTCUSDT", "ws", "orderbook.50.X", f'{{"u":{n}}}', T0 * 10**6)
+            await trio.sleep(0.4)
+            assert writer.stats.raw_files == n - 1  # not early: at its interval
+            await trio.sleep(0.2)
+            await eventually(lambda n=n: writer.stats.raw_lines_uploaded == 2 * n)
+            assert writer.stats.raw_files == n and not raw.pending
+        # a row buffer open with an earlier deadline: no wake needed, still in time
+        await send.send(delta_batch(1, 5, T0))
+        await trio.sleep(0.2)
+        raw.add("bybit", "ETHUSDT", "ws", "orderbook.50.X", '{"u":3}', T0 * 10**6)
+        await trio.sleep(0.6)
+        await eventually(lambda: writer.stats.raw_lines_uploaded == 5)
+        assert stored(out).height == 5
+        await send.aclose()
+    assert len(list(out.rglob("*.jsonl.zst"))) == 3 and writer.stats.raw_dropped_lines == 0

@@ -28,7 +28,11 @@ Hooks (zero cost when off: the readers get `None` and skip one `is not None` tes
   body; `capture.rest(...)` then records it with the snapshot's own receive time.
 
 Buffers are flushed by the writer (it calls `due`/`take` like its row buffers) at the
-same interval as delta rows, so the SIGKILL loss bound is the same. If the spool refuses
+same interval as delta rows, so the SIGKILL loss bound is the same. A new buffer calls
+`on_open` (the writer's): the flush loop sleeps until the earliest deadline it knows of,
+and with no row buffer open (a lane with raw frames but no rows yet) nothing else would
+tell it of this one's, which then waited past `max_age` for the next row batch. Once per
+buffer, not per frame: the frames after the first cost nothing more. If the spool refuses
 raw files (full) they stay buffered up to `max_buffer_bytes`; beyond that the OLDEST raw
 lines are dropped with an ERROR log and counted in `stats.dropped_lines` (the normalized
 rows are never dropped: they back-pressure instead). Raw capture is a second copy, so
@@ -155,6 +159,8 @@ class RawCapture:
         self._buffers: dict[RawKey, RawBuffer] = {}
         self._headers: dict[RawKey, bytes] = {}  # instrument record per symbol
         self._described: dict[RawKey, tuple[str, str]] = {}  # its (venue name, multiplier)
+        #: called when a buffer opens (`Writer` sets it: its flush loop learns the deadline)
+        self.on_open: Callable[[], None] | None = None
 
     # --- hooks (called by readers; synchronous, never block) ----------------------------
 
@@ -183,6 +189,8 @@ class RawCapture:
         if buf is None:
             buf = RawBuffer(key, trio.current_time(), recv_ns, header=self._headers.get(key, b""))
             self._buffers[key] = buf
+            if self.on_open is not None:
+                self.on_open()
         buf.lines.append(line)
         buf.nbytes += len(line)
         buf.first_ns = min(buf.first_ns, recv_ns)

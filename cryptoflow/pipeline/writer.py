@@ -667,6 +667,8 @@ class Writer:
         #: cap on the age of buffered delta/gap rows (storage.spool.max_age): loss bound
         self.max_age = max_age
         self.raw = raw  # cryptoflow.pipeline.raw.RawCapture or None
+        if raw is not None:
+            raw.on_open = self._raw_opened
         #: upload batching: a partition's spool files wait this long, then go up merged
         self.upload_interval = max(0.0, float(upload_interval or 0.0))
         self._spooled_at: dict[str, float] = {}  # key -> trio time (files of this run)
@@ -681,6 +683,8 @@ class Writer:
         self._flush_now = trio.Event()  # a buffer is over its size limit, or the cap is hit
         self._room = trio.Event()  # a flush freed memory
         self._press = False  # memory cap reached: flush every buffer, due or not
+        #: the deadline the flush loop sleeps until; -inf while it flushes (it looks again)
+        self._sleeping_until = float("-inf")
 
     # --- buffering -----------------------------------------------------------------
 
@@ -940,11 +944,22 @@ class Writer:
     def _wake_flusher(self) -> None:
         self._flush_now.set()
 
+    def _raw_opened(self) -> None:
+        """A raw buffer opened (`RawCapture.on_open`): wake the flush loop if it sleeps
+        past the buffer's deadline. Nothing else wakes it for raw lines, so with no row
+        buffer open they waited for the next row batch, past `max_age`. With an earlier
+        deadline pending (a row or raw buffer open already: the usual case) the loop
+        looks again after that flush anyway, so no wake is spent."""
+        if trio.current_time() + self._interval(Dataset.DELTAS) < self._sleeping_until:
+            self._wake_flusher()
+
     async def _flush_loop(self) -> None:
         """Flush buffers as they come due; never on the task that receives rows."""
         while True:
-            with trio.move_on_at(self._next_deadline()):
+            self._sleeping_until = self._next_deadline()
+            with trio.move_on_at(self._sleeping_until):
                 await self._flush_now.wait()
+            self._sleeping_until = float("-inf")
             self._flush_now = trio.Event()
             press, self._press = self._press, False
             await self._flush_due(force=press)
