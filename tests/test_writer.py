@@ -641,3 +641,41 @@ async def test_raw_frames_with_no_row_buffer_open_are_spooled_within_the_interva
         assert stored(out).height == 5
         await send.aclose()
     assert len(list(out.rglob("*.jsonl.zst"))) == 3 and writer.stats.raw_dropped_lines == 0
+
+
+async def test_a_new_buffer_wakes_the_flush_loop_only_when_it_is_due_earlier(
+    tmp_path, clock, frame_builder
+):
+    """Each flush round empties the buffers, and at the full table ~250 new ones open
+    before the next round: each used to wake the flush loop (a round with nothing due
+    and a scan of every deadline). Now a new buffer wakes it only if the loop sleeps past
+    the buffer's deadline: a delta buffer opened behind a later snapshot deadline is
+    still flushed at its own interval, and the buffers opened behind it cost no round."""
+    out, store, spool, cfg = setup(tmp_path, interval=0.5, snapshot_flush_interval=30.0)
+    send, recv = trio.open_memory_channel(100)
+    async with trio.open_nursery() as nursery:
+        writer = await start_writer(nursery, recv, store, spool, cfg, frame_builder)
+        rounds = 0
+        flush_due = writer._flush_due
+
+        async def counted(**kw):
+            nonlocal rounds
+            rounds += 1
+            await flush_due(**kw)
+
+        writer._flush_due = counted
+        await send.send(snapshot_batch("ETHUSDT", T0))  # the loop sleeps until ~30 s
+        await trio.sleep(1.0)
+        await send.send(delta_batch(1, 5, T0))  # due in 0.5 s: must wake the loop
+        await trio.sleep(0.1)
+        rounds = 0
+        for i in range(50):  # due later than that one: no wake, no round
+            await send.send(delta_batch(1, 1, T0, symbol=f"S{i}USDT"))
+        await trio.sleep(0.3)
+        assert rounds == 0 and writer.stats.rows_spooled["deltas"] == 0
+        await trio.sleep(0.2)  # 0.5 s after the first delta row: its round
+        # the round at the first one's deadline takes the others along (one journal)
+        await eventually(lambda: writer.stats.rows_spooled["deltas"] == 55)
+        assert writer.stats.rows_spooled["snapshots"] == 0  # not due yet
+        await send.aclose()
+    assert stored_all(out).height == 55 + 4

@@ -724,7 +724,7 @@ class Writer:
         if buf is None:
             buf = _Buffer(key, batch.multiplier, self._opened_at(key))
             self._buffers[key] = buf
-            self._wake_flusher()  # a new buffer: the next deadline may be earlier
+            self._wake_if_earlier(buf.opened_at + self._interval(key[0]))
         before = buf.nbytes
         if type(batch) is BodyBatch:
             buf.append_bodies(batch)  # received once read, at the flush (`_count_read`)
@@ -944,14 +944,20 @@ class Writer:
     def _wake_flusher(self) -> None:
         self._flush_now.set()
 
-    def _raw_opened(self) -> None:
-        """A raw buffer opened (`RawCapture.on_open`): wake the flush loop if it sleeps
-        past the buffer's deadline. Nothing else wakes it for raw lines, so with no row
-        buffer open they waited for the next row batch, past `max_age`. With an earlier
-        deadline pending (a row or raw buffer open already: the usual case) the loop
-        looks again after that flush anyway, so no wake is spent."""
-        if trio.current_time() + self._interval(Dataset.DELTAS) < self._sleeping_until:
+    def _wake_if_earlier(self, deadline: float) -> None:
+        """A new buffer due at `deadline`: wake the flush loop only if it sleeps past
+        that. With an earlier deadline pending (the usual case: each round empties the
+        buffers and ~250 new ones open before the next) the loop looks again after that
+        flush anyway; waking it for each new buffer cost a wake-up and a scan of every
+        buffer's deadline per new buffer, a few hundred a second at the full table."""
+        if deadline < self._sleeping_until:
             self._wake_flusher()
+
+    def _raw_opened(self) -> None:
+        """A raw buffer opened (`RawCapture.on_open`). Nothing else tells the flush loop
+        of its deadline, so with no row buffer open raw lines waited for the next row
+        batch, past `max_age`."""
+        self._wake_if_earlier(trio.current_time() + self._interval(Dataset.DELTAS))
 
     async def _flush_loop(self) -> None:
         """Flush buffers as they come due; never on the task that receives rows."""
