@@ -445,20 +445,45 @@ async def test_ws_out_of_order_is_a_gap_then_resync(tmp_path, monkeypatch):
     assert_recovered(run, final)
 
 
-async def test_ws_close_reconnects_with_reconnect_gap(tmp_path, monkeypatch, caplog):
-    """The simulator closes instead of sending an event, so that event (and the ticks
-    until the new subscription) are lost: the stream does not continue across the
-    reconnect, which is a `reconnect` gap (not sequence_break) naming the hole and the
-    cause, then a resync. The reader reconnects itself (no crash/restart)."""
+@pytest.mark.parametrize(
+    ("kind", "params", "stat", "cause"),
+    [
+        (  # a close frame, as a venue sends before maintenance
+            "ws_close",
+            {"code": 1001, "reason": "service maintenance"},
+            "closed_by_fault",
+            "WsClosed: WebSocket closed (1001: service maintenance)",
+        ),
+        (  # the TCP connection ends without one
+            "ws_abort",
+            {},
+            "aborted_by_fault",
+            "WsClosed: WebSocket closed (1006: connection closed without a close frame)",
+        ),
+    ],
+)
+async def test_ws_close_reconnects_with_reconnect_gap(
+    tmp_path, monkeypatch, caplog, kind, params, stat, cause
+):
+    """The simulator ends the connection both symbols share instead of sending an event,
+    so that event (and the ticks until the new subscription) are lost: the stream does
+    not continue across the reconnect, which is a `reconnect` gap (not sequence_break)
+    naming the hole and the cause, then a resync. The reader reconnects itself (no
+    crash/restart). A close frame's code and reason reach the gap row and the log line
+    (the simulator used to drop TCP without the frame whenever another stream of the
+    connection sent meanwhile: a 1006 with no reason); a connection that ends without
+    one is a 1006."""
+    caplog.set_level(logging.INFO, logger="cryptoflow")
     sim, run, final = await one_fault(
-        tmp_path, monkeypatch, "ws_close", symbol="BTCUSDT", after=1.2
+        tmp_path, monkeypatch, kind, symbol="BTCUSDT", after=1.2, **params
     )
-    assert sim.stats.ws["closed_by_fault"] == 1
+    assert sim.stats.ws[stat] == 1
     (stream,) = run.shard.streams
     assert stream.connects == 2 and stream.disconnects == 1
-    # the close frame (1001) or, when the server drops TCP first, 1006: either way WsClosed
-    assert "WsClosed" in stream.last_error
-    assert_reconnect_gaps(run, "WsClosed")
+    assert stream.last_error == cause
+    lost = [r.getMessage() for r in caplog.records if "stream lost" in r.getMessage()]
+    assert len(lost) == 1 and f"stream lost ({cause}); reconnecting in" in lost[0], lost
+    assert_reconnect_gaps(run, cause)
     assert holes(messages(read(run.out, "deltas", "BTCUSDT")))  # BTC's event was lost
     assert not any("crashed" in r.getMessage() for r in caplog.records)
     assert_recovered(run, final)

@@ -3,7 +3,6 @@ limits (429 / 418 ban) and the diff-depth WebSocket streams."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import re
@@ -20,7 +19,7 @@ from cryptoflow.sim.book import Aggregate
 from cryptoflow.sim.faults import Faults, Stats
 from cryptoflow.sim.http import HttpRequest, HttpResponse
 from cryptoflow.sim.market import Market
-from cryptoflow.sim.wsout import Outbox
+from cryptoflow.sim.wsout import Outbox, abort_ws, close_ws
 
 log = logging.getLogger(__name__)
 
@@ -399,9 +398,7 @@ class BinanceVenue:
             conn.nursery.cancel_scope.cancel()
 
     async def _close(self, conn: _Conn, code: int, reason: str) -> None:
-        with trio.move_on_after(1), contextlib.suppress(ConnectionClosed):
-            await conn.outbox.flush()  # what was sent before the close goes out first
-        await conn.ws.aclose(code=code, reason=reason)
+        await close_ws(conn.outbox, code, reason)
 
     async def _recv_loop(self, conn: _Conn) -> None:
         assert conn.nursery is not None
@@ -519,7 +516,12 @@ class BinanceVenue:
                         k = market.next_k(speed)
                     if "ws_close" in kinds:
                         self.stats.ws["closed_by_fault"] += 1
-                        await self._close(conn, 1001, "simulator fault: close")
+                        await self._close(conn, kinds["ws_close"].code, kinds["ws_close"].reason)
+                        conn.nursery.cancel_scope.cancel()
+                        return
+                    if "ws_abort" in kinds:
+                        self.stats.ws["aborted_by_fault"] += 1
+                        await abort_ws(conn.ws)
                         conn.nursery.cancel_scope.cancel()
                         return
                     if "ws_ping" in kinds:

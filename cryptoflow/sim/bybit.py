@@ -14,7 +14,6 @@ WebSocket ``/v5/public/linear``: ``orderbook.<1|50|200|1000>.<symbol>`` topics; 
 from __future__ import annotations
 
 import bisect
-import contextlib
 import heapq
 import logging
 import math
@@ -37,7 +36,7 @@ from cryptoflow.sim.book import Book, Diff, SymbolSpec, spec_for
 from cryptoflow.sim.faults import Fault, Faults, Stats
 from cryptoflow.sim.http import HttpRequest, HttpResponse
 from cryptoflow.sim.market import Market
-from cryptoflow.sim.wsout import Outbox
+from cryptoflow.sim.wsout import Outbox, abort_ws, close_ws
 
 log = logging.getLogger(__name__)
 
@@ -455,9 +454,7 @@ class SimVenue:
                 conn.nursery.cancel_scope.cancel()
 
     async def close(self, conn: WsConn, code: int, reason: str) -> None:
-        with trio.move_on_after(1), contextlib.suppress(ConnectionClosed):
-            await conn.outbox.flush()  # what was sent before the close goes out first
-        await conn.ws.aclose(code=code, reason=reason)
+        await close_ws(conn.outbox, code, reason)
         if conn.nursery is not None:
             conn.nursery.cancel_scope.cancel()
 
@@ -576,7 +573,13 @@ class SimVenue:
             if "ws_close" in kinds:
                 self.stats.ws["closed_by_fault"] += 1
                 await self.on_fault_close(conn)
-                await self.close(conn, 1001, "simulator fault: close")
+                await self.close(conn, kinds["ws_close"].code, kinds["ws_close"].reason)
+                return False
+            if "ws_abort" in kinds:
+                self.stats.ws["aborted_by_fault"] += 1
+                await abort_ws(conn.ws)
+                if conn.nursery is not None:
+                    conn.nursery.cancel_scope.cancel()
                 return False
             if "ws_ping" in kinds and conn.nursery is not None:
                 conn.nursery.start_soon(self.server_ping, conn)

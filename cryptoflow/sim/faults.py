@@ -18,7 +18,11 @@ WS kinds (next ``count`` outgoing events of ``symbol``, or of any symbol if None
   ``ws_drop``          the event is not sent (a real sequence gap; the book advanced)
   ``ws_duplicate``     the event is sent twice
   ``ws_out_of_order``  the event is held back and sent after the next one
-  ``ws_close``         the connection is closed (code 1001) instead of sending
+  ``ws_close``         a close frame (``code``, default 1001 "going away", as a venue sends
+                       before maintenance; ``reason``) instead of the event, then the TCP
+                       connection is closed after the client's close answer (at most 1 s)
+  ``ws_abort``         the TCP connection is closed without a close frame instead of
+                       sending (the client sees the connection end abnormally: 1006)
   ``ws_stall``         no frames for ``seconds`` (changes accumulate, then one event)
   ``ws_malformed``     a non-JSON text frame is sent before the event
   ``ws_ping``          a server ping is sent before the event (pong recorded in stats)
@@ -52,6 +56,7 @@ WS_FAULTS = frozenset(
         "ws_duplicate",
         "ws_out_of_order",
         "ws_close",
+        "ws_abort",
         "ws_stall",
         "ws_malformed",
         "ws_ping",
@@ -72,6 +77,8 @@ class Fault:
     delay: float = 2.0
     seconds: float = 2.0
     fields: list[str] = field(default_factory=lambda: ["lastUpdateId"])
+    code: int = 1001
+    reason: str = "simulator fault: close"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +105,8 @@ class Faults:
             "delay",
             "seconds",
             "fields",
+            "code",
+            "reason",
         }
         if unknown:
             raise ValueError(f"unknown fault parameter(s): {sorted(unknown)}")
@@ -192,6 +201,7 @@ class Stats:
             "pongs_received": 0,
             "pings_unanswered": 0,
             "closed_by_fault": 0,
+            "aborted_by_fault": 0,
             "closed_by_lifetime": 0,
         }
 

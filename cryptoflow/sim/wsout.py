@@ -1,4 +1,5 @@
-"""Outgoing side of one simulator WebSocket connection: a queue and one writer task.
+"""Outgoing side of one simulator WebSocket connection: a queue and one writer task; and
+how the simulator ends a connection (`close_ws`, `abort_ws`).
 
 Why: trio-websocket's ``send_message`` holds the connection's send lock across the
 socket write, which is a scheduler checkpoint, so a connection sends at most one message
@@ -17,6 +18,7 @@ connection as a whole no longer sends one message per pass.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import trio
@@ -129,3 +131,31 @@ class Outbox:
         if self._progress is not None:
             self._progress.set()
             self._progress = None
+
+
+#: how long the flush before a close, and the close handshake, may each take (then the
+#: TCP connection is closed anyway)
+CLOSE_TIMEOUT = 1.0
+
+
+async def close_ws(outbox: Outbox, code: int, reason: str) -> None:
+    """Close the connection the way a venue does: everything queued before the close goes
+    out, then a close frame with ``code`` and ``reason``; the TCP connection is closed
+    once the client answers it (bounded by ``CLOSE_TIMEOUT`` each).
+
+    The handshake is shielded: once it begins, every other send on the connection raises
+    ``ConnectionClosed`` and the task that made it cancels the connection's tasks, this
+    one included. Unshielded, that cancel could land before the close frame was written
+    (it waits for the send lock), and the client saw the TCP connection end without one
+    (1006) whenever several streams shared the connection."""
+    with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(ConnectionClosed):
+        await outbox.flush()
+    with trio.move_on_after(CLOSE_TIMEOUT) as cs:
+        cs.shield = True
+        await outbox.ws.aclose(code=code, reason=reason)
+
+
+async def abort_ws(ws: WebSocketConnection) -> None:
+    """Close the TCP connection without a close frame (the ``ws_abort`` fault): the
+    client sees the connection end abnormally (1006), as after a network failure."""
+    await trio.aclose_forcefully(ws._stream)
