@@ -18,6 +18,8 @@ from cryptoflow.exchanges.kucoin import parse as kucoin
 from cryptoflow.sim import open_simulator
 from cryptoflow.sim.book import Book, spec_for
 from cryptoflow.sim.bybit import TopView, top_levels
+from cryptoflow.sim.faults import Stats
+from cryptoflow.sim.market import Market
 from cryptoflow.sim.wsout import Outbox
 
 FAST = {"tick_interval": 0.02, "ping_interval": None}
@@ -204,6 +206,43 @@ async def test_binance_500ms_stream_aggregates_about_its_interval_of_ticks():
         assert 10 <= st.ws_ticks / st.ws_events <= 40
         for a, b in itertools.pairwise(events):
             assert b["pu"] == a["u"]
+
+
+def test_a_stream_that_stops_taking_events_stays_bounded_and_continuous():
+    """A Binance stream whose events are not taken (its client stopped reading, so its
+    sends block) must not keep every tick: its queue stops growing, older ticks are merged
+    into one pending event (since events are cut at tick numbers every tick was kept,
+    without bound). Nothing is lost: its next event carries every tick since it last
+    took one, continuous with what it sent, and gives the book as it is now."""
+    book = Book(spec_for("BTCUSDT"), seed=9, depth=100)
+    market = Market({"BTCUSDT": book}, Stats())
+    bids, asks, start = dict(book.bids), dict(book.asks), book.last_update_id
+    stalled = market.subscribe("BTCUSDT")
+    live = market.subscribe("BTCUSDT")  # a client that keeps up: one event per tick
+    events = []
+
+    def ticks(n: int) -> None:
+        for _ in range(n):
+            market.tick_no += 1
+            market.step()
+            events.append(live.take_through(market.tick_no))
+
+    ticks(3000)
+    queued = len(stalled.diffs)
+    ticks(3000)  # 10 minutes of 100 ms ticks in all
+    assert len(stalled.diffs) == queued < 3000  # bounded: no longer growing with the ticks
+    assert len(live.diffs) == 0 and live.lagged is None
+    agg = stalled.take_through(market.tick_no)
+    assert agg is not None and stalled.take_through(market.tick_no) is None
+    assert agg.ticks == 6000 and (agg.pu, agg.U) == (start, start + 1)
+    assert agg.u == book.last_update_id == events[-1].u
+    for side, changes in ((bids, agg.bids), (asks, agg.asks)):
+        for price, qty in changes.items():
+            if qty:
+                side[price] = qty
+            else:
+                side.pop(price, None)
+    assert (bids, asks) == (book.bids, book.asks)
 
 
 def test_book_evolution_is_unchanged_by_the_sorted_lists():

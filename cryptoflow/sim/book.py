@@ -126,6 +126,15 @@ class Aggregate:
         self.asks.update(d.asks)
         self.ticks += 1
 
+    def extend(self, later: Aggregate) -> None:
+        """Merge in the aggregate of the ticks right after this one's."""
+        self.u = later.u
+        self.E = later.E
+        self.T = later.T
+        self.bids.update(later.bids)
+        self.asks.update(later.asks)
+        self.ticks += later.ticks
+
     @property
     def levels(self) -> int:
         return len(self.bids) + len(self.asks)

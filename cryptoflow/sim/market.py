@@ -11,6 +11,12 @@ import trio
 from cryptoflow.sim.book import Aggregate, Book, Diff
 from cryptoflow.sim.faults import Stats
 
+#: ticks a stream keeps one by one for its next events; the older ticks of a stream that
+#: falls further behind (a client that stopped reading, so its sends block) are merged
+#: into one pending event, as before events were cut at tick numbers: the simulator's
+#: memory stays bounded and the stream continuous (1,000 ticks: 100 s at 100 ms ticks)
+MAX_QUEUED_TICKS = 1000
+
 
 class Subscriber:
     """One stream (symbol) on one connection: the ticks since its last event.
@@ -19,20 +25,35 @@ class Subscriber:
     market's grid, once the clock loop has made that tick (`Market.through`): every
     connection then cuts the same ticks into the same events, as a venue's subscribers
     all get the same event ids, and an event leaves right after the tick that ends its
-    interval."""
+    interval. A stream more than `MAX_QUEUED_TICKS` behind gets its oldest ticks merged
+    (`lagged`); its next event carries them all, whatever its cut."""
 
     def __init__(self, symbol: str) -> None:
         self.symbol = symbol
         self.diffs: deque[Diff] = deque()
+        #: the ticks before `diffs` of a stream that fell behind, merged into one event
+        self.lagged: Aggregate | None = None
 
     def push(self, d: Diff) -> None:
         self.diffs.append(d)
+        if len(self.diffs) > MAX_QUEUED_TICKS:
+            oldest = self.diffs.popleft()
+            if self.lagged is None:
+                self.lagged = Aggregate(oldest)
+            else:
+                self.lagged.add(oldest)
 
     def take_through(self, cut: int, into: Aggregate | None = None) -> Aggregate | None:
         """The ticks numbered up to `cut` merged into one event (into `into`, if given),
-        if any."""
-        diffs = self.diffs
+        if any; a lagging stream's merged ticks first, whatever their numbers."""
         agg = into
+        if self.lagged is not None:
+            if agg is None:
+                agg = self.lagged
+            else:
+                agg.extend(self.lagged)
+            self.lagged = None
+        diffs = self.diffs
         while diffs and diffs[0].tick <= cut:
             d = diffs.popleft()
             if agg is None:
