@@ -16,7 +16,7 @@ from paths import RECORDED
 from typer.testing import CliRunner
 
 from cryptoflow.cli import app as cli_app
-from cryptoflow.errors import UsageError
+from cryptoflow.errors import DataError, UsageError
 from cryptoflow.tools.replay import replay_summary, run
 
 REC = RECORDED
@@ -455,3 +455,64 @@ def test_instruments_file_of_another_venue_is_a_usage_error(tmp_path):
     bad.write_text(json.dumps({"code": "200000", "data": []}))
     with pytest.raises(UsageError, match="cannot be read as okx's instruments list"):
         run("okx", OKX_XMR, tmp_path / "out", instruments=bad)
+
+
+# --- the wrong --exchange: nothing usable is no replay --------------------------------
+
+SUSHI = REC / "binance/futures_depth_SUSHIUSDT_AKROUSDT_2021-07-22.jsonl"
+
+
+@pytest.mark.parametrize(
+    ("exchange", "path"),
+    [
+        ("binance", OKX_XMR),
+        ("bybit", SUSHI),
+        ("bybit", OKX_UNI),
+        ("okx", BYBIT500),
+        ("kucoin", SUSHI),
+        ("kucoin", BYBIT500),
+        ("kucoin", OKX_XMR),
+    ],
+    ids=lambda v: v if isinstance(v, str) else v.parent.name,
+)
+def test_another_venues_recording_is_an_error_for_every_venue(tmp_path, exchange, path):
+    """Found by an audit: under bybit or kucoin another venue's recording exited 0 with
+    rows=0 and no warning (their parsers take unknown frames for controls, and replay only
+    failed when every record was unreadable, as binance and okx make them)."""
+    out = tmp_path / "out"
+    args = ["replay", "-e", exchange, "-i", str(path), "--output", str(out)]
+    if exchange in ("okx", "kucoin"):
+        args += ["--multiplier", "XBTUSDT=1"]
+    res = CliRunner().invoke(cli_app, args)
+    assert res.exit_code == 1, res.output
+    assert " rows=0 " in res.stdout
+    error = res.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: {path}: none of its ")
+    assert f"could be read as {exchange} book data" in error
+    assert "is --exchange right for this recording?" in error
+    assert not out.exists()
+
+
+def bybit_control(n: int) -> str:
+    msg = {"success": True, "ret_msg": "pong" if n % 2 else "", "conn_id": "c1",
+           "op": "ping" if n % 2 else "subscribe"}  # fmt: skip
+    return json.dumps({"recv_ns": n, "kind": "ws", "channel": "orderbook.500.XRPUSDT", "msg": msg})
+
+
+def test_controls_among_data_are_a_replay_and_controls_alone_are_not(tmp_path):
+    """Acks and pongs are normal in a recording: one snapshot among 300 of them replays
+    (exit 0); the same controls with no book data are an error, as another venue's file."""
+    first = lines_of(BYBIT500)[0]
+    controls = [bybit_control(n) for n in range(300)]
+    mostly = write(tmp_path, "mostly.jsonl", [*controls[:150], first, *controls[150:]])
+    assert run("bybit", mostly, tmp_path / "out") == 0
+    assert stored(tmp_path / "out", "snapshots").height == 1000
+    only = write(tmp_path, "only.jsonl", controls)
+    with pytest.raises(DataError, match="none of its 300 records could be read as bybit book"):
+        run("bybit", only, tmp_path / "out2")
+    # KuCoin: its welcome, acks and pongs around the documented payloads
+    kc = [{"id": "w", "type": "welcome"}, {"id": "1", "type": "ack"}, {"id": "2", "type": "pong"}]
+    kc_controls = [json.dumps({"recv_ns": 0, "kind": "ws", "channel": "c", "msg": m}) for m in kc]
+    path = write(tmp_path, "kc.jsonl", [*kc_controls, *kucoin_lines(), *kc_controls])
+    assert run("kucoin", path, tmp_path / "kc", multipliers=["XBTUSDT=0.001"]) == 0
+    assert stored(tmp_path / "kc", "deltas").height == 5

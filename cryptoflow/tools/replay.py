@@ -578,8 +578,11 @@ def run(
     symbols: SymbolTable | None = None,
 ) -> int:
     """CLI entry: replay, print the one summary line, return the exit code: 0, or 1
-    when the file had records and not one of them could be read (the wrong --exchange
-    for the recording, or not a recording at all): that is no replay."""
+    when the file had records and not one of them gave a diff or a snapshot (the wrong
+    --exchange for the recording, or not a recording at all): that is no replay. Only
+    "nothing usable" counts: control frames (acks, pongs) among book data are normal, and
+    the Bybit and KuCoin parsers take any frame they do not know for one, so another
+    venue's recording under them is all controls, not bad records."""
     path = Path(input_path)
     if symbols is None and path.is_file() and not _carries_instruments(path):
         log.warning(
@@ -598,10 +601,11 @@ def run(
     if summary.bad_records:
         log.warning("%d bad records skipped", summary.bad_records)
     print(summary.line())
-    if summary.messages and summary.bad_records == summary.messages:
+    if summary.messages and not summary.diffs + summary.snapshots:
         raise DataError(
             f"{input_path}: none of its {summary.messages} records could be read as {exchange} "
-            "messages (is --exchange right for this recording?)"
+            f"book data ({summary.controls} control or unknown frames, {summary.bad_records} "
+            "unreadable): is --exchange right for this recording?"
         )
     return 0
 
