@@ -140,6 +140,16 @@ class DataError(CryptoflowError):
     """Stored data is missing, corrupt or cannot answer the question (inspect/verify/book)."""
 
 
+class UnreadableTail(DataError):
+    """A compressed recording cannot be read past `line_no` (the file was cut short, or
+    its data is corrupt from there on); the lines before it were read and are good, so a
+    replay keeps them and reports this as one bad record."""
+
+    def __init__(self, message: str, line_no: int) -> None:
+        self.line_no = line_no
+        super().__init__(message)
+
+
 @contextlib.contextmanager
 def single_error_unwrapped() -> Iterator[None]:
     """A nursery's ExceptionGroup of exactly one Exception comes out as that exception,

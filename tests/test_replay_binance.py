@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import polars as pl
 import pytest
 from paths import RECORDED
 
-from cryptoflow.errors import DataError, UsageError
+from cryptoflow.errors import DataError, UnreadableTail, UsageError
 from cryptoflow.exchanges.binance.rules import RULES
 from cryptoflow.pipeline.normalize import Normalizer
 from cryptoflow.tools.recording import iter_records
@@ -239,3 +240,68 @@ def test_usage_errors(tmp_path):
     # a Binance recording replayed as OKX: nothing readable is no replay (was exit 0)
     with pytest.raises(DataError, match="none of its 446 records could be read as okx"):
         run("okx", SUSHI, tmp_path / "out", multipliers=["SUSHIUSDT=1"])
+
+
+# --- compressed files cut short or not what they say --------------------------------
+
+
+def gz_cut(tmp_path: Path, fraction: float) -> tuple[Path, list[str]]:
+    """The first `fraction` of the BTC .gz as a file, and the complete lines its
+    compressed bytes hold (stdlib zlib, no project code)."""
+    data = BTC.read_bytes()
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(data[: int(len(data) * fraction)])
+    text = zlib.decompressobj(wbits=31).decompress(cut.read_bytes()).decode()
+    return cut, text.splitlines(keepends=True)[:-1]  # the last one is cut
+
+
+def test_truncated_gz_replays_its_readable_part(tmp_path, caplog):
+    """Found by an audit: a .jsonl.gz cut short (90 % of the BTC file) failed with
+    `error: unexpected EOFError: Compressed file ended before the end-of-stream marker
+    was reached`, exit 1, nothing written and the file not named, where a .jsonl or
+    .jsonl.zst cut short replays its readable part with one bad record skipped."""
+    from typer.testing import CliRunner
+
+    from cryptoflow.cli import app
+
+    cut, complete = gz_cut(tmp_path, 0.9)
+    independent = check(complete)
+    assert 5000 < len(complete) < 6552
+    stop = len(complete) + 1  # the line being read when the data ran out
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["replay", "-e", "binance", "-i", str(cut), "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip().splitlines()[-1] == (
+        f"messages={stop} rows={independent['rows']} gaps=0 resyncs=0 "
+        f"snapshot_rows={independent['snapshot_rows']}"
+    )
+    assert f"{cut}:{stop}: skipped: line {stop}: truncated (the file was cut short)" in caplog.text
+    assert "1 bad records skipped" in caplog.text
+    deltas = pl.read_parquet(out / "deltas" / "**" / "*.parquet", hive_partitioning=False)
+    assert deltas.height == independent["rows"] > 0
+    # the record reader reports it the same way, or raises it without a callback
+    errors: list[int] = []
+    assert len(list(iter_records(cut, lambda n, _: errors.append(n)))) == len(complete)
+    assert errors == [stop]
+    with pytest.raises(UnreadableTail, match=f"line {stop}: truncated"):
+        list(iter_records(cut))
+
+
+def test_gz_with_nothing_readable_is_one_line_naming_it(tmp_path):
+    """A .gz whose header is not gzip's (was `error: Unknown compression method`, the
+    file not named) or that is cut before its first line ends: one line, exit 1."""
+    from typer.testing import CliRunner
+
+    from cryptoflow.cli import app
+
+    not_gzip = tmp_path / "bad.jsonl.gz"
+    not_gzip.write_bytes(b"\x1f\x8b" + b"not gzip at all" * 4)
+    short = tmp_path / "short.jsonl.gz"
+    short.write_bytes(BTC.read_bytes()[:200])
+    for path, why in ((not_gzip, "not readable as gzip: "), (short, "truncated ")):
+        out = tmp_path / "out"
+        args = ["replay", "-e", "binance", "-i", str(path), "--output", str(out)]
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 1, res.output
+        assert res.stderr.startswith(f"error: {path}: {why}") and res.stderr.count("\n") == 1
+        assert not out.exists()

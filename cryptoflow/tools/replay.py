@@ -30,6 +30,7 @@ that has none stops the replay at its first record.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import re
@@ -45,7 +46,13 @@ import polars as pl
 
 from cryptoflow.book.sync import BREAK_KINDS, SyncRules
 from cryptoflow.config import SYMBOLS_FILE, load_symbol_table
-from cryptoflow.errors import CryptoflowError, DataError, MalformedMessage, UsageError
+from cryptoflow.errors import (
+    CryptoflowError,
+    DataError,
+    MalformedMessage,
+    UnreadableTail,
+    UsageError,
+)
 from cryptoflow.exchanges import registry
 from cryptoflow.exchanges.base import Control, Instrument, SymbolMap
 from cryptoflow.exchanges.binance import parse as binance_parse
@@ -72,7 +79,7 @@ from cryptoflow.storage import layout
 from cryptoflow.storage.rawfile import INSTRUMENT
 from cryptoflow.storage.spool import write_atomic
 from cryptoflow.symbols import SymbolTable, venue_map
-from cryptoflow.tools.recording import Record, open_text, parse_record
+from cryptoflow.tools.recording import Record, iter_lines, parse_record
 
 log = logging.getLogger(__name__)
 
@@ -323,13 +330,13 @@ def _instrument_record(exchange: str, rec: Record) -> tuple[str, str, str]:
 def _carries_instruments(path: Path) -> bool:
     """Whether the recording begins with an instrument record, as every raw-capture file
     does: then its records say each symbol's contract size."""
-    with open_text(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
+    with contextlib.closing(iter_lines(path)) as lines:
+        try:
+            for line_no, line in lines:
+                if line.strip():
                     return parse_record(line, line_no).kind == INSTRUMENT
-                except DataError:
-                    return False
+        except DataError:  # the replay itself reports it
+            return False
     return False
 
 
@@ -528,26 +535,31 @@ def replay_summary(
             account(out)
         pending.clear()
 
-    with open_text(input_path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            m = _FAST_WS_LINE.match(line) if fast else None
-            if m is not None and int(m[1]) < 2**63:
-                process()  # keep arrival order
-                pending.append((line_no, line, int(m[1]), m[2]))
-                if len(pending) >= chunk_records:
+    # closed at once also when a record stops the replay (UsageError)
+    with contextlib.closing(iter_lines(input_path)) as lines:
+        try:
+            for line_no, line in lines:
+                if not line.strip():
+                    continue
+                m = _FAST_WS_LINE.match(line) if fast else None
+                if m is not None and int(m[1]) < 2**63:
+                    process()  # keep arrival order
+                    pending.append((line_no, line, int(m[1]), m[2]))
+                    if len(pending) >= chunk_records:
+                        drain()
+                    continue
+                try:
+                    rec = parse_record(line, line_no)
+                except DataError as exc:
                     drain()
-                continue
-            try:
-                rec = parse_record(line, line_no)
-            except DataError as exc:
-                drain()
-                bad(line_no, str(exc))
-                continue
-            if rec.kind != INSTRUMENT:
-                drain()  # keep arrival order (an instrument record drains only if it must)
-            simple(rec)
+                    bad(line_no, str(exc))
+                    continue
+                if rec.kind != INSTRUMENT:
+                    drain()  # keep arrival order (an instrument record drains only if it must)
+                simple(rec)
+        except UnreadableTail as exc:  # a .gz cut short: what was read is kept and stored
+            drain()
+            bad(exc.line_no, str(exc))
     drain()
     process()
     for key in list(buffers):
