@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -235,6 +236,9 @@ def test_help_names_every_input_format():
 def test_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         run("binance", tmp_path / "nope.jsonl", tmp_path / "out")
+    # a directory is said to be one (was "does not exist", found by an audit)
+    with pytest.raises(UsageError, match=re.escape(f"input '{tmp_path}' is a directory: --input")):
+        run("binance", tmp_path, tmp_path / "out")
     with pytest.raises(UsageError, match="unknown exchange"):
         run("nasdaq", SUSHI, tmp_path / "out")
     # a Binance recording replayed as OKX: nothing readable is no replay (was exit 0)

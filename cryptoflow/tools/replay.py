@@ -389,6 +389,11 @@ def replay_summary(
         raise UsageError(f"replay: unknown exchange {exchange!r} (known: {', '.join(VENUES)})")
     parse_ws = venue.new_parse_ws() if venue.new_parse_ws is not None else venue.parse_ws
     input_path = Path(input_path)
+    if input_path.is_dir():  # was "does not exist", which sends one looking elsewhere
+        raise UsageError(
+            f"replay: input {str(input_path)!r} is a directory: --input takes one recording "
+            "file (concatenate a capture's files into one, see docs/storage.md)"
+        )
     if not input_path.is_file():
         raise UsageError(f"replay: input file {str(input_path)!r} does not exist")
     summary = ReplaySummary()
