@@ -106,8 +106,8 @@ def check_spool_apart(
     raise ConfigError([f"{where}: {problem}" if where else f"storage.spool.path: {problem}"])
 
 
-def build_spool(storage: StorageSection) -> Spool:
-    return Spool(Path(storage.spool.path), storage.spool.max_bytes)
+def build_spool(storage: StorageSection, *, create: bool = True) -> Spool:
+    return Spool(Path(storage.spool.path), storage.spool.max_bytes, create=create)
 
 
 def describe(store: ObjectStore) -> str:

@@ -208,6 +208,25 @@ def _read_errors_sorted(path: Path) -> Iterator[None]:
         raise CorruptSpoolFile(f"{path}: cannot read: {exc}") from exc
 
 
+def _nearest_existing(path: Path) -> Path:
+    """`path` itself, or its nearest parent that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def spool_dir_problem(path: Path) -> str | None:
+    """Why `path` can never be a spool directory, seen without creating or writing
+    anything: it exists and is not a directory, or its nearest existing parent is not
+    one. None when it is a directory or could be made. The same words `check_spool_dir`
+    uses, for commands that only read the spool (`spool status`)."""
+    path = Path(path)
+    if path.exists():
+        return None if path.is_dir() else "exists but is not a directory"
+    parent = _nearest_existing(path)
+    return None if parent.is_dir() else f"cannot be created: {parent} is not a directory"
+
+
 def check_spool_dir(
     path: Path, max_bytes: int, *, create: bool = True
 ) -> tuple[list[str], list[str]]:
@@ -220,11 +239,10 @@ def check_spool_dir(
     path = Path(path)
     where = f"storage.spool.path {str(path)!r}"
     if not create and not path.exists():
-        parent = path.parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-        if not parent.is_dir():
-            return [f"{where}: cannot be created: {parent} is not a directory"], []
+        problem = spool_dir_problem(path)
+        if problem:
+            return [f"{where}: {problem}"], []
+        parent = _nearest_existing(path)
         if not os.access(parent, os.W_OK | os.X_OK):
             return [f"{where}: cannot be created: {parent} is not writable"], []
         path = parent
@@ -338,7 +356,11 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 class Spool:
-    def __init__(self, root: Path, max_bytes: int, *, warn_ratio: float = 0.8) -> None:
+    def __init__(
+        self, root: Path, max_bytes: int, *, warn_ratio: float = 0.8, create: bool = True
+    ) -> None:
+        """`create=False`: a reader of an existing spool (`spool status`), which must not
+        make a directory at a mistyped path and then report it empty."""
         self.root = Path(root)
         self.max_bytes = int(max_bytes)
         self.warn_ratio = warn_ratio
@@ -356,7 +378,8 @@ class Spool:
         self._held: set[str] = set()
         #: rows set aside in quarantine by this process, per dataset (`set_aside_counts`)
         self._set_aside_rows: Counter[str] = Counter()
-        makedirs_durable(self.root)
+        if create:
+            makedirs_durable(self.root)
 
     # --- accounting ----------------------------------------------------------------
 

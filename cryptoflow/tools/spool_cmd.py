@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import trio
 
+from cryptoflow.errors import ConfigError
 from cryptoflow.pipeline.supervise import exit_after, unless_stopped
 
 T = TypeVar("T")
@@ -47,11 +48,18 @@ def _load(config_path: Path):
 
 
 def status(config_path: Path) -> int:
-    """Print files/bytes waiting per dataset and the quarantined count. Exit 0."""
+    """Print files/bytes waiting per dataset and the quarantined count. Exit 0; 1 when
+    there is no spool at the configured path (nothing is created); 2 when the path can
+    never be a spool (a file), as `collect` would refuse it."""
     from cryptoflow.storage.factory import build_spool
 
     settings = _load(config_path)
-    spool = build_spool(settings.app.storage)
+    storage = settings.app.storage
+    _check_spool_path(storage, config_path)
+    if not Path(storage.spool.path).exists():
+        print(f"error: {_no_spool(storage.spool.path, config_path)}", file=sys.stderr)
+        return 1
+    spool = build_spool(storage, create=False)
     spool.load()
     print(f"spool {spool.root.resolve()} (limit {spool.max_bytes} bytes)")
     by_ds = spool.by_dataset()
@@ -63,6 +71,35 @@ def status(config_path: Path) -> int:
     return 0
 
 
+def _check_spool_path(storage, config_path: Path) -> None:
+    """A spool path that is a file (or lies under one) is refused in the words and with
+    the exit code (2) `collect` has for it, without creating or writing anything: status
+    only reads, and must work on a full or read-only disk."""
+    from cryptoflow.config import key_location
+    from cryptoflow.storage.spool import spool_dir_problem
+
+    path = Path(storage.spool.path)
+    problem = spool_dir_problem(path)
+    if problem:
+        where = key_location(config_path, "storage.spool.path")
+        raise ConfigError([f"{where}: {str(path)!r}: {problem}"])
+
+
+def _no_spool(configured: str, config_path: Path) -> str:
+    """Operators take an empty `spool status` as the go-ahead to move a shard: reporting
+    a mistyped path (or a relative one from the wrong working directory) as an empty
+    spool gave that go-ahead for a spool never looked at."""
+    from cryptoflow.config import key_location
+
+    where = key_location(config_path, "storage.spool.path")
+    root = Path(configured)
+    relative = "" if root.is_absolute() else f" ({configured!r} is from the working directory)"
+    return (
+        f"{where}: no spool at {root.resolve()}{relative}: nothing was ever spooled there, or "
+        "the path or the working directory is wrong; nothing created"
+    )
+
+
 def flush(config_path: Path, output: Path | None = None) -> int:
     """Scan the spool (quarantining corrupt files), upload/move everything; 0 if empty after."""
     from cryptoflow.pipeline.writer import drain_spool
@@ -70,6 +107,7 @@ def flush(config_path: Path, output: Path | None = None) -> int:
 
     settings = _load(config_path)
     storage = settings.app.storage
+    _check_spool_path(storage, config_path)
     check_spool_apart(storage, settings.env, output, config_path)  # before the scan moves anything
     spool = build_spool(storage)
     report = spool.scan()

@@ -1,0 +1,103 @@
+"""`cryptoflow spool status` and `spool flush` on paths they cannot use.
+
+Found by the CLI audit: `spool status` on a mistyped spool path (or a relative one from
+the wrong working directory) reported an empty spool, exit 0, and created the folder;
+operations.md takes an empty `spool status` as the go-ahead to move a shard. A spool
+path that is a file failed with `[Errno 20] Not a directory: 'afile/.doomed'` (exit 1)
+where collect names the key (exit 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from configtools import make_config
+from typer.testing import CliRunner
+
+from cryptoflow.cli import app
+
+SHARDS = [{"name": "main", "source_ip": None, "symbols": {"binance": ["BTCUSDT"]}}]
+
+
+def _cli(*args: str):
+    return CliRunner(env={"TYPER_USE_RICH": "0"}).invoke(app, list(args))
+
+
+def _config(tmp_path: Path, spool: str, local: str | None = None) -> Path:
+    return make_config(
+        tmp_path / "cfg",
+        shards=SHARDS,
+        overrides={
+            "storage.spool.path": spool,
+            "storage.local_path": local or str(tmp_path / "data"),
+        },
+    )
+
+
+def _line_of(cfg: Path, text: str) -> int:
+    lines = cfg.read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if line.strip().startswith(text))
+
+
+def test_status_of_a_spool_that_does_not_exist_says_so_and_creates_nothing(tmp_path):
+    spool = tmp_path / "spoool"  # a typo of the real spool's name
+    cfg = _config(tmp_path, str(spool))
+    res = _cli("spool", "status", "-c", str(cfg))
+    assert res.exit_code == 1, res.output
+    assert res.stdout == ""  # no "total 0 files" to take for an empty spool
+    where = f"{cfg}:{_line_of(cfg, 'path:')}: storage.spool.path"
+    assert res.stderr == f"error: {where}: no spool at {spool}: " + (
+        "nothing was ever spooled there, or the path or the working directory is wrong; "
+        "nothing created\n"
+    )
+    assert not spool.exists()
+
+
+def test_status_names_a_relative_spool_path_as_taken_from_the_working_directory(
+    tmp_path, monkeypatch
+):
+    cfg = _config(tmp_path, "./spool")
+    monkeypatch.chdir(tmp_path)  # not where the collector runs
+    res = _cli("spool", "status", "-c", str(cfg))
+    assert res.exit_code == 1, res.output
+    said = f"no spool at {tmp_path / 'spool'} ('./spool' is from the working directory): "
+    assert said in res.stderr
+    assert not (tmp_path / "spool").exists()
+
+
+def test_status_of_an_existing_empty_spool_is_still_exit_0(tmp_path):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    res = _cli("spool", "status", "-c", str(_config(tmp_path, str(spool))))
+    assert res.exit_code == 0, res.output
+    assert "total             0 files" in res.stdout
+
+
+@pytest.mark.parametrize("command", ["status", "flush"])
+@pytest.mark.parametrize("under", [False, True])
+def test_a_spool_path_that_is_a_file_is_one_line_naming_the_key_exit_2(tmp_path, command, under):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    spool = afile / "spool" if under else afile
+    cfg = _config(tmp_path, str(spool))
+    res = _cli("spool", command, "-c", str(cfg))
+    assert res.exit_code == 2, res.output
+    problem = (
+        f"cannot be created: {afile} is not a directory"
+        if under
+        else ("exists but is not a directory")
+    )
+    where = f"{cfg}:{_line_of(cfg, 'path:')}: storage.spool.path"
+    assert res.output == f"{where}: {str(spool)!r}: {problem}\n"
+    assert afile.read_text() == "x"
+
+
+def test_collect_words_a_spool_path_that_is_a_file_as_status_does(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cfg = _config(tmp_path, str(afile))
+    res = _cli("collect", "-c", str(cfg), "-e", "binance", "--simulate", "--duration", "1")
+    assert res.exit_code == 2, res.output
+    where = f"{cfg}:{_line_of(cfg, 'path:')}: storage.spool.path"
+    assert res.output == f"{where}: {str(afile)!r}: exists but is not a directory\n"
