@@ -624,7 +624,13 @@ async def collect_main(
     task_status: trio.TaskStatus[StopControl] = trio.TASK_STATUS_IGNORED,
 ) -> RunResult:
     """Run the whole collector until stopped. Pass `result` to watch it while it runs."""
-    from cryptoflow.storage.factory import build_spool, build_store, check_spool_apart, describe
+    from cryptoflow.storage.factory import (
+        build_spool,
+        build_store,
+        check_output_writable,
+        check_spool_apart,
+        describe,
+    )
 
     app = settings.app
     result = result if result is not None else RunResult()
@@ -634,8 +640,8 @@ async def collect_main(
     # before any task: plain, clear errors (exit 2) for paths that cannot be used
     check_spool_apart(app.storage, settings.env, output, settings.config_path)
     _check_spool_or_raise(app.storage, settings.config_path)
+    check_output_writable(app.storage, settings.env, output, settings.config_path)
     store = build_store(app.storage, settings.env, output)
-    _check_output_or_raise(store, output, settings.config_path)
     ops_listeners = await _open_ops_or_raise(app.metrics, settings.config_path)
     async with trio.open_nursery() as root:
         if ops_listeners is not None:  # first: from here on serve_ops owns (closes) them
@@ -799,22 +805,6 @@ async def _start_ops(
                 },
             )
         )
-
-
-def _check_output_or_raise(store: object, output: Path | None, config_path: str) -> None:
-    """A local output tree must be creatable and writable before anything is collected:
-    else every upload fails and the rows wait in the spool while the run looks fine."""
-    from cryptoflow.config import key_location
-    from cryptoflow.storage.local import LocalStore
-
-    if not isinstance(store, LocalStore):
-        return
-    problem = store.check_writable()
-    if problem is None:
-        return
-    if output is not None:
-        raise UsageError(f"--output {str(output)!r}: {problem}")
-    raise ConfigError([f"{key_location(config_path, 'storage.local_path')}: {problem}"])
 
 
 def _check_spool_or_raise(storage, config_path: str = "") -> None:

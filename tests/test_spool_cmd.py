@@ -101,3 +101,57 @@ def test_collect_words_a_spool_path_that_is_a_file_as_status_does(tmp_path):
     assert res.exit_code == 2, res.output
     where = f"{cfg}:{_line_of(cfg, 'path:')}: storage.spool.path"
     assert res.output == f"{where}: {str(afile)!r}: exists but is not a directory\n"
+
+
+def test_flush_to_an_output_that_is_a_file_is_one_line_exit_2_and_moves_nothing(tmp_path):
+    """It printed one 'not uploaded (kept): ... Not a directory' line per spooled file
+    and exited 1, where `collect --output afile` refuses the output in one line."""
+    from test_spool_apart import _parquet_under, _spooled_files
+
+    spool = tmp_path / "spool"
+    _spooled_files(spool, 3)
+    before = _parquet_under(spool)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    res = _cli("spool", "flush", "-c", str(_config(tmp_path, str(spool))), "--output", str(afile))
+    assert res.exit_code == 2, res.output
+    assert res.output == f"error: --output {str(afile)!r}: cannot write there: Not a directory\n"
+    assert _parquet_under(spool) == before and afile.read_text() == "x"
+
+
+def test_flush_to_a_configured_local_path_that_is_a_file_names_the_key(tmp_path):
+    from test_spool_apart import _parquet_under, _spooled_files
+
+    spool = tmp_path / "spool"
+    _spooled_files(spool, 2)
+    before = _parquet_under(spool)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cfg = _config(tmp_path, str(spool), str(afile))
+    res = _cli("spool", "flush", "-c", str(cfg))
+    assert res.exit_code == 2, res.output
+    where = f"{cfg}:{_line_of(cfg, 'local_path:')}: storage.local_path"
+    assert res.output == f"{where}: cannot write there: Not a directory\n"
+    assert _parquet_under(spool) == before
+
+
+def test_flush_counts_the_files_it_uploads_after_splitting_the_journals(tmp_path):
+    """'flushing 7 files' was followed by '67 failed, 67 left': the count before the
+    journals were split into a file per symbol-hour. Now the line counts what goes up
+    and says where the number comes from."""
+    from test_journal import three_journals
+
+    from cryptoflow.storage.spool import Spool
+
+    spool = tmp_path / "spool"
+    three_journals(Spool(spool, max_bytes=10**9))  # 3 symbols x 2 hours
+    out = tmp_path / "out"
+    res = _cli("spool", "flush", "-c", str(_config(tmp_path, str(spool))), "--output", str(out))
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("flushing 6 files (")
+    assert lines[0].endswith(" (the spool's 3 files, journals split per symbol-hour, then merged)")
+    assert lines[1].startswith("uploaded 6 files (") and lines[1].endswith(
+        ", 0 failed, 0 left in the spool"
+    )
+    assert len(list(out.rglob("*.parquet"))) == 6

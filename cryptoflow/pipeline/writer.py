@@ -1390,6 +1390,14 @@ async def drain_spool(
     """Upload every file now in the spool once (the store retries transient errors);
     delete each after verified success. Used by `cryptoflow spool flush`. `merge`
     (upload batching on): each partition's files are first merged into one file."""
+    entries = await prepare_drain(spool, merge=merge)
+    return await upload_drained(spool, store, entries, concurrency=concurrency)
+
+
+async def prepare_drain(spool: Spool, *, merge: bool = False) -> list[SpoolEntry]:
+    """The files a drain uploads: journals split into per-partition files first (and,
+    `merge`, each partition's files merged into one), so their count is not the count
+    of spool files before (`spool flush` says both)."""
     for dataset in sorted({dataset_of(e.key) for e in spool.pending() if is_journal(e.key)}):
         while group := journal_group(spool.pending(), dataset):
             try:
@@ -1404,7 +1412,14 @@ async def drain_spool(
                     await trio.to_thread.run_sync(spool.merge, group)
                 except Exception as exc:
                     log.error("spool drain: cannot merge %s (%s)", partition_of(group[0].key), exc)
-    entries = [e for e in spool.pending() if not is_journal(e.key)]
+    return [e for e in spool.pending() if not is_journal(e.key)]
+
+
+async def upload_drained(
+    spool: Spool, store: ObjectStore, entries: list[SpoolEntry], *, concurrency: int = 4
+) -> DrainResult:
+    """Upload `entries` (from `prepare_drain`) once each; delete each after its verified
+    upload."""
     uploaded = failed = nbytes = 0
     limiter = trio.CapacityLimiter(max(1, concurrency))
 

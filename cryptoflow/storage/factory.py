@@ -106,6 +106,30 @@ def check_spool_apart(
     raise ConfigError([f"{where}: {problem}" if where else f"storage.spool.path: {problem}"])
 
 
+def check_output_writable(
+    storage: StorageSection,
+    env: Environment,
+    output_override: Path | None = None,
+    config_path: str | Path = "",
+) -> None:
+    """A local output tree must be creatable and writable before anything is collected
+    or flushed: else every upload fails (one error per file) and the rows wait in the
+    spool while the run looks fine. Raises UsageError for `--output`, ConfigError naming
+    storage.local_path's file:line (exit 2 both). Nothing to check when files go to S3."""
+    from cryptoflow.config import key_location
+
+    root = local_root(storage, env, output_override)
+    if root is None:
+        return
+    problem = LocalStore(root).check_writable()
+    if problem is None:
+        return
+    if output_override is not None:
+        raise UsageError(f"--output {str(output_override)!r}: {problem}")
+    where = key_location(config_path, "storage.local_path") if config_path else "storage.local_path"
+    raise ConfigError([f"{where}: {problem}"])
+
+
 def build_spool(storage: StorageSection, *, create: bool = True) -> Spool:
     return Spool(Path(storage.spool.path), storage.spool.max_bytes, create=create)
 

@@ -102,13 +102,19 @@ def _no_spool(configured: str, config_path: Path) -> str:
 
 def flush(config_path: Path, output: Path | None = None) -> int:
     """Scan the spool (quarantining corrupt files), upload/move everything; 0 if empty after."""
-    from cryptoflow.pipeline.writer import drain_spool
-    from cryptoflow.storage.factory import build_spool, build_store, check_spool_apart
+    from cryptoflow.storage.factory import (
+        build_spool,
+        build_store,
+        check_output_writable,
+        check_spool_apart,
+    )
 
     settings = _load(config_path)
     storage = settings.app.storage
     _check_spool_path(storage, config_path)
-    check_spool_apart(storage, settings.env, output, config_path)  # before the scan moves anything
+    # before the scan moves anything: one line (exit 2), not one failed upload per file
+    check_spool_apart(storage, settings.env, output, config_path)
+    check_output_writable(storage, settings.env, output, config_path)
     spool = build_spool(storage)
     report = spool.scan()
     if report.files == 0:
@@ -117,15 +123,7 @@ def flush(config_path: Path, output: Path | None = None) -> int:
 
     async def main():
         store = build_store(storage, settings.env, output)
-        print(f"flushing {report.files} files ({report.bytes} bytes) to {store.describe()}")
-        return await _until_signal(
-            lambda: drain_spool(
-                spool,
-                store,
-                concurrency=max(1, storage.s3.max_concurrency),
-                merge=storage.upload_interval > 0,  # batching on: one object per partition
-            )
-        )
+        return await _until_signal(lambda: _drain(spool, store, storage, report.files))
 
     result = trio.run(main)
     if result is None:
@@ -136,3 +134,19 @@ def flush(config_path: Path, output: Path | None = None) -> int:
         f"{result.remaining} left in the spool"
     )
     return 0 if result.remaining == 0 else 1
+
+
+async def _drain(spool, store, storage, spool_files: int):
+    """Split (and merge) first, then say how many files go up: the journals of a run
+    split into a file per symbol-hour, so "flushing 7 files" was followed by "67 failed,
+    67 left"."""
+    from cryptoflow.pipeline.writer import prepare_drain, upload_drained
+
+    merge = storage.upload_interval > 0  # batching on: one object per partition
+    entries = await prepare_drain(spool, merge=merge)
+    nbytes = sum(e.size for e in entries)
+    how = "journals split per symbol-hour" + (", then merged" if merge else "")
+    origin = f" (the spool's {spool_files} files, {how})" if len(entries) != spool_files else ""
+    print(f"flushing {len(entries)} files ({nbytes} bytes) to {store.describe()}{origin}")
+    concurrency = max(1, storage.s3.max_concurrency)
+    return await upload_drained(spool, store, entries, concurrency=concurrency)
