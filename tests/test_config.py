@@ -522,6 +522,32 @@ def test_validate_config_names_a_log_file_collect_could_not_open(tmp_path: Path)
     assert not (tmp_path / "logs.txt").exists()  # checked, not created
 
 
+def test_validate_config_names_a_local_path_collect_could_not_write(tmp_path: Path) -> None:
+    """Found by the CLI audit: `storage.local_path` a file passed validate-config (exit 0)
+    and collect then refused it (exit 2). Both give the same line now; validate creates
+    nothing, and with S3 on the local path is not used, so not checked."""
+    (tmp_path / "afile").write_text("x")
+    spool = tmp_path / "spool"
+    for local in (tmp_path / "afile", tmp_path / "afile" / "data"):
+        config = f"storage:\n  local_path: {local}\n  spool:\n    path: {spool}\n"
+        cfg = write(tmp_path, config=config)
+        line = f"{cfg}:2: storage.local_path: cannot write there: Not a directory"
+        res = _cli("validate-config", "-c", str(cfg))
+        assert res.exit_code == 2, res.output
+        assert res.stderr == line + "\n"
+        collect = _cli("collect", "-c", str(cfg), "-e", "binance", "--simulate", "--duration", "1")
+        assert collect.exit_code == 2 and collect.output == line + "\n"
+    fresh = tmp_path / "new" / "data"
+    cfg = write(tmp_path, config=f"storage:\n  local_path: {fresh}\n  spool:\n    path: {spool}\n")
+    assert _cli("validate-config", "-c", str(cfg)).exit_code == 0
+    assert not (tmp_path / "new").exists()  # checked, not created
+    s3_on = f"storage:\n  local_path: {tmp_path / 'afile'}\n  s3:\n    enabled: true\n"
+    cfg = write(tmp_path, config=s3_on + f"  spool:\n    path: {spool}\n")
+    runner = CliRunner(env={"TYPER_USE_RICH": "0", "S3_BUCKET": "bkt"})
+    res = runner.invoke(app, ["validate-config", "-c", str(cfg)])
+    assert res.exit_code == 0, res.output
+
+
 def test_snapshot_polls_further_apart_than_stale_after_are_warned(tmp_path: Path) -> None:
     """A healthy run answered /healthz 503 between polls (audit: slowpoll_test.sh:
     binance polled every 8 s, stale_after 3 s) and nothing said so beforehand."""

@@ -111,17 +111,20 @@ def check_output_writable(
     env: Environment,
     output_override: Path | None = None,
     config_path: str | Path = "",
+    *,
+    create: bool = True,
 ) -> None:
     """A local output tree must be creatable and writable before anything is collected
     or flushed: else every upload fails (one error per file) and the rows wait in the
     spool while the run looks fine. Raises UsageError for `--output`, ConfigError naming
-    storage.local_path's file:line (exit 2 both). Nothing to check when files go to S3."""
+    storage.local_path's file:line (exit 2 both). Nothing to check when files go to S3.
+    `create=False` (validate-config): the same verdict, nothing created."""
     from cryptoflow.config import key_location
 
     root = local_root(storage, env, output_override)
     if root is None:
         return
-    problem = LocalStore(root).check_writable()
+    problem = LocalStore(root).check_writable(create=create)
     if problem is None:
         return
     if output_override is not None:

@@ -12,7 +12,20 @@ import trio
 
 from cryptoflow.errors import StorageRejected, StorageUnavailable, UploadVerificationFailed
 from cryptoflow.storage import layout
-from cryptoflow.storage.spool import TMP_MARK, fsync_dir, makedirs_durable
+from cryptoflow.storage.spool import TMP_MARK, fsync_dir, makedirs_durable, nearest_existing
+
+
+def dir_write_problem(path: Path) -> str | None:
+    """Why files could not be written under the folder `path`, seen without creating or
+    writing anything (`validate-config`; `book --output` before its rebuild): it, or
+    its nearest existing parent when it is missing, is not a directory or not writable.
+    The words are the `strerror` the write would meet. None: it looks writable."""
+    nearest = nearest_existing(Path(path))
+    if not nearest.is_dir():
+        return os.strerror(errno.ENOTDIR)
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        return os.strerror(errno.EACCES)
+    return None
 
 
 def _move_verified(src: Path, dest: Path) -> None:
@@ -54,9 +67,14 @@ class LocalStore:
     def describe(self) -> str:
         return f"local:{self.root.resolve()}"
 
-    def check_writable(self) -> str | None:
+    def check_writable(self, *, create: bool = True) -> str | None:
         """Why files cannot be put under the root (None: they can): it is created if
-        missing, and a probe file is written and removed."""
+        missing, and a probe file is written and removed. `create=False`
+        (validate-config): a missing root is judged by its nearest existing parent and
+        nothing is created."""
+        if not create and not self.root.exists():
+            problem = dir_write_problem(self.root)
+            return None if problem is None else f"cannot write there: {problem}"
         try:
             makedirs_durable(self.root)
             probe = self.root / f".probe{TMP_MARK}{secrets.token_hex(4)}"

@@ -208,7 +208,7 @@ def _read_errors_sorted(path: Path) -> Iterator[None]:
         raise CorruptSpoolFile(f"{path}: cannot read: {exc}") from exc
 
 
-def _nearest_existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
     """`path` itself, or its nearest parent that exists."""
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -223,7 +223,7 @@ def spool_dir_problem(path: Path) -> str | None:
     path = Path(path)
     if path.exists():
         return None if path.is_dir() else "exists but is not a directory"
-    parent = _nearest_existing(path)
+    parent = nearest_existing(path)
     return None if parent.is_dir() else f"cannot be created: {parent} is not a directory"
 
 
@@ -242,7 +242,7 @@ def check_spool_dir(
         problem = spool_dir_problem(path)
         if problem:
             return [f"{where}: {problem}"], []
-        parent = _nearest_existing(path)
+        parent = nearest_existing(path)
         if not os.access(parent, os.W_OK | os.X_OK):
             return [f"{where}: cannot be created: {parent} is not writable"], []
         path = parent

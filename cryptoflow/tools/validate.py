@@ -56,11 +56,16 @@ def run(config_path: Path, online: bool = False) -> int:
 def host_problems(settings: Settings, config_path: Path) -> list[str]:
     """What `collect` would refuse on this host before collecting (exit 2 there too):
     one `file:line: key: ...` line each. Warnings go to stderr directly."""
-    from cryptoflow.storage.factory import check_spool_apart
+    from cryptoflow.storage.factory import check_output_writable, check_spool_apart
 
+    storage, env = settings.app.storage, settings.env
     problems = _check_spool(settings, config_path)
     try:
-        check_spool_apart(settings.app.storage, settings.env, None, config_path)
+        check_spool_apart(storage, env, None, config_path)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    try:  # the output tree collect writes into when S3 is off (nothing created here)
+        check_output_writable(storage, env, None, config_path, create=False)
     except ConfigError as exc:
         problems.extend(exc.problems)
     problem = _log_output_problem(settings.app.logging.output)
