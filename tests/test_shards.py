@@ -125,6 +125,33 @@ def test_k8s_and_compose_formats_render_every_shard(runner: CliRunner) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["k8s", "compose"])
+def test_the_renderers_fail_an_over_budget_shard_as_the_table_does(
+    tmp_path: Path, runner: CliRunner, fmt: str
+) -> None:
+    """Found by the CLI audit: the table said OVER and exited 1, while `--format k8s`
+    rendered the same shard with exit 0 and no word of it (CI deploys what it renders).
+    The manifest is still whole on stdout; the reason is on stderr; exit 1."""
+    from ruamel.yaml import YAML
+
+    cfg = _at_ten_seconds(tmp_path)
+    result = runner.invoke(app, ["shards", "list", "--config", str(cfg), "--format", fmt])
+    assert result.exit_code == 1, result.output
+    over = (
+        "warning: over budget: main/binance: 4026 > 2400/min per IP; raise "
+        "source.binance.snapshot_interval or move symbols to a shard with another source_ip"
+    )
+    assert over in result.stderr.splitlines()
+    assert "over budget" not in result.stdout
+    docs = [d for d in YAML(typ="safe").load_all(result.stdout) if d]
+    if fmt == "k8s":
+        assert [d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"] == [
+            "cryptoflow-main"
+        ]
+    else:
+        assert len(docs) == 1 and len(docs[0]["services"]) == 1
+
+
+@pytest.mark.parametrize("fmt", ["k8s", "compose"])
 def test_metrics_port_0_is_refused_by_the_renderers(
     tmp_path: Path, runner: CliRunner, fmt: str
 ) -> None:

@@ -97,7 +97,8 @@ def _venue_budget(
 
 
 def run(config_path: Path, exchange: str | None = None, fmt: str = "table") -> int:
-    """Print the budget table; 1 if any shard is over its venue's limit."""
+    """Print the budget table, or render the manifests; 1 if any shard is over its
+    venue's limit (a rendered manifest stays whole on stdout, the reason goes to stderr)."""
     registry.check_exchange(exchange)
     if fmt not in ("table", "k8s", "compose"):
         raise UsageError(f"unknown format {fmt!r}, expected table, k8s or compose")
@@ -105,22 +106,35 @@ def run(config_path: Path, exchange: str | None = None, fmt: str = "table") -> i
     for warning in stale_after_warnings(settings):
         print(f"warning: {warning}", file=sys.stderr)
     if fmt != "table":
-        return _render_deploy(settings, config_path, fmt)
+        _render_deploy(settings, config_path, fmt)
+        # CI deploys what it renders: an over-budget shard fails it as the table does,
+        # after the manifest (stdout stays a clean manifest, the reason goes to stderr)
+        over = _over_budget(budget(settings))  # every venue: the manifest runs them all
+        for line in over:
+            print(f"warning: over budget: {line}", file=sys.stderr)
+        return 1 if over else 0
     rows = budget(settings, exchange)
     console = Console(highlight=False)
     console.width = max(console.width, 100)  # a narrow terminal must not truncate numbers
     console.print(_table(rows))
-    over = [r for r in rows if r.status == "OVER"]
-    for r in over:
-        console.print(
-            f"{r.shard}/{r.exchange}: {r.weight_per_minute:g} > {r.limit_per_minute}/min per IP; "
-            f"raise source.{r.exchange}.snapshot_interval or move symbols to a shard with "
-            "another source_ip"
-        )
+    over = _over_budget(rows)
+    for line in over:
+        console.print(line)
     return 1 if over else 0
 
 
-def _render_deploy(settings: Settings, config_path: Path, fmt: str) -> int:
+def _over_budget(rows: list[ShardBudget]) -> list[str]:
+    """One line per shard and venue over the venue's per-IP limit, saying what to do."""
+    return [
+        f"{r.shard}/{r.exchange}: {r.weight_per_minute:g} > {r.limit_per_minute}/min per IP; "
+        f"raise source.{r.exchange}.snapshot_interval or move symbols to a shard with "
+        "another source_ip"
+        for r in rows
+        if r.status == "OVER"
+    ]
+
+
+def _render_deploy(settings: Settings, config_path: Path, fmt: str) -> None:
     """Kubernetes manifests / compose services rendered from ip_shards.yml (no drift)."""
     from cryptoflow.deploy import render
 
@@ -131,7 +145,6 @@ def _render_deploy(settings: Settings, config_path: Path, fmt: str) -> int:
         sys.stdout.write(render.render_k8s_for_settings(settings, config_path=config_path))
     else:
         sys.stdout.write(render.render_compose_for_settings(settings))
-    return 0
 
 
 def _table(rows: list[ShardBudget]) -> Table:
