@@ -530,9 +530,13 @@ def _load_shards(node: Any, rep: _Report, symbols: dict[str, SymbolEntry] | None
     if items is None:
         return []
     if not isinstance(items, list) or not items:
-        rep.add(
-            _key_line(node, "shards"), "shards", f"got {_show(items)}, expected a list of shards"
+        # `[]` said "got a list, expected a list of shards": what is wrong is that it is empty
+        problem = (
+            "is an empty list, expected at least one shard (name, source_ip, symbols)"
+            if isinstance(items, list)
+            else f"got {_show(items)}, expected a list of shards"
         )
+        rep.add(_key_line(node, "shards"), "shards", problem)
         return []
     shards: list[Shard] = []
     names: dict[str, int | None] = {}

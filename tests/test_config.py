@@ -142,6 +142,17 @@ def test_unknown_symbol_in_shard(tmp_path: Path) -> None:
     ]
 
 
+def test_an_empty_or_wrong_shards_list_says_which(tmp_path: Path) -> None:
+    """Found by the CLI audit: `shards: []` said "got a list, expected a list of shards"."""
+    f = tmp_path / "ip_shards.yml"
+    assert problems(write(tmp_path, shards="shards: []\n")) == [
+        f"{f}:1: shards: is an empty list, expected at least one shard (name, source_ip, symbols)"
+    ]
+    assert problems(write(tmp_path, shards="shards: main\n")) == [
+        f"{f}:1: shards: got 'main', expected a list of shards"
+    ]
+
+
 def test_unknown_symbol_block_list_line(tmp_path: Path) -> None:
     shards = (
         "shards:\n  - name: main\n    symbols:\n      bybit:\n"
