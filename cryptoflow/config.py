@@ -404,6 +404,14 @@ def _check_app_rules(node: Mapping[str, Any], rep: _Report) -> None:
     """Rules that need more than one value's type: venue names, per-venue depths and
     stream choices."""
     exchanges = _dig(node, "cryptoflow", "exchanges")
+    if exchanges == []:
+        # it passed, and collect then blamed the shards ("no shard lists a symbol for it")
+        rep.add(
+            _key_line(node["cryptoflow"], "exchanges"),
+            "cryptoflow.exchanges",
+            f"is an empty list (nothing would be collected), expected one or more of "
+            f"{', '.join(EXCHANGES)}",
+        )
     if isinstance(exchanges, list):
         first: dict[str, int | None] = {}
         for i, name in enumerate(exchanges):

@@ -372,6 +372,22 @@ def test_collect_refuses_an_output_folder_it_cannot_write(tmp_path: Path) -> Non
     )
 
 
+def test_an_empty_exchanges_list_is_a_config_error_for_validate_and_collect(
+    tmp_path: Path,
+) -> None:
+    """Found by the CLI audit: `cryptoflow.exchanges: []` passed validate-config (exit 0),
+    and collect then blamed the shards: "--exchange all: no shard lists a symbol for it"."""
+    cfg = write(tmp_path, config="cryptoflow:\n  exchanges: []\n")
+    line = (
+        f"{cfg}:2: cryptoflow.exchanges: is an empty list (nothing would be collected), "
+        "expected one or more of binance, bybit, okx, kucoin"
+    )
+    for args in (("validate-config",), ("collect", "--simulate", "--duration", "1")):
+        res = _cli(*args, "-c", str(cfg))
+        assert res.exit_code == 2, res.output
+        assert res.output == line + "\n"
+
+
 def test_a_log_file_that_cannot_be_opened_names_its_key(tmp_path: Path) -> None:
     config = f"logging:\n  output: {tmp_path / 'afile' / 'x.log'}\n"
     (tmp_path / "afile").write_text("x")
