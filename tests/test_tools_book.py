@@ -73,6 +73,37 @@ def test_book_outputs(tmp_path: Path, capsys) -> None:
         book.run(str(tmp_path / "d"), "binance", "BTCUSDT", "yesterday")
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_the_rebuild(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Found by the CLI audit: `--output afile/x.csv` (afile a file) gave `error: [Errno
+    17] File exists: 'afile'`, exit 1, after the whole rebuild. Now one line, exit 2,
+    before any data is read."""
+    _hand_data(tmp_path / "d")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (tmp_path / "folder.csv").mkdir()
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("rebuilt before the output was checked")
+
+    monkeypatch.setattr(book, "rebuild", no_rebuild)
+    base = ["book", str(tmp_path / "d"), "-e", "binance", "-s", "BTCUSDT", "--at", str(T + 400)]
+    for out, why in (
+        (afile / "x.csv", f"cannot write in {str(afile)!r}: Not a directory"),
+        (tmp_path / "folder.csv", "is a directory, expected a file to write"),
+    ):
+        res = CliRunner().invoke(cli_app, [*base, "--output", str(out)])
+        assert res.exit_code == 2, res.output
+        assert res.output == f"error: --output {str(out)!r}: {why}\n"
+    assert afile.read_text() == "x"
+    monkeypatch.undo()
+    out = tmp_path / "new" / "sub" / "b.csv"  # a folder still to make is fine
+    res = CliRunner().invoke(cli_app, [*base, "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    assert pl.read_csv(out).height == 5
+
+
 def test_at_before_any_snapshot(tmp_path: Path) -> None:
     _hand_data(tmp_path)
     with pytest.raises(DataError, match="before"):

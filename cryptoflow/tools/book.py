@@ -478,8 +478,8 @@ def run(
     registry.check_exchange(exchange)
     if depth < 1:
         raise UsageError("--depth must be at least 1")
-    if output is not None and output.suffix.lower() not in (".parquet", ".csv"):
-        raise UsageError(f"{output}: output must end in .parquet or .csv")
+    if output is not None:
+        _check_output(output)
     at_ms = parse_time(at)
     with open_root(path) as root:
         book, facts = rebuild(root, exchange, symbol.upper(), at_ms, market=market)
@@ -503,6 +503,23 @@ def run(
         return 0
     console.print(_render(top, facts, depth))
     return 0
+
+
+def _check_output(output: Path) -> None:
+    """A file the book cannot be written to is refused before the rebuild (which may
+    read an hour of deltas) in one line, exit 2: a folder that was a file gave
+    `[Errno 17] File exists: 'afile'`, exit 1, after the whole rebuild."""
+    from cryptoflow.storage.local import dir_write_problem
+
+    if output.suffix.lower() not in (".parquet", ".csv"):
+        raise UsageError(f"{output}: output must end in .parquet or .csv")
+    if output.is_dir():
+        raise UsageError(f"--output {str(output)!r}: is a directory, expected a file to write")
+    problem = dir_write_problem(output.parent)
+    if problem:
+        raise UsageError(
+            f"--output {str(output)!r}: cannot write in {str(output.parent)!r}: {problem}"
+        )
 
 
 def _render(top: pl.DataFrame, facts: dict, depth: int) -> Table:
