@@ -90,6 +90,8 @@ def load_settings(
     given, and real environment variables win over it.
     """
     config_path = Path(config_path)
+    if config_path.is_dir():  # its siblings would be looked for beside it: one line only
+        raise ConfigError([_config_dir_problem(config_path)])
     problems: list[str] = []
     folder = config_path.parent
     cfg_rep = _Report(str(config_path), problems)
@@ -208,8 +210,19 @@ def load_environment(
 # --- YAML and line numbers -----------------------------------------------------------
 
 
+def _config_dir_problem(path: Path) -> str:
+    """`--config configs` said "configs: file not found" (and the same of the two files
+    looked for beside it); the config file is likely inside."""
+    inside = path / "config.yml"
+    hint = f" ({inside}?)" if inside.is_file() else ""
+    return f"{path}: is a directory, expected the config file{hint}"
+
+
 def _read_yaml(path: Path, rep: _Report) -> Any:
     """The parsed document (None if empty), or _MISSING after recording why not."""
+    if path.is_dir():
+        rep.problems.append(f"{path}: is a directory, expected a YAML file")
+        return _MISSING
     if not path.is_file():
         rep.problems.append(f"{path}: file not found")
         return _MISSING

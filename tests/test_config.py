@@ -388,6 +388,24 @@ def test_an_empty_exchanges_list_is_a_config_error_for_validate_and_collect(
         assert res.output == line + "\n"
 
 
+def test_a_config_path_that_is_a_directory_says_so(tmp_path: Path) -> None:
+    """Found by the CLI audit: `--config configs` said "configs: file not found" (and the
+    same of symbols.yml and ip_shards.yml, looked for beside it)."""
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    res = _cli("validate-config", "--config", str(folder))
+    assert res.exit_code == 2
+    assert res.output == f"{folder}: is a directory, expected the config file\n"
+    cfg = write(folder)
+    for args in (("validate-config",), ("spool", "status"), ("shards", "list")):
+        res = _cli(*args, "--config", str(folder))
+        assert res.exit_code == 2, res.output
+        assert res.output == f"{folder}: is a directory, expected the config file ({cfg}?)\n"
+    (folder / "symbols.yml").unlink()
+    (folder / "symbols.yml").mkdir()
+    assert problems(cfg) == [f"{folder / 'symbols.yml'}: is a directory, expected a YAML file"]
+
+
 def test_a_log_file_that_cannot_be_opened_names_its_key(tmp_path: Path) -> None:
     config = f"logging:\n  output: {tmp_path / 'afile' / 'x.log'}\n"
     (tmp_path / "afile").write_text("x")
