@@ -110,13 +110,20 @@ def collect(
     ] = "all",
     config: ConfigOpt = DEFAULT_CONFIG,
     output: Annotated[
-        Path | None, typer.Option(help="Local output folder (default: storage.local_path)")
+        Path | None,
+        typer.Option(
+            help="Local output folder (default: storage.local_path; required with --simulate)"
+        ),
     ] = None,
     duration: Annotated[
         float | None, typer.Option(help="Stop cleanly after this many seconds.")
     ] = None,
     simulate: Annotated[
-        bool, typer.Option(help="Start the built-in exchange simulator on 127.0.0.1 and use it.")
+        bool,
+        typer.Option(
+            help="Start the built-in exchange simulator on 127.0.0.1 and use it; its made-up "
+            "books are stored only under --output DIR (spool: DIR.spool beside it)."
+        ),
     ] = False,
     shard: Annotated[
         list[str] | None, typer.Option(help="Run only these shards (repeatable).")

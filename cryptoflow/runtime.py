@@ -2,7 +2,8 @@
 
 ```
 root nursery
-├── simulator (only with --simulate)
+├── simulator (only with --simulate; the store is then --output only, see
+│   `storage.factory.simulated_storage`)
 ├── signal watcher: 1st SIGINT/SIGTERM -> stop readers; 2nd -> cancel everything
 ├── writer (one per process: buffers per dataset/exchange/symbol, spool, uploaders)
 └── exchange nursery (one per venue)
@@ -630,6 +631,7 @@ async def collect_main(
         check_output_writable,
         check_spool_apart,
         describe,
+        simulated_storage,
     )
 
     app = settings.app
@@ -638,10 +640,19 @@ async def collect_main(
     stop = StopControl()
     limiter = trio.CapacityLimiter(max(1, app.writer.encode_threads))
     # before any task: plain, clear errors (exit 2) for paths that cannot be used
-    check_spool_apart(app.storage, settings.env, output, settings.config_path)
-    _check_spool_or_raise(app.storage, settings.config_path)
-    check_output_writable(app.storage, settings.env, output, settings.config_path)
-    store = build_store(app.storage, settings.env, output)
+    storage = app.storage
+    if simulate:  # made-up books: only under --output, never the configured store or spool
+        storage = simulated_storage(storage, settings.env, output, settings.config_path)
+        log.info(
+            "--simulate: made-up books go to %s only (spool %s), not to the configured "
+            "store or spool",
+            output,
+            storage.spool.path,
+        )
+    check_spool_apart(storage, settings.env, output, settings.config_path)
+    _check_spool_or_raise(storage, settings.config_path)
+    check_output_writable(storage, settings.env, output, settings.config_path)
+    store = build_store(storage, settings.env, output)
     ops_listeners = await _open_ops_or_raise(app.metrics, settings.config_path)
     async with trio.open_nursery() as root:
         if ops_listeners is not None:  # first: from here on serve_ops owns (closes) them
@@ -650,10 +661,10 @@ async def collect_main(
             plans = await _start_simulator(root, plans)
         if install_signal_handlers:
             root.start_soon(_watch_signals, stop, root.cancel_scope)
-        spool: Spool = build_spool(app.storage)
+        spool: Spool = build_spool(storage)
         result.spool = spool
         report = await _scan_or_raise(spool)
-        raw = RawCapture() if app.storage.raw_capture else None
+        raw = RawCapture() if storage.raw_capture else None
         await _start_ops(root, settings, result, live_status=live_status, console=status_console)
         log.info(
             "collecting %s -> %s (spool %s: %d files waiting from earlier runs)",
@@ -678,9 +689,9 @@ async def collect_main(
                 limiter=limiter,
                 shutdown_timeout=app.cryptoflow.shutdown_timeout,
                 stats=result.writer,
-                max_age=app.storage.spool.max_age,
+                max_age=storage.spool.max_age,
                 raw=raw,
-                upload_interval=app.storage.upload_interval,
+                upload_interval=storage.upload_interval,
                 forced=stop.force_requested,
             )
             writer_done.set()

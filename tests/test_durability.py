@@ -250,9 +250,8 @@ def test_unwritable_spool_is_a_clear_error(tmp_path):
     assert res.exit_code == 2  # a configured path that cannot be used: file:line: key
     assert f"{cfg}:" in res.output and ": storage.spool.path: " in res.output
     assert "not a directory" in res.output and "disk full" not in res.output
-    res = CliRunner().invoke(
-        cli_app, ["collect", "--config", str(cfg), "--exchange", "binance", "--simulate"]
-    )
+    # no --simulate: it uses a spool of its own; refused before any venue is reached
+    res = CliRunner().invoke(cli_app, ["collect", "--config", str(cfg), "--exchange", "binance"])
     assert res.exit_code == 2
     assert "storage.spool.path" in res.output and "cannot create" in res.output
     assert "Traceback" not in res.output
@@ -454,18 +453,17 @@ def test_corrupt_spool_file_quarantined_at_collect_start(tmp_path, s3_bucket):
     s = Spool(spool, max_bytes=10**9)
     s.write(good_key, good_bytes)
     (spool / bad_key).write_bytes(bad_bytes[: len(bad_bytes) // 2])  # truncated
-    cfg = write_config(tmp_path / "cfg", sim=None, spool=spool, s3=True)
+    # a standalone simulator: `--simulate` never uploads, nor reads the configured spool
+    sim = Simulator(["BTCUSDT"])
+    cfg = write_config(tmp_path / "cfg", sim=sim, spool=spool, s3=True)
     col = Collector(
-        cfg,
-        tmp_path / "c.log",
-        env=s3_env(s3_bucket.endpoint_url, s3_bucket.name),
-        duration=3,
-        simulate=True,
+        cfg, tmp_path / "c.log", env=s3_env(s3_bucket.endpoint_url, s3_bucket.name), duration=3
     )
     try:
         assert col.wait(40) == 0, col.text()
     finally:
         col.kill()
+        sim.kill()
     text = col.text()
     assert "QUARANTINED" in text and bad_key in text
     keys = s3_bucket.keys("cf/")
@@ -506,7 +504,8 @@ def test_a_scan_failing_for_the_machine_fails_the_start_with_one_line(
         return real(self)
 
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
-    args = ["collect", "--config", str(cfg), "--exchange", "binance", "--simulate"]
+    # no --simulate (it has a spool of its own): the scan fails before any venue is reached
+    args = ["collect", "--config", str(cfg), "--exchange", "binance"]
     res = CliRunner().invoke(cli_app, [*args, "--duration", "5", "--no-status"])
     assert res.exit_code == 1, res.output
     (line,) = [ln for ln in res.output.splitlines() if ln.startswith("error:")]

@@ -139,8 +139,11 @@ def test_collect_all_venues_simulated_shipped_table(tmp_path: Path) -> None:
     assert summary, tail
     received, spooled, uploaded = map(int, summary.groups())
     assert received > 0 and received == uploaded == spooled, summary.group(0)
-    leftover = [p for p in spool.rglob("*") if p.is_file() and p.name.endswith(".parquet")]
-    assert not leftover, leftover
+    # --simulate's own spool beside --output; the configured one is not used
+    assert not spool.exists()
+    sim_spool = tmp_path / "out.spool"
+    leftover = [p for p in sim_spool.rglob("*") if p.is_file() and p.name.endswith(".parquet")]
+    assert sim_spool.is_dir() and not leftover, leftover
 
     for dataset in ("snapshots", "deltas"):
         frame = (

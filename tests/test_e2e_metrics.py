@@ -161,6 +161,7 @@ def _collect_with_metrics_at(tmp_path, host: str, port: int):
         },
     )
     args = ["collect", "--config", str(cfg), "--exchange", "binance", "--simulate"]
+    args += ["--output", str(tmp_path / "data")]
     return cfg, CliRunner().invoke(cli_app, [*args, "--duration", "5", "--no-status"])
 
 
@@ -168,6 +169,7 @@ def _assert_nothing_collected(tmp_path, output: str) -> None:
     assert "ExceptionGroup" not in output and "Traceback" not in output
     assert "collecting" not in output and "simulator:" not in output
     assert not list(tmp_path.glob("spool/**/*.parquet"))
+    assert not list(tmp_path.glob("data.spool/**/*.parquet"))  # --simulate's own spool
     assert not list(tmp_path.glob("data/**/*.parquet"))
 
 

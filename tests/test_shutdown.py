@@ -32,6 +32,18 @@ def _start_sim() -> tuple[subprocess.Popen, dict]:
     return proc, json.loads(line)
 
 
+@contextlib.contextmanager
+def _sim_running():
+    """A standalone simulator (its URLs), killed at the end."""
+    sim, urls = _start_sim()
+    try:
+        yield urls
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+            sim.wait()
+
+
 def _sim_stats(rest_url: str) -> dict:
     import httpx
 
@@ -150,30 +162,34 @@ def test_second_signal_exits_at_once_even_with_a_hung_s3(tmp_path: Path) -> None
     """The first SIGINT drains (bounded by shutdown_timeout, 30 s here); the second must
     end the process at once, also while uploads hang on an S3 endpoint that accepts
     connections and never answers (the drain used to run on to its deadline)."""
-    cfg = make_config(
-        tmp_path / "configs",
-        shards=[{"name": "a", "source_ip": None, "symbols": {"binance": SYMBOLS}}],
-        overrides={
-            "storage.s3.enabled": True,
-            "storage.upload_interval": 0.0,
-            "storage.spool.path": str(tmp_path / "spool"),
-            "cryptoflow.shutdown_timeout": 30.0,
-        },
-    )
-    args = [sys.executable, "-m", "cryptoflow", "collect", "--exchange", "binance"]
-    args += ["--config", str(cfg), "--simulate", "--duration", "60"]
-    with _hung_s3_env() as env, _killed_at_end(args, env, tmp_path) as collector:
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline and not list(tmp_path.glob("spool/**/*.parquet")):
-            assert collector.poll() is None, collector.stdout.read()
-            time.sleep(0.25)
-        collector.send_signal(signal.SIGINT)  # drain: uploads hang
-        time.sleep(1.0)
-        assert collector.poll() is None  # still draining
-        sent = time.monotonic()
-        collector.send_signal(signal.SIGINT)
-        out, _ = collector.communicate(timeout=25)
-        took = time.monotonic() - sent
+    # a standalone simulator: `--simulate` stores only under --output, never in S3
+    with _sim_running() as urls:
+        cfg = make_config(
+            tmp_path / "configs",
+            shards=[{"name": "a", "source_ip": None, "symbols": {"binance": SYMBOLS}}],
+            overrides={
+                "source.binance.rest_url": urls["rest_url"],
+                "source.binance.ws_url": urls["ws_url"],
+                "storage.s3.enabled": True,
+                "storage.upload_interval": 0.0,
+                "storage.spool.path": str(tmp_path / "spool"),
+                "cryptoflow.shutdown_timeout": 30.0,
+            },
+        )
+        args = [sys.executable, "-m", "cryptoflow", "collect", "--exchange", "binance"]
+        args += ["--config", str(cfg), "--duration", "60"]
+        with _hung_s3_env() as env, _killed_at_end(args, env, tmp_path) as collector:
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline and not list(tmp_path.glob("spool/**/*.parquet")):
+                assert collector.poll() is None, collector.stdout.read()
+                time.sleep(0.25)
+            collector.send_signal(signal.SIGINT)  # drain: uploads hang
+            time.sleep(1.0)
+            assert collector.poll() is None  # still draining
+            sent = time.monotonic()
+            collector.send_signal(signal.SIGINT)
+            out, _ = collector.communicate(timeout=25)
+            took = time.monotonic() - sent
     assert collector.returncode == 130, out
     assert "second SIGINT: exiting now" in out
     assert took < 8.0, f"took {took:.1f}s after the second signal"  # was ~29 s

@@ -140,7 +140,8 @@ def test_collect_refuses_output_equal_to_the_spool(tmp_path: Path) -> None:
 
 def test_collect_refuses_a_configured_overlap(tmp_path: Path) -> None:
     cfg = _config(tmp_path, str(tmp_path / "data"), str(tmp_path / "data"))
-    res = _cli("collect", "-c", str(cfg), "-e", "binance", "--simulate", "--duration", "2")
+    # refused before any venue is reached (--simulate would use neither folder)
+    res = _cli("collect", "-c", str(cfg), "-e", "binance", "--duration", "2")
     assert res.exit_code == 2, res.output
     assert f"{cfg}:{_spool_line(cfg)}: storage.spool.path: " in res.output
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import trio
 
 from cryptoflow.config_schema import Environment, StorageSection
@@ -11,7 +12,7 @@ from cryptoflow.errors import ConfigError, UsageError
 from cryptoflow.storage.base import ObjectStore
 from cryptoflow.storage.local import LocalStore
 from cryptoflow.storage.s3 import S3Store, make_client, resolve_endpoint
-from cryptoflow.storage.spool import Spool
+from cryptoflow.storage.spool import Spool, check_spool_dir
 
 
 def s3_enabled(storage: StorageSection, env: Environment) -> bool:
@@ -135,6 +136,63 @@ def check_output_writable(
 
 def build_spool(storage: StorageSection, *, create: bool = True) -> Spool:
     return Spool(Path(storage.spool.path), storage.spool.max_bytes, create=create)
+
+
+def simulated_storage(
+    storage: StorageSection,
+    env: Environment,
+    output: Path | None,
+    config_path: str | Path = "",
+) -> StorageSection:
+    """The storage of a `collect --simulate` run: the local tree at `--output` (required)
+    with a spool of its own, `<output>.spool` beside it; S3 off.
+
+    Made-up books must never reach the configured store: with S3 enabled, `--simulate`
+    used to upload them to the bucket (and ignore `--output`), mixed in with real data and
+    not marked. The configured spool is left alone too, both ways: a real run's files
+    waiting there were moved into the simulated output, and simulated files left there
+    (a stop past `shutdown_timeout`, a kill) were uploaded by the next real run. The
+    simulated spool belongs to its output, so what one run leaves goes there on the next.
+    Raises UsageError (exit 2) naming `--output` for every place that cannot be used.
+    """
+    if output is None:
+        raise UsageError(
+            "--simulate needs --output DIR: simulated books are stored only there, never in "
+            "S3, storage.local_path or storage.spool.path"
+        )
+    as_local = attrs.evolve(storage, s3=attrs.evolve(storage.s3, enabled=False))
+    check_spool_apart(as_local, env, output, config_path)  # not in or around the real spool
+    spool = simulated_spool_path(output)
+    if _overlap(Path(storage.spool.path), spool) is not None:
+        raise UsageError(
+            f"--output {str(output)!r}: its spool {str(spool)!r} (--simulate) overlaps "
+            f"storage.spool.path {storage.spool.path!r}; expected a folder apart from it"
+        )
+    problem = LocalStore(output).check_writable()
+    if problem is not None:
+        raise UsageError(f"--output {str(output)!r}: {problem}")
+    errors, _warnings = check_spool_dir(spool, storage.spool.max_bytes)  # warned at start
+    if errors:
+        prefix = f"storage.spool.path {str(spool)!r}: "
+        raise UsageError(
+            f"--output {str(output)!r}: its spool {str(spool)!r} (--simulate) cannot be "
+            f"used: {errors[0].removeprefix(prefix)}"
+        )
+    return attrs.evolve(
+        as_local, local_path=str(output), spool=attrs.evolve(storage.spool, path=str(spool))
+    )
+
+
+def simulated_spool_path(output: Path) -> Path:
+    """`<output>.spool`, beside the output folder (`./data` -> `./data.spool`): apart from
+    it, as every spool must be (`check_spool_apart`)."""
+    if output.name in ("", ".", ".."):  # `.`, `..`, `/`: name the folder itself
+        output = output.resolve()
+    if not output.name:
+        raise UsageError(f"--output {str(output)!r}: expected a folder below the root")
+    return output.with_name(output.name + ".spool")
+
+
 
 
 def describe(store: ObjectStore) -> str:

@@ -1,0 +1,94 @@
+"""`collect --simulate`: where its made-up books go (only `--output`).
+
+Real processes (`python -m cryptoflow collect`), a moto S3 server (conftest `s3_bucket`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from conftest import tiny_frame_from_columns
+from storage_support import Collector, read_local_dataset, s3_env, spool_files, write_config
+from typer.testing import CliRunner
+
+from cryptoflow.cli import app as cli_app
+from cryptoflow.models import Dataset
+from cryptoflow.storage import layout
+from cryptoflow.storage.spool import Spool
+
+
+def _real_spool_file(spool: Path) -> Path:
+    """One file a real run left waiting for upload in the configured spool."""
+    ids = list(range(7))
+    ts = [1_741_082_400_000 + i for i in ids]
+    columns = {
+        "timestamp": ts,
+        "receive_time": [t * 1_000_000 for t in ts],
+        "first_update_id": ids,
+        "last_update_id": ids,
+        "prev_update_id": [i - 1 for i in ids],
+        "side": ["bid"] * 7,
+        "price": [str(100 + i) for i in ids],
+        "quantity": ["1"] * 7,
+        "raw_quantity": ["1"] * 7,
+    }
+    frame = tiny_frame_from_columns(Dataset.DELTAS, "binance", "futures", "XRPUSDT", columns)
+    [(key, _, data)] = layout.files_for_frame(
+        Dataset.DELTAS, "binance", "futures", "XRPUSDT", frame
+    )
+    return Spool(spool, max_bytes=10**9).write(key, data).path
+
+
+def test_simulate_stores_only_under_output_even_with_s3_enabled(tmp_path, s3_bucket):
+    """Found by the CLI audit: with `storage.s3.enabled`, `collect --simulate --output DIR`
+    uploaded the made-up books to the bucket (mixed in with real data, not marked) and
+    never created DIR; and it drained the configured spool, so a real run's waiting file
+    went up with them (into DIR when S3 is off). Now the simulated rows are in DIR only,
+    through a spool of their own beside it, and the real spool's file stays for the next
+    real run."""
+    spool = tmp_path / "spool"
+    real = _real_spool_file(spool)
+    cfg = write_config(tmp_path / "cfg", sim=None, spool=spool, s3=True, symbols=["BTCUSDT"])
+    out = tmp_path / "out"
+    env = s3_env(s3_bucket.endpoint_url, s3_bucket.name)
+    col = Collector(cfg, tmp_path / "c.log", env=env, duration=3, output=out, simulate=True)
+    try:
+        assert col.wait(40) == 0, col.text()
+    finally:
+        col.kill()
+    text = col.text()
+    assert s3_bucket.keys() == [], text
+    assert f"collecting binance/main -> local:{out} (spool {out}.spool: " in text
+    deltas = read_local_dataset(out, "deltas")
+    snapshots = read_local_dataset(out, "snapshots")
+    assert deltas.height > 0 and snapshots.height > 0
+    assert set(deltas["symbol"]) == set(snapshots["symbol"]) == {"BTCUSDT"}
+    assert spool_files(spool) == [real]  # untouched, not in the simulated output
+    assert not spool_files(tmp_path / "out.spool")
+
+
+def test_simulate_without_output_is_a_usage_error(tmp_path):
+    cfg = write_config(tmp_path / "cfg", sim=None, spool=tmp_path / "spool")
+    args = ["collect", "-c", str(cfg), "-e", "binance", "--simulate", "--duration", "1"]
+    res = CliRunner().invoke(cli_app, [*args, "--no-status"])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip() == (
+        "error: --simulate needs --output DIR: simulated books are stored only there, "
+        "never in S3, storage.local_path or storage.spool.path"
+    )
+    assert not (tmp_path / "spool").exists() and not (tmp_path / "cfg" / "data").exists()
+
+
+def test_simulate_refuses_an_output_whose_spool_cannot_be_made(tmp_path):
+    cfg = write_config(tmp_path / "cfg", sim=None, spool=tmp_path / "spool")
+    out = tmp_path / "out"
+    (tmp_path / "out.spool").write_text("x")  # a file where the simulated spool goes
+    args = ["collect", "-c", str(cfg), "-e", "binance", "--simulate", "--output", str(out)]
+    res = CliRunner().invoke(cli_app, [*args, "--duration", "1", "--no-status"])
+    assert res.exit_code == 2, res.output
+    assert re.fullmatch(
+        rf"error: --output {re.escape(repr(str(out)))}: its spool "
+        rf"{re.escape(repr(str(out) + '.spool'))} \(--simulate\) cannot be used: .+",
+        res.output.strip(),
+    ), res.output
