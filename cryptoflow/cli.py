@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cryptoflow.errors import ConfigError, CryptoflowError, UsageError
+from cryptoflow.errors import ConfigError, CryptoflowError, UsageError, single_error_unwrapped
 
 app = typer.Typer(
     name="cryptoflow",
@@ -58,9 +58,12 @@ def _fail(code: int, *lines: str) -> typer.Exit:
 
 
 def _run(fn: Callable[[], Any]) -> None:
-    """Run a command body and turn errors into one line + exit code (traceback: --debug)."""
+    """Run a command body and turn errors into one line + exit code (traceback: --debug).
+
+    A nursery's group of one error (or of nothing but Ctrl-C) counts as that error."""
     try:
-        code = fn()
+        with single_error_unwrapped():
+            code = fn()
     except ConfigError as exc:
         raise _fail(2, *exc.problems) from None
     except UsageError as exc:

@@ -153,10 +153,17 @@ class UnreadableTail(DataError):
 @contextlib.contextmanager
 def single_error_unwrapped() -> Iterator[None]:
     """A nursery's ExceptionGroup of exactly one Exception comes out as that exception,
-    so callers (and the CLI's error mapping) see e.g. a ServerError, not a group."""
+    so callers (and the CLI's error mapping) see e.g. a ServerError, not a group.
+
+    A group holding nothing but KeyboardInterrupts (nested or not) comes out as one
+    KeyboardInterrupt: Ctrl-C that reached a task inside a nursery is still Ctrl-C (exit
+    130), not an 80-line `BaseExceptionGroup` traceback and exit 1."""
     try:
         yield
     except BaseExceptionGroup as group:
         if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
             raise group.exceptions[0] from None
+        _interrupts, rest = group.split(KeyboardInterrupt)
+        if rest is None:
+            raise KeyboardInterrupt from None
         raise

@@ -2,9 +2,9 @@
 
 ```
 root nursery
+├── signal watcher: 1st SIGINT/SIGTERM -> stop readers; 2nd -> cancel everything
 ├── simulator (only with --simulate; the store is then --output only, see
 │   `storage.factory.simulated_storage`)
-├── signal watcher: 1st SIGINT/SIGTERM -> stop readers; 2nd -> cancel everything
 ├── writer (one per process: buffers per dataset/exchange/symbol, spool, uploaders)
 └── exchange nursery (one per venue)
     └── shard nursery (one per source IP)
@@ -196,8 +196,13 @@ class StopControl:
                 scope.cancel()
 
 
-async def _watch_signals(stop: StopControl, root: trio.CancelScope) -> None:
+async def _watch_signals(
+    stop: StopControl,
+    root: trio.CancelScope,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()  # handlers installed: a signal from here on stops cleanly
         async for signum in signals:
             name = signal.Signals(signum).name
             if not stop.requested.is_set():
@@ -655,12 +660,15 @@ async def collect_main(
     store = build_store(storage, settings.env, output)
     ops_listeners = await _open_ops_or_raise(app.metrics, settings.config_path)
     async with trio.open_nursery() as root:
-        if ops_listeners is not None:  # first: from here on serve_ops owns (closes) them
+        if install_signal_handlers:
+            # first, and started (the handler installed) before anything slow: a signal
+            # before it was a KeyboardInterrupt wherever the process was, e.g. in the
+            # simulator building its books (a traceback and exit 1, not a clean stop)
+            await root.start(_watch_signals, stop, root.cancel_scope)
+        if ops_listeners is not None:  # from here on serve_ops owns (closes) them
             await _start_ops_server(root, settings, result, ops_listeners)
         if simulate:
             plans = await _start_simulator(root, plans)
-        if install_signal_handlers:
-            root.start_soon(_watch_signals, stop, root.cancel_scope)
         spool: Spool = build_spool(storage)
         result.spool = spool
         report = await _scan_or_raise(spool)

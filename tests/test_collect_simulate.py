@@ -1,18 +1,26 @@
-"""`collect --simulate`: where its made-up books go (only `--output`).
+"""`collect --simulate`: where its made-up books go (only `--output`), and Ctrl-C at start.
 
 Real processes (`python -m cryptoflow collect`), a moto S3 server (conftest `s3_bucket`).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
+import pytest
+from configtools import make_config
 from conftest import tiny_frame_from_columns
 from storage_support import Collector, read_local_dataset, s3_env, spool_files, write_config
 from typer.testing import CliRunner
 
 from cryptoflow.cli import app as cli_app
+from cryptoflow.errors import single_error_unwrapped
 from cryptoflow.models import Dataset
 from cryptoflow.storage import layout
 from cryptoflow.storage.spool import Spool
@@ -92,3 +100,87 @@ def test_simulate_refuses_an_output_whose_spool_cannot_be_made(tmp_path):
         rf"{re.escape(repr(str(out) + '.spool'))} \(--simulate\) cannot be used: .+",
         res.output.strip(),
     ), res.output
+
+
+# --- Ctrl-C at start ---------------------------------------------------------------------
+
+
+def test_ctrl_c_while_the_simulator_builds_its_books_stops_cleanly(tmp_path):
+    """Found by the CLI audit: SIGINT while `--simulate` built its books (the simulator
+    started inside the root nursery before the signal watcher) was a KeyboardInterrupt in
+    that task: an ~80-line `BaseExceptionGroup` traceback and exit 1. Now the watcher
+    runs first and the run stops as it does later: `done (SIGINT)`, exit 130.
+
+    The ops endpoint's `metrics:` line is logged just before the simulator starts; with the
+    shipped table (~120 symbols, four venues) building the books takes ~0.5 s, so the
+    signal sent on that line lands in it."""
+    cfg = make_config(
+        tmp_path / "configs",
+        overrides={
+            "metrics.enabled": True,
+            "metrics.port": 0,
+            "storage.spool.path": str(tmp_path / "spool"),
+            "logging.format": "json",
+        },
+    )
+    args = [sys.executable, "-m", "cryptoflow", "collect", "-e", "all", "--simulate"]
+    args += ["--config", str(cfg), "--output", str(tmp_path / "out"), "--no-status"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "LOG_"))}
+    proc = subprocess.Popen(
+        [*args, "--duration", "60"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    watchdog = threading.Timer(60, proc.kill)  # bounded even if no line ever comes
+    watchdog.start()
+    try:
+        head = []
+        for line in proc.stderr:  # type: ignore[union-attr]
+            head.append(line)
+            if "metrics: http://" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        _, rest = proc.communicate(timeout=30)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = "".join(head) + rest
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert '"msg":"stopping (SIGINT)' in err and '"msg":"done (SIGINT): ' in err, err[-3000:]
+
+
+def test_a_group_of_nothing_but_ctrl_c_unwraps_to_keyboard_interrupt():
+    """What reaches the CLI from a nursery: a KeyboardInterrupt in a (nested) group is
+    Ctrl-C (exit 130), not an unexpected error; mixed with an error it stays a group."""
+    nested = BaseExceptionGroup("outer", [BaseExceptionGroup("inner", [KeyboardInterrupt()])])
+    for group in (BaseExceptionGroup("one", [KeyboardInterrupt()]), nested):
+        with pytest.raises(KeyboardInterrupt), single_error_unwrapped():
+            raise group
+    mixed = BaseExceptionGroup("mixed", [KeyboardInterrupt(), ValueError("x")])
+    with pytest.raises(BaseExceptionGroup), single_error_unwrapped():
+        raise mixed
+
+
+def test_ctrl_c_while_the_cli_imports_exits_130_without_a_traceback():
+    """SIGINT in the first ~0.1 s (typer, click, rich loading) printed a KeyboardInterrupt
+    traceback. Made deterministic: the import of typer raises it."""
+    code = (
+        "import runpy, sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'typer':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "runpy.run_module('cryptoflow', run_name='__main__', alter_sys=True)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert res.returncode == 130, res.stderr
+    assert res.stderr == "" and res.stdout == ""
