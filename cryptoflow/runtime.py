@@ -673,7 +673,14 @@ async def collect_main(
         result.spool = spool
         report = await _scan_or_raise(spool)
         raw = RawCapture() if storage.raw_capture else None
-        await _start_ops(root, settings, result, live_status=live_status, console=status_console)
+        await _start_ops(
+            root,
+            settings,
+            result,
+            live_status=live_status,
+            console=status_console,
+            simulated=simulate,
+        )
         log.info(
             "collecting %s -> %s (spool %s: %d files waiting from earlier runs)",
             ", ".join(p.label for p in plans) or "nothing",
@@ -793,11 +800,14 @@ async def _start_ops(
     *,
     live_status: bool,
     console: Any = None,
+    simulated: bool = False,
 ) -> None:
     """The live terminal table, CloudWatch: each only when asked for (the metrics
     endpoint is started first, by `_start_ops_server`).
 
-    They read the run's stats objects when ticked, never on the hot path.
+    They read the run's stats objects when ticked, never on the hot path. A `--simulate`
+    run publishes nothing to CloudWatch: its made-up figures would land in the production
+    namespace beside the real collectors' (its rows never reach the real store either).
     """
     metrics = settings.app.metrics
     if live_status:
@@ -805,7 +815,9 @@ async def _start_ops(
 
         nursery.start_soon(functools.partial(run_live_status, lambda: result, console=console))
     cw = metrics.cloudwatch
-    if cw.enabled:
+    if cw.enabled and simulated:
+        log.info("--simulate: metrics.cloudwatch is on, but nothing is published to it")
+    elif cw.enabled:
         from cryptoflow.ops.cloudwatch import publish_cloudwatch
 
         env = settings.env

@@ -13,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
+import boto3
 import pytest
 from configtools import make_config
 from conftest import tiny_frame_from_columns
@@ -58,6 +59,7 @@ def test_simulate_stores_only_under_output_even_with_s3_enabled(tmp_path, s3_buc
     spool = tmp_path / "spool"
     real = _real_spool_file(spool)
     cfg = write_config(tmp_path / "cfg", sim=None, spool=spool, s3=True, symbols=["BTCUSDT"])
+    _publish_to_cloudwatch(cfg, s3_bucket.endpoint_url, "SimTest")
     out = tmp_path / "out"
     env = s3_env(s3_bucket.endpoint_url, s3_bucket.name)
     col = Collector(cfg, tmp_path / "c.log", env=env, duration=3, output=out, simulate=True)
@@ -74,6 +76,28 @@ def test_simulate_stores_only_under_output_even_with_s3_enabled(tmp_path, s3_buc
     assert set(deltas["symbol"]) == set(snapshots["symbol"]) == {"BTCUSDT"}
     assert spool_files(spool) == [real]  # untouched, not in the simulated output
     assert not spool_files(tmp_path / "out.spool")
+    # nor made-up figures in the production CloudWatch namespace (moto serves it too)
+    assert "--simulate: metrics.cloudwatch is on, but nothing is published to it" in text
+    client = boto3.client(
+        "cloudwatch",
+        endpoint_url=s3_bucket.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    assert client.list_metrics(Namespace="SimTest")["Metrics"] == []
+
+
+def _publish_to_cloudwatch(cfg: Path, endpoint_url: str, namespace: str) -> None:
+    """Turn on `metrics.cloudwatch` in `cfg`, every second, at `endpoint_url`."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    doc = yaml.load(cfg.read_text())
+    cw = doc["metrics"]["cloudwatch"]
+    cw.update(enabled=True, interval=1.0, namespace=namespace, endpoint_url=endpoint_url)
+    cw["region"] = "us-east-1"
+    yaml.dump(doc, cfg)
 
 
 def test_simulate_without_output_is_a_usage_error(tmp_path):
