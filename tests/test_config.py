@@ -580,7 +580,8 @@ def test_validate_config_names_a_local_path_collect_could_not_write(tmp_path: Pa
         res = _cli("validate-config", "-c", str(cfg))
         assert res.exit_code == 2, res.output
         assert res.stderr == line + "\n"
-        collect = _cli("collect", "-c", str(cfg), "-e", "binance", "--simulate", "--duration", "1")
+        # (not `--simulate`: it stores only under `--output`; collect refuses before any venue)
+        collect = _cli("collect", "-c", str(cfg), "-e", "binance", "--duration", "1")
         assert collect.exit_code == 2 and collect.output == line + "\n"
     fresh = tmp_path / "new" / "data"
     cfg = write(tmp_path, config=f"storage:\n  local_path: {fresh}\n  spool:\n    path: {spool}\n")
