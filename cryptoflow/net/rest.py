@@ -59,13 +59,27 @@ class VenueRest:
         symbol: str,
     ) -> tuple[bytes, int]:
         await self.budget.acquire(weight)
+        request = self.client.build_request(method, path, params=params)
         try:
-            resp = await self.client.request(method, path, params=params)
+            streamed = resp = await self.client.send(request, stream=True)
+            try:
+                await streamed.aread()
+            except httpx.DecodingError as exc:  # the answer came, its body cannot be decoded
+                if not streamed.is_success:  # the status says what happened (429, 5xx...)
+                    resp = _without_body(streamed)
+                else:
+                    raise MalformedMessage(
+                        f"undecodable response body on {path}: {exc}",
+                        exchange=self.exchange,
+                        symbol=symbol,
+                    ) from exc
+            finally:
+                await streamed.aclose()
         except httpx.TimeoutException as exc:
             raise TransportError(
                 f"timeout on {path}: {exc!r}", exchange=self.exchange, symbol=symbol
             ) from exc
-        except httpx.DecodingError as exc:  # the answer came, its body cannot be decoded
+        except httpx.DecodingError as exc:  # decoded before `send` returned (eager transports)
             raise MalformedMessage(
                 f"undecodable response body on {path}: {exc}",
                 exchange=self.exchange,
@@ -114,3 +128,12 @@ class VenueRest:
                 exchange=self.exchange,
                 symbol=symbol,
             )
+
+
+def _without_body(resp: httpx.Response) -> httpx.Response:
+    """`resp` with an empty body, for an error status whose body cannot be decoded: the
+    status and headers (`Retry-After`, a venue's reset) still decide the outcome, as for
+    any 429 or 5xx, where the undecodable body made a throttle count as a malformed body
+    (and the budget was not told to wait)."""
+    headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() != "content-encoding"]
+    return httpx.Response(resp.status_code, headers=headers, content=b"", request=resp.request)
