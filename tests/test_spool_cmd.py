@@ -97,7 +97,7 @@ def test_collect_words_a_spool_path_that_is_a_file_as_status_does(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
     cfg = _config(tmp_path, str(afile))
-    res = _cli("collect", "-c", str(cfg), "-e", "binance", "--simulate", "--duration", "1")
+    res = _cli("collect", "-c", str(cfg), "-e", "binance", "--duration", "1")
     assert res.exit_code == 2, res.output
     where = f"{cfg}:{_line_of(cfg, 'path:')}: storage.spool.path"
     assert res.output == f"{where}: {str(afile)!r}: exists but is not a directory\n"
@@ -150,8 +150,31 @@ def test_flush_counts_the_files_it_uploads_after_splitting_the_journals(tmp_path
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
     assert lines[0].startswith("flushing 6 files (")
-    assert lines[0].endswith(" (the spool's 3 files, journals split per symbol-hour, then merged)")
+    assert lines[0].endswith(
+        " (the spool's 3 files: 3 journals split per symbol-hour, then each symbol-hour's "
+        "files merged into one)"
+    )
     assert lines[1].startswith("uploaded 6 files (") and lines[1].endswith(
         ", 0 failed, 0 left in the spool"
     )
     assert len(list(out.rglob("*.parquet"))) == 6
+
+
+def test_flush_names_only_what_the_drain_did(tmp_path):
+    """Found by review: with batching on and no journal in the spool, the count line
+    still said "journals split per symbol-hour"; and the pre-scan output check created
+    the output folder even when there was nothing to flush."""
+    from test_spool_apart import _spooled_files
+
+    spool = tmp_path / "spool"
+    out = tmp_path / "out"
+    cfg = _config(tmp_path, str(spool))
+    res = _cli("spool", "flush", "-c", str(cfg), "--output", str(out))
+    assert res.exit_code == 0 and "nothing to flush" in res.output
+    assert not out.exists()  # checked, not created
+    _spooled_files(spool, 3)  # plain files of one symbol-hour: merged, nothing split
+    res = _cli("spool", "flush", "-c", str(cfg), "--output", str(out))
+    assert res.exit_code == 0, res.output
+    first = res.stdout.splitlines()[0]
+    assert first.startswith("flushing 1 files (") and "journal" not in first
+    assert first.endswith(" (the spool's 3 files: each symbol-hour's files merged into one)")

@@ -193,7 +193,5 @@ def simulated_spool_path(output: Path) -> Path:
     return output.with_name(output.name + ".spool")
 
 
-
-
 def describe(store: ObjectStore) -> str:
     return store.describe()

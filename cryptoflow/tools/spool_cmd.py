@@ -114,7 +114,7 @@ def flush(config_path: Path, output: Path | None = None) -> int:
     _check_spool_path(storage, config_path)
     # before the scan moves anything: one line (exit 2), not one failed upload per file
     check_spool_apart(storage, settings.env, output, config_path)
-    check_output_writable(storage, settings.env, output, config_path)
+    check_output_writable(storage, settings.env, output, config_path, create=False)
     spool = build_spool(storage)
     report = spool.scan()
     if report.files == 0:
@@ -141,12 +141,18 @@ async def _drain(spool, store, storage, spool_files: int):
     split into a file per symbol-hour, so "flushing 7 files" was followed by "67 failed,
     67 left"."""
     from cryptoflow.pipeline.writer import prepare_drain, upload_drained
+    from cryptoflow.storage.spool import is_journal
 
     merge = storage.upload_interval > 0  # batching on: one object per partition
+    journals = sum(1 for e in spool.pending() if is_journal(e.key))
     entries = await prepare_drain(spool, merge=merge)
     nbytes = sum(e.size for e in entries)
-    how = "journals split per symbol-hour" + (", then merged" if merge else "")
-    origin = f" (the spool's {spool_files} files, {how})" if len(entries) != spool_files else ""
+    how = [f"{journals} journals split per symbol-hour"] if journals else []
+    if merge:
+        how.append("each symbol-hour's files merged into one")
+    origin = ""
+    if len(entries) != spool_files:
+        origin = f" (the spool's {spool_files} files: {', then '.join(how)})"
     print(f"flushing {len(entries)} files ({nbytes} bytes) to {store.describe()}{origin}")
     concurrency = max(1, storage.s3.max_concurrency)
     return await upload_drained(spool, store, entries, concurrency=concurrency)
