@@ -83,11 +83,14 @@ def load_settings(
     *,
     env: Mapping[str, str] | None = None,
     env_file: Path | None = None,
+    uses_s3: bool = True,
 ) -> Settings:
     """Everything a command needs, validated; raises ConfigError listing every problem.
 
     `env` replaces os.environ (tests); `.env` is read from the CWD unless `env_file` is
-    given, and real environment variables win over it.
+    given, and real environment variables win over it. `uses_s3=False` (`collect
+    --simulate`, which stores only under `--output`): S3 enabled without S3_BUCKET is
+    not a problem, so a production config tries out on a host without its secrets.
     """
     config_path = Path(config_path)
     if config_path.is_dir():  # its siblings would be looked for beside it: one line only
@@ -107,7 +110,7 @@ def load_settings(
     shards = _load_shards(shard_node, shard_rep, symbols) if shard_node is not _MISSING else []
     environment = _load_env(env, env_file, problems)
 
-    if app is not None and app.storage.s3.enabled and not environment.s3_bucket:
+    if uses_s3 and app is not None and app.storage.s3.enabled and not environment.s3_bucket:
         s3 = _dig(cfg_node, "storage", "s3")
         cfg_rep.add(
             _key_line(s3, "enabled"),

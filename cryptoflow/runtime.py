@@ -943,7 +943,7 @@ def run_collect(
     from cryptoflow.config import load_settings
     from cryptoflow.ops.logging import setup_logging
 
-    settings = load_settings(config_path)
+    settings = load_settings(config_path, uses_s3=not simulate)
     lg = settings.app.logging
     live = sys.stdout.isatty() if status is None else status
     console = None

@@ -100,6 +100,22 @@ def _publish_to_cloudwatch(cfg: Path, endpoint_url: str, namespace: str) -> None
     yaml.dump(doc, cfg)
 
 
+def test_simulate_needs_no_s3_secrets(tmp_path):
+    """Found by review: a production config (S3 on) with no S3_BUCKET on the host failed
+    `collect --simulate` as a config error, though the run never uses S3: the documented
+    way to try an image or a host without the venues did not run there."""
+    cfg = write_config(tmp_path / "cfg", sim=None, spool=tmp_path / "spool", s3=True)
+    out = tmp_path / "out"
+    col = Collector(cfg, tmp_path / "c.log", duration=2, output=out, simulate=True)
+    try:
+        assert col.wait(40) == 0, col.text()  # the environment has no AWS_*/S3_* at all
+    finally:
+        col.kill()
+    assert read_local_dataset(out, "deltas").height > 0
+    res = CliRunner().invoke(cli_app, ["validate-config", "-c", str(cfg)], env={"S3_BUCKET": ""})
+    assert res.exit_code == 2 and "S3_BUCKET is not set" in res.output  # a real run needs it
+
+
 def test_simulate_without_output_is_a_usage_error(tmp_path):
     cfg = write_config(tmp_path / "cfg", sim=None, spool=tmp_path / "spool")
     args = ["collect", "-c", str(cfg), "-e", "binance", "--simulate", "--duration", "1"]
