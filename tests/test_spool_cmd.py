@@ -150,10 +150,8 @@ def test_flush_counts_the_files_it_uploads_after_splitting_the_journals(tmp_path
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
     assert lines[0].startswith("flushing 6 files (")
-    assert lines[0].endswith(
-        " (the spool's 3 files: 3 journals split per symbol-hour, then each symbol-hour's "
-        "files merged into one)"
-    )
+    # one file per symbol-hour after the split: nothing to merge, so merging is not named
+    assert lines[0].endswith(" (the spool's 3 files: 3 journals split per symbol-hour)")
     assert lines[1].startswith("uploaded 6 files (") and lines[1].endswith(
         ", 0 failed, 0 left in the spool"
     )
@@ -177,4 +175,63 @@ def test_flush_names_only_what_the_drain_did(tmp_path):
     assert res.exit_code == 0, res.output
     first = res.stdout.splitlines()[0]
     assert first.startswith("flushing 1 files (") and "journal" not in first
-    assert first.endswith(" (the spool's 3 files: each symbol-hour's files merged into one)")
+    assert first.endswith(
+        " (the spool's 3 files: the files of 1 symbol-hours merged into one each)"
+    )
+
+
+@pytest.mark.parametrize("kind", ["name too long", "under a dangling link"])
+def test_flush_with_files_refuses_an_output_a_look_alone_misjudges(tmp_path, kind):
+    """Found by review: checked only without creating anything, an output under a
+    dangling symbolic link passed (the journals were then split and merged, and every
+    upload failed, exit 1), and a name too long raised a bare OSError (exit 1). With
+    files to upload the output is made and probed as `collect` does: one line, exit 2,
+    the spool untouched."""
+    from test_spool_apart import _spooled_files
+
+    spool = tmp_path / "spool"
+    if kind == "name too long":
+        out = tmp_path / ("x" * 300)
+        why = "File name too long"
+    else:
+        (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+        out = tmp_path / "link" / "out"
+        why = "No such file or directory"
+    before = _spooled_files(spool, 3)
+    res = _cli("spool", "flush", "-c", str(_config(tmp_path, str(spool))), "--output", str(out))
+    assert res.exit_code == 2, res.output
+    # (after the scan, which may log its INFO line first)
+    assert res.output.splitlines()[-1] == f"error: --output {str(out)!r}: cannot write there: {why}"
+    assert sorted(_spooled(spool)) == sorted(before)
+
+
+def _spooled(spool: Path) -> list[str]:
+    return [
+        p.relative_to(spool).as_posix()
+        for p in spool.rglob("*.parquet")
+        if "quarantine" not in p.parts
+    ]
+
+
+def test_flush_counts_a_journal_it_cannot_split_as_quarantined(tmp_path):
+    """Found by review: the count line named every journal as split, also one the split
+    quarantined (rows without their partition columns)."""
+    import polars as pl
+    from test_journal import three_journals
+
+    from cryptoflow.models import Dataset
+    from cryptoflow.storage.spool import Spool
+
+    spool = tmp_path / "spool"
+    s = Spool(spool, max_bytes=10**9)
+    three_journals(s)
+    s.write_journal(Dataset.DELTAS, pl.DataFrame({"timestamp": [1, 2], "x": [1, 2]}))
+    out = tmp_path / "out"
+    res = _cli("spool", "flush", "-c", str(_config(tmp_path, str(spool))), "--output", str(out))
+    assert res.exit_code == 0, res.output
+    assert (
+        "flushing 6 files (" in res.stdout
+        and " (the spool's 4 files: 3 journals split per symbol-hour; 1 journals quarantined "
+        "(cannot be split))"
+        in res.stdout
+    )

@@ -1390,21 +1390,42 @@ async def drain_spool(
     """Upload every file now in the spool once (the store retries transient errors);
     delete each after verified success. Used by `cryptoflow spool flush`. `merge`
     (upload batching on): each partition's files are first merged into one file."""
-    entries = await prepare_drain(spool, merge=merge)
+    entries = (await prepare_drain(spool, merge=merge)).entries
     return await upload_drained(spool, store, entries, concurrency=concurrency)
 
 
-async def prepare_drain(spool: Spool, *, merge: bool = False) -> list[SpoolEntry]:
+@attrs.frozen
+class Drained:
+    """What `prepare_drain` did: the files to upload, and how they came to be (`spool
+    flush` names only what was done)."""
+
+    entries: list[SpoolEntry]
+    split: int  # journals split into per-partition files
+    quarantined: int  # journals that could not be split (moved to quarantine/)
+    merged: int  # partitions whose files were merged into one
+
+
+async def prepare_drain(spool: Spool, *, merge: bool = False) -> Drained:
     """The files a drain uploads: journals split into per-partition files first (and,
     `merge`, each partition's files merged into one), so their count is not the count
     of spool files before (`spool flush` says both)."""
-    for dataset in sorted({dataset_of(e.key) for e in spool.pending() if is_journal(e.key)}):
+
+    def journals() -> set[str]:
+        return {e.key for e in spool.pending() if is_journal(e.key)}
+
+    before = journals()
+    for dataset in sorted({dataset_of(key) for key in before}):
         while group := journal_group(spool.pending(), dataset):
             try:
                 await trio.to_thread.run_sync(spool.split, group)
             except Exception as exc:
                 log.error("spool drain: cannot split journals of %s (%s)", dataset, exc)
                 break
+    gone = before - journals()
+    # a journal no split could take is moved to quarantine/ under its own key
+    quarantined = sum(1 for key in gone if (spool.quarantine_root / key).exists())
+    split = len(gone) - quarantined
+    merged = 0
     if merge:
         for group in merge_groups(spool.pending()):
             if len(group) > 1:
@@ -1412,7 +1433,10 @@ async def prepare_drain(spool: Spool, *, merge: bool = False) -> list[SpoolEntry
                     await trio.to_thread.run_sync(spool.merge, group)
                 except Exception as exc:
                     log.error("spool drain: cannot merge %s (%s)", partition_of(group[0].key), exc)
-    return [e for e in spool.pending() if not is_journal(e.key)]
+                else:
+                    merged += 1
+    entries = [e for e in spool.pending() if not is_journal(e.key)]
+    return Drained(entries, split, quarantined, merged)
 
 
 async def upload_drained(

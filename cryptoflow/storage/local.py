@@ -72,8 +72,11 @@ class LocalStore:
         missing, and a probe file is written and removed. `create=False`
         (validate-config): a missing root is judged by its nearest existing parent and
         nothing is created."""
-        if not create and not self.root.exists():
-            problem = dir_write_problem(self.root)
+        if not create:
+            try:
+                problem = None if self.root.is_dir() else dir_write_problem(self.root)
+            except OSError as exc:  # a name too long, a loop of links: what a write meets
+                problem = exc.strerror or str(exc)
             return None if problem is None else f"cannot write there: {problem}"
         try:
             makedirs_durable(self.root)

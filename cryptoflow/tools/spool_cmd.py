@@ -120,6 +120,9 @@ def flush(config_path: Path, output: Path | None = None) -> int:
     if report.files == 0:
         print(f"spool {spool.root}: nothing to flush ({report.quarantined} quarantined)")
         return 0
+    # files to upload: now the output is made and probed, as `collect` does (a look
+    # without creating misses e.g. a dangling link), before any journal is split
+    check_output_writable(storage, settings.env, output, config_path)
 
     async def main():
         store = build_store(storage, settings.env, output)
@@ -141,18 +144,21 @@ async def _drain(spool, store, storage, spool_files: int):
     split into a file per symbol-hour, so "flushing 7 files" was followed by "67 failed,
     67 left"."""
     from cryptoflow.pipeline.writer import prepare_drain, upload_drained
-    from cryptoflow.storage.spool import is_journal
 
     merge = storage.upload_interval > 0  # batching on: one object per partition
-    journals = sum(1 for e in spool.pending() if is_journal(e.key))
-    entries = await prepare_drain(spool, merge=merge)
+    drained = await prepare_drain(spool, merge=merge)
+    entries = drained.entries
     nbytes = sum(e.size for e in entries)
-    how = [f"{journals} journals split per symbol-hour"] if journals else []
-    if merge:
-        how.append("each symbol-hour's files merged into one")
+    how = []
+    if drained.split:
+        how.append(f"{drained.split} journals split per symbol-hour")
+    if drained.quarantined:
+        how.append(f"{drained.quarantined} journals quarantined (cannot be split)")
+    if drained.merged:
+        how.append(f"the files of {drained.merged} symbol-hours merged into one each")
     origin = ""
-    if len(entries) != spool_files:
-        origin = f" (the spool's {spool_files} files: {', then '.join(how)})"
+    if len(entries) != spool_files and how:
+        origin = f" (the spool's {spool_files} files: {'; '.join(how)})"
     print(f"flushing {len(entries)} files ({nbytes} bytes) to {store.describe()}{origin}")
     concurrency = max(1, storage.s3.max_concurrency)
     return await upload_drained(spool, store, entries, concurrency=concurrency)
