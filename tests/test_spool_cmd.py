@@ -40,10 +40,13 @@ def _line_of(cfg: Path, text: str) -> int:
     return next(i for i, line in enumerate(lines, 1) if line.strip().startswith(text))
 
 
-def test_status_of_a_spool_that_does_not_exist_says_so_and_creates_nothing(tmp_path):
+@pytest.mark.parametrize("command", ["status", "flush"])
+def test_status_of_a_spool_that_does_not_exist_says_so_and_creates_nothing(tmp_path, command):
+    """`flush` too: it created the folder and said "nothing to flush", exit 0, for a
+    mistyped path."""
     spool = tmp_path / "spoool"  # a typo of the real spool's name
     cfg = _config(tmp_path, str(spool))
-    res = _cli("spool", "status", "-c", str(cfg))
+    res = _cli("spool", command, "-c", str(cfg))
     assert res.exit_code == 1, res.output
     assert res.stdout == ""  # no "total 0 files" to take for an empty spool
     where = f"{cfg}:{_line_of(cfg, 'path:')}: storage.spool.path"
@@ -167,6 +170,7 @@ def test_flush_names_only_what_the_drain_did(tmp_path):
     spool = tmp_path / "spool"
     out = tmp_path / "out"
     cfg = _config(tmp_path, str(spool))
+    spool.mkdir()
     res = _cli("spool", "flush", "-c", str(cfg), "--output", str(out))
     assert res.exit_code == 0 and "nothing to flush" in res.output
     assert not out.exists()  # checked, not created

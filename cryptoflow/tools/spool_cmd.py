@@ -112,6 +112,9 @@ def flush(config_path: Path, output: Path | None = None) -> int:
     settings = _load(config_path)
     storage = settings.app.storage
     _check_spool_path(storage, config_path)
+    if not Path(storage.spool.path).exists():  # as `status`: a typo is not an empty spool
+        print(f"error: {_no_spool(storage.spool.path, config_path)}", file=sys.stderr)
+        return 1
     # before the scan moves anything: one line (exit 2), not one failed upload per file
     check_spool_apart(storage, settings.env, output, config_path)
     check_output_writable(storage, settings.env, output, config_path, create=False)
