@@ -64,15 +64,17 @@ class VenueRest:
             streamed = resp = await self.client.send(request, stream=True)
             try:
                 await streamed.aread()
-            except httpx.DecodingError as exc:  # the answer came, its body cannot be decoded
+            except httpx.RequestError as exc:  # the answer came; its body not (all) read
                 if not streamed.is_success:  # the status says what happened (429, 5xx...)
                     resp = _without_body(streamed)
-                else:
+                elif isinstance(exc, httpx.DecodingError):
                     raise MalformedMessage(
                         f"undecodable response body on {path}: {exc}",
                         exchange=self.exchange,
                         symbol=symbol,
                     ) from exc
+                else:  # a 2xx body cut short or timed out: the transport's failure
+                    raise
             finally:
                 await streamed.aclose()
         except httpx.TimeoutException as exc:
@@ -131,9 +133,9 @@ class VenueRest:
 
 
 def _without_body(resp: httpx.Response) -> httpx.Response:
-    """`resp` with an empty body, for an error status whose body cannot be decoded: the
-    status and headers (`Retry-After`, a venue's reset) still decide the outcome, as for
-    any 429 or 5xx, where the undecodable body made a throttle count as a malformed body
-    (and the budget was not told to wait)."""
+    """`resp` with an empty body, for an error status whose body cannot be read (cut
+    short, timed out) or decoded: the status and headers (`Retry-After`, a venue's reset)
+    still decide the outcome, as for any 429 or 5xx. Before, such a 429 counted as a
+    malformed body or a transport failure, and the budget was not told to wait."""
     headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() != "content-encoding"]
     return httpx.Response(resp.status_code, headers=headers, content=b"", request=resp.request)
