@@ -882,6 +882,9 @@ async def _start_simulator(nursery: trio.Nursery, plans: list[ShardPlan]) -> lis
             symbols=venue_symbols.get("binance", []),
             venue_symbols=venue_symbols,
             venues=list(venue_symbols),
+            # ids from the clock (µs): a later run into the same output continues above
+            # this one's, as a venue's do across a restart (`verify`, `book` read them so)
+            id_base=time.time_ns() // 1000,
         )
     )
     log.info("simulator: REST %s, WebSocket %s", sim.rest_url, sim.ws_url)

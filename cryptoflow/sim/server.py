@@ -236,6 +236,7 @@ async def serve_simulator(
     host: str = "127.0.0.1",
     port: int = 0,
     ws_port: int = 0,
+    id_base: int = 0,
     task_status: trio.TaskStatus[Simulator] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the simulator until cancelled; ``task_status.started(sim)`` once both ports
@@ -263,6 +264,11 @@ async def serve_simulator(
     "idle_timeout": 600}, "okx": {"idle_timeout": 30, "books_limit": 40,
     "heartbeat_every": 50}, "kucoin": {"ping_interval_ms": 18000, "ping_timeout_ms":
     10000, "rate_limit": 2000}}``; see each module's class).
+    id_base: added to every book's first update id. Ids are otherwise the same on every
+    start (they follow ``seed``): ``collect --simulate`` passes one from the clock, so a
+    second run into the same output continues above the first run's ids, as a venue's
+    ids do across a collector restart (with equal ids, ``verify`` and ``book`` saw the
+    two runs' updates as one stream with conflicting ranges).
     """
     faults = Faults()
     if venues is None:
@@ -285,6 +291,8 @@ async def serve_simulator(
             books = factory.make_books(list(names), seed, depth)
         else:
             books = build_books(vsyms.get(v, symbols), seed, depth, recorded_dir)
+        for book in books.values():
+            book.last_update_id += id_base
         markets[v] = Market(books, vstats)
         plugged.append(
             factory(
