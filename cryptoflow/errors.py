@@ -109,7 +109,12 @@ class UploadVerificationFailed(StorageError):
 
 
 class SpoolFull(StorageError):
-    """The spool reached its configured size limit; new data is refused, not dropped."""
+    """The spool reached its configured size limit; new data is refused, not dropped.
+    `nbytes`: what the refused write needed (the writer retries it once that fits)."""
+
+    def __init__(self, message: str, nbytes: int = 0) -> None:
+        super().__init__(message)
+        self.nbytes = nbytes
 
 
 class UnsafePartition(StorageError):

@@ -679,3 +679,123 @@ async def test_a_new_buffer_wakes_the_flush_loop_only_when_it_is_due_earlier(
         assert writer.stats.rows_spooled["snapshots"] == 0  # not due yet
         await send.aclose()
     assert stored_all(out).height == 55 + 4
+
+
+class GatedStore(SlowStore):
+    """Uploads wait until `open` is set (S3 down, then back)."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner, 0)
+        self.open = trio.Event()
+
+    async def put_file(self, key, path):
+        self.calls += 1
+        await self.open.wait()
+        await self.inner.put_file(key, path)
+
+
+async def refused_as_full(nursery, tmp_path, frame_builder, **kw):
+    """A writer whose first 50 delta rows are spooled (their upload held at the gate) and
+    whose next 50 the spool then refuses as full, with a back-off far past the test."""
+    out, store, spool, cfg = setup(tmp_path, interval=1.0)
+    gated = GatedStore(store)
+    send, recv = trio.open_memory_channel(10)
+    writer = await start_writer(
+        nursery, recv, gated, spool, cfg, frame_builder, retry_initial=30.0, **kw
+    )
+    await send.send(delta_batch(1, 50, T0))
+    await trio.sleep(1.5)
+    await eventually(lambda: gated.calls == 1)  # split, and its upload waits at the gate
+    spool.max_bytes = spool.bytes + 10  # full: nothing more fits
+    await send.send(delta_batch(51, 50, T0 + 1))
+    await trio.sleep(1.5)
+    await eventually(lambda: writer.stats.spool_full_events == 1)
+    assert writer.stats.spool_refusing and writer.stats.buffered_rows == 50
+    return out, spool, gated, send, writer
+
+
+async def test_rows_refused_as_full_are_spooled_as_soon_as_uploads_free_room(
+    tmp_path, clock, frame_builder
+):
+    """Found by an audit: a buffer the spool refused as full waited out its back-off
+    (up to `retry_max`, 60 s) however soon uploads freed room: rows stayed in memory past
+    the `max_age` loss bound and /healthz said `spool_full` with the spool empty. Now an
+    upload that frees room makes them due at once."""
+    async with trio.open_nursery() as nursery:
+        out, spool, gated, send, writer = await refused_as_full(nursery, tmp_path, frame_builder)
+        gated.open.set()  # S3 back: the first upload frees the spool
+        await trio.sleep(1.0)  # far less than the back-off (15..30 s)
+        await eventually(lambda: writer.stats.rows_spooled["deltas"] == 100)
+        assert not writer.stats.spool_refusing and writer.stats.buffered_rows == 0
+        await eventually(lambda: stored(out).height == 100)
+        assert trio.current_time() < 10.0
+        await send.aclose()
+    assert sorted(stored(out)["last_update_id"]) == list(range(1, 101))
+    assert spool.files == 0
+
+
+async def test_a_stop_after_room_returns_loses_no_row_refused_as_full(
+    tmp_path, clock, frame_builder, caplog
+):
+    """The audit's stop: uploads come back just before the stop, the spool has room,
+    yet the final drain slept until the refused buffer's back-off (past the shutdown
+    deadline) and reported its rows LOST."""
+    async with trio.open_nursery() as nursery:
+        out, spool, gated, send, writer = await refused_as_full(
+            nursery, tmp_path, frame_builder, shutdown_timeout=5.0
+        )
+        gated.open.set()
+        await send.aclose()
+    assert "LOST" not in caplog.text
+    assert writer.stats.rows_spooled["deltas"] == 100 and not writer.stats.spool_refusing
+    assert sorted(stored(out)["last_update_id"]) == list(range(1, 101))
+    assert spool.files == 0
+
+
+async def test_the_final_drain_spools_rows_refused_as_full_once_they_fit(
+    tmp_path, clock, frame_builder, caplog
+):
+    """The drain's own check, with no upload to say so (S3 still down, the spool's limit
+    raised): rows refused as full are spooled as soon as they fit, not after a back-off
+    past the deadline; they stay in the spool for the next start."""
+    async with trio.open_nursery() as nursery:
+        out, spool, _gated, send, writer = await refused_as_full(
+            nursery, tmp_path, frame_builder, shutdown_timeout=5.0
+        )
+        spool.max_bytes = 10**9
+        await send.aclose()
+    assert "LOST" not in caplog.text
+    assert writer.stats.rows_spooled["deltas"] == 100 and writer.stats.buffered_rows == 0
+    assert stored(out).height == 0 and spool.files >= 2  # left for the next start
+
+
+async def test_rows_refused_for_a_disk_error_keep_their_back_off_when_uploads_free_room(
+    tmp_path, clock, frame_builder, monkeypatch
+):
+    """Room in the spool is no cure for a failing disk: only rows refused as full are
+    retried at once when an upload frees room; a disk error keeps its back-off."""
+    async with trio.open_nursery() as nursery:
+        out, spool, gated, send, writer = await refused_as_full(
+            nursery, tmp_path, frame_builder, shutdown_timeout=3600.0
+        )
+        real = spool.write_journal
+        failing = [True]
+
+        def write_journal(dataset, frame):
+            if failing.pop() if failing else False:
+                raise OSError(5, "Input/output error")
+            return real(dataset, frame)
+
+        spool.max_bytes = 10**9
+        monkeypatch.setattr(spool, "write_journal", write_journal)
+        # the refused buffer's retry (at the end of its back-off) meets a disk error; an
+        # upload then frees room but must not retry it at once
+        await trio.sleep(31.0)
+        await eventually(lambda: writer.stats.flush_failures == 2)
+        gated.open.set()
+        await eventually(lambda: stored(out).height == 50)
+        await trio.sleep(2.0)
+        assert writer.stats.rows_spooled["deltas"] == 50  # still waiting its back-off
+        assert not writer.stats.spool_refusing  # not full: a disk error
+        await send.aclose()  # the drain waits out the back-off (a deadline far away)
+    assert sorted(stored(out)["last_update_id"]) == list(range(1, 101))

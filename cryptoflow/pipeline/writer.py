@@ -93,6 +93,10 @@ MERGE_MAX_BYTES = 16 * 1024**2
 #: ...and at most this many source files
 MERGE_MAX_FILES = 4000
 
+#: the final drain looks again this often (s) whether rows refused by a full spool fit
+#: now, besides on each upload (a merge can free room too)
+DRAIN_ROOM_POLL = 0.5
+
 #: upper bounds (s) of the event -> spooled delay histogram (`WriterStats.spool_delay`)
 DELAY_EDGES_S = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 
@@ -210,6 +214,7 @@ class _Buffer:
     retry_at: float = float("-inf")
     failures: int = 0
     refused_full: bool = False  # its last flush was refused by a full spool
+    refused_bytes: int = 0  # ...which needed this many bytes (`SpoolFull.nbytes`)
 
     def compact(self, builder: FrameBuilder) -> None:
         if self.list_rows:
@@ -682,6 +687,7 @@ class Writer:
         self._new_work = trio.Event()
         self._flush_now = trio.Event()  # a buffer is over its size limit, or the cap is hit
         self._room = trio.Event()  # a flush freed memory
+        self._spool_room = trio.Event()  # an upload freed room in the spool
         self._press = False  # memory cap reached: flush every buffer, due or not
         #: the deadline the flush loop sleeps until; -inf while it flushes (it looks again)
         self._sleeping_until = float("-inf")
@@ -828,7 +834,31 @@ class Writer:
         buf.refused_full = isinstance(exc, SpoolFull)
         if buf.refused_full:
             self.stats.spool_full_events += 1
+            buf.refused_bytes = getattr(exc, "nbytes", 0)
         return delay
+
+    def _fits(self, buf: _Buffer) -> bool:
+        """Whether a buffer the spool refused as full would fit now."""
+        return self.spool.bytes + buf.refused_bytes <= self.spool.max_bytes
+
+    def _retry_what_fits(self) -> None:
+        """Buffers the spool refused as full that fit now are due at once (not those
+        refused for a disk error: they keep their back-off). The back-off was only a
+        guess at when room comes: waited out, it kept rows in memory up to `retry_max`
+        (60 s) after the spool had room, past `max_age`, with /healthz saying
+        `spool_full`, and at a stop past the drain deadline: LOST."""
+        fit = [b for b in self._rotated if b.refused_full and b.retry_at > float("-inf")]
+        fit = [b for b in fit if self._fits(b)]
+        for buf in fit:
+            buf.retry_at = float("-inf")
+        if fit:
+            self._wake_flusher()
+
+    def _spool_freed(self) -> None:
+        """An upload freed room in the spool (the final drain waits on `_spool_room`)."""
+        self._retry_what_fits()
+        self._spool_room.set()
+        self._spool_room = trio.Event()
 
     def _flushed(self, buf: _Buffer, result: FlushResult, counted: set[str]) -> bool:
         """Account for one buffer's flush; a failed buffer is kept for a retry."""
@@ -899,7 +929,12 @@ class Writer:
 
     def _take_due(self, now: float, force: bool) -> list[_Buffer]:
         """Remove due buffers so new rows start new buffers while these are written."""
-        due = [b for b in self._rotated if now >= b.retry_at]
+        # the final drain retries rows refused as full once they fit, whatever the back-off
+        due = [
+            b
+            for b in self._rotated
+            if now >= b.retry_at or (force and b.refused_full and self._fits(b))
+        ]
         self._rotated = [b for b in self._rotated if b not in due]
         # one journal a round: once one delta/gap buffer is due, the others go with it
         # (early: they are younger than their interval, so the loss bound still holds)
@@ -929,6 +964,7 @@ class Writer:
         counted: set[str] = set()  # a journal holds many buffers: count its file once
         for buf, result in zip(due, results, strict=True):
             self._flushed(buf, result, counted)
+        self._retry_what_fits()  # uploads may have freed room while this round ran
         # rows held because the spool refused them as full (not for a disk error)
         self.stats.spool_refusing = any(b.refused_full for b in self._rotated)
         for since, counts in delays.items():
@@ -1159,6 +1195,7 @@ class Writer:
             else:
                 s.rows_uploaded[dataset] += entry.rows
         self._update_spool_gauges()
+        self._spool_freed()
         return True
 
     async def _upload_worker(self) -> None:
@@ -1206,6 +1243,21 @@ class Writer:
         while self.spool.pending() or self._inflight:
             await trio.sleep(0.05)
 
+    async def _wait_for_retry(self) -> None:
+        """The final drain's wait after a round left buffers (refused): until the next
+        back-off ends or, for rows refused as full, an upload frees room (or a short poll:
+        a merge can free room too). It once slept out the back-off alone, past the
+        deadline while the spool had room, and those rows were LOST."""
+        while trio.current_time() < self._next_deadline():
+            refused = [b for b in self._rotated if b.refused_full]
+            if any(self._fits(b) for b in refused):
+                return
+            wake = self._next_deadline()
+            if refused:
+                wake = min(wake, trio.current_time() + DRAIN_ROOM_POLL)
+            with trio.move_on_at(wake):
+                await self._spool_room.wait()
+
     async def _final_drain(self) -> None:
         async with trio.open_nursery() as nursery:
             scope, done = trio.CancelScope(), trio.Event()
@@ -1213,7 +1265,7 @@ class Writer:
             while self._buffers or self._rotated or (self.raw is not None and self.raw.pending):
                 await self._flush_due(force=True)
                 if self._buffers or self._rotated or (self.raw is not None and self.raw.pending):
-                    await trio.sleep_until(self._next_deadline())
+                    await self._wait_for_retry()
             # every buffer is in the spool: now upload everything regardless of age (a
             # partition's files merged into one object); not earlier, or the last flush
             # of a partition would become an object of its own

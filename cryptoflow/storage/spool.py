@@ -562,7 +562,8 @@ class Spool:
                 nbytes,
             )
             raise SpoolFull(
-                f"spool {self.root} full: {used} + {nbytes} bytes > max_bytes {self.max_bytes}"
+                f"spool {self.root} full: {used} + {nbytes} bytes > max_bytes {self.max_bytes}",
+                nbytes,
             )
 
     def write(
