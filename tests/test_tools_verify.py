@@ -231,3 +231,51 @@ def test_a_restart_start_row_is_listed_and_explains_only_its_own_break(tmp_path,
     out = capsys.readouterr().out
     assert "known gap (start)" in out  # 6 -> 20: the restart
     assert "continuity break" in out and "after update 4" in out  # the lost 5: a problem
+
+
+def test_a_gap_row_explains_only_the_break_it_contains(tmp_path: Path, capsys) -> None:
+    """A `sequence_break` row 3 -> 5 (update 4 lost upstream) explains the stored break
+    3 -> 5; when the files from 5 on are lost too, the stored break 3 -> 10 reaches past
+    the row's first id after (5): updates 5..9 are missing and no row says so. An
+    overlapping row explained it (found by an audit deleting files after a gap)."""
+    from datagen import gap_rows
+
+    t0 = ms("2026-01-02T00:30:00Z")
+
+    def stored(ids: list[tuple[int, int]]) -> list[dict]:
+        rows: list[dict] = []
+        for u, prev in ids:
+            rows += delta_rows(t0 + u * 1000, u, u, prev, [("bid", 99.0, float(u))])
+        return rows
+
+    gap = gap_rows("sequence_break", 3, 5, t0 + 3000, t0 + 5000)
+    ok = tmp_path / "ok"
+    write(ok, Dataset.DELTAS, stored([(1, 0), (2, 1), (3, 2), (5, 4), (6, 5)]))
+    write(ok, Dataset.GAPS, gap)
+    assert verify.run(str(ok)) == 0
+    assert "known gap (sequence_break)" in capsys.readouterr().out
+
+    lost = tmp_path / "lost"
+    write(lost, Dataset.DELTAS, stored([(1, 0), (2, 1), (3, 2), (10, 9), (11, 10)]))
+    write(lost, Dataset.GAPS, gap)
+    assert verify.run(str(lost)) == 1
+    out = capsys.readouterr().out
+    assert "continuity break" in out and "after update 3" in out and "prev 9" in out
+    assert "known gap" not in out
+
+
+def test_an_out_of_order_gap_row_explains_both_breaks(tmp_path: Path, capsys) -> None:
+    """book/sync.py records a late diff as one row spanning it up to the newest id seen
+    (last_good_id = its prev, first_id_after = the newest id): stored 1, 2, 4, late 3,
+    then 5 gives three breaks (2 -> 4, 4 -> 3 and 3 -> 5), all inside that row (the first
+    one's own row, 2 -> 4, is the same)."""
+    from datagen import gap_rows
+
+    t0 = ms("2026-01-02T00:30:00Z")
+    rows: list[dict] = []
+    for i, (u, prev) in enumerate(((1, 0), (2, 1), (4, 3), (3, 2), (5, 4))):
+        rows += delta_rows(t0 + i * 1000, u, u, prev, [("bid", 99.0, float(u))])
+    write(tmp_path, Dataset.DELTAS, rows)
+    write(tmp_path, Dataset.GAPS, gap_rows("sequence_break", 2, 4, t0 + 2000, t0 + 3000))
+    assert verify.run(str(tmp_path)) == 0
+    assert capsys.readouterr().out.count("known gap (sequence_break)") == 3

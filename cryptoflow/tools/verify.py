@@ -195,8 +195,14 @@ def load_gaps(root, exchange=None, market=None, symbol=None) -> pl.DataFrame:  #
 def covering_gap(brk: Break, gaps: list[dict]) -> dict | None:
     """The gap record that explains `brk`, if any.
 
-    Ids when the record has them: its [last_good_id, first_id_after] range must overlap
-    the break's [prev_last, first]. Without ids: its time range must overlap the break's.
+    A record with both ids reads "good up to last_good_id, not trustworthy until
+    first_id_after": it explains a break only when it *contains* it, i.e. the stored data
+    stops at or after its last good id (`last_good_id <= prev_last`) and resumes no later
+    than its first id after (`first_id_after >= min(first, prev_id)`). An overlap is not
+    enough: a row for a break at 100 -> 120 explained 100 -> 600, so files lost just after
+    a recorded gap went unseen. A record with one id only (a stream that stopped: no id
+    after; a checksum mismatch on a snapshot: no id before) bounds nothing on its open
+    side and explains no break. Without ids: its time range must contain the break's.
     """
     for g in gaps:
         lg, fa = g["last_good_id"], g["first_id_after"]
@@ -206,13 +212,16 @@ def covering_gap(brk: Break, gaps: list[dict]) -> dict | None:
             if fa is not None and fa == brk.first:
                 return g
             continue
-        if lg is not None or fa is not None:
-            if (lg is None or lg <= brk.first) and (fa is None or fa >= brk.prev_last):
+        if lg is not None and fa is not None:
+            resumes = min(brk.first, brk.prev_id) if brk.prev_id is not None else brk.first
+            if lg <= brk.prev_last and fa >= resumes:
                 return g
+            continue
+        if lg is not None or fa is not None:
             continue
         start = g["start"] if g["start"] is not None else g["ts"]
         end = g["end"] if g["end"] is not None else g["ts"]
-        if start is not None and end is not None and start <= brk.time and end >= brk.prev_time:
+        if start is not None and end is not None and start <= brk.prev_time and end >= brk.time:
             return g
     return None
 
