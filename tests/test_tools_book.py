@@ -615,3 +615,16 @@ def test_time_out_of_the_calendar_is_a_usage_error(tmp_path: Path, at: str) -> N
     assert res.exit_code == 2 and "bad time" in res.output and "Overflow" not in res.output
     res = CliRunner().invoke(cli_app, ["inspect", str(tmp_path), "--from", at])
     assert res.exit_code == 2 and "bad time" in res.output
+
+
+def test_an_unreadable_gaps_file_refuses_the_book(tmp_path: Path) -> None:
+    """The gap row that refuses the book at AT sits in a gaps file that cannot be read:
+    the book was served (exit 0) as if there were no gap; now refused like any other
+    unreadable input."""
+    _hand_data(tmp_path)
+    (gaps_file,) = write(tmp_path, Dataset.GAPS, gap_rows("checksum", 101, 102, T + 100, T + 200))
+    with pytest.raises(DataError, match="refusing: a checksum gap"):
+        book.rebuild(tmp_path, "binance", "BTCUSDT", T + 250)
+    gaps_file.write_bytes(gaps_file.read_bytes()[:100])
+    with pytest.raises(DataError, match="unreadable gaps file"):
+        book.rebuild(tmp_path, "binance", "BTCUSDT", T + 250)

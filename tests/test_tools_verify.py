@@ -279,3 +279,15 @@ def test_an_out_of_order_gap_row_explains_both_breaks(tmp_path: Path, capsys) ->
     write(tmp_path, Dataset.GAPS, gap_rows("sequence_break", 2, 4, t0 + 2000, t0 + 3000))
     assert verify.run(str(tmp_path)) == 0
     assert capsys.readouterr().out.count("known gap (sequence_break)") == 3
+
+
+def test_an_unreadable_gaps_file_is_a_problem(tmp_path: Path, capsys) -> None:
+    """A gaps file that cannot be read was dropped without a word: verify then judged the
+    stream without its gap rows (here the break one of them explains becomes a
+    problem, but a lost row can as well hide why a break is known)."""
+    generate(tmp_path, minutes=10, gap_at_s=125)
+    gaps_file = next((tmp_path / "gaps").rglob("*.parquet"))
+    gaps_file.write_bytes(gaps_file.read_bytes()[:100])
+    assert verify.run(str(tmp_path)) == 1
+    out = capsys.readouterr().out
+    assert "unreadable file" in out and gaps_file.name[:20] in out

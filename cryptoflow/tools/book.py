@@ -336,7 +336,8 @@ def check_gaps(
     Then the latest restart at or before the snapshot is looked for from the hour before
     those read back to the earliest such detection.
     """
-    gaps = load_gaps(root, **filters)
+    gaps, bad = load_gaps(root, **filters)
+    _readable(gaps, bad, "gaps")
     rows = gaps.to_dicts() if not gaps.is_empty() else []
     blocking = _blocking(rows, at, chain_rt)
     healable = [g["detected"] for g in blocking if g["detected"] is not None]

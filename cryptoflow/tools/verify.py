@@ -176,9 +176,11 @@ def walk_chain(
     return out, chains
 
 
-def load_gaps(root, exchange=None, market=None, symbol=None) -> pl.DataFrame:  # type: ignore[no-untyped-def]
-    """Gap records as plain ints (ids, ms; `detected` in µs), empty frame when there are
-    none."""
+def load_gaps(root, exchange=None, market=None, symbol=None) -> tuple[pl.DataFrame, list]:  # type: ignore[no-untyped-def]
+    """(gap records as plain ints (ids, ms; `detected` in µs), empty frame when there are
+    none; the gaps files that could not be read). The caller must act on the unreadable
+    ones: a gap row lost with its file would make a known break look like a problem, or
+    worse, let `book` serve a book the row would refuse."""
     files = list_files(root, Dataset.GAPS, exchange=exchange, market=market, symbol=symbol)
 
     def build(lf: pl.LazyFrame) -> pl.LazyFrame:
@@ -188,8 +190,7 @@ def load_gaps(root, exchange=None, market=None, symbol=None) -> pl.DataFrame:  #
             detected=pl.col("detected_at").dt.epoch("us"),
         )  # fmt: skip
 
-    df, _ = collect_per_file(files, build, label="gaps")
-    return df
+    return collect_per_file(files, build, label="gaps")
 
 
 def covering_gap(brk: Break, gaps: list[dict]) -> dict | None:
@@ -384,11 +385,11 @@ def _verify(root, path, exchange, symbol, market, console) -> int:  # type: igno
     snap_files = list_files(root, Dataset.SNAPSHOTS, **filters)
     if not delta_files and not snap_files:
         raise DataError(f"{path}: no snapshots or deltas found" + _filter_text(filters))
-    gaps = load_gaps(root, **filters)
+    gaps, g_bad = load_gaps(root, **filters)
     d_problems, known, d_bad = check_deltas(delta_files, gaps, load_restarts(snap_files))
     s_problems, s_bad = check_snapshots(snap_files)
     problems = d_problems + s_problems
-    for b in d_bad + s_bad:
+    for b in d_bad + s_bad + g_bad:
         problems.append(Finding("-", "-", "-", "unreadable file", f"{b.shown}: {b.reason}"))
 
     console.print(
