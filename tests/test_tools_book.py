@@ -628,3 +628,67 @@ def test_an_unreadable_gaps_file_refuses_the_book(tmp_path: Path) -> None:
     gaps_file.write_bytes(gaps_file.read_bytes()[:100])
     with pytest.raises(DataError, match="unreadable gaps file"):
         book.rebuild(tmp_path, "binance", "BTCUSDT", T + 250)
+
+
+# --- the message after --at: a lost file just before it -----------------------------
+
+
+def _lost_before_at(root: Path, *, keep_102: bool) -> None:
+    """Snapshot 100 at T; messages 101 (T+100), 102 (T+200), 103 (T+300), each its own
+    file; without `keep_102` the file holding 102 was lost."""
+    write(root, Dataset.SNAPSHOTS, snapshot_rows(T, 100, [(10.0, 1.0)], [(11.0, 1.0)]))
+    for u in (101, 102, 103):
+        if u != 102 or keep_102:
+            write(root, Dataset.DELTAS, delta_rows(T + (u - 100) * 100, u, u, u - 1,
+                                                   [("bid", 10.0, float(u))]))  # fmt: skip
+
+
+def test_a_lost_file_just_before_at_refuses_the_book(tmp_path: Path) -> None:
+    """The messages up to --at (101) continue the snapshot, but the first stored one
+    after --at has prev 102: update 102, before --at, is missing. The stale book (bid
+    10.0 at 101's size) was served, exit 0 (found by an audit deleting one delta file)."""
+    _lost_before_at(tmp_path / "whole", keep_102=True)
+    df, facts = book.rebuild(tmp_path / "whole", "binance", "BTCUSDT", T + 250)
+    assert facts["last_update_id"] == 102 and _sides(df)[0] == {10.0: 102.0}
+    _lost_before_at(tmp_path / "lost", keep_102=False)
+    with pytest.raises(DataError) as e:
+        book.rebuild(tmp_path / "lost", "binance", "BTCUSDT", T + 250)
+    assert str(e.value).startswith(
+        "continuity break between the snapshot and --at: after update 101 the next stored "
+        "message, after --at, is 103..103 with prev 102"
+    )
+    # the lost update's time is unknown (between 101's and 103's): refused at T+150 too
+    with pytest.raises(DataError, match="continuity break"):
+        book.rebuild(tmp_path / "lost", "binance", "BTCUSDT", T + 150)
+
+
+def test_a_lost_first_message_after_the_snapshot_refuses_the_book(tmp_path: Path) -> None:
+    """No stored message between the snapshot and --at: the one after --at must still
+    continue the snapshot (here 101 and 102 were lost, the next has prev 102)."""
+    write(tmp_path, Dataset.SNAPSHOTS, snapshot_rows(T, 100, [(10.0, 1.0)], [(11.0, 1.0)]))
+    write(tmp_path, Dataset.DELTAS, delta_rows(T + 300, 103, 103, 102, [("bid", 10.0, 3.0)]))
+    with pytest.raises(DataError, match="after update 100 the next stored message"):
+        book.rebuild(tmp_path, "binance", "BTCUSDT", T + 250)
+
+
+def test_a_start_row_after_at_is_a_downtime_not_a_loss(tmp_path: Path) -> None:
+    """The collector stopped after 101 and the next run began at 103 (its `start` row):
+    the book at --at between them is the one at 101, as the docs allow."""
+    _lost_before_at(tmp_path, keep_102=False)
+    write(tmp_path, Dataset.GAPS, gap_rows("start", None, 103, None, T + 300))
+    _, facts = book.rebuild(tmp_path, "binance", "BTCUSDT", T + 250)
+    assert facts["last_update_id"] == 101
+
+
+def test_an_in_stream_snapshot_after_at_restarts_the_chain(tmp_path: Path) -> None:
+    """Bybit: after --at the stream sends a new snapshot (500, ids restarted) and 501
+    continues it, not 101: no break to refuse for."""
+    kw: dict = dict(exchange="bybit", source="stream")
+    write(tmp_path, Dataset.SNAPSHOTS,
+          snapshot_rows(T, 100, [(10.0, 1.0)], [(11.0, 1.0)], **kw)
+          + snapshot_rows(T + 300, 500, [(10.0, 5.0)], [(11.0, 1.0)], **kw))  # fmt: skip
+    write(tmp_path, Dataset.DELTAS,
+          delta_rows(T + 100, 101, 101, 100, [("bid", 10.0, 2.0)], exchange="bybit")
+          + delta_rows(T + 400, 501, 501, 500, [("bid", 10.0, 6.0)], exchange="bybit"))  # fmt: skip
+    df, facts = book.rebuild(tmp_path, "bybit", "BTCUSDT", T + 250)
+    assert facts["last_update_id"] == 101 and _sides(df)[0] == {10.0: 2.0}

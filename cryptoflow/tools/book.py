@@ -18,15 +18,20 @@ the first applied must continue the snapshot, either by its previous id (prev_up
 == L: Binance ids jump between diffs, so when L is a diff's `u` the next diff has `pu ==
 L` and a `U` far above L + 1; an OKX reset after L has a lower id but `prevSeqId == L`)
 or by straddling it (first_update_id <= L + 1), and each next one must continue the
-previous (prev_update_id == previous last_update_id). If a `gaps` record lies between
-the snapshot and AT, or the stored ids do not continue, the book is refused (DataError):
-an answer that might be wrong is worse than none. A gap detected before the start of the
-snapshot's chain is healed by it.
+previous (prev_update_id == previous last_update_id). The chain's first stored message
+after AT must continue the last one applied too (`check_next`): otherwise updates up to
+AT may be missing (a lost file just before AT), unless an in-stream snapshot restarts the
+chain before it or a `start` row says a collector run began there. If a `gaps` record
+lies between the snapshot and AT, or the stored ids do not continue, the book is refused
+(DataError): an answer that might be wrong is worse than none. A gap detected before
+the start of the snapshot's chain is healed by it.
 
 PATH may be `s3://bucket/prefix`: keys are listed for the one exchange/symbol and only
 the hours actually read (the snapshot's hour, the deltas from `SNAPSHOT_LAG_MS` before
-the snapshot up to AT, and earlier hours back to the chain's start only when a gap would
-otherwise refuse the book: `check_gaps`) are downloaded.
+the snapshot up to AT, the hours after AT up to the first that holds a message of the
+chain (`next_message`; the snapshots of those hours), and earlier hours back to the
+chain's start only when a gap would otherwise refuse the book: `check_gaps`) are
+downloaded.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from cryptoflow.tools.verify import (
     MSG_ID,
     Break,
     conflicting,
+    continues,
     load_gaps,
     walk_chain,
 )
@@ -248,6 +254,8 @@ def rebuild(
     ):
         (bids if side == "bid" else asks)[price] = qty
     n_msgs, last_id = apply_deltas(bids, asks, deltas, snap_id)
+    last_rt = int(deltas["rt"].max()) if n_msgs else None
+    check_next(root, filters, at, Applied(n_msgs, last_id, last_rt))
 
     rows = [
         {"side": "bid", "level": i, "price": p, "quantity": bids[p]}
@@ -425,6 +433,93 @@ def read_deltas(files: list[FileInfo], at: Anchor) -> tuple[pl.DataFrame, list[i
         return build(pl.LazyFrame(schema=DELTA_SCHEMA)).collect().drop("follows", "reset"), []
     resets = df.filter("reset")["rt"].unique().to_list()
     return df.filter("follows").drop("follows", "reset"), resets
+
+
+@attrs.frozen(slots=True)
+class Applied:
+    """What `apply_deltas` applied: messages, last id (the snapshot's when none), receive
+    time (µs) of the last one (None when none)."""
+
+    messages: int
+    last_id: int
+    last_rt: int | None
+
+
+def check_next(root: Root, filters: dict, at: Anchor, applied: Applied) -> None:
+    """Raise DataError if the chain's first stored message after AT does not continue the
+    last one applied: the messages up to AT only show breaks *between* them, so a lost
+    file just before AT left a stale book that looked whole (an audit deleted one and got
+    it, exit 0). Nothing to check when no message follows AT, when an in-stream snapshot
+    restarts the chain before it (its ids need not continue), or when a `start` row says
+    a collector run began at it (a downtime, which a later message may follow)."""
+    nxt = next_message(root, filters, at, applied)
+    if nxt is None or _restarted_between(root, filters, applied, nxt, at):
+        return
+    if applied.messages:
+        ok = continues(applied.last_id, nxt["first_update_id"], nxt["prev_update_id"])
+    else:
+        ok = _continues(nxt, applied.last_id)
+    if ok:
+        return
+    gaps, bad = load_gaps(root, **filters)
+    _readable(gaps, bad, "gaps")
+    starts = gaps.filter(pl.col("kind") == "start") if gaps.height else gaps
+    if starts.height and nxt["first_update_id"] in starts["first_id_after"].to_list():
+        return
+    raise DataError(
+        "continuity break between the snapshot and --at: after update "
+        f"{applied.last_id} the next stored message, after --at, is "
+        f"{nxt['first_update_id']}..{nxt['last_update_id']} with prev {nxt['prev_update_id']} "
+        f"({fmt_ms(nxt['ts'])}): updates up to --at are missing"
+    )
+
+
+def next_message(root: Root, filters: dict, at: Anchor, applied: Applied) -> dict | None:
+    """The first message in arrival order with event time after AT that the chain can
+    reach (received after the last applied one; none applied: as `read_deltas` selects
+    after the snapshot, leaving out those already in it), reading hour by hour from AT's
+    and stopping at the first hour that has one; None when nothing is stored after AT."""
+    files = list_files(root, Dataset.DELTAS, start_ms=at.at_ms, **filters)
+    rt, lid, pid = pl.col("rt"), pl.col("last_update_id"), pl.col("prev_update_id")
+    if applied.last_rt is not None:
+        reach = rt >= applied.last_rt
+    else:
+        after = (lid > applied.last_id) | (pid == applied.last_id).fill_null(False)
+        reach = ((rt >= at.snap_rt) | (lid > at.snap_id)) & after
+
+    def build(lf: pl.LazyFrame) -> pl.LazyFrame:
+        return (
+            lf.with_columns(ts=epoch_ms("timestamp"), rt=receive_us())
+            .filter((pl.col("ts") > at.at_ms) & reach)
+            .group_by(MSG_ID[3:])
+            .agg(ts=pl.col("ts").min())
+        )
+
+    for hour in sorted({f.hour for f in files}):
+        df, bad = collect_per_file([f for f in files if f.hour == hour], build, label="deltas")
+        _readable(df, bad, "delta")
+        if df.height:
+            return df.sort(ARRIVAL).row(0, named=True)
+    return None
+
+
+def _restarted_between(root: Root, filters: dict, applied: Applied, nxt: dict, at: Anchor) -> bool:
+    """Is an in-stream snapshot received after the last applied message (or the chosen
+    snapshot) and at or before `nxt`? It restarts the chain: `nxt` continues it."""
+    since = applied.last_rt if applied.last_rt is not None else at.snap_rt
+    files = list_files(root, Dataset.SNAPSHOTS, start_ms=at.at_ms, end_ms=nxt["ts"], **filters)
+
+    def build(lf: pl.LazyFrame) -> pl.LazyFrame:
+        return (
+            lf.filter(pl.col("source") == SnapshotSource.STREAM.value)
+            .select(receive_us())
+            .filter((pl.col("rt") > since) & (pl.col("rt") <= nxt["rt"]))
+            .unique()
+        )
+
+    df, bad = collect_per_file(files, build, label="snapshots")
+    _readable(df, bad, "snapshot")
+    return df.height > 0
 
 
 def _not_after(files: list[FileInfo], at_ms: int) -> list[FileInfo]:

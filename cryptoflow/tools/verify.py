@@ -138,7 +138,9 @@ def conflicting(msgs: pl.DataFrame, *within: str) -> pl.DataFrame:
     return updates.filter(ranges.over(*within, "last_update_id") > 1)
 
 
-def _continues(last: int, first: int, pid: int | None) -> bool:
+def continues(last: int, first: int, pid: int | None) -> bool:
+    """Does a message (first id, prev id) continue one ending at `last`? Where a venue
+    gives no prev id, by `first == last + 1`."""
     return pid == last if pid is not None else first == last + 1
 
 
@@ -163,11 +165,11 @@ def walk_chain(
         "first_update_id", "last_update_id", "prev_update_id", "ts", "rt"
     ).iter_rows():
         while j < len(rs) and (
-            rs[j].rt < rt or (rs[j].rt == rt and _continues(rs[j].last_id, first, pid))
+            rs[j].rt < rt or (rs[j].rt == rt and continues(rs[j].last_id, first, pid))
         ):
             prev = (rs[j].last_id, rs[j].time)
             j += 1
-        if prev is not None and not _continues(prev[0], first, pid):
+        if prev is not None and not continues(prev[0], first, pid):
             out.append(Break(prev[0], prev[1], first, pid, last, ts))
         elif prev is not None and last < prev[0]:
             resets += 1
