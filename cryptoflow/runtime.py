@@ -544,6 +544,19 @@ def _poll_failed(polls: dict[str, PollStats] | None, symbol: str, error: str) ->
         poll.last_error = error
 
 
+def _body_rejected(
+    polls: dict[str, PollStats] | None,
+    symbol: str,
+    sync_hook: Callable[[str], None] | None,
+    error: str,
+) -> None:
+    """A poll body the writer's flush rejected: counted `malformed` for its poller, and
+    its `BookSync` told (`on_body_rejected`: its lane no longer counts bodies unread)."""
+    _poll_failed(polls, symbol, error)
+    if sync_hook is not None:
+        sync_hook(error)
+
+
 #: how loud each gap row's log line is: a loss is a WARNING; the resync that heals it is
 #: news, not trouble, and a start row per symbol at every start is bookkeeping
 _GAP_LOG_LEVEL = {GapKind.RESYNC: logging.INFO, GapKind.START: logging.DEBUG}
@@ -586,7 +599,9 @@ async def _run_normalizer(
                 log.warning("snapshot failed: %s", error)
                 _poll_failed(polls, symbol, error)
             for body in out.bodies:  # the writer reads these; it reports the bad ones here
-                body.on_rejected = functools.partial(_poll_failed, polls, body.symbol)
+                body.on_rejected = functools.partial(
+                    _body_rejected, polls, body.symbol, body.on_rejected
+                )
             batches: list[RowBatch | BodyBatch] = [*out.batches, *out.bodies]
             # nothing parsed stays referenced while this task waits for the next burst
             del item, items, out

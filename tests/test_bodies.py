@@ -337,3 +337,81 @@ def test_every_venue_rest_client_has_the_protocol_methods(name):
         want = inspect.signature(getattr(registry.VenueRestClient, method)).parameters
         got = inspect.signature(getattr(client, method)).parameters
         assert list(got) == [p for p in want if p != "self"], (name, method)
+
+
+def test_after_a_body_rejected_at_the_flush_bodies_are_parsed_on_arrival_until_one_parses():
+    """Only usable poll snapshots count on the snapshots lane once the flush has found a
+    malformed one: the next bodies are parsed on arrival (a bad one is an error, not a
+    snapshot), and a good one lets bodies be read at the flush again."""
+    (item,) = bodies(1)
+    bad = SnapshotBody(EX, MKT, SYM, item.body[:-40], item.receive_time)
+    lid = orjson.loads(item.body)["lastUpdateId"]
+    norm = Normalizer({EX: RULES}, codecs={EX: CODEC})
+    norm.feed_many([diff(lid - 5, lid + 3, 1), item])
+    sync = norm.sync(EX, MKT, SYM)
+    (batch,) = norm.feed_many([bad]).bodies  # in sync: left for the flush, counted
+    assert sync.counters.snapshots == 2
+    batch.on_rejected("binance/BTCUSDT: invalid JSON (at the flush)")
+    out = norm.feed_many([bad])
+    assert out.bodies == [] and len(out.errors) == 1 and sync.counters.snapshots == 2
+    out = norm.feed_many([item])  # parsed: usable, counted
+    assert out.errors == [] and out.bodies == [] and sync.counters.snapshots == 3
+    assert len(norm.feed_many([item]).bodies) == 1  # unread again
+    assert sync.counters.snapshots == 4
+
+
+async def test_a_lane_whose_every_body_is_rejected_at_the_flush_turns_stale(tmp_path):
+    """Found by an audit (`rest_malformed` x1000 on bybit ETHUSDT, book synced: 0 poll
+    snapshots stored, /healthz 200): a body left unread for the writer counted as a
+    snapshot on arrival, so the snapshots lane looked fresh though every poll was
+    malformed. Through the normalizer and writer as the run wires them, the lane now
+    turns `stale` after `stale_after` while the deltas lane stays fresh."""
+    from cryptoflow.ops.health import check_health
+    from cryptoflow.ops.metrics import Freshness
+    from cryptoflow.pipeline.poller import PollStats
+    from cryptoflow.runtime import RunResult, ShardStats, _run_normalizer
+
+    class Resync:
+        def request(self, symbol: str) -> None:
+            pass
+
+    (item,) = bodies(1)
+    bad = SnapshotBody(EX, MKT, SYM, item.body[:-40], item.receive_time)
+    lid = orjson.loads(item.body)["lastUpdateId"]
+    norm = Normalizer({EX: RULES}, codecs={EX: CODEC})
+    polls = {SYM: PollStats()}
+    result = RunResult(shards={"binance/main": ShardStats(polls=polls, normalizer=norm)})
+    fresh = Freshness(clock=trio.current_time)
+    stale_after = 0.6
+    raw_send, raw_recv = trio.open_memory_channel(100)
+    rows_send, rows_recv = trio.open_memory_channel(100)
+    buffers = BufferSection(snapshot_flush_interval=0.05, delta_flush_interval=0.05)
+    reasons: list[dict] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_run_normalizer, raw_recv, rows_send, norm, Resync(), polls)
+        await nursery.start(
+            lambda task_status: run_writer(
+                rows_recv,
+                LocalStore(tmp_path / "out"),
+                Spool(tmp_path / "spool", max_bytes=10**9),
+                buffers,
+                limiter=trio.CapacityLimiter(2),
+                task_status=task_status,
+            )
+        )
+        async with raw_send:
+            await raw_send.send(diff(lid - 5, lid + 3, 1))
+            await raw_send.send(item)  # anchors the book: synced
+            deadline = trio.current_time() + 4 * stale_after
+            k = lid + 4
+            while trio.current_time() < deadline:
+                await raw_send.send(diff(k, k, 2))  # the stream stays alive
+                await raw_send.send(bad)
+                k += 1
+                await trio.sleep(0.03)
+                reasons = check_health(result, stale_after=stale_after, freshness=fresh)
+                if reasons:
+                    break
+    assert [(r["reason"], r["lane"]) for r in reasons] == [("stale", "snapshots")]
+    assert polls[SYM].malformed >= 1
+    assert norm.sync(EX, MKT, SYM).state is BookState.SYNCED

@@ -173,6 +173,9 @@ class BookSync:
         self._book_time: int | None = None
         self._requested = False
         self._broken: tuple[int | None, int | None] | None = None  # (last good id, time)
+        #: the writer's flush rejected a poll body read unparsed: until a poll snapshot
+        #: parses, bodies are parsed on arrival so only usable ones count (`on_unread_snapshot`)
+        self._bodies_rejected = False
         if checked:  # only venues with a checksum pay for it: the class method stays as is
             self.on_diff = self._on_diff_checked  # type: ignore[method-assign]
         if mark_start:
@@ -308,16 +311,27 @@ class BookSync:
         """A poll snapshot not parsed yet (`models.SnapshotBody`). True: its content is not
         needed (in sync, and no drift checks: `track_book` off; a book kept only for the
         venue's checksum, OKX, is checked by every diff instead), and it is counted here;
-        False: parse it and call `on_snapshot`."""
-        if self.state is BookState.SYNCED and not self.track_book:
+        False: parse it and call `on_snapshot`.
+
+        Counted on arrival, a body is trusted to be usable; once the writer's flush has
+        rejected one (`on_body_rejected`), bodies are parsed on arrival again until one
+        parses, so a lane whose every poll is malformed stops counting and turns stale
+        (/healthz) instead of looking fresh on bodies that hold no rows."""
+        if self.state is BookState.SYNCED and not self.track_book and not self._bodies_rejected:
             self.counters.snapshots += 1
             return True
         return False
+
+    def on_body_rejected(self, why: str = "") -> None:
+        """The writer's flush found a poll body this sync let through unparsed malformed
+        (`BodyBatch.on_rejected`; `why` is logged by the writer)."""
+        self._bodies_rejected = True
 
     def on_snapshot(self, snap: DepthSnapshot) -> Decision:
         """A REST snapshot. When the book waits, it tries to anchor on it; when synced, a
         POLL/REPLAY snapshot at the book's id is a drift check (if the book is kept)."""
         self.counters.snapshots += 1
+        self._bodies_rejected = False  # a usable one: bodies may be read at the flush again
         if self.state is BookState.SYNCED:
             if self.book is not None and snap.last_update_id == self._book_id:
                 self.counters.drift_checks += 1

@@ -9,7 +9,8 @@ connection is closed. `GET` and `HEAD` only.
 when any of:
 - `stale`: a symbol lane that has received data at least once has received nothing for
   more than `stale_after` seconds (the `snapshots` lane only where a REST poller runs for
-  the symbol, since without one snapshots come only on resync);
+  the symbol, since without one snapshots come only on resync); only usable snapshots
+  count there (`BookSync.on_unread_snapshot`), so every poll malformed turns it stale;
 - `never_received`: a lane a shard runs (`ShardStats.symbols` x `ShardStats.lanes`) has
   received nothing at all `stale_after` seconds after the shard started: its connection
   never opened (a `source_ip` not on this host, DNS, the venue refusing), the venue

@@ -297,6 +297,7 @@ class Normalizer:
                     levels,
                     codec,
                     self._multipliers.get((body.exchange, body.symbol), "1"),
+                    on_rejected=sync.on_body_rejected,
                 )
             )
             return None
