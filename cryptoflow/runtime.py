@@ -828,7 +828,14 @@ async def _start_ops(
     if live_status:
         from cryptoflow.ops.status import run_live_status
 
-        nursery.start_soon(functools.partial(run_live_status, lambda: result, console=console))
+        nursery.start_soon(
+            functools.partial(
+                run_live_status,
+                lambda: result,
+                console=console,
+                stale_after=metrics.stale_after,
+            )
+        )
     cw = metrics.cloudwatch
     if cw.enabled and simulated:
         log.info("--simulate: metrics.cloudwatch is on, but nothing is published to it")

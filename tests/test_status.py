@@ -8,6 +8,7 @@ import trio
 from rich.console import Console
 from test_metrics import diff, make_result
 
+from cryptoflow.ops.health import check_health
 from cryptoflow.ops.metrics import Freshness
 from cryptoflow.ops.status import render_table, run_live_status, take_snapshot
 from cryptoflow.pipeline.writer import WriterStats
@@ -45,12 +46,40 @@ def test_render_table_rows_rates_ages_and_backlog():
     now[0] = 2.0
     text = text_of(render_table(result, before, 2.0, freshness=fresh))
     btc = row_of(text, "BTCUSDT")
-    assert btc[:5] == ["binance", "BTCUSDT", "2.0", "10", "0.0s"]
+    # the age of its oldest watched lane: the polled snapshots lane has not moved
+    assert btc[:5] == ["binance", "BTCUSDT", "2.0", "10", "2.0s"]
     assert btc[5:] == ["1", "1", "synced"]  # gaps, resyncs, book
     eth = row_of(text, "ETHUSDT")
     assert eth[:4] == ["ETHUSDT", "0.0", "0.0", "2.0s"]  # venue shown once per group
     sol = row_of(text, "SOLUSDT")
     assert sol == ["SOLUSDT", "0.0", "0.0", "-", "0", "0", "no", "data"]
+
+
+def test_a_dead_lane_shows_as_on_healthz_with_its_stale_after():
+    """Found by an audit (repro.sh status: a dead diff stream beside a live poller):
+    the age was the minimum over lanes, so the live poll lane hid the dead stream that
+    /healthz reported, and the table's red line was always at 60 s whatever
+    `metrics.stale_after`. Each watched lane is aged, the row shows the worst."""
+    now = [0.0]
+    fresh = Freshness(clock=lambda: now[0])
+    result, _send = make_result()
+    render_table(result, None, 0.0, freshness=fresh)  # first sight of every lane
+    sync = result.shards["binance/main"].normalizer.syncs()[("binance", "BTCUSDT")]
+    now[0] = 20.0
+    sync.counters.snapshots += 1  # the poller keeps going; the diff stream is dead
+    table = render_table(result, None, 0.0, freshness=fresh, stale_after=15.0)
+    assert row_of(text_of(table), "BTCUSDT")[4:6] == ["20.0s", "deltas"]
+    (btc,) = [i for i, cell in enumerate(table.columns[1].cells) if cell == "BTCUSDT"]
+    assert table.rows[btc].style == "red"
+    reasons = check_health(result, stale_after=15.0, freshness=fresh)
+    stale = [(r["reason"], r["symbol"], r["lane"]) for r in reasons]
+    assert ("stale", "BTCUSDT", "deltas") in stale
+    (eth,) = [i for i, cell in enumerate(table.columns[1].cells) if cell == "ETHUSDT"]
+    assert table.rows[eth].style == "red"  # its deltas are 20 s old too
+    # below the default 60 s: not red, the lane not named
+    table = render_table(result, None, 0.0, freshness=fresh)
+    assert row_of(text_of(table), "BTCUSDT")[4:6] == ["20.0s", "1"]
+    assert table.rows[btc].style == "yellow"  # it has a gap
 
 
 def test_render_table_without_per_symbol_rows_and_without_result():
@@ -90,3 +119,15 @@ async def test_live_status_leaves_the_final_counts_on_the_screen():
         assert "424242" not in out.getvalue()
         nursery.cancel_scope.cancel()
     assert "424242" in out.getvalue()
+
+
+async def test_live_status_marks_lanes_past_its_stale_after():
+    """`run_live_status` passes `stale_after` (the run gives `metrics.stale_after`) on
+    to the table: it was never passed, so the red line was always at 60 s."""
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=120, color_system=None)
+    result, _send = make_result()
+    with trio.move_on_after(0.4):
+        await run_live_status(lambda: result, console=console, interval=0.05, stale_after=0.1)
+    (line,) = [ln for ln in out.getvalue().splitlines()[-12:] if " BTCUSDT " in ln]
+    assert "s deltas" in line or "s snapshots" in line, line

@@ -1,9 +1,11 @@
 """Live status: a compact rich table, refreshed about once a second, when stdout is a TTY.
 
-One row per (venue, symbol): messages/s and rows/s over the last refresh, last update
-age, gaps, resyncs, book state. The caption gives the writer's side: buffered rows, spool
-backlog (files/bytes), uploads and upload failures. Rows/s needs the writer's per-symbol
-row counter (`WriterStats.rows_by_symbol`); without it the column shows "-".
+One row per (venue, symbol): messages/s and rows/s over the last refresh, the age of
+its oldest lane among those /healthz watches (red, and the lane named, past
+`metrics.stale_after`), gaps, resyncs, book state. The caption gives the writer's
+side: buffered rows, spool backlog (files/bytes), uploads and upload failures. Rows/s
+needs the writer's per-symbol row counter (`WriterStats.rows_by_symbol`); without it the
+column shows "-".
 
 `render_table` is pure (tests call it); `run_live_status` is the trio task. It returns at
 once when the console is not a terminal, so `collect` under systemd/docker/k8s or piped
@@ -22,7 +24,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from cryptoflow.ops.metrics import Freshness, SymbolView, iter_symbols
+from cryptoflow.ops.metrics import Freshness, SymbolView, iter_symbols, watched_lanes
 
 
 @attrs.frozen
@@ -79,9 +81,26 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"  # pragma: no cover
 
 
-def _age(view: SymbolView, freshness: Freshness) -> float | None:
-    ages = [a for lane in view.messages if (a := freshness.age(view, lane)) is not None]
-    return min(ages) if ages else None
+#: (age in seconds, lane) of a row's oldest watched lane
+LaneAge = tuple[float, str]
+
+
+def _worst_age(view: SymbolView, freshness: Freshness) -> LaneAge | None:
+    """The oldest of the lanes /healthz watches (`watched_lanes`) that have received
+    data: a live poll lane must not hide a dead diff stream (the minimum over lanes did),
+    nor a resync-only snapshots lane make a symbol without a poller look stale."""
+    ages = [
+        (a, lane) for lane in watched_lanes(view) if (a := freshness.age(view, lane)) is not None
+    ]
+    return max(ages) if ages else None
+
+
+def _fmt_lane_age(worst: LaneAge | None, stale_after: float) -> str:
+    """The age; the lane named when it is past `stale_after` (what /healthz reports)."""
+    if worst is None:
+        return "-"
+    age, lane = worst
+    return f"{_fmt_age(age)} {lane}" if age > stale_after else _fmt_age(age)
 
 
 def render_table(
@@ -108,16 +127,17 @@ def render_table(
     ):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     seen: dict[tuple[str, str], SymbolView] = {}
-    ages: dict[tuple[str, str], float | None] = {}
+    ages: dict[tuple[str, str], LaneAge | None] = {}
     gaps: dict[tuple[str, str], int] = {}
     resyncs: dict[tuple[str, str], int] = {}
     synced: dict[tuple[str, str], bool] = {}
     for v in iter_symbols(result):
         key = (v.exchange, v.symbol)
         seen.setdefault(key, v)
-        a = _age(v, freshness)
+        a = _worst_age(v, freshness)
         old = ages.get(key)
-        ages[key] = a if old is None else (old if a is None else min(a, old))
+        # in two shards: each runs its own connections, and /healthz judges each
+        ages[key] = a if old is None else (old if a is None else max(a, old))
         gaps[key] = gaps.get(key, 0) + v.gaps
         resyncs[key] = resyncs.get(key, 0) + v.resyncs
         synced[key] = synced.get(key, False) or v.synced
@@ -131,8 +151,8 @@ def render_table(
             before = previous_snapshot.get(key, SymbolCounts(0, 0))
             msg_rate = _rate(now_c.messages, before.messages, dt)
             row_rate = _rate(now_c.rows, before.rows if before.rows is not None else 0, dt)
-        age = ages.get(key)
-        style = "red" if age is not None and age > stale_after else None
+        worst = ages.get(key)
+        style = "red" if worst is not None and worst[0] > stale_after else None
         if gaps[key]:
             style = style or "yellow"
         has_data = now_c.messages > 0
@@ -142,7 +162,7 @@ def render_table(
             symbol,
             _fmt_rate(msg_rate),
             _fmt_rate(row_rate),
-            _fmt_age(age),
+            _fmt_lane_age(worst, stale_after),
             str(gaps[key]),
             str(resyncs[key]),
             book,
@@ -178,8 +198,10 @@ async def run_live_status(
     *,
     console: Console | None = None,
     interval: float = 1.0,
+    stale_after: float = 60.0,
 ) -> None:
-    """Show the live table until cancelled; returns at once when not on a terminal."""
+    """Show the live table until cancelled; returns at once when not on a terminal.
+    A row turns red past `stale_after` (`metrics.stale_after`, as /healthz)."""
     console = console or Console()
     if not live_status_enabled(console):
         return
@@ -187,7 +209,7 @@ async def run_live_status(
     previous: Snapshot | None = None
     last = time.monotonic()
     with Live(
-        render_table(result_getter(), None, 0.0, freshness=freshness),
+        render_table(result_getter(), None, 0.0, freshness=freshness, stale_after=stale_after),
         console=console,
         auto_refresh=False,  # no refresh thread: the trio task below drives it
         transient=False,
@@ -198,7 +220,9 @@ async def run_live_status(
             while True:
                 result = result_getter()
                 now = time.monotonic()
-                table = render_table(result, previous, now - last, freshness=freshness)
+                table = render_table(
+                    result, previous, now - last, freshness=freshness, stale_after=stale_after
+                )
                 live.update(table, refresh=True)
                 previous, last = take_snapshot(result), now
                 await trio.sleep(interval)
@@ -206,4 +230,9 @@ async def run_live_status(
             # cancelled once the writer has stopped: the table left on the screen shows
             # the final counts (uploads of the drain, an empty spool), not those of a
             # second before the stop; rates are not shown for it
-            live.update(render_table(result_getter(), None, 0.0, freshness=freshness), refresh=True)
+            live.update(
+                render_table(
+                    result_getter(), None, 0.0, freshness=freshness, stale_after=stale_after
+                ),
+                refresh=True,
+            )
