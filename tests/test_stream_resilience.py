@@ -365,3 +365,37 @@ async def test_a_lost_stream_names_its_shard(caplog):
         )
     lost = [r.getMessage() for r in caplog.records if "stream lost" in r.getMessage()]
     assert lost and all(m.startswith("bybit/eip2: stream lost (OSError: ") for m in lost), lost
+
+
+def test_malformed_frame_warnings_are_the_forms_the_docs_give(caplog):
+    """Found by an audit: docs/operations.md gave the WARNING as `<exchange>: malformed
+    frame skipped: …`, while a run's connections log `<exchange>/<shard>: …`, and a
+    second form (an error the parser did not foresee) was not documented at all."""
+    import re
+    from pathlib import Path
+
+    from cryptoflow.errors import MalformedMessage
+    from cryptoflow.pipeline.stream import _conn_state, _handle_frame
+
+    class Odd:
+        exchange = "binance"
+
+        def __init__(self, exc: Exception) -> None:
+            self.exc = exc
+
+        def parse(self, raw, recv_ns):
+            raise self.exc
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    doc = " ".join(doc.split())  # lines rewrapped
+    assert "`<exchange>/<shard>: malformed frame skipped: …`" in doc
+    assert "`<exchange>/<shard>: malformed frame skipped (<Type>: …): '<frame>'`" in doc
+    stats = StreamStats()
+    for exc in (MalformedMessage("binance/BTCUSDT: field 'E' missing"), KeyError("E")):
+        venue = Odd(exc)
+        conn = _conn_state(venue, ["btcusdt"], 0.0, "binance/eip2")  # as the run labels it
+        assert _handle_frame('{"e":1}', venue, None, stats, conn, None) is False
+    first, second = [r.getMessage() for r in caplog.records if "malformed frame" in r.message]
+    assert first == "binance/eip2: malformed frame skipped: binance/BTCUSDT: field 'E' missing"
+    assert re.fullmatch(r"binance/eip2: malformed frame skipped \(KeyError: .+\): '.*'", second)
+    assert stats.malformed == 2
