@@ -703,3 +703,62 @@ def test_spool_file_that_cannot_be_deleted_after_its_upload_is_doomed_not_fatal(
     assert rows.height == rows.unique(subset=["symbol", "last_update_id"]).height == 30
     Spool(sp, max_bytes=10**9).scan()  # deletable again: deleted
     assert not kept.exists() and not (sp / ".doomed").exists()
+
+
+async def test_backpressure_error_is_logged_once_per_episode(tmp_path, clock, caplog):
+    """Found by an audit (repro.sh lingering: the ERROR `writer: N rows ... input paused
+    (back-pressure)` 48 times in 1.5 s): each refused flush turned the buffered list rows
+    into smaller frames, the writer was under its memory cap again, read a batch, was
+    over it again and logged again, while the spool refused throughout. One ERROR per
+    episode: until the refused rows are spooled."""
+    from conftest import tiny_frame_from_columns
+
+    one = parquet.encode(
+        tiny_frame_from_columns(
+            Dataset.DELTAS, "binance", "futures", "BTCUSDT", _delta_batch(0, 10).columns
+        )
+    )
+    spool = Spool(tmp_path / "spool", max_bytes=int(len(one) * 2.2))
+
+    class DownStore:
+        up = False
+        inner = LocalStore(tmp_path / "out")
+
+        def describe(self):
+            return "down"
+
+        async def put_file(self, key, path):
+            from cryptoflow.errors import StorageUnavailable
+
+            if not self.up:
+                raise StorageUnavailable("connection refused")
+            await self.inner.put_file(key, path)
+
+    store = DownStore()
+    w = Writer(
+        store,
+        spool,
+        # about three batches of list rows (40 bytes a cell), fewer as frames
+        BufferSection(delta_flush_interval=0.2, max_rows=10, max_total_bytes=10_000),
+        limiter=trio.CapacityLimiter(1),
+        frame_builder=tiny_frame_from_columns,
+        retry_initial=0.2,
+        retry_max=0.5,
+    )
+    send, recv = trio.open_memory_channel(1)
+    sent = 0
+    paused = 0
+    with caplog.at_level(logging.ERROR, logger="cryptoflow.pipeline.writer"):
+        async with trio.open_nursery() as n:
+            n.start_soon(w.run, recv)
+            for i in range(60):
+                with trio.move_on_after(0.5):
+                    await send.send(_delta_batch(i * 10, 10, symbol=f"S{i % 7}USDT"))
+                    sent += 10
+                paused += w.stats.backpressure
+                await trio.sleep(0.02)
+            store.up = True  # S3 back: the spool drains, writes are accepted again
+            await send.aclose()
+    assert paused and sum(w.stats.rows_uploaded.values()) == sent
+    errors = [r.getMessage() for r in caplog.records if "(back-pressure)" in r.getMessage()]
+    assert len(errors) == 1, errors

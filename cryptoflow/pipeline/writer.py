@@ -1009,12 +1009,17 @@ class Writer:
     async def _collect(self, receive_rows: trio.MemoryReceiveChannel[RowBatch]) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._flush_loop)
+            # one ERROR per episode: a refused flush shrinks the buffers' estimate (list
+            # rows become frames), so the writer reads a batch and is at the cap again
+            # many times a second while the spool still refuses (an audit saw 48 in 1.5 s)
+            told = False
             while True:
                 while self._over_cap():
                     # memory cap: flush everything now; if the spool refuses, stop reading
                     self._press = True
                     self._wake_flusher()
-                    if not self.stats.backpressure and self._rotated:
+                    if not told and self._rotated:
+                        told = True
                         log.error(
                             "writer: %d rows (~%d MiB) buffered, at the memory cap, and the "
                             "spool refuses them: input paused (back-pressure) until it drains",
@@ -1024,6 +1029,7 @@ class Writer:
                     self.stats.backpressure = True
                     await self._room.wait()
                 self.stats.backpressure = False
+                told = told and bool(self._rotated)  # the episode ends once they spooled
                 try:
                     batch = await receive_rows.receive()
                     self._append(batch)
