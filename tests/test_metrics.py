@@ -50,9 +50,6 @@ class WriterStatsPlus(WriterStats):
     upload_seconds_sum: float = 0.0
     upload_seconds_count: int = 0
     upload_seconds_max: float = 0.0
-    flush_seconds_sum: float = 0.0
-    flush_seconds_count: int = 0
-    flush_seconds_max: float = 0.0
 
 
 def make_normalizer() -> Normalizer:
@@ -240,6 +237,25 @@ def test_collector_without_proposed_fields_and_outside_trio():
     assert 'cryptoflow_rest_weight_limit{exchange="binance",shard="main"} 2400.0' in text
     empty, _ = build_registry(lambda: None)
     assert "cryptoflow_messages_total" in generate_latest(empty).decode()  # HELP/TYPE only
+
+
+def test_the_metrics_documented_are_the_metrics_a_run_emits(tmp_path: Path):
+    """Found by an audit: the module docstring listed `cryptoflow_flush_seconds` and
+    `cryptoflow_flush_seconds_max`, which no run emits (the writer does not time its
+    flushes). A scrape over the real WriterStats, with a spool, emits exactly the
+    families the docstring names."""
+    import re
+
+    from prometheus_client import generate_latest
+
+    from cryptoflow.ops import metrics
+
+    result, _send = make_result(WriterStats())
+    registry, _ = build_registry(lambda: result, spool=Spool(tmp_path / "s", max_bytes=10))
+    text = generate_latest(registry).decode()
+    emitted = set(re.findall(r"^# TYPE (cryptoflow_\w+)", text, re.M))
+    documented = set(re.findall(r"cryptoflow_\w+", metrics.__doc__ or ""))
+    assert documented == emitted
 
 
 def test_freshness_prefers_receive_time_and_tracks_counter_moves():

@@ -63,9 +63,9 @@ Writer and spool (one per process):
   (the latter when the spool is known)
 - `cryptoflow_spool_delay_seconds{since=event|receive}` (histogram, buckets only): delta
   rows by exchange event time / our receive time -> on disk in the spool
-- `cryptoflow_upload_seconds` and `cryptoflow_flush_seconds` (summaries: `_sum`, `_count`)
-  plus `cryptoflow_upload_seconds_max` / `cryptoflow_flush_seconds_max`, when WriterStats
-  has `upload_seconds_sum/_count/_max` and `flush_seconds_sum/_count/_max`
+- `cryptoflow_upload_seconds` (summary: `_sum`, `_count`) plus
+  `cryptoflow_upload_seconds_max`, from WriterStats `upload_seconds_sum/_count/_max`
+  (flushes are not timed: none of their time is a metric)
 
 Last event age: taken from `BookSync.last_diff_receive_ns` / `last_snapshot_receive_ns`
 (local receive time, ns) when those attributes exist; otherwise a `Freshness` tracker
@@ -479,7 +479,7 @@ class RunCollector(Collector):
             fam = _gauge("cryptoflow_writer_backpressure", "1 while the writer pauses its input")
             fam.add_metric([], 1.0 if getattr(ws, "backpressure", False) else 0.0)
             yield fam
-            for what, doc in (("upload", "Upload duration"), ("flush", "Flush duration")):
+            for what, doc in (("upload", "Upload duration"),):
                 count = getattr(ws, f"{what}_seconds_count", None)
                 if count is None:
                     continue
