@@ -68,11 +68,7 @@ class VenueRest:
                 if not streamed.is_success:  # the status says what happened (429, 5xx...)
                     resp = _without_body(streamed)
                 elif isinstance(exc, httpx.DecodingError):
-                    raise MalformedMessage(
-                        f"undecodable response body on {path}: {exc}",
-                        exchange=self.exchange,
-                        symbol=symbol,
-                    ) from exc
+                    raise self._undecodable(path, symbol, exc) from exc
                 else:  # a 2xx body cut short or timed out: the transport's failure
                     raise
             finally:
@@ -82,11 +78,7 @@ class VenueRest:
                 f"timeout on {path}: {exc!r}", exchange=self.exchange, symbol=symbol
             ) from exc
         except httpx.DecodingError as exc:  # decoded before `send` returned (eager transports)
-            raise MalformedMessage(
-                f"undecodable response body on {path}: {exc}",
-                exchange=self.exchange,
-                symbol=symbol,
-            ) from exc
+            raise self._undecodable(path, symbol, exc) from exc
         except httpx.RequestError as exc:  # transport failures, too many redirects...
             raise TransportError(
                 f"{type(exc).__name__} on {path}: {exc}", exchange=self.exchange, symbol=symbol
@@ -94,6 +86,12 @@ class VenueRest:
         receive_ns = time.time_ns()
         self.interpret(resp, symbol)
         return resp.content, receive_ns
+
+    def _undecodable(self, path: str, symbol: str, exc: httpx.DecodingError) -> MalformedMessage:
+        """A 2xx answer whose body cannot be decoded: the venue answered, the body is bad."""
+        return MalformedMessage(
+            f"undecodable response body on {path}: {exc}", exchange=self.exchange, symbol=symbol
+        )
 
     def interpret(self, resp: httpx.Response, symbol: str) -> None:
         """Map the HTTP status to the budget and the error tree (generic rules)."""
