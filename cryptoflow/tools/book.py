@@ -237,7 +237,9 @@ def rebuild(
     deltas, resets = read_deltas(delta_files, at)
     near = [f for f in snap_files if hour_of(from_ms) <= f.hour <= hour_of(snap_ts)]
     chain_rt = max([*stream_restarts(near, at), *resets], default=None)
-    chain_rt = check_gaps(root, filters, snap_files, at, chain_rt)
+    # read once: `check_gaps` and `check_next` both judge by these records
+    gaps = _readable(*load_gaps(root, **filters), "gaps")
+    chain_rt = check_gaps(root, filters, gaps, snap_files, at, chain_rt)
     if chain_rt is not None:
         deltas = deltas.filter(pl.col("rt") >= chain_rt)
     latest = max(snap_ts, int(deltas["ts"].max()) if deltas.height else snap_ts)
@@ -255,7 +257,7 @@ def rebuild(
         (bids if side == "bid" else asks)[price] = qty
     n_msgs, last_id = apply_deltas(bids, asks, deltas, snap_id)
     last_rt = int(deltas["rt"].max()) if n_msgs else None
-    check_next(root, filters, at, Applied(n_msgs, last_id, last_rt))
+    check_next(root, filters, gaps, at, Applied(n_msgs, last_id, last_rt))
 
     rows = [
         {"side": "bid", "level": i, "price": p, "quantity": bids[p]}
@@ -333,7 +335,12 @@ def earlier_restart(
 
 
 def check_gaps(
-    root: Root, filters: dict, snap_files: list[FileInfo], at: Anchor, chain_rt: int | None
+    root: Root,
+    filters: dict,
+    gaps: pl.DataFrame,
+    snap_files: list[FileInfo],
+    at: Anchor,
+    chain_rt: int | None,
 ) -> int | None:
     """Raise DataError if a gap record makes the book at AT unknown; return the receive
     time of the start of the snapshot's chain (`chain_rt`, restarts found in the hours
@@ -344,8 +351,6 @@ def check_gaps(
     Then the latest restart at or before the snapshot is looked for from the hour before
     those read back to the earliest such detection.
     """
-    gaps, bad = load_gaps(root, **filters)
-    _readable(gaps, bad, "gaps")
     rows = gaps.to_dicts() if not gaps.is_empty() else []
     blocking = _blocking(rows, at, chain_rt)
     healable = [g["detected"] for g in blocking if g["detected"] is not None]
@@ -445,7 +450,7 @@ class Applied:
     last_rt: int | None
 
 
-def check_next(root: Root, filters: dict, at: Anchor, applied: Applied) -> None:
+def check_next(root: Root, filters: dict, gaps: pl.DataFrame, at: Anchor, applied: Applied) -> None:
     """Raise DataError if the chain's first stored message after AT does not continue the
     last one applied: the messages up to AT only show breaks *between* them, so a lost
     file just before AT left a stale book that looked whole (an audit deleted one and got
@@ -461,8 +466,6 @@ def check_next(root: Root, filters: dict, at: Anchor, applied: Applied) -> None:
         ok = _continues(nxt, applied.last_id)
     if ok:
         return
-    gaps, bad = load_gaps(root, **filters)
-    _readable(gaps, bad, "gaps")
     starts = gaps.filter(pl.col("kind") == "start") if gaps.height else gaps
     if starts.height and nxt["first_update_id"] in starts["first_id_after"].to_list():
         return
