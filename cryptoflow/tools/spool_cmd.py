@@ -55,9 +55,7 @@ def status(config_path: Path) -> int:
 
     settings = _load(config_path)
     storage = settings.app.storage
-    _check_spool_path(storage, config_path)
-    if not Path(storage.spool.path).exists():
-        print(f"error: {_no_spool(storage.spool.path, config_path)}", file=sys.stderr)
+    if not _spool_there(storage, config_path):
         return 1
     spool = build_spool(storage, create=False)
     spool.load()
@@ -69,6 +67,17 @@ def status(config_path: Path) -> int:
     print(f"  {'total':<10} {spool.files:>8} files {spool.bytes:>14} bytes")
     print(f"  quarantined: {spool.quarantined()} files (in {spool.quarantine_root})")
     return 0
+
+
+def _spool_there(storage, config_path: Path) -> bool:
+    """Whether a spool exists at `storage.spool.path` (status and flush read it). A path
+    that can never be one raises (`_check_spool_path`, exit 2); nothing there is said on
+    stderr ("no spool at": `_no_spool`) and gives False (exit 1), creating nothing."""
+    _check_spool_path(storage, config_path)
+    if Path(storage.spool.path).exists():
+        return True
+    print(f"error: {_no_spool(storage.spool.path, config_path)}", file=sys.stderr)
+    return False
 
 
 def _check_spool_path(storage, config_path: Path) -> None:
@@ -111,9 +120,7 @@ def flush(config_path: Path, output: Path | None = None) -> int:
 
     settings = _load(config_path)
     storage = settings.app.storage
-    _check_spool_path(storage, config_path)
-    if not Path(storage.spool.path).exists():  # as `status`: a typo is not an empty spool
-        print(f"error: {_no_spool(storage.spool.path, config_path)}", file=sys.stderr)
+    if not _spool_there(storage, config_path):
         return 1
     # before the scan moves anything: one line (exit 2), not one failed upload per file
     check_spool_apart(storage, settings.env, output, config_path)
