@@ -40,6 +40,7 @@ class ExchangeError(CryptoflowError):
     def __init__(self, message: str, *, exchange: str = "", symbol: str = "") -> None:
         self.exchange = exchange
         self.symbol = symbol
+        self.message = message  # without the place: for an error re-raised with more words
         where = "/".join(p for p in (exchange, symbol) if p)
         super().__init__(f"{where}: {message}" if where else message)
 

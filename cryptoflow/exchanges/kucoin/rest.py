@@ -65,11 +65,8 @@ class KucoinRest(VenueRest):
         except RateLimited as exc:
             wait = blocked_wait(max(exc.retry_after, getattr(self, "_last_reset", 0.0)))
             self.budget.throttle(wait)
-            # the parser's error names exchange/symbol already: keep its bare message
-            where = "/".join(p for p in (exc.exchange, exc.symbol) if p)
-            detail = str(exc).removeprefix(f"{where}: ") if where else str(exc)
             raise RateLimited(
-                f"{detail}, retry after {wait:g}s",
+                f"{exc.message}, retry after {wait:g}s",  # the place is added once, here
                 retry_after=wait,
                 exchange=self.exchange,
                 symbol=exc.symbol,
